@@ -1,0 +1,110 @@
+"""The target contract, and the simple targets that prove the data path.
+
+Owns: what a queue may ask of whatever stores the device's bytes.
+
+A *target* is any object with
+
+- ``size``: device size in bytes (a multiple of 4096);
+- ``read(offset, buf)``: fill the writable memoryview ``buf`` with ``len(buf)`` bytes
+  starting at byte ``offset``;
+- ``write(offset, buf)``: store the bytes of ``buf`` at ``offset``;
+
+and optionally
+
+- ``discard(offset, length)``: the range no longer holds data (reads give zeros);
+- ``write_zeroes(offset, length)``: the range reads as zeros from now on;
+- ``flush()``: make earlier writes durable (a RAM target has nothing to do).
+
+A missing optional method means the feature is not advertised to the kernel
+(:func:`features`). Offsets and lengths arrive in bytes, already bounds-checked
+against ``size`` by the queue's request handler; a target reports failure by
+raising ``OSError(errno, ...)`` (``ENOSPC`` for "full, try later", ``EIO``, ...).
+Any other exception becomes ``-EIO`` at the one exception -> errno boundary
+in :mod:`ublkzswap.queue`. Targets never see descriptors, tags or rings.
+
+The compressed store (:class:`ublkzswap.store.Store`) implements the same
+contract. ``RamTarget`` keeps plain bytes in one locked numpy array sized up
+front; ``NullTarget`` answers without touching data and exists only to
+measure the cost of the round trip itself.
+
+Still naive: ``RamTarget`` reserves its whole size at start (that is the
+point of it: no allocation on the I/O path, no compression).
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+
+PAGE_SIZE = 4096
+
+OPTIONAL_OPS = ("discard", "write_zeroes", "flush")
+
+
+def features(target) -> set[str]:
+    """Names of the optional operations ``target`` implements."""
+    return {name for name in OPTIONAL_OPS if callable(getattr(target, name, None))}
+
+
+class RamTarget:
+    """Uncompressed RAM: one anonymous mapping of ``size`` bytes, zero-filled.
+
+    The mapping is created once and viewed as a numpy array, so the I/O path
+    only copies between views (one C call per request).
+    """
+
+    def __init__(self, size: int):
+        if size <= 0 or size % PAGE_SIZE:
+            raise ValueError(f"size must be a positive multiple of {PAGE_SIZE}, got {size}")
+        self.size = size
+        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+        self._mem = np.frombuffer(self._map, dtype=np.uint8)
+
+    def read(self, offset: int, buf: memoryview) -> None:
+        n = len(buf)
+        np.frombuffer(buf, dtype=np.uint8)[:] = self._mem[offset:offset + n]
+
+    def write(self, offset: int, buf: memoryview) -> None:
+        n = len(buf)
+        self._mem[offset:offset + n] = np.frombuffer(buf, dtype=np.uint8)
+
+    def discard(self, offset: int, length: int) -> None:
+        self._mem[offset:offset + length] = 0
+
+    write_zeroes = discard
+
+    def flush(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self._mem = None
+        self._map.close()
+
+
+class NullTarget:
+    """Answers every request at once and touches no data (reads return the
+    buffer as it is). For measuring the queue round trip only."""
+
+    def __init__(self, size: int):
+        if size <= 0 or size % PAGE_SIZE:
+            raise ValueError(f"size must be a positive multiple of {PAGE_SIZE}, got {size}")
+        self.size = size
+
+    def read(self, offset: int, buf: memoryview) -> None:
+        return None
+
+    def write(self, offset: int, buf: memoryview) -> None:
+        return None
+
+    def discard(self, offset: int, length: int) -> None:
+        return None
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        return None
+
+    def flush(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
