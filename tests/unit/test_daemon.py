@@ -1,0 +1,86 @@
+"""ublkzswapd's parameters and the pieces of the lifecycle that need no kernel."""
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from ublkzswap import daemon
+
+
+def test_compcache_words_and_dashed_form():
+    cfg = daemon.parse_params(["num_devices=4", "--disksize_kb=20480", "target=ram", "--foreground"])
+    assert cfg["num_devices"] == 4 and cfg["disksize_kb"] == 20480
+    assert cfg["target"] == "ram" and cfg["foreground"] is True
+
+
+def test_defaults():
+    cfg = daemon.parse_params([])
+    assert cfg["num_devices"] == 1 and cfg["target"] == "zswap" and "disksize_kb" not in cfg
+
+
+@pytest.mark.parametrize("words,needle", [
+    (["bogus=1"], "unknown parameter 'bogus'"),
+    (["disksize_kb=12x"], "not a decimal number"),
+    (["disksize_kb=-5"], "not a decimal number"),
+    (["num_devices=0"], "must be 1..32"),
+    (["num_devices=33"], "must be 1..32"),
+    (["target=disk"], "must be zswap, ram or null"),
+    (["num_devices"], "is not key=value"),
+    (["memlimit_kb=100"], "valid only when backing_swap"),
+    (["disksize_kb=1"], "smaller than one page"),
+])
+def test_bad_input_is_refused(words, needle):
+    with pytest.raises(daemon.UsageError) as e:
+        daemon.parse_params(words)
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("words", [["bogus=1"], ["num_devices=0"], ["num_devices=33"],
+                                   ["disksize_kb=abc"]])
+def test_cli_bad_input_one_line_nonzero_exit(words):
+    p = subprocess.run([sys.executable, "-m", "ublkzswap.daemon", *words],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ublkzswapd: ")
+    assert p.stdout == ""
+
+
+def test_no_ublk_in_kernel_is_one_line(tmp_path):
+    import os
+    if os.path.exists("/dev/ublk-control"):
+        pytest.skip("this kernel has ublk; the refusal can't be observed here")
+    if os.geteuid() != 0:
+        pytest.skip("needs root to get past the root check")
+    p = subprocess.run([sys.executable, "-m", "ublkzswap.daemon", "--foreground"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == [
+        "ublkzswapd: this kernel has no ublk driver (/dev/ublk-control missing; modprobe ublk_drv)"]
+
+
+def test_not_root_is_one_line():
+    p = subprocess.run([sys.executable, "-c",
+                        "import os, sys; from ublkzswap import daemon; "
+                        "os.setgid(65534); os.setuid(65534); "
+                        "sys.exit(daemon.main(['num_devices=1']))"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    assert p.stderr.strip() == "ublkzswapd: must run as root (ublk devices and memory locking need it)"
+
+
+def test_swap_header_layout():
+    h = daemon.swap_header(64 << 20)
+    assert len(h) == 4096 and h[-10:] == b"SWAPSPACE2"
+    version, last_page, nr_bad = struct.unpack_from("<III", h, 1024)
+    assert (version, last_page, nr_bad) == (1, (64 << 20) // 4096 - 1, 0)
+    assert h[:1024] == bytes(1024)
+
+
+def test_parameters_table_drives_help():
+    p = subprocess.run([sys.executable, "-m", "ublkzswap.daemon", "--help"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0
+    for param in daemon.PARAMETERS:
+        assert param.name in p.stdout
