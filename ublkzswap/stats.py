@@ -25,6 +25,7 @@ the table are kept in JSON (after the known ones) but never shown in the text ou
 from __future__ import annotations
 
 import json
+import textwrap
 from typing import NamedTuple
 
 PAGE_SHIFT = 12
@@ -173,10 +174,6 @@ def render_json(stats: dict, *, indent: int | None = 2) -> str:
     return json.dumps(full(stats), indent=indent)
 
 
-def _unit_word(c: Counter) -> str:
-    return {"bytes": "kB", "percent": "%", "path": "", "count": "", "pages": "pages"}[c.unit]
-
-
 def man_rows() -> list[tuple[str, str]]:
     """(heading, text) per counter for the man page: heading = 'Label (name)' or 'name'."""
     rows = []
@@ -195,14 +192,17 @@ def man_rows() -> list[tuple[str, str]]:
     return rows
 
 
-def help_text() -> str:
+def help_text(width: int = 79) -> str:
     """Short counter glossary for ``rzscontrol --help`` (labels of --stats)."""
-    lines = ["--stats counters (--json uses the names in parentheses):"]
+    lines = ["--stats counters (--json uses the names in parentheses; sizes are kB in --stats,",
+             "bytes in --json):"]
     for c in COUNTERS:
         if c.label is None:
             continue
-        unit = _unit_word(c)
-        head = f"{c.label} ({c.name}{', ' + unit if unit else ''})"
-        lines.append(f"  {head}: {c.help}")
-    lines.append("  --json also: " + ", ".join(c.name for c in COUNTERS if c.label is None) + ".")
+        head = f"{c.label} ({c.name})"
+        lines.append(textwrap.fill(f"{head}: {c.help}", width=width,
+                                   initial_indent="  ", subsequent_indent="      "))
+    lines.append(textwrap.fill("--json also: " + ", ".join(c.name for c in COUNTERS
+                                                          if c.label is None) + ".",
+                               width=width, initial_indent="  ", subsequent_indent="      "))
     return "\n".join(lines)
