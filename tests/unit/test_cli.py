@@ -1,0 +1,280 @@
+"""cli.py (rzscontrol): parsing, fixed order, compcache messages and output, extras, via a real
+ControlServer on a temp socket in front of the fake Manager."""
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from ublkzswap import cli, stats as statsmod
+from ublkzswap.control import ControlServer
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_control_fake import FakeManager  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEV = "/dev/ublkb0"
+
+
+@pytest.fixture
+def env(monkeypatch):
+    d = tempfile.mkdtemp(prefix="ublkzswap-cli-", dir="/tmp")
+    m = FakeManager(3)
+    path = os.path.join(d, "control.sock")
+    srv = ControlServer(m, path).start()
+    monkeypatch.setenv("UBLKZSWAP_SOCKET", path)
+    yield m, path
+    srv.close()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def run(capsys, *argv):
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def ops(m):
+    return [c[0] for c in m.calls if c[0] not in ("devices", "info")]
+
+
+# ---------------------------------------------------------------- compcache compatibility
+
+@pytest.mark.parametrize("argv", [[], [DEV], ["/dev/sda"], ["--init"]])
+def test_fewer_than_two_args_print_usage_exit_0(capsys, argv):
+    assert run(capsys, *argv) == (0, cli.USAGE, "")
+
+
+def test_usage_text_is_compcaches_translated():
+    assert cli.USAGE == ("Usage: rzscontrol {<ublkzswap device>} [<options>]\n"
+                         "Example: rzscontrol /dev/ublkb0 --init\n"
+                         "See rzscontrol manpage for details.\n")
+
+
+def test_fixed_order_whatever_the_order_given(env, capsys):
+    m, _ = env
+    rc, out, err = run(capsys, DEV, "-s", "-r", "-i", "-d", "10240", "-m", "2048", "-b", "/dev/sda2")
+    # reset runs before stats, so stats finds the device uninitialised, as in compcache
+    assert (rc, out, err) == (1, "", "stats: Inappropriate ioctl for device\n")
+    assert ops(m) == ["set_backing_swap", "set_memlimit_kb", "set_disksize_kb", "init", "reset", "stats"]
+    assert m.calls[0] == ("set_backing_swap", 0, "/dev/sda2")
+    assert ("set_memlimit_kb", 0, 2048) in m.calls and ("set_disksize_kb", 0, 10240) in m.calls
+
+
+def test_first_failure_stops_with_compcache_message(env, capsys):
+    m, _ = env
+    assert run(capsys, DEV, "-d", "10240", "-i")[0] == 0
+    m.calls.clear()
+    rc, out, err = run(capsys, DEV, "--init", "--stats")
+    assert (rc, out, err) == (1, "", "init: Device or resource busy\n")
+    assert ops(m) == ["init"]  # stats never sent
+    rc, out, err = run(capsys, DEV, "-d", "4", "-s")
+    assert (rc, err) == (1, "disksize_kb: Device or resource busy\n")
+    rc, out, err = run(capsys, DEV, "-b", "/dev/sda2")
+    assert (rc, err) == (1, "backing_swap: Device or resource busy\n")
+
+
+def test_stats_before_init_is_enotty(env, capsys):
+    assert run(capsys, "/dev/ublkb1", "-s") == (1, "", "stats: Inappropriate ioctl for device\n")
+
+
+def test_reset_while_swapon_is_ebusy_and_noop_when_uninitialised(env, capsys):
+    m, _ = env
+    assert run(capsys, "/dev/ublkb2", "-r") == (0, "", "")  # uninitialised: no-op, success
+    run(capsys, "/dev/ublkb2", "-i")
+    m.swapon(2)
+    assert run(capsys, "/dev/ublkb2", "-r") == (1, "", "reset: Device or resource busy\n")
+    m.swapoff(2)
+    assert run(capsys, "/dev/ublkb2", "-r") == (0, "", "")
+    assert m.info(2)["state"] == "uninitialised"
+
+
+def test_unknown_device_number(env, capsys):
+    assert run(capsys, "/dev/ublkb7", "-s") == (1, "", "stats: No such device\n")
+
+
+def test_memlimit_on_initialised_device_is_forwarded(env, capsys):
+    m, _ = env
+    run(capsys, DEV, "-i")
+    assert run(capsys, DEV, "-m", "4096")[0] == 0
+    assert m.devs[0]["mem_limit"] == 4096 << 10
+
+
+@pytest.mark.parametrize("opt,name", [("-m", "memlimit_kb"), ("-d", "disksize_kb"),
+                                      ("--disksize_kb", "disksize_kb")])
+def test_size_over_10_digits_is_eoverflow(env, capsys, opt, name):
+    m, _ = env
+    rc, out, err = run(capsys, DEV, opt, "12345678901", "-i")
+    assert (rc, out, err) == (2, "", f"{name}: Value too large for defined data type\n")
+    assert ops(m) == []
+
+
+@pytest.mark.parametrize("value", ["12k", "-5", "0x10", "1e3", " 12", "", "١٢"])
+def test_non_decimal_size_one_line(env, capsys, value):
+    m, _ = env
+    rc, out, err = run(capsys, DEV, "-d", value, "-i")
+    assert rc == 2 and out == "" and err.count("\n") == 1 and err.startswith("rzscontrol: ")
+    assert ops(m) == []
+
+
+def test_ten_digit_size_accepted(env, capsys):
+    m, _ = env
+    assert run(capsys, DEV, "--disksize_kb=9999999999")[0] == 0
+    assert m.devs[0]["disksize"] == 9999999999 << 10
+
+
+@pytest.mark.parametrize("argv", [["/dev/sda", "-s"], ["/dev/ublkb", "-s"], ["/dev/ublkb01", "-s"],
+                                  ["ublkb0", "-s"], ["/dev/ublkb0p1", "-s"]])
+def test_bad_device_path(env, capsys, argv):
+    rc, out, err = run(capsys, *argv)
+    assert rc == 2 and out == "" and err.count("\n") == 1 and "/dev/ublkbN" in err
+
+
+def test_device_must_come_first(env, capsys):
+    rc, out, err = run(capsys, "-s", DEV)
+    assert rc == 2 and "first argument" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [[DEV, "--bogus"], [DEV, "-x"], [DEV, "-s", "extra"], [DEV, "-d"]])
+def test_bad_options_one_line(env, capsys, argv):
+    m, _ = env
+    rc, out, err = run(capsys, *argv)
+    assert rc == 2 and out == "" and err.count("\n") == 1
+    assert ops(m) == []
+
+
+def test_long_option_abbreviation_like_getopt(env, capsys):
+    m, _ = env
+    assert run(capsys, DEV, "--disk=1024", "--ini")[0] == 0
+    assert ops(m) == ["set_disksize_kb", "init"]
+
+
+def test_verbose(env, capsys):
+    rc, out, err = run(capsys, "/dev/ublkb1", "-v", "-m", "100", "-d", "200", "-i")
+    assert (rc, err) == (0, "")
+    assert out == "device: /dev/ublkb1\nmemlimit_kb: 100\ndisksize_kb: 200\n"
+
+
+def test_help_prints_and_carries_on(env, capsys):
+    run(capsys, DEV, "-i")
+    rc, out, err = run(capsys, DEV, "-h", "-s")
+    assert rc == 0 and out.startswith("usage: rzscontrol DEVICE [options]")
+    assert out.endswith(statsmod.render_text(env[0].stats(0)))
+    rc, out, err = run(capsys, "--help")
+    assert rc == 0 and "--backing_swap" in out and "MemUsedTotal" in out
+
+
+def test_unreachable_daemon_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("UBLKZSWAP_SOCKET", "/nonexistent-dir/control.sock")
+    rc, out, err = run(capsys, DEV, "-s")
+    assert (rc, out) == (1, "")
+    assert err == ("rzscontrol: cannot reach ublkzswapd at /nonexistent-dir/control.sock: "
+                   "No such file or directory\n")
+    rc, out, err = run(capsys, DEV, "-s", "--socket", "/tmp/nothing-here.sock")
+    assert err.startswith("rzscontrol: cannot reach ublkzswapd at /tmp/nothing-here.sock: ")
+
+
+# ---------------------------------------------------------------- output
+
+GOLDEN = (
+    "DiskSize:\t   10240 kB\n"
+    "NumReads:\t       0\n"
+    "NumWrites:\t    1100\n"
+    "FailedReads:\t       0\n"
+    "FailedWrites:\t       0\n"
+    "InvalidIO:\t       0\n"
+    "NotifyFree:\t       0\n"
+    "ZeroPages:\t     100\n"
+    "GoodCompress:\t      45 %\n"
+    "NoCompress:\t      10 %\n"
+    "PagesStored:\t    1000\n"
+    "PagesUsed:\t     431\n"
+    "OrigDataSize:\t    4000 kB\n"
+    "ComprDataSize:\t    1718 kB\n"
+    "MemUsedTotal:\t    1726 kB\n"
+)
+
+
+def test_stats_golden_text(env, capsys):
+    m, _ = env
+    run(capsys, DEV, "-d", "10240", "-i")
+    m.store_pages(0, 1000, zero=100, huge=100)
+    assert run(capsys, DEV, "-s") == (0, GOLDEN, "")
+
+
+def test_stats_golden_text_with_backing_swap(env, capsys):
+    m, _ = env
+    run(capsys, DEV, "-b", "/dev/sda2", "-m", "10240", "-i")
+    m.store_pages(0, 1000, zero=100, huge=100)
+    m.devs[0]["stats"].update(bd_reads=3, bd_writes=42)
+    rc, out, err = run(capsys, DEV, "--stats")
+    lines = GOLDEN.replace("   10240 kB", "   65536 kB", 1).splitlines(keepends=True)
+    assert out == ("BackingSwap:\t/dev/sda2\n" + lines[0] + "MemLimit:\t   10240 kB\n"
+                   + "".join(lines[1:]) + "BDevNumReads:\t       3\nBDevNumWrites:\t      42\n")
+
+
+def test_stats_json(env, capsys):
+    m, _ = env
+    run(capsys, DEV, "-i")
+    m.store_pages(0, 10)
+    rc, out, err = run(capsys, DEV, "--json")  # device + --json alone implies --stats
+    d = json.loads(out)
+    assert rc == 0 and d["pages_stored"] == 10 and d["orig_data_size"] == 40960
+    assert set(statsmod.RAW_NAMES) <= set(d) and "pages_used" in d
+    rc, out2, err = run(capsys, DEV, "-s", "-j")
+    assert json.loads(out2) == d
+
+
+def test_list_table(env, capsys):
+    m, _ = env
+    run(capsys, DEV, "-d", "262144", "-i")
+    m.store_pages(0, 1000, huge=100)
+    m.swapon(0)
+    run(capsys, "/dev/ublkb2", "-d", "1024")
+    rc, out, err = run(capsys, "--list")
+    assert (rc, err) == (0, "")
+    assert out == (
+        "NAME        DISKSIZE DATA COMPR TOTAL MEM-LIMIT ALGORITHM STATE\n"
+        "/dev/ublkb0     256M 3.9M  1.7M  1.7M        0B lzo       active\n"
+        "/dev/ublkb1       0B    -     -     -        0B lzo       uninitialised\n"
+        "/dev/ublkb2       1M    -     -     -        0B lzo       uninitialised\n"
+    )
+    rc, out, err = run(capsys, "-l", "--bytes")
+    assert out.splitlines()[1].split() == ["/dev/ublkb0", str(256 << 20), "4096000", "1759600",
+                                           "1767792", "0", "lzo", "active"]
+    rc, out, err = run(capsys, "--list", "--json")
+    d = json.loads(out)
+    assert [x["name"] for x in d["devices"]] == ["/dev/ublkb0", "/dev/ublkb1", "/dev/ublkb2"]
+    assert d["devices"][0]["state"] == "active"
+
+
+@pytest.mark.parametrize("n,text", [(0, "0B"), (1023, "1023B"), (1024, "1K"), (1536, "1.5K"),
+                                    (256 << 20, "256M"), (int(1.25 * (1 << 30)), "1.2G"),
+                                    (1 << 40, "1T")])
+def test_human_size(n, text):
+    assert cli.human_size(n) == text
+
+
+def test_shim_runs_from_checkout(env):
+    m, path = env
+    r = subprocess.run([os.path.join(REPO, "tools", "rzscontrol"), "/dev/ublkb1", "-i", "-s"],
+                       capture_output=True, text=True, timeout=30,
+                       env=dict(os.environ, UBLKZSWAP_SOCKET=path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("DiskSize:\t  262144 kB\n")
+    r = subprocess.run([sys.executable, "-m", "ublkzswap.cli", "/dev/ublkb1", "-i"], cwd=REPO,
+                       capture_output=True, text=True, timeout=30,
+                       env=dict(os.environ, UBLKZSWAP_SOCKET=path))
+    assert (r.returncode, r.stderr) == (1, "init: Device or resource busy\n")
+
+
+def test_every_parser_option_documented_in_help():
+    text = cli.build_parser().format_help()
+    for a in cli.build_parser()._actions:
+        for s in a.option_strings:
+            assert s in text
