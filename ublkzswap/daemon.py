@@ -523,7 +523,7 @@ def run(cfg: dict) -> int:
         return fail(e.strerror or str(e))
     n = cfg["num_devices"]
     init = " /dev/ublkb0 initialised" if manager.devs[0].initialised else ""
-    _notify(f"ready: {n} device{'s' if n > 1 else ''} reserved{init}")
+    _notify(f"ready {n} device{'s' if n > 1 else ''} reserved{init}")
     while not stop.wait(1.0):
         pass
     if server is not None:

@@ -1,0 +1,83 @@
+"""Starting and stopping the real ublkzswapd from kernel tests, and checking that nothing is
+left behind. Every daemon started here is stopped by the context manager, even on failure."""
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+PY = os.path.realpath(sys.executable)
+
+
+def leftovers() -> list[str]:
+    return sorted(glob.glob("/dev/ublkb*") + glob.glob("/dev/ublkc*"))
+
+
+def daemon_pids() -> list[int]:
+    out = []
+    for d in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            cmd = open(d, "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if b"ublkzswap.daemon" in cmd or any(c.endswith(b"/ublkzswapd") for c in cmd):
+            pid = int(d.split("/")[2])
+            if pid != os.getpid():
+                out.append(pid)
+    return out
+
+
+def start(*words: str, timeout: float = 180) -> tuple[int, str]:
+    """Run ``ublkzswapd WORDS`` in background mode; return (pid, its ready line).
+    Raises RuntimeError with the daemon's message if it did not come up."""
+    p = subprocess.run([PY, "-m", "ublkzswap.daemon", *words], capture_output=True, text=True,
+                       timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"ublkzswapd {' '.join(words)} failed ({p.returncode}): "
+                           f"{p.stderr.strip()}")
+    m = re.search(r"\(pid (\d+)\)", p.stdout)
+    assert m, p.stdout
+    return int(m.group(1)), p.stdout.strip()
+
+
+def stop(pid: int, timeout: float = 60) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not os.path.exists(f"/proc/{pid}") or _zombie(pid):
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError(f"ublkzswapd {pid} ignored SIGTERM for {timeout}s (killed)")
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@contextlib.contextmanager
+def running(*words: str):
+    """``with running("num_devices=2", "disksize_kb=65536") as (pid, line): ...``"""
+    pid, line = start(*words)
+    try:
+        yield pid, line
+    finally:
+        stop(pid)
+
+
+def wait_gone(timeout: float = 10) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while leftovers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return leftovers()
