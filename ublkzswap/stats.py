@@ -174,11 +174,10 @@ def render_json(stats: dict, *, indent: int | None = 2) -> str:
     return json.dumps(full(stats), indent=indent)
 
 
-def man_rows() -> list[tuple[str, str]]:
-    """(heading, text) per counter for the man page: heading = 'Label (name)' or 'name'."""
+def man_rows() -> list[tuple[str | None, str, str]]:
+    """(label or None, name, text) per counter, for the man page STATS section."""
     rows = []
     for c in COUNTERS:
-        head = f"{c.label} ({c.name})" if c.label else c.name
         text = c.help
         if c.unit == "bytes":
             text += " Shown in kB by --stats, in bytes by --json." if c.label else " In bytes."
@@ -188,7 +187,7 @@ def man_rows() -> list[tuple[str, str]]:
             text += " Derived, not stored."
         if c.label is None:
             text += " --json only."
-        rows.append((head, text))
+        rows.append((c.label, c.name, text))
     return rows
 
 

@@ -1,0 +1,97 @@
+"""manpage.py: the committed pages are current, complete, and render without warnings."""
+
+import os
+import shutil
+import subprocess
+import tomllib
+
+import pytest
+
+from ublkzswap import cli, manpage, stats as statsmod
+from ublkzswap.daemon import PARAMETERS
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def page(name):
+    with open(os.path.join(REPO, "man", name), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_committed_pages_are_current():
+    assert manpage.stale(os.path.join(REPO, "man")) == [], \
+        "a man page is stale: run python3 -m ublkzswap.manpage and commit man/"
+
+
+def test_check_mode(capsys, tmp_path):
+    assert manpage.main(["--check"]) == 0
+    assert manpage.stale(str(tmp_path)) == list(manpage.PAGES)  # missing pages count as stale
+
+
+def test_generation_is_reproducible():
+    for fn in manpage.PAGES.values():
+        assert fn() == fn()
+
+
+def test_every_parser_option_is_in_rzscontrol_1():
+    text = page("rzscontrol.1")
+    for action in cli.build_parser()._actions:
+        for s in action.option_strings:
+            assert "\\fB" + manpage.opt(s) + "\\fR" in text, s
+        if action.metavar:
+            assert action.metavar in text
+
+
+def test_every_counter_is_in_stats_section():
+    text = page("rzscontrol.1")
+    stats_sec = text.split(".SH STATS\n", 1)[1].split(".SH ", 1)[0]
+    for c in statsmod.COUNTERS:
+        assert manpage.esc(c.name) in stats_sec, c.name
+        if c.label:
+            assert "\\fB" + c.label + "\\fR" in stats_sec
+
+
+def test_required_sections():
+    text = page("rzscontrol.1")
+    for sec in ("NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "STATS", "EXAMPLES", "NOTES",
+                "SEE ALSO"):
+        assert f".SH {sec}\n" in text
+    for ref in ("swapon (8)", "zramctl (8)", "ublkzswapd (8)"):
+        assert ".BR " + ref in text
+    assert "swapon \\-\\-discard /dev/ublkb0" in text
+    assert "deadlock" in text
+
+
+def test_every_daemon_parameter_is_in_ublkzswapd_8():
+    text = page("ublkzswapd.8")
+    for p in PARAMETERS:
+        assert manpage.opt(p.name) in text.split(".SH PARAMETERS", 1)[1], p.name
+
+
+def test_pyproject_installs_the_pages():
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        data_files = tomllib.load(f)["tool"]["setuptools"]["data-files"]
+    for name in manpage.PAGES:
+        section = name.rsplit(".", 1)[1]
+        assert f"man/{name}" in data_files[f"share/man/man{section}"]
+
+
+def test_install_writes_pages(tmp_path):
+    paths = manpage.install(str(tmp_path))
+    assert sorted(os.path.relpath(p, tmp_path) for p in paths) == ["man1/rzscontrol.1",
+                                                                    "man8/ublkzswapd.8"]
+
+
+@pytest.mark.skipif(not shutil.which("groff"), reason="groff not installed")
+@pytest.mark.parametrize("name", list(manpage.PAGES))
+def test_renders_without_warnings(name):
+    r = subprocess.run(["groff", "-man", "-ww", "-z", os.path.join(REPO, "man", name)],
+                       capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stderr) == (0, "")
+    r = subprocess.run(["groff", "-man", "-Tutf8", "-rLL=80n", os.path.join(REPO, "man", name)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "rzscontrol" in r.stdout
+
+
+def test_esc():
+    assert manpage.esc(".foo\n'bar\nbaz-x a\\b") == "\\&.foo\n\\&'bar\nbaz\\-x a\\eb"
