@@ -1,0 +1,275 @@
+"""The test VM harness without booting: CLI parsing, guest scripts, cache stamp, image pieces."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tools.vm import __main__ as cli
+from tools.vm import guest, image, run
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+def test_run_parses_options_and_command_after_double_dash():
+    ns = cli.parse(["run", "--timeout", "60", "--mem", "256", "--smp", "1", "--disk", "64",
+                    "--", "python3", "-c", "print(1)", "--mem", "9"])
+    assert (ns.cmd, ns.timeout, ns.mem, ns.smp, ns.disk) == ("run", 60.0, 256, 1, 64)
+    assert ns.argv == ["python3", "-c", "print(1)", "--mem", "9"]
+
+
+def test_run_defaults():
+    ns = cli.parse(["run", "--", "true"])
+    assert (ns.mem, ns.smp, ns.disk, ns.results, ns.verbose) == (2048, 2, 0, None, False)
+    assert ns.timeout > 0
+
+
+@pytest.mark.parametrize("args", [["run"], ["run", "--"], ["run", "--mem", "64", "--", "true"],
+                                  ["run", "--smp", "0", "--", "true"], ["run", "--timeout", "0", "--", "true"],
+                                  []])
+def test_run_rejects_bad_command_lines(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.parse(args)
+    assert e.value.code == 2
+
+
+def test_build_and_selftest_parse():
+    assert cli.parse(["build", "--force"]).force
+    ns = cli.parse(["selftest", "--mem", "512"])
+    assert ns.cmd == "selftest" and ns.mem == 512
+
+
+# --- guest environment and job script ----------------------------------------------------------
+
+def test_guest_env_passes_caller_env_and_puts_real_python_first():
+    host = {"PATH": "/root/.pyenv/shims:/usr/bin:/opt/py/bin", "PYTHONPATH": "/work/main", "HOME": "/root",
+            "UBLKZSWAP_X": "a b 'c'", "PWD": "/x", "OLDPWD": "/y", "SHLVL": "2", "_": "/usr/bin/env",
+            "BASH_FUNC_f%%": "() { :; }", "weird-name": "1"}
+    env = guest.guest_env(host, "/opt/py/bin", {"UBLKZSWAP_VM": "1"})
+    assert env["PATH"] == "/opt/py/bin:/root/.pyenv/shims:/usr/bin"
+    assert env["PYTHONPATH"] == "/work/main" and env["HOME"] == "/root" and env["UBLKZSWAP_X"] == "a b 'c'"
+    assert env["UBLKZSWAP_VM"] == "1"
+    for dropped in ("PWD", "OLDPWD", "SHLVL", "_", "BASH_FUNC_f%%", "weird-name"):
+        assert dropped not in env
+
+
+def test_guest_env_without_path_gets_a_default():
+    assert guest.guest_env({}, "/py/bin")["PATH"].startswith("/py/bin:/usr/local/sbin:")
+
+
+def test_job_script_quotes_and_execs(tmp_path):
+    env = {"A": "x y", "B": "it's $HOME `id`", "PATH": os.environ["PATH"]}
+    argv = ["sh", "-c", 'printf "%s|%s|%s|%s\\n" "$A" "$B" "$(pwd)" "$1"; exit 7', "arg0", "two words"]
+    script = guest.job_script(env, str(tmp_path), argv)
+    assert script.splitlines()[-1].startswith("exec sh -c ")
+    (tmp_path / "job.sh").write_text(script)
+    r = subprocess.run(["env", "-i", "/bin/sh", str(tmp_path / "job.sh")], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 7
+    assert r.stdout == f"x y|it's $HOME `id`|{tmp_path}|two words\n"
+
+
+def test_job_script_missing_cwd_exits_125(tmp_path):
+    (tmp_path / "job.sh").write_text(guest.job_script({}, str(tmp_path / "nope"), ["true"]))
+    r = subprocess.run(["env", "-i", "/bin/sh", str(tmp_path / "job.sh")], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 125 and "no such directory in the guest" in r.stdout
+
+
+def test_job_script_rejects_empty_command():
+    with pytest.raises(ValueError):
+        guest.job_script({}, "/", [])
+
+
+# --- init script ------------------------------------------------------------------------------
+
+def test_init_script_loads_modules_in_order_with_params():
+    order = [("netfs", ""), ("9pnet", ""), ("9pnet_virtio", ""), ("9p", ""), ("ublk_drv", ""),
+             ("lz4_compress", ""), ("lz4hc_compress", ""), ("zram", "num_devices=1"), ("virtio_blk", "")]
+    text = guest.init_script(order)
+    positions = [text.index(f"\nload {n}{' ' + p if p else ''}\n") for n, p in order]
+    assert positions == sorted(positions)
+    # modules load before the 9p root is mounted, and the job runs after everything is set up
+    assert positions[-1] < text.index("mount -t 9p")
+    for needle in ("zswap/parameters/enabled", "kernel/sysrq", "hung_task_timeout_secs", "/dev/fd",
+                   "$R/tmp", "$R/run", "$R/var/tmp", "$R/dev/shm", "cache=loose,msize=512000",
+                   "poweroff -f", guest.MARK_START, guest.MARK_EXIT):
+        assert needle in text, needle
+    assert text.index(guest.MARK_START) < text.index("chroot $R") < text.rindex("poweroff -f")
+
+
+def test_boot_modules_cover_the_verified_order():
+    names = [n for n, _ in guest.BOOT_MODULES]
+    verified = ["netfs", "9pnet", "9pnet_virtio", "9p", "ublk_drv"]
+    assert [n for n in names if n in verified] == verified
+    assert names.index("lz4_compress") < names.index("zram") and names.index("lz4hc_compress") < names.index("zram")
+    assert "num_devices=1" in dict(guest.BOOT_MODULES)["zram"]
+    for word in ("panic=-1", "zswap.enabled=0", "console=ttyS0"):
+        assert word in guest.KERNEL_CMDLINE
+
+
+def test_init_script_is_valid_shell(tmp_path):
+    sh = shutil.which("busybox") or "/bin/sh"
+    p = tmp_path / "init"
+    p.write_text(guest.init_script(list(guest.BOOT_MODULES)))
+    args = [sh, "sh", "-n", str(p)] if sh.endswith("busybox") else [sh, "-n", str(p)]
+    assert subprocess.run(args, timeout=30).returncode == 0
+
+
+# --- image pieces ---------------------------------------------------------------------------
+
+def test_resolve_order_puts_dependencies_first():
+    deps = {"9p": ["netfs", "9pnet"], "9pnet": ["netfs"], "9pnet_virtio": ["9pnet"],
+            "zram": ["lz4hc_compress", "lz4_compress"], "null_blk": ["configfs"]}
+    order = image.resolve_order(["9p", "9pnet_virtio", "zram"], deps)
+    assert order == ["netfs", "9pnet", "9p", "9pnet_virtio", "lz4hc_compress", "lz4_compress", "zram"]
+    with pytest.raises(image.BuildError):
+        image.resolve_order(["a"], {"a": ["b"], "b": ["a"]})
+
+
+def test_modinfo_depends():
+    assert image.modinfo_depends(b"\0license=GPL\0depends=netfs,9pnet\0intree=Y\0") == ["netfs", "9pnet"]
+    assert image.modinfo_depends(b"\0depends=\0name=x\0") == []
+    assert image.modinfo_depends(b"nothing") == []
+
+
+def test_pick_package_newest_with_candidate():
+    out = "\n".join([
+        "linux-image-6.12.107+deb12-amd64-unsigned - Linux 6.12 for 64-bit PCs",
+        "linux-image-6.12.9+deb12-amd64-unsigned - Linux 6.12 for 64-bit PCs",
+        "linux-image-6.12.117+deb12-amd64-unsigned - Linux 6.12 for 64-bit PCs",
+        "linux-image-6.12.120+deb12-rt-amd64-unsigned - PREEMPT_RT",
+        "linux-image-6.12.121+deb12-cloud-amd64-unsigned - cloud",
+        "linux-image-6.12.107+deb12-amd64-dbg - Debug symbols",
+    ])
+    assert image.pick_package(out, lambda n: True) == "linux-image-6.12.117+deb12-amd64-unsigned"
+    assert image.pick_package(out, lambda n: "117" not in n) == "linux-image-6.12.107+deb12-amd64-unsigned"
+    assert image.pick_package(out, lambda n: False) is None
+
+
+def test_is_static_elf():
+    assert image.is_static_elf(Path("/bin/busybox").read_bytes()) if Path("/bin/busybox").exists() else True
+    assert not image.is_static_elf(Path("/bin/sh").read_bytes() if Path("/bin/sh").exists() else b"")
+    assert not image.is_static_elf(b"#!/bin/sh\n")
+
+
+def _parse_newc(data: bytes) -> dict[str, tuple[int, bytes, int, int]]:
+    entries, off = {}, 0
+    while True:
+        assert data[off:off + 6] == b"070701"
+        f = [int(data[off + 6 + 8 * i: off + 14 + 8 * i], 16) for i in range(13)]
+        namesize, filesize = f[11], f[6]
+        name = data[off + 110: off + 110 + namesize - 1].decode()
+        off += 110 + namesize
+        off += -off % 4
+        body = data[off: off + filesize]
+        off += filesize
+        off += -off % 4
+        if name == "TRAILER!!!":
+            return entries
+        entries[name] = (f[1], body, f[9], f[10])
+
+
+def test_initramfs_layout():
+    blob = image.make_initramfs(b"BB", {"zram": b"Z" * 5, "netfs": b"N"}, "#!/bin/busybox sh\n")
+    entries = _parse_newc(gzip.decompress(blob))
+    assert entries["init"][0] == 0o100755 and entries["init"][1].startswith(b"#!/bin/busybox sh")
+    assert entries["bin/busybox"][:2] == (0o100755, b"BB")
+    assert entries["lib/modules/zram.ko"][1] == b"Z" * 5
+    assert entries["dev/console"][0] == 0o020600 and entries["dev/console"][2:] == (5, 1)
+    assert entries["mnt"][0] == 0o040755
+
+
+def test_initramfs_is_readable_by_cpio(tmp_path):
+    cpio = shutil.which("cpio")
+    if not cpio:
+        pytest.skip("no cpio binary")
+    raw = gzip.decompress(image.make_initramfs(b"BB", {"m": b"x"}, "init"))
+    r = subprocess.run([cpio, "-it", "--quiet"], input=raw, capture_output=True, timeout=30)
+    assert r.returncode == 0
+    assert {"init", "bin/busybox", "lib/modules/m.ko", "dev/console"} <= set(r.stdout.decode().split())
+
+
+# --- cache stamp -------------------------------------------------------------------------------
+
+def _fake_cache(d: Path, recipe: str | None = None) -> None:
+    (d / "vmlinuz").write_bytes(b"kernel")
+    (d / "initramfs.cpio.gz").write_bytes(b"initrd")
+    stamp = {"recipe": recipe or image.recipe_stamp(), "package": "pkg", "kernel_version": "6.12.0",
+             "sha256": {n: image._sha256(d / n) for n in image.FILES}}
+    (d / image.STAMP).write_text(json.dumps(stamp))
+
+
+def test_cache_valid(tmp_path):
+    _fake_cache(tmp_path)
+    img = image.check_cache(tmp_path)
+    assert img and img.kernel == tmp_path / "vmlinuz" and img.kernel_version == "6.12.0"
+
+
+def test_cache_other_recipe_is_stale(tmp_path):
+    _fake_cache(tmp_path, recipe="0" * 16)
+    assert image.check_cache(tmp_path) is None
+
+
+def test_cache_corrupt_or_missing(tmp_path):
+    assert image.check_cache(tmp_path) is None
+    _fake_cache(tmp_path)
+    (tmp_path / "initramfs.cpio.gz").write_bytes(b"truncated")
+    assert image.check_cache(tmp_path) is None
+    _fake_cache(tmp_path)
+    (tmp_path / "vmlinuz").unlink()
+    assert image.check_cache(tmp_path) is None
+    _fake_cache(tmp_path)
+    (tmp_path / image.STAMP).write_text("{not json")
+    assert image.check_cache(tmp_path) is None
+
+
+def test_recipe_stamp_follows_the_recipe(monkeypatch):
+    a = image.recipe_stamp()
+    assert a == image.recipe_stamp()
+    monkeypatch.setattr(guest, "BOOT_MODULES", guest.BOOT_MODULES + (("null_blk", ""),))
+    b = image.recipe_stamp()
+    monkeypatch.setattr(image, "RECIPE_VERSION", image.RECIPE_VERSION + 1)
+    c = image.recipe_stamp()
+    monkeypatch.setattr(guest, "HUNG_TASK_SECS", 1)
+    assert len({a, b, c, image.recipe_stamp()}) == 4
+
+
+def test_ensure_uses_a_valid_cache_without_building(tmp_path, monkeypatch):
+    _fake_cache(tmp_path)
+    monkeypatch.setattr(image, "build", lambda *a, **k: pytest.fail("rebuilt a valid cache"))
+    assert image.ensure(tmp_path).package == "pkg"
+
+
+def test_ensure_rebuilds_a_stale_cache(tmp_path, monkeypatch):
+    _fake_cache(tmp_path, recipe="stale")
+    calls = []
+    monkeypatch.setattr(image, "build", lambda cache, log, **k: calls.append(cache) or "built")
+    assert image.ensure(tmp_path) == "built" and calls == [tmp_path]
+
+
+def test_cache_dir_env(monkeypatch):
+    monkeypatch.setenv("UBLKZSWAP_VM_CACHE", "/some/where")
+    assert image.cache_dir() == Path("/some/where")
+    monkeypatch.delenv("UBLKZSWAP_VM_CACHE")
+    assert image.cache_dir() == Path(image.DEFAULT_CACHE)
+
+
+# --- qemu command line ------------------------------------------------------------------------
+
+def test_qemu_argv(tmp_path):
+    img = image.Image(tmp_path / "vmlinuz", tmp_path / "initrd", "6.12.0", "pkg")
+    opts = run.RunOptions(argv=["true"], mem_mib=256, smp=1)
+    argv = run.qemu_argv(img, opts, tmp_path / "rundir", tmp_path / "mon.sock", tmp_path / "disk.raw")
+    joined = " ".join(argv)
+    for needle in ("-accel tcg,thread=multi", "-cpu max", "-m 256", "-smp 1", "-no-reboot",
+                   "mount_tag=host,security_model=none,readonly=on,multidevs=remap",
+                   f"path={tmp_path / 'rundir'},mount_tag=results", f"unix:{tmp_path / 'mon.sock'},server=on,wait=off",
+                   f"file={tmp_path / 'disk.raw'},if=virtio,format=raw"):
+        assert needle in joined, needle
+    assert "kvm" not in joined
+    assert "-drive" not in run.qemu_argv(img, opts, tmp_path, tmp_path / "m", None)

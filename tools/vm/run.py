@@ -1,0 +1,210 @@
+"""Boots the guest under qemu (TCG), runs one command in it and returns its exit status.
+
+The host writes job.sh into a fresh results directory shared with the guest, starts qemu with
+the serial console on a pipe, and reads the console: everything before the init's start marker is
+boot noise (shown with --verbose, kept for failure reports), everything after it is the command's
+output (and any kernel messages) and is copied to our stdout as it arrives. The status comes from
+the ``rc`` file the init writes on the results share (the console marker is the fallback).
+
+Exit statuses: the command's own; 124 if the guest did not power off within the timeout (after a
+sysrq blocked-task dump); 125 if the guest ended without reporting a status (panic, init failure).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import guest
+from .image import Image
+
+EXIT_TIMEOUT = 124
+EXIT_NO_STATUS = 125
+TAIL_LINES = 200
+
+
+@dataclass
+class RunOptions:
+    argv: list[str]
+    timeout: float = 1800.0
+    mem_mib: int = 2048
+    smp: int = 2
+    disk_mib: int = 0
+    cwd: str = field(default_factory=os.getcwd)
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    results: str | None = None  # host dir to keep as the results share (default: temporary)
+    verbose: bool = False
+
+
+def python_bindir() -> str:
+    return os.path.dirname(os.path.realpath(sys.executable))
+
+
+def qemu_argv(img: Image, opts: RunOptions, rundir: Path, monitor: Path, disk: Path | None) -> list[str]:
+    argv = [
+        "qemu-system-x86_64", "-accel", "tcg,thread=multi", "-cpu", "max",
+        "-m", str(opts.mem_mib), "-smp", str(opts.smp),
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-kernel", str(img.kernel), "-initrd", str(img.initrd), "-append", guest.KERNEL_CMDLINE,
+        "-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con",
+        "-monitor", f"unix:{monitor},server=on,wait=off",
+        "-virtfs", f"local,path=/,mount_tag={guest.HOST_TAG},security_model=none,readonly=on,multidevs=remap",
+        "-virtfs", f"local,path={rundir},mount_tag={guest.RESULTS_TAG},security_model=none,multidevs=remap",
+    ]
+    if disk is not None:
+        argv += ["-drive", f"file={disk},if=virtio,format=raw"]
+    return argv
+
+
+class Console:
+    """Reads the serial console in a thread: keeps a tail, echoes the job's part live."""
+
+    def __init__(self, stream, out, verbose: bool) -> None:
+        self.stream, self.out, self.verbose = stream, out, verbose
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.started_at: float | None = None
+        self.marker_rc: int | None = None
+        self.ended = False
+        self.log: list[str] = []
+        self.thread = threading.Thread(target=self._pump, daemon=True)
+        self.thread.start()
+
+    def _line(self, line: str) -> None:
+        self.tail.append(line)
+        self.log.append(line)
+        stripped = line.rstrip("\r\n").replace("\r", "")
+        if stripped == guest.MARK_START:
+            self.started_at = time.monotonic()
+            return
+        if stripped.startswith(guest.MARK_EXIT):
+            try:
+                self.marker_rc = int(stripped[len(guest.MARK_EXIT):])
+            except ValueError:
+                pass
+            self.ended = True
+            return
+        if (self.started_at is not None and not self.ended) or self.verbose:
+            self.out.write(stripped + "\n")
+            self.out.flush()
+
+    def _pump(self) -> None:
+        buf = b""
+        while True:
+            chunk = os.read(self.stream.fileno(), 65536)
+            if not chunk:
+                break
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for raw in lines:
+                self._line(raw.decode("utf-8", "replace") + "\n")
+        if buf:
+            self._line(buf.decode("utf-8", "replace"))
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout)
+
+
+def monitor_command(sock_path: Path, commands: list[str], pause: float = 0.5) -> None:
+    """Send human-monitor commands over the unix socket (best effort)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(str(sock_path))
+        for cmd in commands:
+            s.sendall(cmd.encode() + b"\n")
+            time.sleep(pause)
+
+
+def blocked_task_dump(sock_path: Path, wait: float = 8.0) -> None:
+    """sysrq 7 (console loglevel: `quiet` would hide the dump), w (blocked tasks), l (CPUs)."""
+    try:
+        monitor_command(sock_path, ["sendkey alt-sysrq-7", "sendkey alt-sysrq-w", "sendkey alt-sysrq-l"])
+    except OSError as e:
+        print(f"tools.vm: could not reach the qemu monitor: {e}", file=sys.stderr)
+        return
+    time.sleep(wait)
+
+
+def run(img: Image, opts: RunOptions, out=sys.stdout) -> int:
+    """Boot, run ``opts.argv``, return its exit status (or EXIT_TIMEOUT / EXIT_NO_STATUS)."""
+    keep = opts.results is not None
+    rundir = Path(opts.results) if keep else Path(tempfile.mkdtemp(prefix="ublkzswap-vm-"))
+    rundir.mkdir(parents=True, exist_ok=True)
+    for stale in ("rc", "job.sh"):
+        (rundir / stale).unlink(missing_ok=True)
+    # qemu's unix socket path must be short; keep the socket and disk out of a long results path.
+    private = Path(tempfile.mkdtemp(prefix="ublkzswap-vm-"))
+    monitor = private / "monitor.sock"
+    disk = None
+    if opts.disk_mib:
+        disk = private / "disk.raw"
+        with open(disk, "wb") as f:
+            f.truncate(opts.disk_mib << 20)
+    extra = {"UBLKZSWAP_VM": "1", "UBLKZSWAP_VM_RESULTS": guest.RESULTS_DIR,
+             "UBLKZSWAP_VM_MODULES": guest.MODULES_DIR, "UBLKZSWAP_VM_KERNEL": img.kernel_version}
+    if disk is not None:
+        extra["UBLKZSWAP_VM_DISK"] = "/dev/vda"
+    if not out.isatty():
+        # the guest's console is a tty; do not let colour codes leak into a host log or pipe
+        extra["TERM"] = "dumb"
+    env = guest.guest_env(opts.env, python_bindir(), extra)
+    (rundir / "job.sh").write_text(guest.job_script(env, opts.cwd, opts.argv))
+
+    t0 = time.monotonic()
+    proc = subprocess.Popen(qemu_argv(img, opts, rundir, monitor, disk),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    console = Console(proc.stdout, out, opts.verbose)
+    timed_out = False
+    try:
+        try:
+            proc.wait(timeout=opts.timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            print(f"\ntools.vm: guest still running after {opts.timeout:g}s; asking for a blocked-task dump",
+                  file=sys.stderr, flush=True)
+            blocked_task_dump(monitor)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        console.join(10)
+        t_end = time.monotonic()
+        try:
+            (rundir / "console.log").write_text("".join(console.log))
+        except OSError:
+            pass
+        rc_text = None
+        try:
+            rc_text = (rundir / "rc").read_text().strip()
+        except OSError:
+            pass
+        shutil.rmtree(private, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(rundir, ignore_errors=True)
+
+    boot = (console.started_at - t0) if console.started_at else None
+    timing = f"boot {boot:.1f}s, job {t_end - console.started_at:.1f}s" if boot is not None else f"{t_end - t0:.1f}s, job never started"
+    if timed_out:
+        _report_tail(console, f"timed out after {opts.timeout:g}s ({timing})")
+        return EXIT_TIMEOUT
+    rc = int(rc_text) if rc_text and rc_text.lstrip("-").isdigit() else console.marker_rc
+    if rc is None:
+        _report_tail(console, f"guest ended without a status, qemu exit {proc.returncode} ({timing})")
+        return EXIT_NO_STATUS
+    if opts.verbose or rc:
+        print(f"tools.vm: exit {rc} ({timing})", file=sys.stderr, flush=True)
+    return rc
+
+
+def _report_tail(console: Console, why: str) -> None:
+    print(f"\ntools.vm: {why}; last {len(console.tail)} console lines:", file=sys.stderr)
+    print("".join(l.replace("\r", "") for l in console.tail).rstrip("\n"), file=sys.stderr)
+    print(f"tools.vm: {why}", file=sys.stderr, flush=True)
