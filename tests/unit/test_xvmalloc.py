@@ -1,6 +1,7 @@
 """xvmalloc rules (compcache-reference.md section (c)), one test per rule, plus a
 property test against a model with the invariant walker after every step."""
 
+import os
 import random
 
 import pytest
@@ -8,6 +9,9 @@ from hypothesis import given, settings, strategies as st
 
 from ublkzswap import xvmalloc as xm
 from ublkzswap.xvmalloc import XvPool, XvError
+
+# deeper runs: UBLKZSWAP_EXAMPLES=2000 python3 -m pytest tests/unit/test_xvmalloc.py
+EXAMPLES = int(os.environ.get("UBLKZSWAP_EXAMPLES", 60))
 
 
 class Provider:
@@ -261,7 +265,7 @@ def test_state_can_be_reattached():
     again.check(prov.owned)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.integers(1, 4092), st.integers(0, 10**9)), min_size=1, max_size=80))
 def test_random_malloc_free_against_model(ops):
     prov, pool = make(npages=96)

@@ -1,0 +1,537 @@
+"""The ramzswap store: compcache 0.6.2's write/read/free rules, counters,
+memlimit, backing forwarding, malformed input, and a model-based property test
+with the full invariant check after every step."""
+
+import errno
+import os
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from ublkzswap import compress as cz
+from ublkzswap.arena import Arena
+from ublkzswap.store import Store
+from ublkzswap.target import features
+
+PAGE = 4096
+# deeper runs: UBLKZSWAP_EXAMPLES=2000 python3 -m pytest tests/unit/test_store.py
+EXAMPLES = int(os.environ.get("UBLKZSWAP_EXAMPLES", 60))
+
+
+def mkstore(npages=64, **kw):
+    kw.setdefault("keeper", False)
+    kw.setdefault("inline_refill", True)
+    kw.setdefault("pool_low", 4)
+    kw.setdefault("pool_high", 16)
+    return Store(npages * PAGE, **kw)
+
+
+class LenCompressor:
+    """Injectable compressor: the output length is chosen per page.
+
+    A page built by page(n, seed) compresses to exactly n bytes; the stream
+    carries a 4-byte id, decompress looks the page up again."""
+
+    def __init__(self):
+        self.pages = {}
+        self.comp = cz.Compressor("fixedlen", self.compress, self.decompress)
+
+    def page(self, clen, seed=0):
+        rng = random.Random(seed * 7919 + clen)
+        p = bytes(rng.getrandbits(8) for _ in range(PAGE))
+        self.pages[len(self.pages)] = (p, clen)
+        return p
+
+    def compress(self, src):
+        src = bytes(src)
+        for i, (p, clen) in self.pages.items():
+            if p == src:
+                return i.to_bytes(4, "little") + bytes(clen - 4)
+        raise cz.CompressionError("unknown page")
+
+    def decompress(self, src, size=PAGE):
+        i = int.from_bytes(bytes(src[:4]), "little")
+        if i not in self.pages:
+            raise cz.CompressionError("corrupt")
+        return self.pages[i][0]
+
+
+class FakeBacking:
+    name = "/dev/fake"
+
+    def __init__(self, npages):
+        self.data = {}
+        self.npages = npages
+        self.fail = False
+
+    def write_page(self, idx, page):
+        if self.fail:
+            raise OSError(errno.EIO, "boom")
+        self.data[idx] = bytes(page)
+
+    def read_page(self, idx, out):
+        out[:] = self.data.get(idx, b"\xbb" * PAGE)
+
+
+def rd(store, idx):
+    out = bytearray(b"\xee" * PAGE)
+    store.read(idx * PAGE, memoryview(out))
+    return bytes(out)
+
+
+def wr(store, idx, page):
+    store.write(idx * PAGE, memoryview(bytearray(page)))
+
+
+def compressible(seed=0, n=1500):
+    rng = random.Random(seed)
+    text = b" ".join(rng.choice([b"swap", b"page", b"ramzswap", b"compcache", b"xvmalloc", b"lzo"]) for _ in range(n))
+    return (text * (PAGE // len(text) + 2))[:PAGE]
+
+
+# ---------------------------------------------------------------- basics
+
+def test_is_a_target_with_all_optional_ops():
+    s = mkstore()
+    assert s.size == 64 * PAGE
+    assert features(s) == {"discard", "write_zeroes", "flush"}
+    assert s.algorithm == "lzo"
+
+
+def test_never_written_reads_zero_not_stale_buffer():
+    s = mkstore()
+    assert rd(s, 5) == bytes(PAGE)
+    st_ = s.stats()
+    assert st_["num_reads"] == 1 and st_["mem_used_total"] == 0
+
+
+def test_roundtrip_kinds_and_multi_page_requests():
+    s = mkstore()
+    pages = [bytes(PAGE), b"\x01\x02\x03\x04\x05\x06\x07\x08" * 512, os.urandom(PAGE), compressible(1), compressible(2)]
+    s.write(8 * PAGE, memoryview(bytearray(b"".join(pages))))
+    out = bytearray(len(pages) * PAGE)
+    s.read(8 * PAGE, memoryview(out))
+    assert bytes(out) == b"".join(pages)
+    assert [s.slot(8 + i)[0] for i in range(5)] == ["same", "same", "raw", "compressed", "compressed"]
+    st_ = s.stats()
+    assert st_["num_writes"] == 5 and st_["num_reads"] == 5
+    s.check()
+
+
+def test_zero_page_uses_no_memory_and_is_counted_as_compcache():
+    s = mkstore()
+    wr(s, 3, bytes(PAGE))
+    st_ = s.stats()
+    assert st_["zero_pages"] == 1 and st_["same_pages"] == 1
+    assert st_["pages_stored"] == 0 and st_["orig_data_size"] == 0
+    assert st_["mem_used_total"] == 0 and st_["compr_data_size"] == 0
+    assert rd(s, 3) == bytes(PAGE)
+    s.check()
+
+
+def test_same_filled_page_every_word_equal():
+    s = mkstore()
+    word = b"\xde\xad\xbe\xef\x01\x02\x03\x04"
+    wr(s, 1, word * 512)
+    st_ = s.stats()
+    assert st_["same_pages"] == 1 and st_["zero_pages"] == 0
+    assert st_["pages_stored"] == 1 and st_["good_compress"] == 1
+    assert st_["mem_used_total"] == 0 and st_["compr_data_size"] == 0
+    assert rd(s, 1) == word * 512
+    # a page equal in the first and last word but not everywhere is not same-filled
+    p = bytearray(word * 512)
+    p[2000] ^= 1
+    wr(s, 2, p)
+    assert s.slot(2)[0] == "compressed"
+    assert rd(s, 2) == bytes(p)
+    # byte-periodic but not word-periodic (period 3)
+    wr(s, 4, (b"abc" * 1366)[:PAGE])
+    assert s.slot(4)[0] == "compressed"
+    s.check()
+
+
+def test_high_word_fill_value_round_trips():
+    s = mkstore()
+    p = (0xFFFFFFFFFFFFFFFF).to_bytes(8, "little") * 512
+    wr(s, 0, p)
+    assert rd(s, 0) == p
+
+
+def test_incompressible_page_stored_raw_without_backing():
+    s = mkstore()
+    p = os.urandom(PAGE)
+    wr(s, 7, p)
+    kind, handle, length = s.slot(7)
+    assert kind == "raw" and length == PAGE
+    st_ = s.stats()
+    assert st_["huge_pages"] == 1 and st_["pages_stored"] == 1
+    assert st_["compr_data_size"] == PAGE and st_["mem_used_total"] == PAGE
+    assert st_["good_compress"] == 0
+    assert rd(s, 7) == p
+    s.check()
+
+
+def test_compressed_page_counters():
+    s = mkstore()
+    p = compressible(3)
+    clen = len(cz.get("lzo").compress(p))
+    wr(s, 0, p)
+    st_ = s.stats()
+    assert st_["pages_stored"] == 1 and st_["orig_data_size"] == PAGE
+    assert st_["compr_data_size"] == clen and st_["good_compress"] == 1
+    assert st_["mem_used_total"] == PAGE  # one xvmalloc page
+    assert s.xv.object_size(s.slot(0)[1]) == clen
+    s.check()
+
+
+# ----------------------------------------------- boundary compressed lengths
+
+@pytest.mark.parametrize("clen,kind,good", [
+    (31, "compressed", 1), (32, "compressed", 1), (2048, "compressed", 1), (2049, "compressed", 0),
+    (3072, "compressed", 0), (3073, "raw", 0), (4092, "raw", 0), (4093, "raw", 0),
+])
+def test_compressed_length_boundaries_without_backing(clen, kind, good):
+    lc = LenCompressor()
+    s = mkstore(compressor=lc.comp)
+    p = lc.page(clen)
+    wr(s, 0, p)
+    assert s.slot(0)[0] == kind
+    st_ = s.stats()
+    assert st_["good_compress"] == good
+    assert st_["huge_pages"] == (kind == "raw")
+    assert st_["compr_data_size"] == (PAGE if kind == "raw" else clen)
+    if kind == "compressed":
+        assert s.slot(0)[2] == clen and s.xv.object_size(s.slot(0)[1]) == clen
+    assert rd(s, 0) == p
+    s.check()
+
+
+@pytest.mark.parametrize("clen,forwarded", [(2048, False), (2049, True), (3072, True), (3073, True)])
+def test_compressed_length_boundaries_with_backing(clen, forwarded):
+    lc = LenCompressor()
+    b = FakeBacking(64)
+    s = mkstore(compressor=lc.comp, backing=b, memlimit=64 * PAGE)
+    p = lc.page(clen)
+    wr(s, 0, p)
+    st_ = s.stats()
+    assert st_["bd_writes"] == int(forwarded)
+    assert st_["backing_swap"] == "/dev/fake"
+    assert (0 in b.data) == forwarded
+    assert s.slot(0)[0] == ("empty" if forwarded else "compressed")
+    assert rd(s, 0) == p
+    st_ = s.stats()
+    assert st_["bd_reads"] == int(forwarded)
+    assert st_["num_reads"] == int(not forwarded)  # forwarded reads are not counted as num_reads
+    assert st_["num_writes"] == 1  # forwarded writes are
+    s.check()
+
+
+# ---------------------------------------------------------------- overwrite, discard
+
+def test_overwrite_frees_the_old_slot():
+    s = mkstore()
+    wr(s, 0, os.urandom(PAGE))
+    wr(s, 0, compressible(4))
+    st_ = s.stats()
+    assert st_["huge_pages"] == 0 and st_["pages_stored"] == 1
+    wr(s, 0, bytes(PAGE))
+    st_ = s.stats()
+    assert st_["pages_stored"] == 0 and st_["zero_pages"] == 1 and st_["mem_used_total"] == 0
+    assert st_["mem_used_max"] >= 2 * PAGE  # raw page + xv page during the overwrite
+    s.check()
+
+
+def test_discard_frees_whole_pages_and_counts_notify_free():
+    s = mkstore()
+    for i in range(4):
+        wr(s, i, compressible(i))
+    wr(s, 4, os.urandom(PAGE))
+    s.discard(0, 6 * PAGE)
+    st_ = s.stats()
+    assert st_["notify_free"] == 6  # every page of the range, as zram
+    assert st_["pages_stored"] == 0 and st_["mem_used_total"] == 0
+    assert all(rd(s, i) == bytes(PAGE) for i in range(6))
+    assert s.arena.pages_of(2).size == 0 and s.arena.pages_of(3).size == 0
+    s.check()
+
+
+def test_write_zeroes_and_free_page():
+    s = mkstore()
+    wr(s, 2, compressible(9))
+    s.write_zeroes(2 * PAGE, PAGE)
+    assert rd(s, 2) == bytes(PAGE)
+    wr(s, 3, compressible(8))
+    s.free_page(3)
+    st_ = s.stats()
+    assert st_["notify_free"] == 2 and st_["pages_stored"] == 0
+    assert rd(s, 3) == bytes(PAGE)
+    s.flush()
+    s.check()
+
+
+def test_write_zeroes_with_backing_does_not_expose_backing_data():
+    b = FakeBacking(16)
+    s = mkstore(16, backing=b, memlimit=16 * PAGE)
+    b.data[5] = b"\x55" * PAGE
+    s.write_zeroes(5 * PAGE, PAGE)
+    assert rd(s, 5) == bytes(PAGE)
+    s.check()
+
+
+def test_page_returned_to_pool_when_last_object_freed():
+    s = mkstore()
+    wr(s, 0, compressible(5))
+    page = s.slot(0)[1] >> 12
+    assert s.arena.state[page] == 2  # XV
+    s.discard(0, PAGE)
+    assert s.arena.state[page] == 1  # READY again
+    assert s.stats()["mem_used_total"] == 0
+
+
+# ---------------------------------------------------------------- memory limit, ENOSPC
+
+def test_memlimit_without_backing_fails_write_and_keeps_old_content():
+    s = mkstore(memlimit=2 * PAGE)
+    a, b = os.urandom(PAGE), os.urandom(PAGE)
+    wr(s, 0, a)
+    wr(s, 1, b)
+    old = rd(s, 1)
+    with pytest.raises(OSError) as ei:
+        wr(s, 1, os.urandom(PAGE))  # would need a third page before the old one is freed
+    assert ei.value.errno == errno.ENOMEM
+    assert rd(s, 1) == old
+    with pytest.raises(OSError):
+        wr(s, 2, compressible(1))
+    st_ = s.stats()
+    assert st_["failed_writes"] == 2 and st_["num_writes"] == 4
+    assert st_["mem_used_total"] == 2 * PAGE and st_["mem_used_max"] == 2 * PAGE
+    assert st_["mem_limit"] == 2 * PAGE
+    s.check()
+    s.set_memlimit(0)  # runtime change, as zram
+    wr(s, 2, compressible(1))
+    s.check()
+
+
+def test_memlimit_with_backing_forwards_as_compcache():
+    b = FakeBacking(64)
+    s = mkstore(backing=b, memlimit=2 * PAGE)
+    p1, p2, p3 = compressible(1, 2000), compressible(2, 2000), compressible(3, 2000)
+    for i, p in enumerate((p1, p2)):
+        wr(s, i, p)
+    # forward once compr_data_size > memlimit - PAGE
+    while s.stats()["compr_data_size"] <= 2 * PAGE - PAGE:
+        i += 1
+        wr(s, i, compressible(i + 10, 2000))
+    before = s.stats()["bd_writes"]
+    wr(s, 40, p3)
+    assert s.stats()["bd_writes"] == before + 1 and 40 in b.data
+    assert rd(s, 40) == p3
+    # zero pages are never forwarded
+    wr(s, 41, bytes(PAGE))
+    assert 41 not in b.data and s.slot(41)[0] == "same"
+    s.check()
+
+
+def test_backing_write_failure_is_eio_and_keeps_slot():
+    b = FakeBacking(8)
+    s = mkstore(8, backing=b, memlimit=8 * PAGE)
+    wr(s, 0, compressible(1))
+    b.fail = True
+    with pytest.raises(OSError) as ei:
+        wr(s, 0, os.urandom(PAGE))
+    assert ei.value.errno == errno.EIO
+    assert rd(s, 0) == compressible(1)
+    assert s.stats()["failed_writes"] == 1
+
+
+def test_empty_pool_gives_enospc_and_reads_still_work():
+    s = mkstore(inline_refill=False, pool_low=0, pool_high=2)
+    assert s.arena.ready == 2
+    wr(s, 0, os.urandom(PAGE))
+    wr(s, 1, os.urandom(PAGE))
+    with pytest.raises(OSError) as ei:
+        wr(s, 2, os.urandom(PAGE))
+    assert ei.value.errno == errno.ENOSPC
+    with pytest.raises(OSError) as ei:
+        wr(s, 3, compressible(1))
+    assert ei.value.errno == errno.ENOSPC
+    assert rd(s, 2) == bytes(PAGE) and len(rd(s, 0)) == PAGE
+    wr(s, 4, bytes(PAGE))  # same-filled pages need no memory
+    st_ = s.stats()
+    assert st_["failed_writes"] == 2 and st_["failed_reads"] == 0
+    s.check()
+    s.arena.step()  # the keeper brings pages in; the retried write succeeds
+    wr(s, 3, compressible(1))
+    assert rd(s, 3) == compressible(1)
+    s.check()
+
+
+def test_corrupt_stream_is_failed_read_eio():
+    s = mkstore()
+    wr(s, 0, compressible(1))
+    h = s.slot(0)[1]
+    s.arena.mem[h:h + 8] = 0xFF
+    with pytest.raises(OSError) as ei:
+        rd(s, 0)
+    assert ei.value.errno == errno.EIO
+    assert s.stats()["failed_reads"] == 1
+
+
+def test_reset_mem_used_max():
+    s = mkstore()
+    for i in range(3):
+        wr(s, i, os.urandom(PAGE))
+    s.discard(0, 3 * PAGE)
+    assert s.stats()["mem_used_max"] == 3 * PAGE
+    s.reset_mem_used_max()
+    assert s.stats()["mem_used_max"] == 0
+
+
+@pytest.mark.parametrize("name", ["lzo", "lz4", "deflate"])
+def test_other_compressors(name):
+    s = mkstore(compressor=name)
+    assert s.algorithm == name
+    pages = [compressible(i) for i in range(5)] + [os.urandom(PAGE)]
+    for i, p in enumerate(pages):
+        wr(s, i, p)
+    assert [rd(s, i) for i in range(6)] == pages
+    s.check()
+
+
+# ---------------------------------------------------------------- malformed input
+
+@pytest.mark.parametrize("call", [
+    lambda s: s.write(1, memoryview(bytearray(PAGE))),
+    lambda s: s.write(0, memoryview(bytearray(100))),
+    lambda s: s.write(0, memoryview(bytearray(0))),
+    lambda s: s.write(64 * PAGE, memoryview(bytearray(PAGE))),
+    lambda s: s.write(63 * PAGE, memoryview(bytearray(2 * PAGE))),
+    lambda s: s.write(-PAGE, memoryview(bytearray(PAGE))),
+    lambda s: s.read(0, memoryview(bytearray(PAGE + 1))),
+    lambda s: s.read(0, memoryview(bytes(PAGE))),  # read-only
+    lambda s: s.read(64 * PAGE, memoryview(bytearray(PAGE))),
+    lambda s: s.discard(PAGE, 10),
+    lambda s: s.discard(0, 65 * PAGE),
+    lambda s: s.write_zeroes(100, PAGE),
+    lambda s: s.write_page(64, bytes(PAGE)),
+    lambda s: s.write_page(-1, bytes(PAGE)),
+    lambda s: s.write_page(0, bytes(PAGE - 1)),
+    lambda s: s.write_page("1", bytes(PAGE)),
+    lambda s: s.read_page(0, bytearray(10)),
+    lambda s: s.free_page(64),
+    lambda s: s.write(0, 12345),
+])
+def test_malformed_requests_raise_einval_and_change_nothing(call):
+    s = mkstore()
+    wr(s, 0, compressible(1))
+    wr(s, 63, os.urandom(PAGE))
+    before = {k: v for k, v in s.stats().items() if k != "invalid_io"}
+    snapshot = (s.kind.copy(), s.handle.copy(), s.length.copy())
+    with pytest.raises(OSError) as ei:
+        call(s)
+    assert ei.value.errno == errno.EINVAL and ei.value.strerror
+    after = s.stats()
+    assert after["invalid_io"] == 1
+    assert {k: v for k, v in after.items() if k != "invalid_io"} == before
+    assert all(np.array_equal(a, b) for a, b in zip(snapshot, (s.kind, s.handle, s.length)))
+    s.check()
+
+
+@pytest.mark.parametrize("kw", [dict(disksize=0), dict(disksize=4097), dict(disksize=-PAGE),
+                                dict(disksize=PAGE, memlimit=-1), dict(disksize=PAGE, compressor="nope")])
+def test_bad_constructor_arguments(kw):
+    with pytest.raises(ValueError):
+        Store(keeper=False, **kw)
+
+
+def test_keeper_thread_default_and_close():
+    s = Store(256 * PAGE, pool_low=4, pool_high=8)
+    try:
+        assert s.arena.running
+        for i in range(40):  # more pages than the pool holds: the keeper refills
+            for _ in range(200):
+                try:
+                    wr(s, i, os.urandom(PAGE))
+                    break
+                except OSError as e:
+                    assert e.errno == errno.ENOSPC
+                    import time
+                    time.sleep(0.005)
+            else:
+                raise AssertionError("keeper never refilled the pool")
+        assert s.stats()["huge_pages"] == 40
+        s.check()
+    finally:
+        s.close()
+    assert not s.arena.running
+
+
+def test_shared_arena_is_not_closed_by_store():
+    a = Arena(32, low=2, high=8, inline_refill=True)
+    s = Store(32 * PAGE, arena=a)
+    wr(s, 0, compressible(1))
+    s.close()
+    assert a.mem is not None and not a.running
+
+
+# ---------------------------------------------------------------- property test
+
+PAGE_KINDS = st.sampled_from(["zero", "same", "random", "compressible", "half"])
+
+
+def make_page(kind, seed):
+    rng = random.Random(seed)
+    if kind == "zero":
+        return bytes(PAGE)
+    if kind == "same":
+        return rng.getrandbits(64).to_bytes(8, "little") * 512
+    if kind == "random":
+        return rng.randbytes(PAGE)
+    if kind == "compressible":
+        return compressible(seed, rng.randint(1, 1500))
+    n = rng.randint(1, PAGE - 1)  # random prefix, zero tail: every compressed length
+    return rng.randbytes(n) + bytes(PAGE - n)
+
+
+OPS = st.lists(st.tuples(st.sampled_from(["write", "write", "write", "read", "discard", "multi"]),
+                         st.integers(0, 23), PAGE_KINDS, st.integers(0, 2**32)), min_size=1, max_size=40)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(OPS, st.sampled_from([0, 6 * PAGE]))
+def test_random_operations_against_dict_model(ops, memlimit):
+    s = mkstore(24, memlimit=memlimit, pool_low=2, pool_high=6)
+    model = {}
+    for op, idx, kind, seed in ops:
+        if op == "write":
+            p = make_page(kind, seed)
+            try:
+                wr(s, idx, p)
+                model[idx] = p
+            except OSError as e:
+                assert memlimit and e.errno == errno.ENOMEM
+        elif op == "multi":
+            n = min(3, 24 - idx)
+            ps = [make_page(kind, seed + i) for i in range(n)]
+            try:
+                s.write(idx * PAGE, memoryview(bytearray(b"".join(ps))))
+                model.update({idx + i: p for i, p in enumerate(ps)})
+            except OSError as e:
+                assert memlimit and e.errno == errno.ENOMEM
+                # pages before the failing one were stored: learn which from a read
+                for i, p in enumerate(ps):
+                    if rd(s, idx + i) == p:
+                        model[idx + i] = p
+        elif op == "read":
+            assert rd(s, idx) == model.get(idx, bytes(PAGE))
+        else:
+            s.discard(idx * PAGE, PAGE)
+            model.pop(idx, None)
+        s.check()
+        st_ = s.stats()
+        if memlimit:
+            assert st_["mem_used_total"] <= memlimit
+    for i in range(24):
+        assert rd(s, i) == model.get(i, bytes(PAGE))

@@ -1,0 +1,379 @@
+"""The arena: all memory the store keeps pages in, and the keeper that feeds it.
+
+Owns: one anonymous private mapping (``MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE``)
+reserved once for the device's maximum and viewed as a numpy ``uint8`` array
+(:attr:`Arena.mem`), a ``uint32`` memoryview of it for xvmalloc's headers
+(:attr:`Arena.words`), and the life cycle of each of its 4 KiB pages::
+
+    UNBACKED --keeper: populate (+lock)--> READY --take()--> XV / RAW
+        ^                                    ^                   |
+        +--keeper: munlock, DONTNEED, relock-+-------give()------+
+
+- ``take(kind)`` / ``give(page)`` are the I/O path's only calls: O(1) pops and
+  pushes on a stack of READY pages under a short lock. They never make the
+  kernel find memory: a READY page is already resident (and locked when the
+  process runs under ``mlockall``). When no page is READY, ``take`` returns -1
+  and the caller fails the write with ENOSPC (back-pressure, not loss).
+- The keeper (:meth:`step`, run by a thread from :meth:`start` or called
+  directly in tests) keeps the number of READY pages between the watermarks:
+  below ``low`` it populates UNBACKED pages up to ``high`` with
+  ``madvise(MADV_POPULATE_WRITE)`` (fallback: ``memset`` through ctypes, which
+  also releases the GIL); above ``high`` it hands the surplus, down to the
+  midpoint, back to the kernel: ``munlock`` (locked pages refuse DONTNEED),
+  ``madvise(MADV_DONTNEED)``, then ``mlock2(MLOCK_ONFAULT)`` again so the range
+  keeps the lock-on-fault flag and its VMA merges back (no VMA fragmentation).
+  Every system call goes through ctypes, which drops the GIL, so a keeper
+  stalled in reclaim never blocks the I/O thread.
+- Locking: with ``lock=True`` the whole mapping is ``mlock2(MLOCK_ONFAULT)``-ed
+  at creation (pages are locked as they are populated). With ``lock=False``
+  the arena still notices a mapping locked by ``mlockall(MCL_FUTURE|MCL_ONFAULT)``
+  (DONTNEED answers EINVAL) and switches to the locked sequence. The process
+  must not use ``MCL_FUTURE`` *without* ``MCL_ONFAULT``: the kernel would
+  populate the whole reservation at mmap time.
+- Transparent huge pages are disabled on the mapping (``MADV_NOHUGEPAGE``) so
+  residency follows 4 KiB pages exactly.
+
+Resident memory = pages not UNBACKED = READY + XV + RAW (+ pages the keeper is
+working on). Only XV + RAW count as the store's ``mem_used_total``.
+
+Still naive: a single stack of ready pages (no NUMA, no preference for
+contiguous runs beyond sorting each keeper batch); the keeper polls every
+``interval`` seconds besides being woken when the pool drops under ``low``;
+``close`` leaves the unmapping to the garbage collector if views are alive.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+import threading
+
+import numpy as np
+
+PAGE_SIZE = 4096
+
+UNBACKED, READY, XV, RAW, BUSY = 0, 1, 2, 3, 4
+STATE_NAMES = {UNBACKED: "unbacked", READY: "ready", XV: "xv", RAW: "raw", BUSY: "busy"}
+
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+MADV_DONTNEED = 4
+MADV_NOHUGEPAGE = 15
+MADV_POPULATE_WRITE = 23
+MLOCK_ONFAULT = 1
+
+DEFAULT_LOW = 1024    # pages (4 MiB)
+DEFAULT_HIGH = 4096   # pages (16 MiB)
+DEFAULT_INTERVAL = 0.02
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+for _name, _args in (("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)),
+                     ("munlock", (ctypes.c_void_p, ctypes.c_size_t)),
+                     ("mlock", (ctypes.c_void_p, ctypes.c_size_t))):
+    _f = getattr(_libc, _name)
+    _f.argtypes = _args
+    _f.restype = ctypes.c_int
+try:
+    _mlock2 = _libc.mlock2
+    _mlock2.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint)
+    _mlock2.restype = ctypes.c_int
+except AttributeError:  # very old glibc
+    _mlock2 = None
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def _runs(pages: np.ndarray):
+    """Yield (first page, count) of the contiguous runs in sorted ``pages``."""
+    if len(pages) == 0:
+        return
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(pages)]))
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        yield int(pages[s]), e - s
+
+
+class Arena:
+    """``npages`` 4 KiB pages of address space, a pool of ready pages, a keeper.
+
+    Arguments:
+      npages: size of the reservation in pages (no memory is used until pages
+        are populated).
+      low, high: watermarks of the ready pool in pages (clamped to ``npages``;
+        defaults 1024 and 4096).
+      lock: ``mlock2(MLOCK_ONFAULT)`` the mapping now (OSError if refused).
+      inline_refill: tests and benchmarks without a keeper thread only — when
+        the pool is empty, ``take`` runs :meth:`step` itself (this populates
+        memory on the I/O path, which a swap device must never do).
+      prefill: run one :meth:`step` now, so the pool starts at ``high``.
+    """
+
+    def __init__(self, npages: int, *, low: int | None = None, high: int | None = None,
+                 lock: bool = False, inline_refill: bool = False, prefill: bool = True):
+        if npages <= 0:
+            raise ValueError(f"arena needs at least one page, got {npages}")
+        low = DEFAULT_LOW if low is None else low
+        high = DEFAULT_HIGH if high is None else high
+        if low < 0 or high < 1 or low > high:
+            raise ValueError(f"watermarks need 0 <= low <= high and high >= 1, got low={low} high={high}")
+        self.npages = npages
+        self.size = npages * PAGE_SIZE
+        self.high = min(high, npages)
+        self.low = min(low, self.high)
+        self._map = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
+        self.mem = np.frombuffer(self._map, dtype=np.uint8)
+        self.base = self.mem.ctypes.data
+        self.view = memoryview(self._map)
+        self.words = self.view.cast("I")
+        _libc.madvise(self.base, self.size, MADV_NOHUGEPAGE)  # best effort
+        self._locked = False
+        if lock:
+            self.lock_all()
+        # per-page state and the two stacks (touched now, so later use never faults)
+        self.state = np.zeros(npages, dtype=np.uint8)
+        self.state.fill(UNBACKED)
+        self._st = memoryview(self.state)
+        self._ready = np.zeros(npages, dtype=np.int64)
+        self._ready.fill(0)
+        self._rv = memoryview(self._ready)
+        self._nready = 0
+        self._unbacked = np.arange(npages - 1, -1, -1, dtype=np.int64)  # top = lowest page
+        self._nunbacked = npages
+        self._lock = threading.Lock()
+        self._event = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.inline_refill = inline_refill
+        self.keeper_errors = 0
+        self.last_keeper_error: OSError | None = None
+        self.populate_method = "madvise"
+        self.populated = 0   # pages brought in, cumulative
+        self.released = 0    # pages given back to the kernel, cumulative
+        if prefill:
+            self.step()
+
+    # ---- I/O path
+
+    def take(self, kind: int) -> int:
+        """Pop a READY page for ``kind`` (XV or RAW); -1 if none is ready."""
+        with self._lock:
+            n = self._nready
+            if n:
+                n -= 1
+                self._nready = n
+                p = self._rv[n]
+                self._st[p] = kind
+            else:
+                p = -1
+        if n < self.low and self._thread is not None and not self._event.is_set():
+            self._event.set()
+        if p < 0 and self.inline_refill:
+            self.step()
+            with self._lock:
+                n = self._nready
+                if n:
+                    n -= 1
+                    self._nready = n
+                    p = self._rv[n]
+                    self._st[p] = kind
+        return p
+
+    def give(self, page: int) -> None:
+        """Return a page (content irrelevant) to the READY pool."""
+        with self._lock:
+            n = self._nready
+            self._rv[n] = page
+            self._st[page] = READY
+            self._nready = n + 1
+        if n >= self.high and self._thread is not None and not self._event.is_set():
+            self._event.set()
+
+    # ---- keeper
+
+    @property
+    def ready(self) -> int:
+        """Pages in the READY pool."""
+        return self._nready
+
+    @property
+    def resident(self) -> int:
+        """Pages not given back to the kernel (READY + in use + in transit)."""
+        return self.npages - self._nunbacked
+
+    def pages_of(self, kind: int) -> np.ndarray:
+        """Page numbers currently in state ``kind``."""
+        return np.flatnonzero(self.state == kind)
+
+    def step(self) -> tuple[int, int]:
+        """One keeper pass: refill to ``high`` if below ``low``, or give the
+        surplus above ``high`` back down to the midpoint. Returns (pages
+        populated, pages released). System-call failures while populating
+        (ENOMEM under memory pressure) leave the pages UNBACKED and are
+        recorded in ``keeper_errors`` / ``last_keeper_error``."""
+        fill = trim = None
+        with self._lock:
+            nr = self._nready
+            if nr < self.low or (nr == 0 and self.high > 0):
+                want = min(self.high - nr, self._nunbacked)
+                if want > 0:
+                    nu = self._nunbacked
+                    fill = self._unbacked[nu - want:nu].copy()
+                    self._nunbacked = nu - want
+                    self.state[fill] = BUSY
+            elif nr > self.high:
+                keep = (self.low + self.high) // 2
+                trim = self._ready[keep:nr].copy()
+                self._nready = keep
+                self.state[trim] = BUSY
+        populated = released = 0
+        if fill is not None:
+            fill.sort()
+            good = []
+            bad = []
+            for start, count in _runs(fill):
+                try:
+                    self._populate(start, count)
+                    good.append(np.arange(start, start + count, dtype=np.int64))
+                except OSError as e:
+                    self.keeper_errors += 1
+                    self.last_keeper_error = e
+                    bad.append(np.arange(start, start + count, dtype=np.int64))
+            with self._lock:
+                for run in good:
+                    self._push_ready(run)
+                    populated += len(run)
+                for run in bad:
+                    self._push_unbacked(run)
+            self.populated += populated
+        if trim is not None:
+            trim.sort()
+            for start, count in _runs(trim):
+                self._release(start, count)
+            with self._lock:
+                self._push_unbacked(trim)
+            released = len(trim)
+            self.released += released
+        return populated, released
+
+    def _push_ready(self, pages: np.ndarray) -> None:
+        n = self._nready
+        k = len(pages)
+        self._ready[n:n + k] = pages[::-1]  # lowest page on top
+        self.state[pages] = READY
+        self._nready = n + k
+
+    def _push_unbacked(self, pages: np.ndarray) -> None:
+        n = self._nunbacked
+        k = len(pages)
+        self._unbacked[n:n + k] = pages[::-1]
+        self.state[pages] = UNBACKED
+        self._nunbacked = n + k
+
+    def _populate(self, page: int, count: int) -> None:
+        addr = self.base + page * PAGE_SIZE
+        length = count * PAGE_SIZE
+        if self.populate_method == "madvise":
+            if _libc.madvise(addr, length, MADV_POPULATE_WRITE) == 0:
+                return
+            e = ctypes.get_errno()
+            if e != errno.EINVAL:
+                raise OSError(e, f"madvise(MADV_POPULATE_WRITE): {os.strerror(e)}")
+            self.populate_method = "memset"  # kernel older than 5.14
+        ctypes.memset(addr, 0, length)  # pages are fresh zeros; ctypes drops the GIL
+
+    def _release(self, page: int, count: int) -> None:
+        addr = self.base + page * PAGE_SIZE
+        length = count * PAGE_SIZE
+        if self._locked:
+            _check(_libc.munlock(addr, length), "munlock")
+        if _libc.madvise(addr, length, MADV_DONTNEED) != 0:
+            e = ctypes.get_errno()
+            if e != errno.EINVAL or self._locked:
+                raise OSError(e, f"madvise(MADV_DONTNEED): {os.strerror(e)}")
+            # locked by mlockall(MCL_FUTURE|MCL_ONFAULT): switch to the locked sequence
+            self._locked = True
+            _check(_libc.munlock(addr, length), "munlock")
+            _check(_libc.madvise(addr, length, MADV_DONTNEED), "madvise(MADV_DONTNEED)")
+        if self._locked:
+            self._relock(addr, length)
+
+    def _relock(self, addr: int, length: int) -> None:
+        if _mlock2 is None:
+            raise OSError(errno.ENOSYS, "mlock2 is not available")
+        _check(_mlock2(addr, length, MLOCK_ONFAULT), "mlock2(MLOCK_ONFAULT)")
+
+    def lock_all(self) -> None:
+        """Lock the whole mapping on fault (pages are locked as they come in)."""
+        self._relock(self.base, self.size)
+        self._locked = True
+
+    @property
+    def locked(self) -> bool:
+        return self._locked
+
+    def start(self, interval: float = DEFAULT_INTERVAL, thread_init=None) -> None:
+        """Start the keeper thread: it runs :meth:`step` every ``interval``
+        seconds and whenever the I/O path wakes it (pool under ``low`` or over
+        ``high``). ``thread_init`` (e.g. a prctl(PR_SET_IO_FLUSHER) call) runs
+        first in the new thread."""
+        if self._thread is not None:
+            return
+        self._stop = False
+
+        def run():
+            if thread_init is not None:
+                thread_init()
+            while not self._stop:
+                self._event.wait(interval)
+                self._event.clear()
+                if self._stop:
+                    break
+                try:
+                    while True:
+                        populated, released = self.step()
+                        if not (populated or released) or self._stop:
+                            break
+                        if self.low <= self._nready <= self.high:
+                            break
+                except OSError as e:  # recorded; the I/O path sees ENOSPC meanwhile
+                    self.keeper_errors += 1
+                    self.last_keeper_error = e
+
+        self._thread = threading.Thread(target=run, name="arena-keeper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the keeper thread (no-op if not running)."""
+        t = self._thread
+        if t is None:
+            return
+        self._stop = True
+        self._event.set()
+        t.join()
+        self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def close(self) -> None:
+        """Stop the keeper and drop the mapping (unmapped now if no view of
+        it is still alive elsewhere, else when the last one goes)."""
+        self.stop()
+        self.mem = None
+        for v in (self.words, self.view):
+            try:
+                v.release()
+            except (BufferError, ValueError):
+                pass
+        try:
+            self._map.close()
+        except BufferError:
+            pass
