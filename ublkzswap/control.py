@@ -30,8 +30,8 @@ an errno answer, any other exception is logged and answered with EIO. Malformed 
 a wrong version, unknown op or bad argument types are answered (EINVAL/EPROTO) and the
 connection stays usable; an oversized frame is answered with EMSGSIZE and the connection
 closed (the stream cannot be resynchronised); a truncated frame or a client that stalls
-longer than ``timeout`` seconds in the middle of a request (or idles that long) is
-disconnected. The server never dies of a client.
+longer than ``timeout`` seconds in the middle of a request, or idles longer than
+``idle_timeout`` seconds between requests, is disconnected. The server never dies of a client.
 
 Server: one thread running a ``selectors`` loop over non-blocking sockets, so a slow or
 stalled client cannot block another, and no thread (stack mapping) is created per
@@ -54,6 +54,7 @@ import errno
 import json
 import logging
 import os
+import select
 import selectors
 import socket
 import stat
@@ -194,18 +195,22 @@ class ControlServer:
     """Serve the control protocol for ``manager`` on a unix socket at ``path``.
 
     ``owner_uid``: besides root, the uid allowed to change state (default: our own uid).
-    ``timeout``: seconds a client may stall mid-request, or idle, before it is dropped.
+    ``timeout``: seconds a client may stall in the middle of a request (or leave an answer
+    unread) before it is dropped; ``idle_timeout``: seconds a connection may sit idle between
+    requests.
     ``start()`` binds (raising OSError if another daemon listens there) and runs the loop in a
     daemon thread; ``close()`` stops it and removes the socket file.
     """
 
     def __init__(self, manager, path: str | None = None, owner_uid: int | None = None, *,
-                 timeout: float = 5.0, max_message: int = MAX_MESSAGE, max_clients: int = 64,
+                 timeout: float = 5.0, idle_timeout: float = 30.0,
+                 max_message: int = MAX_MESSAGE, max_clients: int = 64,
                  mode: int = 0o660):
         self.manager = manager
         self.path = path or default_path()
         self.owner_uid = os.getuid() if owner_uid is None else owner_uid
         self.timeout = timeout
+        self.idle_timeout = idle_timeout
         self.max_message = max_message
         self.max_clients = max_clients
         self.mode = mode
@@ -415,7 +420,7 @@ class ControlServer:
             except OSError:
                 sock.close()
                 continue
-            c = _Conn(sock, uid, time.monotonic() + self.timeout)
+            c = _Conn(sock, uid, time.monotonic() + self.idle_timeout)
             self._conns[sock.fileno()] = c
             sel.register(sock, selectors.EVENT_READ, c)
 
@@ -431,7 +436,6 @@ class ControlServer:
             self._drop(sel, c)
             return
         c.rbuf += data
-        c.deadline = time.monotonic() + self.timeout
         while not c.closing:
             try:
                 body, used = split_frame(c.rbuf, self.max_message)
@@ -463,6 +467,8 @@ class ControlServer:
         if not c.wbuf and c.closing:
             self._drop(sel, c)
             return
+        busy = c.rbuf or c.wbuf
+        c.deadline = time.monotonic() + (self.timeout if busy else self.idle_timeout)
         # stop reading while answers pile up (a client that sends but never reads)
         ev = 0 if c.closing or len(c.wbuf) > 4 * self.max_message else selectors.EVENT_READ
         if c.wbuf:
@@ -506,7 +512,9 @@ class Client:
 
     def connect(self) -> None:
         if self._sock is not None:
-            return
+            if not self._peer_closed():
+                return
+            self.close()  # the server dropped an idle connection: open a new one
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         s.settimeout(self.timeout)
         try:
@@ -517,6 +525,14 @@ class Client:
                                     e.strerror or os.strerror(e.errno or errno.EIO),
                                     self.path) from None
         self._sock = s
+
+    def _peer_closed(self) -> bool:
+        """True if the server has closed our (idle) connection; nothing is consumed."""
+        try:
+            r, _, _ = select.select([self._sock], [], [], 0)
+            return bool(r) and self._sock.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def close(self) -> None:
         if self._sock is not None:
