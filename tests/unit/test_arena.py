@@ -1,0 +1,208 @@
+"""The arena: ready-page pool between watermarks, the keeper bringing pages in
+and giving them back to the kernel (checked with mincore), locking."""
+
+import ctypes
+import errno
+import time
+
+import numpy as np
+import pytest
+
+from ublkzswap import arena as ar
+from ublkzswap.arena import Arena
+
+PAGE = 4096
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+
+
+def resident(a: Arena) -> np.ndarray:
+    """Per-page residency of the whole arena, from mincore(2)."""
+    vec = np.zeros(a.npages, dtype=np.uint8)
+    assert libc.mincore(a.base, a.size, vec.ctypes.data) == 0
+    return (vec & 1).astype(bool)
+
+
+def arena_vmas(a: Arena) -> list[dict]:
+    """The /proc/self/smaps entries overlapping the arena (fields in kB, plus VmFlags)."""
+    out, cur = [], None
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            cur = {} if lo < a.base + a.size and hi > a.base else None
+            if cur is not None:
+                out.append(cur)
+        elif cur is not None:
+            key = head[0].rstrip(":")
+            cur[key] = head[1:] if key == "VmFlags" else int(head[1])
+    return out
+
+
+def locked_kb(a: Arena) -> int:
+    """Resident and locked memory of the arena (smaps Locked:)."""
+    return sum(v["Locked"] for v in arena_vmas(a))
+
+
+def test_reservation_uses_no_memory_until_populated():
+    a = Arena(1024, low=8, high=32, prefill=False)
+    assert a.ready == 0 and a.resident == 0
+    assert not resident(a).any()
+    populated, released = a.step()
+    assert (populated, released) == (32, 0)
+    assert a.ready == 32 and a.resident == 32
+    res = resident(a)
+    assert res.sum() == 32
+    assert (a.state == ar.READY).sum() == 32
+    assert np.array_equal(np.flatnonzero(res), np.flatnonzero(a.state == ar.READY))
+    a.close()
+
+
+def test_take_give_and_watermarks():
+    a = Arena(256, low=4, high=16)
+    assert a.ready == 16
+    pages = [a.take(ar.XV) for _ in range(13)]
+    assert len(set(pages)) == 13 and all(a.state[p] == ar.XV for p in pages)
+    assert a.ready == 3
+    assert a.step() == (13, 0)  # below low: refill to high
+    assert a.ready == 16
+    assert a.step() == (0, 0)   # inside the band: nothing to do
+    for p in pages:
+        a.give(p)
+    assert a.ready == 29
+    populated, released = a.step()  # above high: back to the midpoint
+    assert populated == 0 and released == 29 - 10
+    assert a.ready == 10 and a.released == 19
+    assert resident(a).sum() == a.resident == 10
+    a.close()
+
+
+def test_released_pages_go_back_to_the_kernel_and_come_back_zeroed():
+    a = Arena(8, low=0, high=1)
+    p = a.take(ar.RAW)
+    assert a.step() == (1, 0)  # pool empty: refill
+    a.mem[p * PAGE:(p + 1) * PAGE] = 0xAB
+    a.give(p)
+    assert a.ready == 2
+    assert a.step() == (0, 2)  # over high: trim to the midpoint (0)
+    assert not resident(a)[p] and a.state[p] == ar.UNBACKED
+    a.step()
+    q = a.take(ar.XV)
+    assert q == p  # lowest unbacked page comes back first
+    assert not a.mem[p * PAGE:(p + 1) * PAGE].any()
+
+
+def test_empty_pool_take_returns_minus_one_unless_inline_refill():
+    a = Arena(4, low=0, high=2)
+    assert a.take(ar.XV) >= 0 and a.take(ar.XV) >= 0
+    assert a.take(ar.XV) == -1
+    b = Arena(4, low=0, high=2, inline_refill=True)
+    got = [b.take(ar.XV) for _ in range(4)]
+    assert sorted(got) == [0, 1, 2, 3]
+    assert b.take(ar.XV) == -1  # the reservation itself is exhausted
+
+
+def test_watermarks_clamped_and_validated():
+    a = Arena(3, low=10, high=20)
+    assert a.high == 3 and a.low == 3
+    with pytest.raises(ValueError):
+        Arena(10, low=5, high=2)
+    with pytest.raises(ValueError):
+        Arena(0)
+
+
+def test_keeper_thread_refills_and_trims():
+    a = Arena(512, low=8, high=32)
+    a.start(interval=0.01)
+    try:
+        taken = [a.take(ar.XV) for _ in range(30)]
+        deadline = time.time() + 5
+        while a.ready < 8 and time.time() < deadline:
+            time.sleep(0.01)
+        assert a.ready >= 8
+        for p in taken:
+            a.give(p)
+        deadline = time.time() + 5
+        while a.ready > 32 and time.time() < deadline:
+            time.sleep(0.01)
+        assert a.ready <= 32
+        assert a.released > 0
+        assert resident(a).sum() == a.resident
+    finally:
+        a.stop()
+    assert not a.running
+    a.stop()  # idempotent
+
+
+def test_keeper_thread_init_hook_runs_in_thread():
+    seen = []
+    a = Arena(16, low=1, high=4)
+    a.start(interval=0.01, thread_init=lambda: seen.append(True))
+    time.sleep(0.05)
+    a.stop()
+    assert seen == [True]
+
+
+def test_locked_arena_releases_by_munlock_and_relock():
+    try:
+        a = Arena(256, low=4, high=16, lock=True, prefill=False)
+    except OSError as e:
+        pytest.skip(f"mlock2 refused here: {e}")
+    assert locked_kb(a) == 0
+    assert all("lf" in v["VmFlags"] for v in arena_vmas(a))  # VM_LOCKONFAULT
+    a.step()
+    assert locked_kb(a) == 16 * 4  # populated pages are locked on fault
+    pages = [a.take(ar.XV) for _ in range(14)]
+    assert a.step() == (14, 0)
+    for p in pages:
+        a.give(p)
+    locked = locked_kb(a)
+    a.step()  # release: munlock, DONTNEED, mlock2(ONFAULT)
+    assert a.released > 0
+    assert locked_kb(a) == locked - a.released * 4
+    assert resident(a).sum() == a.resident
+    # the relocked range merged back: one VMA, still lock-on-fault
+    vmas = arena_vmas(a)
+    assert len(vmas) == 1 and "lf" in vmas[0]["VmFlags"]
+    # new pages are locked again when populated
+    before = locked_kb(a)
+    for _ in range(a.ready):
+        a.take(ar.XV)
+    a.step()
+    assert locked_kb(a) > before
+    a.close()
+
+
+def test_notices_mlockall_style_lock_on_dontneed():
+    """A range locked behind the arena's back (as mlockall(MCL_FUTURE|MCL_ONFAULT)
+    does) refuses DONTNEED; the arena switches to munlock+DONTNEED+relock."""
+    a = Arena(64, low=2, high=4)
+    if ar._mlock2 is None or ar._mlock2(a.base, a.size, ar.MLOCK_ONFAULT) != 0:
+        pytest.skip("mlock2 refused here")
+    assert not a.locked
+    pages = [a.take(ar.XV) for _ in range(4)]
+    a.step()
+    for p in pages:
+        a.give(p)
+    a.step()
+    assert a.locked and a.released > 0
+    assert resident(a).sum() == a.resident
+
+
+def test_populate_failure_is_recorded_not_raised(monkeypatch):
+    a = Arena(16, low=2, high=4, prefill=False)
+
+    def fail(page, count):
+        raise OSError(errno.ENOMEM, "no memory")
+
+    monkeypatch.setattr(a, "_populate", fail)
+    assert a.step() == (0, 0)
+    assert a.keeper_errors >= 1 and a.last_keeper_error.errno == errno.ENOMEM
+    assert a.ready == 0 and a.resident == 0 and (a.state == ar.UNBACKED).all()
+
+
+def test_words_view_is_the_same_memory():
+    a = Arena(2, low=0, high=2)
+    a.words[1] = 0x04030201
+    assert bytes(a.mem[4:8]) == b"\x01\x02\x03\x04"
+    assert a.view[5] == 2
