@@ -273,3 +273,14 @@ def test_qemu_argv(tmp_path):
         assert needle in joined, needle
     assert "kvm" not in joined
     assert "-drive" not in run.qemu_argv(img, opts, tmp_path, tmp_path / "m", None)
+
+
+def test_writable_overlay_is_opt_in():
+    img = image.Image(Path("/k"), Path("/i"), "6.12.0", "pkg")
+    plain = run.qemu_argv(img, run.RunOptions(argv=["true"]), Path("/r"), Path("/m"), None)
+    assert f"{guest.WRITABLE_ENV}=1" not in " ".join(plain)
+    assert run.kernel_cmdline(run.RunOptions(argv=["true"], writable=True)).endswith(f" {guest.WRITABLE_ENV}=1")
+    text = guest.init_script(list(guest.BOOT_MODULES))
+    assert f'"${{{guest.WRITABLE_ENV}}}" = 1' in text and "mount -t overlay" in text and "load overlay" in text
+    assert "overlay" in guest.EXTRA_MODULES
+    assert cli.parse(["run", "--writable", "--", "true"]).writable

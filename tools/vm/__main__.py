@@ -27,6 +27,8 @@ def parser() -> argparse.ArgumentParser:
                        help="attach a fresh sparse raw image as /dev/vda")
         r.add_argument("--results", metavar="DIR",
                        help="host dir shared writable as $UBLKZSWAP_VM_RESULTS (kept; default: a temp dir)")
+        r.add_argument("--writable", action="store_true",
+                       help="overlay a guest tmpfs on the shared root so the job can write anywhere (discarded)")
         r.add_argument("-v", "--verbose", action="store_true", help="show the boot console too")
         if name == "run":
             r.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="command to run")
@@ -68,7 +70,8 @@ def selftest(ns: argparse.Namespace) -> int:
     t1 = time.monotonic()
     env = dict(os.environ, PY=py)
     opts = runmod.RunOptions(argv=["sh", "-c", SELFTEST_SCRIPT], timeout=ns.timeout, mem_mib=ns.mem,
-                             smp=ns.smp, disk_mib=ns.disk, env=env, results=ns.results, verbose=ns.verbose)
+                             smp=ns.smp, disk_mib=ns.disk, env=env, results=ns.results, verbose=ns.verbose,
+                             writable=ns.writable)
     rc = runmod.run(img, opts)
     t2 = time.monotonic()
     print(f"tools.vm selftest: {'OK' if rc == 0 else f'FAILED (exit {rc})'}; image {t1 - t0:.1f}s, "
@@ -87,7 +90,8 @@ def main(args: list[str] | None = None) -> int:
             return selftest(ns)
         img = image.ensure()
         opts = runmod.RunOptions(argv=ns.argv, timeout=ns.timeout, mem_mib=ns.mem, smp=ns.smp,
-                                 disk_mib=ns.disk, results=ns.results, verbose=ns.verbose)
+                                 disk_mib=ns.disk, results=ns.results, verbose=ns.verbose,
+                                 writable=ns.writable)
         if ns.verbose:
             print(f"tools.vm: running {shlex.join(ns.argv)} in the guest", file=sys.stderr, flush=True)
         return runmod.run(img, opts)

@@ -44,7 +44,11 @@ BOOT_MODULES: tuple[tuple[str, str], ...] = (
     ("loop", ""),
 )
 #: Modules shipped in the image but not loaded (a test loads them: busybox insmod $UBLKZSWAP_VM_MODULES/x.ko).
-EXTRA_MODULES: tuple[str, ...] = ("null_blk",)
+EXTRA_MODULES: tuple[str, ...] = ("null_blk", "overlay")
+
+#: Kernel command line word (``name=1``) the kernel hands to /init as an environment variable:
+#: overlay a guest-local tmpfs on the shared root so the job may write anywhere (run --writable).
+WRITABLE_ENV = "ublkzswap_vm_writable"
 
 #: Seconds before the kernel reports a blocked task (the guest is 10-50x slower than the host).
 HUNG_TASK_SECS = 60
@@ -76,7 +80,18 @@ load() {{ m=$1; shift; insmod /lib/modules/$m.ko "$@" || say "insmod $m failed";
 echo 1 >/proc/sys/kernel/sysrq
 echo {HUNG_TASK_SECS} >/proc/sys/kernel/hung_task_timeout_secs
 R=/mnt
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 {HOST_TAG} $R || die "mount host root failed"
+ROOTOPTS=trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000
+if [ "${{{WRITABLE_ENV}}}" = 1 ]; then
+    # writable root: tmpfs upper over the read-only 9p root, discarded at power-off
+    load overlay
+    mkdir -p /lower /ovl
+    mount -t 9p -o $ROOTOPTS {HOST_TAG} /lower || die "mount host root failed"
+    mount -t tmpfs -o mode=755 tmpfs /ovl
+    mkdir -p /ovl/upper /ovl/work
+    mount -t overlay -o lowerdir=/lower,upperdir=/ovl/upper,workdir=/ovl/work overlay $R || die "overlay mount failed"
+else
+    mount -t 9p -o $ROOTOPTS {HOST_TAG} $R || die "mount host root failed"
+fi
 mount -t proc proc $R/proc
 mount -t sysfs sysfs $R/sys
 mount -t devtmpfs devtmpfs $R/dev

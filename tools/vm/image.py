@@ -26,7 +26,9 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,7 @@ T_APT_UPDATE = 300
 T_DOWNLOAD = 900
 T_EXTRACT = 300
 T_XZ = 60
+T_LOCK = 1800
 
 
 class BuildError(RuntimeError):
@@ -56,6 +59,10 @@ class Image:
     initrd: Path
     kernel_version: str
     package: str
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def cache_dir() -> Path:
@@ -139,7 +146,7 @@ def find_package() -> str:
         if name:
             return name
         if attempt == 0:
-            print("tools.vm: no 6.12 kernel package known to apt; running apt-get update", flush=True)
+            _log("tools.vm: no 6.12 kernel package known to apt; running apt-get update")
             _run(["apt-get", "update", "-q"], T_APT_UPDATE, capture_output=True)
     raise BuildError("apt knows no linux-image-6.12.*-amd64-unsigned (Debian 12 needs bookworm-security in sources)")
 
@@ -244,8 +251,9 @@ def _read_module(path: Path) -> bytes:
     raise BuildError(f"unsupported module compression: {path}")
 
 
-def build(cache: Path, log=print) -> Image:
+def build(cache: Path, log=None) -> Image:
     """Build the image into ``cache`` (replacing whatever is there) and return it."""
+    log = log or _log
     cache.mkdir(parents=True, exist_ok=True)
     bb = Path(BUSYBOX).read_bytes() if Path(BUSYBOX).exists() else b""
     if not is_static_elf(bb):
@@ -308,7 +316,7 @@ def build(cache: Path, log=print) -> Image:
     return img
 
 
-def ensure(cache: Path | None = None, log=print, force: bool = False) -> Image:
+def ensure(cache: Path | None = None, log=None, force: bool = False) -> Image:
     """The cached image, built first if missing, stale or corrupt (serialised by a lock file)."""
     cache = cache or cache_dir()
     img = None if force else check_cache(cache)
@@ -316,6 +324,14 @@ def ensure(cache: Path | None = None, log=print, force: bool = False) -> Image:
         return img
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another builder finishes first; then we re-check
+        deadline = time.monotonic() + T_LOCK
+        while True:  # another builder finishes first (its steps are bounded); then we re-check
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise BuildError(f"{cache}/.lock held by another build for over {T_LOCK}s") from None
+                time.sleep(1)
         img = None if force else check_cache(cache)
         return img or build(cache, log)

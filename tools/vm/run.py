@@ -42,6 +42,7 @@ class RunOptions:
     cwd: str = field(default_factory=os.getcwd)
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     results: str | None = None  # host dir to keep as the results share (default: temporary)
+    writable: bool = False  # tmpfs overlay on the shared root (writes vanish at power-off)
     verbose: bool = False
 
 
@@ -49,12 +50,16 @@ def python_bindir() -> str:
     return os.path.dirname(os.path.realpath(sys.executable))
 
 
+def kernel_cmdline(opts: RunOptions) -> str:
+    return guest.KERNEL_CMDLINE + (f" {guest.WRITABLE_ENV}=1" if opts.writable else "")
+
+
 def qemu_argv(img: Image, opts: RunOptions, rundir: Path, monitor: Path, disk: Path | None) -> list[str]:
     argv = [
         "qemu-system-x86_64", "-accel", "tcg,thread=multi", "-cpu", "max",
         "-m", str(opts.mem_mib), "-smp", str(opts.smp),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-kernel", str(img.kernel), "-initrd", str(img.initrd), "-append", guest.KERNEL_CMDLINE,
+        "-kernel", str(img.kernel), "-initrd", str(img.initrd), "-append", kernel_cmdline(opts),
         "-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con",
         "-monitor", f"unix:{monitor},server=on,wait=off",
         "-virtfs", f"local,path=/,mount_tag={guest.HOST_TAG},security_model=none,readonly=on,multidevs=remap",
@@ -197,6 +202,8 @@ def run(img: Image, opts: RunOptions, out=sys.stdout) -> int:
         return EXIT_TIMEOUT
     rc = int(rc_text) if rc_text and rc_text.lstrip("-").isdigit() else console.marker_rc
     if rc is None:
+        if any("Kernel panic" in line for line in console.tail):
+            timing = "kernel panic, " + timing
         _report_tail(console, f"guest ended without a status, qemu exit {proc.returncode} ({timing})")
         return EXIT_NO_STATUS
     if opts.verbose or rc:
