@@ -81,6 +81,14 @@ MAX_U64 = (1 << 64) - 1
 log = logging.getLogger("ublkzswap.control")
 
 
+MAX_SUN_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1
+
+
+def _check_path(path: str) -> None:
+    if len(os.fsencode(path)) > MAX_SUN_PATH:
+        raise OSError(errno.ENAMETOOLONG, f"socket path longer than {MAX_SUN_PATH} bytes")
+
+
 def default_path() -> str:
     """``$UBLKZSWAP_SOCKET`` if set and non-empty, else /run/ublkzswap/control.sock."""
     return os.environ.get(ENV_SOCKET) or DEFAULT_PATH
@@ -224,6 +232,7 @@ class ControlServer:
     # -- lifecycle
     def bind(self) -> None:
         """Create the socket file (replacing a stale one) and listen. Raises OSError."""
+        _check_path(self.path)
         parent = os.path.dirname(self.path) or "."
         os.makedirs(parent, mode=0o755, exist_ok=True)
         self._remove_stale()
@@ -518,6 +527,7 @@ class Client:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         s.settimeout(self.timeout)
         try:
+            _check_path(self.path)
             s.connect(self.path)
         except OSError as e:
             s.close()

@@ -278,3 +278,26 @@ def test_every_parser_option_documented_in_help():
     for a in cli.build_parser()._actions:
         for s in a.option_strings:
             assert s in text
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_words = st.sampled_from(["-b", "-m", "-d", "-i", "-r", "-s", "-v", "-h", "-l", "-j", "--json",
+                          "--list", "--bytes", "--init", "--stats", "--disksize_kb=5", "--mem",
+                          "/dev/ublkb0", "/dev/ublkb12", "/dev/sda", "12", "99999999999", "x",
+                          "--", "-", "--socket", "=", ""])
+
+
+@settings(max_examples=300, deadline=None)
+@given(argv=st.lists(st.one_of(_words, st.text(max_size=12)), max_size=6))
+def test_fuzz_argv_never_crashes(argv):
+    old = os.environ.get("UBLKZSWAP_SOCKET")
+    os.environ["UBLKZSWAP_SOCKET"] = "/nonexistent-ublkzswap/control.sock"
+    try:
+        rc = cli.main(argv)
+    finally:
+        if old is None:
+            os.environ.pop("UBLKZSWAP_SOCKET", None)
+        else:
+            os.environ["UBLKZSWAP_SOCKET"] = old
+    assert rc in (0, 1, 2)

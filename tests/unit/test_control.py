@@ -426,3 +426,13 @@ def test_idle_timeout_longer_than_request_timeout(sockdir):
         assert len(srv._conns) == 1  # idle between requests is fine
         assert c.call("devices") == [0, 1]
         c.close()
+
+
+def test_socket_path_too_long(sockdir):
+    path = os.path.join(sockdir, "x" * 120)
+    with pytest.raises(OSError) as e:
+        ControlServer(FakeManager(), path).start()
+    assert e.value.errno == errno.ENAMETOOLONG
+    with pytest.raises(DaemonUnreachable) as e:
+        Client(path).call("devices")
+    assert e.value.errno == errno.ENAMETOOLONG
