@@ -284,3 +284,48 @@ def test_writable_overlay_is_opt_in():
     assert f'"${{{guest.WRITABLE_ENV}}}" = 1' in text and "mount -t overlay" in text and "load overlay" in text
     assert "overlay" in guest.EXTRA_MODULES
     assert cli.parse(["run", "--writable", "--", "true"]).writable
+
+
+# --- console stream ---------------------------------------------------------------------------
+
+def _feed(chunks, verbose=False):
+    import io
+    out = io.StringIO()
+    con = run.Console(out, verbose)
+    for c in chunks:
+        con.feed(c)
+    con.feed(b"", final=True)
+    return con, out.getvalue()
+
+
+def test_console_shows_only_the_job_and_reads_the_marker():
+    stream = (b"[ 1.0] boot noise\r\n" + guest.MARK_START.encode() + b"\r\nhello\r\nworld\r\n"
+              + guest.MARK_EXIT.encode() + b"3\r\n[ 9.0] reboot: Power down\r\n")
+    for size in (1, 3, 7, len(stream)):  # any chunking gives the same result
+        con, shown = _feed([stream[i:i + size] for i in range(0, len(stream), size)])
+        assert shown == "hello\nworld\n", size
+        assert con.marker_rc == 3 and con.ended and con.started_at is not None
+        assert list(con.tail)[0] == "[ 1.0] boot noise" and "".join(con.log).count("\n") == 6
+
+
+def test_console_echoes_partial_lines_live():
+    import io
+    out = io.StringIO()
+    con = run.Console(out)
+    con.feed(guest.MARK_START.encode() + b"\r\n...")
+    assert out.getvalue() == "..."
+    con.feed(b"F.\r")
+    assert out.getvalue() == "...F."
+    con.feed(b"\n" + "é".encode()[:1])  # a UTF-8 sequence split across reads
+    con.feed("é".encode()[1:] + b"\r\n")
+    assert out.getvalue() == "...F.\né\n"
+
+
+def test_console_verbose_shows_boot_and_utf8_replacement():
+    con, shown = _feed([b"boot\xff\r\n", guest.MARK_START.encode() + b"\r\nx\r\n"], verbose=True)
+    assert shown == "boot\ufffd\nx\n"
+
+
+def test_console_tail_is_bounded():
+    con, _ = _feed([b"".join(b"%d\r\n" % i for i in range(run.TAIL_LINES + 50))])
+    assert len(con.tail) == run.TAIL_LINES and con.tail[-1] == str(run.TAIL_LINES + 49)

@@ -12,6 +12,7 @@ sysrq blocked-task dump); 125 if the guest ended without reporting a status (pan
 
 from __future__ import annotations
 
+import codecs
 import collections
 import os
 import shutil
@@ -70,52 +71,89 @@ def qemu_argv(img: Image, opts: RunOptions, rundir: Path, monitor: Path, disk: P
     return argv
 
 
-class Console:
-    """Reads the serial console in a thread: keeps a tail, echoes the job's part live."""
+def _maybe_marker(partial: str) -> bool:
+    return (guest.MARK_START.startswith(partial) or guest.MARK_EXIT.startswith(partial)
+            or partial.startswith(guest.MARK_EXIT))
 
-    def __init__(self, stream, out, verbose: bool) -> None:
-        self.stream, self.out, self.verbose = stream, out, verbose
+
+class Console:
+    """The serial console: keeps a tail and a full log, echoes the job's part live.
+
+    Lines are split on \\n with the serial line's \\r before it dropped. A partial line of the
+    job (pytest's progress dots, fio's \\r status) is echoed as soon as it arrives unless it could
+    still become one of init's marker lines. :meth:`feed` is the whole logic; :meth:`start`
+    feeds it from a pipe in a thread.
+    """
+
+    def __init__(self, out, verbose: bool = False) -> None:
+        self.out, self.verbose = out, verbose
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.log: list[str] = []
         self.started_at: float | None = None
         self.marker_rc: int | None = None
         self.ended = False
-        self.log: list[str] = []
-        self.thread = threading.Thread(target=self._pump, daemon=True)
-        self.thread.start()
+        self._pending = ""  # current partial line
+        self._shown = 0  # how much of it has been echoed
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.thread: threading.Thread | None = None
+
+    def _live(self) -> bool:
+        return (self.started_at is not None and not self.ended) or self.verbose
+
+    def _echo(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.out.flush()
 
     def _line(self, line: str) -> None:
         self.tail.append(line)
-        self.log.append(line)
-        stripped = line.rstrip("\r\n").replace("\r", "")
-        if stripped == guest.MARK_START:
+        self.log.append(line + "\n")
+        if self._shown == 0 and line == guest.MARK_START:
             self.started_at = time.monotonic()
-            return
-        if stripped.startswith(guest.MARK_EXIT):
+        elif self._shown == 0 and line.startswith(guest.MARK_EXIT):
             try:
-                self.marker_rc = int(stripped[len(guest.MARK_EXIT):])
+                self.marker_rc = int(line[len(guest.MARK_EXIT):])
             except ValueError:
                 pass
             self.ended = True
-            return
-        if (self.started_at is not None and not self.ended) or self.verbose:
-            self.out.write(stripped + "\n")
-            self.out.flush()
+        elif self._live():
+            self._echo(line[self._shown:] + "\n")
+        self._shown = 0
 
-    def _pump(self) -> None:
-        buf = b""
-        while True:
-            chunk = os.read(self.stream.fileno(), 65536)
-            if not chunk:
-                break
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for raw in lines:
-                self._line(raw.decode("utf-8", "replace") + "\n")
-        if buf:
-            self._line(buf.decode("utf-8", "replace"))
+    def feed(self, data: bytes, final: bool = False) -> None:
+        text = self._decoder.decode(data, final)
+        *lines, rest = (self._pending + text).split("\n")
+        for line in lines:
+            self._line(line[:-1] if line.endswith("\r") else line)
+        self._pending = rest
+        if final:
+            if rest:
+                self._line(rest)
+            self._pending = ""
+            return
+        # echo a partial line now, unless it may still turn into a marker (or the \r of a \r\n)
+        show = rest[:-1] if rest.endswith("\r") else rest
+        if (self._live() and len(show) > self._shown
+                and not (self._shown == 0 and _maybe_marker(show))):
+            self._echo(show[self._shown:])
+            self._shown = len(show)
+
+    def start(self, stream) -> "Console":
+        def pump() -> None:
+            while True:
+                chunk = os.read(stream.fileno(), 65536)
+                if not chunk:
+                    break
+                self.feed(chunk)
+            self.feed(b"", final=True)
+
+        self.thread = threading.Thread(target=pump, daemon=True)
+        self.thread.start()
+        return self
 
     def join(self, timeout: float) -> None:
-        self.thread.join(timeout)
+        if self.thread:
+            self.thread.join(timeout)
 
 
 def monitor_command(sock_path: Path, commands: list[str], pause: float = 0.5) -> None:
@@ -166,7 +204,7 @@ def run(img: Image, opts: RunOptions, out=sys.stdout) -> int:
     t0 = time.monotonic()
     proc = subprocess.Popen(qemu_argv(img, opts, rundir, monitor, disk),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    console = Console(proc.stdout, out, opts.verbose)
+    console = Console(out, opts.verbose).start(proc.stdout)
     timed_out = False
     try:
         try:
@@ -213,5 +251,5 @@ def run(img: Image, opts: RunOptions, out=sys.stdout) -> int:
 
 def _report_tail(console: Console, why: str) -> None:
     print(f"\ntools.vm: {why}; last {len(console.tail)} console lines:", file=sys.stderr)
-    print("".join(l.replace("\r", "") for l in console.tail).rstrip("\n"), file=sys.stderr)
+    print("\n".join(console.tail), file=sys.stderr)
     print(f"tools.vm: {why}", file=sys.stderr, flush=True)
