@@ -95,6 +95,9 @@ def main(args: list[str] | None = None) -> int:
         if ns.verbose:
             print(f"tools.vm: running {shlex.join(ns.argv)} in the guest", file=sys.stderr, flush=True)
         return runmod.run(img, opts)
+    except KeyboardInterrupt:
+        print("tools.vm: interrupted; guest killed", file=sys.stderr)
+        return 130
     except image.BuildError as e:
         print(f"tools.vm: image build failed: {e}", file=sys.stderr)
         return runmod.EXIT_NO_STATUS

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import codecs
 import collections
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -156,6 +158,16 @@ class Console:
             self.thread.join(timeout)
 
 
+def _die_with_parent() -> None:
+    """In the qemu child: SIGKILL it if we die (even by SIGKILL), so a guest never outlives us."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def monitor_command(sock_path: Path, commands: list[str], pause: float = 0.5) -> None:
     """Send human-monitor commands over the unix socket (best effort)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -202,8 +214,9 @@ def run(img: Image, opts: RunOptions, out=sys.stdout) -> int:
     (rundir / "job.sh").write_text(guest.job_script(env, opts.cwd, opts.argv))
 
     t0 = time.monotonic()
-    proc = subprocess.Popen(qemu_argv(img, opts, rundir, monitor, disk),
+    proc = subprocess.Popen(qemu_argv(img, opts, rundir, monitor, disk), preexec_fn=_die_with_parent,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if threading.current_thread() is threading.main_thread() else None
     console = Console(out, opts.verbose).start(proc.stdout)
     timed_out = False
     try:
@@ -215,6 +228,8 @@ def run(img: Image, opts: RunOptions, out=sys.stdout) -> int:
                   file=sys.stderr, flush=True)
             blocked_task_dump(monitor)
     finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
