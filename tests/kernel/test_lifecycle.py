@@ -1,0 +1,103 @@
+"""compcache's "Using" sequence on real devices, with our tools: load with num_devices, init
+with rzscontrol, swapon (no mkswap), stats while active, reset refused while active, swapoff,
+reset, re-init with another size, unload."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from .daemonctl import PY, leftovers, running, wait_gone
+
+MiB = 1 << 20
+
+
+def rzs(sock, *args, check_rc=None):
+    p = subprocess.run([PY, "-m", "ublkzswap.cli", *args, "--socket", str(sock)],
+                       capture_output=True, text=True, timeout=300)
+    if check_rc is not None:
+        assert p.returncode == check_rc, (args, p.returncode, p.stdout, p.stderr)
+    return p
+
+
+def swaps() -> str:
+    return open("/proc/swaps").read()
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind():
+    assert leftovers() == []
+    yield
+    for dev in ("/dev/ublkb0", "/dev/ublkb1"):
+        if dev in swaps():
+            subprocess.run(["swapoff", dev], timeout=300)
+    assert wait_gone() == []
+
+
+def test_compcache_using_sequence(tmp_path):
+    sock = tmp_path / "ctl.sock"
+    with running("num_devices=2", f"socket={sock}"):
+        assert os.path.exists("/dev/ublkc0") and os.path.exists("/dev/ublkc1")
+        assert not os.path.exists("/dev/ublkb0") and not os.path.exists("/dev/ublkb1")
+        assert oct(os.stat(sock).st_mode & 0o777) == "0o660"
+
+        # uninitialised: stats -> ENOTTY, reset -> success
+        p = rzs(sock, "/dev/ublkb1", "--stats", check_rc=1)
+        assert p.stderr.strip() == "stats: Inappropriate ioctl for device"
+        rzs(sock, "/dev/ublkb1", "--reset", check_rc=0)
+
+        # init (options in any order are applied disksize -> init)
+        rzs(sock, "/dev/ublkb1", "--init", "--disksize_kb=32768", check_rc=0)
+        assert int(open("/sys/block/ublkb1/size").read()) * 512 == 32 * MiB
+        p = rzs(sock, "/dev/ublkb1", "--init", check_rc=1)
+        assert p.stderr.strip() == "init: Device or resource busy"
+        p = rzs(sock, "/dev/ublkb1", "--disksize_kb=1024", check_rc=1)
+        assert p.stderr.strip() == "disksize_kb: Device or resource busy"
+
+        # swapon without mkswap: the header was written by --init
+        subprocess.run(["swapon", "/dev/ublkb1"], check=True, timeout=300)
+        assert "/dev/ublkb1" in swaps()
+        p = rzs(sock, "/dev/ublkb1", "--stats", check_rc=0)
+        lines = p.stdout.splitlines()
+        assert lines[0] == "DiskSize:\t   32768 kB"
+        assert [ln.split(":")[0] for ln in lines] == [
+            "DiskSize", "NumReads", "NumWrites", "FailedReads", "FailedWrites", "InvalidIO",
+            "NotifyFree", "ZeroPages", "GoodCompress", "NoCompress", "PagesStored", "PagesUsed",
+            "OrigDataSize", "ComprDataSize", "MemUsedTotal"]
+        listing = rzs(sock, "--list", check_rc=0).stdout
+        assert "/dev/ublkb1" in listing and "active" in listing
+
+        # reset while swapped on: EBUSY, nothing lost
+        p = rzs(sock, "/dev/ublkb1", "--reset", check_rc=1)
+        assert p.stderr.strip() == "reset: Device or resource busy"
+        assert "/dev/ublkb1" in swaps()
+
+        subprocess.run(["swapoff", "/dev/ublkb1"], check=True, timeout=300)
+        rzs(sock, "/dev/ublkb1", "--reset", check_rc=0)
+        assert not os.path.exists("/dev/ublkb1") and os.path.exists("/dev/ublkc1")
+        p = rzs(sock, "/dev/ublkb1", "--stats", check_rc=1)
+        assert p.stderr.strip() == "stats: Inappropriate ioctl for device"
+
+        # re-init with another size works after reset
+        rzs(sock, "/dev/ublkb1", "--disksize_kb=16384", "--init", check_rc=0)
+        assert int(open("/sys/block/ublkb1/size").read()) * 512 == 16 * MiB
+        subprocess.run(["swapon", "/dev/ublkb1"], check=True, timeout=300)
+        subprocess.run(["swapoff", "/dev/ublkb1"], check=True, timeout=300)
+
+        # device 0 was never touched and is still just reserved
+        assert not os.path.exists("/dev/ublkb0")
+        p = rzs(sock, "/dev/ublkb7", "--stats", check_rc=1)
+        assert "No such device" in p.stderr
+    assert wait_gone() == []
+
+
+def test_memlimit_changes_at_runtime(tmp_path):
+    sock = tmp_path / "ctl.sock"
+    with running("num_devices=1", f"socket={sock}"):
+        rzs(sock, "/dev/ublkb0", "--disksize_kb=16384", "--init", check_rc=0)
+        rzs(sock, "/dev/ublkb0", "--memlimit_kb=8192", check_rc=0)
+        import json
+        st = json.loads(rzs(sock, "/dev/ublkb0", "--json", check_rc=0).stdout)
+        assert st["mem_limit"] == 8192 * 1024
+        rzs(sock, "/dev/ublkb0", "--reset", check_rc=0)
