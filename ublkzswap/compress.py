@@ -38,9 +38,28 @@ class CompressionError(Exception):
 
 @dataclass(frozen=True)
 class Compressor:
+    """``compress(src) -> bytes``; ``decompress(src, size) -> bytes`` (exactly
+    ``size`` bytes or CompressionError).
+
+    ``compress_call`` / ``decompress_call`` are the same operations as
+    ``(function, extra positional args)`` for the store's hot path, so that
+    python-lzo is called with no Python frame in between
+    (``fn(src, *args)``; a decompress call receives no size and may raise
+    anything on a corrupt stream or return the wrong length: the store checks
+    the length when it copies the page out). They default to the wrappers.
+    """
+
     name: str
     compress: Callable[[object], bytes]
     decompress: Callable[[object, int], bytes]
+    compress_call: tuple | None = None
+    decompress_call: tuple | None = None
+
+    def __post_init__(self):
+        if self.compress_call is None:
+            object.__setattr__(self, "compress_call", (self.compress, ()))
+        if self.decompress_call is None:
+            object.__setattr__(self, "decompress_call", (self.decompress, (PAGE_SIZE,)))
 
 
 def _make_lzo() -> Compressor:
@@ -60,7 +79,7 @@ def _make_lzo() -> Compressor:
             raise CompressionError(f"lzo: stream decompressed to {len(out)} bytes, expected {size}")
         return out
 
-    return Compressor("lzo", compress, decompress)
+    return Compressor("lzo", compress, decompress, (c, (1, False)), (d, (False, PAGE_SIZE)))
 
 
 def _make_lz4() -> Compressor:

@@ -61,7 +61,7 @@ Counters (``stats()`` keys, the names agreed in notes/HELPERS.md):
 
 Backing swap interface (the backing device itself is another module): any
 object with ``read_page(index, out: memoryview)``, ``write_page(index, page:
-memoryview)`` and ``name`` (a string, shown as ``backing_swap``); slot *i*
+bytes)`` and ``name`` (a string, shown as ``backing_swap``); slot *i*
 maps to backing page *i* (compcache's 1:1 mapping).
 
 Threading: one lock per store serialises requests (compcache's per-device
@@ -75,6 +75,7 @@ write_zeroes; one lock, so one core per store.
 from __future__ import annotations
 
 import errno
+import functools
 import threading
 
 import numpy as np
@@ -155,7 +156,7 @@ class Store:
         else:
             self._own_arena = False
         self.arena = arena
-        self.xv = XvPool(arena.words, self._xv_get_page, arena.give)
+        self.xv = XvPool(arena.words, functools.partial(arena.take, _arena.XV), arena.give)
         self._xv_total = self.xv._total
         # slot table, touched now so that the I/O path never faults on it
         n = self.npages
@@ -182,9 +183,6 @@ class Store:
         self.bd_reads = self.bd_writes = 0
         if keeper and self._own_arena:
             arena.start()
-
-    def _xv_get_page(self) -> int:
-        return self.arena.take(_arena.XV)
 
     # ---- configuration
 
@@ -274,19 +272,25 @@ class Store:
         Raises OSError: EINVAL (bad request; nothing changes), ENOSPC (no ready
         arena page: retry later), ENOMEM (memory limit), EIO (compressor or
         backing failure). Pages before a failing one are stored."""
-        mv = self._bytes_view(buf, False, "write")
-        first, n = self._range(offset, len(mv), "write")
+        if type(buf) is not memoryview or buf.format != "B" or buf.ndim != 1:
+            buf = self._bytes_view(buf, False, "write")
+        n = len(buf)
+        if type(offset) is not int or offset < 0 or (offset | n) & 4095 or not n or offset + n > self.size:
+            offset = self._range(offset, n, "write")[0] << PAGE_SHIFT
         with self._lock:
-            self._write_pages(first, n, mv)
+            self._write_pages(offset >> PAGE_SHIFT, n >> PAGE_SHIFT, buf)
 
     def read(self, offset: int, buf) -> None:
         """Fill ``buf`` (whole pages) with the bytes at ``offset``.
         Raises OSError: EINVAL (bad request), EIO (corrupt stream or backing
         failure)."""
-        mv = self._bytes_view(buf, True, "read")
-        first, n = self._range(offset, len(mv), "read")
+        if type(buf) is not memoryview or buf.readonly or buf.format != "B" or buf.ndim != 1:
+            buf = self._bytes_view(buf, True, "read")
+        n = len(buf)
+        if type(offset) is not int or offset < 0 or (offset | n) & 4095 or not n or offset + n > self.size:
+            offset = self._range(offset, n, "read")[0] << PAGE_SHIFT
         with self._lock:
-            self._read_pages(first, n, mv)
+            self._read_pages(offset >> PAGE_SHIFT, n >> PAGE_SHIFT, buf)
 
     def discard(self, offset: int, length: int) -> None:
         """Free the pages of the range (reads return zeros, or the backing
@@ -360,21 +364,23 @@ class Store:
     # ---- the page operations
 
     def _write_pages(self, first: int, n: int, mv: memoryview) -> None:
-        arr = np.frombuffer(mv, dtype=np.uint8)
-        q = mv.cast("Q")
         hv, lv, kv = self._hv, self._lv, self._kv
-        compress = self.comp.compress
+        cfn, cargs = self.comp.compress_call
         backing = self.backing
         max_zpage = self.max_zpage_size
         xv = self.xv
         av = self._av
         for k in range(n):
             idx = first + k
-            o = k << PAGE_SHIFT
             self.num_writes += 1
-            qo = k << 9
-            v = q[qo]
-            if v == q[qo + 511] and bytes(mv[o + 8:o + PAGE_SIZE]) == bytes(mv[o:o + PAGE_SIZE - 8]):
+            if n == 1:
+                page = bytes(mv)
+            else:
+                o = k << PAGE_SHIFT
+                page = bytes(mv[o:o + PAGE_SIZE])
+            w0 = page[:8]
+            if w0 == page[4088:] and page == w0 * 512:
+                v = int.from_bytes(w0, "little")
                 if kv[idx]:
                     self._free_slot(idx)
                 hv[idx] = v
@@ -388,17 +394,17 @@ class Store:
                     self.zero_pages += 1
                 continue
             if backing is not None and self.memlimit and self.compr_data_size > self.memlimit - PAGE_SIZE:
-                self._forward_write(idx, mv[o:o + PAGE_SIZE])
+                self._forward_write(idx, page)
                 continue
             try:
-                c = compress(arr[o:o + PAGE_SIZE])
+                c = cfn(page, *cargs)
             except Exception as e:
                 self.failed_writes += 1
                 raise _err(errno.EIO, f"write: page {idx}: compression failed: {e}") from None
             clen = len(c)
             if clen > max_zpage:
                 if backing is not None:
-                    self._forward_write(idx, mv[o:o + PAGE_SIZE])
+                    self._forward_write(idx, page)
                     continue
                 # huge page: a whole arena page, stored raw
                 p = self.arena.take(_arena.RAW)
@@ -413,7 +419,7 @@ class Store:
                 if used > self.mem_used_max:
                     self.mem_used_max = used
                 b = p << PAGE_SHIFT
-                av[b:b + PAGE_SIZE] = mv[o:o + PAGE_SIZE]
+                av[b:b + PAGE_SIZE] = page
                 if kv[idx]:
                     self._free_slot(idx)
                 hv[idx] = p
@@ -428,7 +434,7 @@ class Store:
             except MemoryError:
                 self.failed_writes += 1
                 if backing is not None:
-                    self._forward_write(idx, mv[o:o + PAGE_SIZE])
+                    self._forward_write(idx, page)
                     continue
                 raise _err(errno.ENOSPC, f"write: page {idx}: no ready arena page (retry later)") from None
             used = (self._xv_total[0] + self.huge_pages) << PAGE_SHIFT
@@ -449,7 +455,7 @@ class Store:
             if clen <= GOOD_COMPRESS:
                 self.good_compress += 1
 
-    def _forward_write(self, idx: int, page: memoryview) -> None:
+    def _forward_write(self, idx: int, page) -> None:
         try:
             self.backing.write_page(idx, page)
         except Exception as e:
@@ -461,33 +467,34 @@ class Store:
 
     def _read_pages(self, first: int, n: int, mv: memoryview) -> None:
         hv, lv, kv = self._hv, self._lv, self._kv
-        decompress = self.comp.decompress
+        dfn, dargs = self.comp.decompress_call
         mem = self._mem
-        av = self._av
-        oq = None
         for k in range(n):
             idx = first + k
-            o = k << PAGE_SHIFT
             self.num_reads += 1
             kind = kv[idx]
             if kind == COMP:
                 h = hv[idx]
                 try:
-                    mv[o:o + PAGE_SIZE] = decompress(mem[h:h + lv[idx]], PAGE_SIZE)
+                    if n == 1:
+                        mv[:] = dfn(mem[h:h + lv[idx]], *dargs)
+                    else:
+                        o = k << PAGE_SHIFT
+                        mv[o:o + PAGE_SIZE] = dfn(mem[h:h + lv[idx]], *dargs)
                 except Exception as e:
                     self.failed_reads += 1
                     raise _err(errno.EIO, f"read: page {idx}: decompression failed: {e}") from None
-            elif kind == SAME:
+                continue
+            o = k << PAGE_SHIFT
+            if kind == SAME:
                 v = hv[idx]
                 if v:
-                    if oq is None:
-                        oq = np.frombuffer(mv, dtype=np.uint64)
-                    oq[k << 9:(k + 1) << 9] = v
+                    mv[o:o + PAGE_SIZE] = v.to_bytes(8, "little") * 512
                 else:
                     mv[o:o + PAGE_SIZE] = _ZERO_PAGE
             elif kind == RAW:
                 b = hv[idx] << PAGE_SHIFT
-                mv[o:o + PAGE_SIZE] = av[b:b + PAGE_SIZE]
+                mv[o:o + PAGE_SIZE] = self._av[b:b + PAGE_SIZE]
             elif self.backing is not None:
                 self.num_reads -= 1
                 try:

@@ -175,32 +175,33 @@ class XvPool:
         if size <= 0 or size > XV_MAX_ALLOC_SIZE:
             raise ValueError(f"xvmalloc: size {size} outside 1..{XV_MAX_ALLOC_SIZE}")
         w = self._w
+        head = self._head
+        sl = self._sl
         asz = (size + 3) & ~3
         # find_block: search index rounds up; lowest non-empty list >= it
         idx = (((asz + 7) & ~7) - 32) >> 3 if asz > 32 else 0
         a = NIL
         if idx < NUM_FREE_LISTS:
-            sl = self._sl
             fli = idx >> 6
             word = sl[fli] >> (idx & 63)
             if word:
                 idx += (word & -word).bit_length() - 1
-                a = self._head[idx]
+                a = head[idx]
             else:
                 fl = self._fl[0] >> (fli + 1)
                 if fl:
                     fli += (fl & -fl).bit_length()
                     word = sl[fli]
                     idx = (fli << 6) + (word & -word).bit_length() - 1
-                    a = self._head[idx]
+                    a = head[idx]
         if a != NIL:
             # remove_block_head
             nxt = w[a + 2]
-            self._head[idx] = nxt
+            head[idx] = nxt
             if nxt == NIL:
                 fli = idx >> 6
-                v = self._sl[fli] & ~(1 << (idx & 63))
-                self._sl[fli] = v
+                v = sl[fli] & ~(1 << (idx & 63))
+                sl[fli] = v
                 if not v:
                     self._fl[0] &= ~(1 << fli)
             else:
@@ -223,7 +224,18 @@ class XvPool:
             tsz = rem - 4
             w[t] = tsz | _HF | ((a & 1023) << 18)
             if tsz >= XV_MIN_ALLOC_SIZE:
-                self._insert(t, tsz)
+                # insert_block (inline)
+                idx = ((tsz & ~7) - 32) >> 3
+                nh = head[idx]
+                w[t + 1] = NIL
+                w[t + 2] = nh
+                head[idx] = t
+                if nh != NIL:
+                    w[nh + 1] = t
+                else:
+                    fli = idx >> 6
+                    sl[fli] |= 1 << (idx & 63)
+                    self._fl[0] |= 1 << fli
             n = t + 1 + (tsz >> 2)
             if n & 1023:
                 w[n] = (w[n] & 0x3FFFF) | ((t & 1023) << 18)
@@ -268,7 +280,19 @@ class XvPool:
             return
         w[a] = size | (h & 0xFFFF0000) | _HF
         if size >= XV_MIN_ALLOC_SIZE:
-            self._insert(a, size)
+            # insert_block (inline); size <= 4088 here
+            head = self._head
+            idx = ((size & ~7) - 32) >> 3
+            nh = head[idx]
+            w[a + 1] = NIL
+            w[a + 2] = nh
+            head[idx] = a
+            if nh != NIL:
+                w[nh + 1] = a
+            else:
+                fli = idx >> 6
+                self._sl[fli] |= 1 << (idx & 63)
+                self._fl[0] |= 1 << fli
         n = a + 1 + (size >> 2)
         if n & 1023:
             w[n] = (w[n] & 0x1FFFF) | _HP | ((a & 1023) << 18)
