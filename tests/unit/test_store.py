@@ -535,3 +535,18 @@ def test_random_operations_against_dict_model(ops, memlimit):
             assert st_["mem_used_total"] <= memlimit
     for i in range(24):
         assert rd(s, i) == model.get(i, bytes(PAGE))
+
+
+def test_keeper_init_runs_in_the_keeper_thread():
+    import threading
+    seen = []
+    s = Store(16 * PAGE, pool_low=1, pool_high=4, keeper_init=lambda: seen.append(threading.current_thread().name),
+              keeper_interval=0.01)
+    try:
+        import time
+        deadline = time.time() + 5
+        while not seen and time.time() < deadline:
+            time.sleep(0.01)
+        assert seen == ["arena-keeper"]
+    finally:
+        s.close()
