@@ -50,6 +50,7 @@ import errno
 import mmap
 import os
 import threading
+import time
 
 import numpy as np
 
@@ -67,6 +68,7 @@ MLOCK_ONFAULT = 1
 DEFAULT_LOW = 1024    # pages (4 MiB)
 DEFAULT_HIGH = 4096   # pages (16 MiB)
 DEFAULT_INTERVAL = 0.02
+POPULATE_BATCH = 256  # pages the keeper brings in before handing them out (1 MiB)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 for _name, _args in (("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)),
@@ -89,15 +91,19 @@ def _check(rc: int, what: str) -> None:
         raise OSError(e, f"{what}: {os.strerror(e)}")
 
 
-def _runs(pages: np.ndarray):
-    """Yield (first page, count) of the contiguous runs in sorted ``pages``."""
+def _runs(pages: np.ndarray, most: int = 0):
+    """Yield (first page, count) of the contiguous runs in sorted ``pages``, each run cut
+    into pieces of at most ``most`` pages when ``most`` > 0."""
     if len(pages) == 0:
         return
     breaks = np.flatnonzero(np.diff(pages) != 1) + 1
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [len(pages)]))
     for s, e in zip(starts.tolist(), ends.tolist()):
-        yield int(pages[s]), e - s
+        first, count = int(pages[s]), e - s
+        step = most if most > 0 else count
+        for off in range(0, count, step):
+            yield first + off, min(step, count - off)
 
 
 class Arena:
@@ -147,6 +153,7 @@ class Arena:
         self._unbacked = np.arange(npages - 1, -1, -1, dtype=np.int64)  # top = lowest page
         self._nunbacked = npages
         self._lock = threading.Lock()
+        self._refilled = threading.Condition(self._lock)
         self._event = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -161,8 +168,12 @@ class Arena:
 
     # ---- I/O path
 
-    def take(self, kind: int) -> int:
-        """Pop a READY page for ``kind`` (XV or RAW); -1 if none is ready."""
+    def take(self, kind: int, timeout: float = 0.0) -> int:
+        """Pop a READY page for ``kind`` (XV or RAW); -1 if none is ready.
+
+        With ``timeout > 0`` and the keeper running, an empty pool wakes the keeper and waits
+        up to ``timeout`` seconds for its next batch (for writes whose failure the kernel
+        would not retry; a swap write passes 0 and fails at once instead)."""
         with self._lock:
             n = self._nready
             if n:
@@ -174,6 +185,8 @@ class Arena:
                 p = -1
         if n < self.low and self._thread is not None and not self._event.is_set():
             self._event.set()
+        if p < 0 and timeout > 0 and self._thread is not None:
+            p = self._take_waiting(kind, timeout)
         if p < 0 and self.inline_refill:
             self.step()
             with self._lock:
@@ -184,6 +197,23 @@ class Arena:
                     p = self._rv[n]
                     self._st[p] = kind
         return p
+
+    def _take_waiting(self, kind: int, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        with self._refilled:
+            while True:
+                n = self._nready
+                if n:
+                    n -= 1
+                    self._nready = n
+                    p = self._rv[n]
+                    self._st[p] = kind
+                    return p
+                left = deadline - time.monotonic()
+                if left <= 0 or self._thread is None:
+                    return -1
+                self._event.set()
+                self._refilled.wait(min(left, 0.05))
 
     def give(self, page: int) -> None:
         """Return a page (content irrelevant) to the READY pool."""
@@ -237,20 +267,19 @@ class Arena:
             fill.sort()
             good = []
             bad = []
-            for start, count in _runs(fill):
+            for start, count in _runs(fill, POPULATE_BATCH):
                 try:
                     self._populate(start, count)
-                    good.append(np.arange(start, start + count, dtype=np.int64))
                 except OSError as e:
                     self.keeper_errors += 1
                     self.last_keeper_error = e
-                    bad.append(np.arange(start, start + count, dtype=np.int64))
-            with self._lock:
-                for run in good:
-                    self._push_ready(run)
-                    populated += len(run)
-                for run in bad:
-                    self._push_unbacked(run)
+                    with self._lock:
+                        self._push_unbacked(np.arange(start, start + count, dtype=np.int64))
+                    continue
+                with self._refilled:   # each batch usable at once, waiters woken
+                    self._push_ready(np.arange(start, start + count, dtype=np.int64))
+                    self._refilled.notify_all()
+                populated += count
             self.populated += populated
         if trim is not None:
             trim.sort()

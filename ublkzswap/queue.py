@@ -94,6 +94,11 @@ def handle_request(op_flags: int, nr_sectors: int, start_sector: int, buf: memor
         if op == uapi.UBLK_IO_OP_WRITE:
             if length > len(buf):
                 return -errno.EINVAL
+            if op_flags & uapi.UBLK_IO_F_SWAP:
+                write_swap = getattr(target, "write_swap", None)
+                if write_swap is not None:
+                    write_swap(offset, buf[:length])
+                    return length
             target.write(offset, buf[:length])
             return length
         if op == uapi.UBLK_IO_OP_DISCARD:

@@ -134,6 +134,8 @@ class Store:
       keeper_init: callable run first inside the keeper thread (e.g.
         ``prctl(PR_SET_IO_FLUSHER, 1)``); keeper_interval: its poll period in
         seconds (it is also woken when the pool crosses a watermark).
+      alloc_wait: seconds :meth:`write` may wait for the keeper when no arena
+        page is ready (:meth:`write_swap` never waits).
       inline_refill: tests/benchmarks only, see :class:`ublkzswap.arena.Arena`.
 
     Raises ValueError for bad arguments.
@@ -143,7 +145,8 @@ class Store:
                  arena: _arena.Arena | None = None, arena_pages: int | None = None,
                  pool_low: int | None = None, pool_high: int | None = None,
                  lock_memory: bool = False, keeper: bool = True, inline_refill: bool = False,
-                 keeper_init=None, keeper_interval: float = _arena.DEFAULT_INTERVAL):
+                 keeper_init=None, keeper_interval: float = _arena.DEFAULT_INTERVAL,
+                 alloc_wait: float = 2.0):
         if not isinstance(disksize, int) or disksize <= 0 or disksize % PAGE_SIZE:
             raise ValueError(f"disksize must be a positive multiple of {PAGE_SIZE} bytes, got {disksize!r}")
         if not isinstance(memlimit, int) or memlimit < 0:
@@ -190,6 +193,8 @@ class Store:
         self.compr_data_size = 0
         self.mem_used_max = 0
         self.bd_reads = self.bd_writes = 0
+        self.alloc_wait = alloc_wait
+        self._wait = 0.0
         if keeper and self._own_arena:
             arena.start(interval=keeper_interval, thread_init=keeper_init)
 
@@ -279,14 +284,25 @@ class Store:
     def write(self, offset: int, buf) -> None:
         """Store ``len(buf)`` bytes (whole pages) at byte ``offset``.
         Raises OSError: EINVAL (bad request; nothing changes), ENOSPC (no ready
-        arena page: retry later), ENOMEM (memory limit), EIO (compressor or
-        backing failure). Pages before a failing one are stored."""
+        arena page even after waiting ``alloc_wait`` seconds for the keeper),
+        ENOMEM (memory limit), EIO (compressor or backing failure). Pages before
+        a failing one are stored."""
+        self._write(offset, buf, self.alloc_wait)
+
+    def write_swap(self, offset: int, buf) -> None:
+        """A swap-out: as :meth:`write`, but never waits for memory. The kernel keeps a
+        swap page whose write failed and retries later, so an empty pool fails the write
+        with ENOSPC at once instead of stalling the queue (and with it every swap-in)."""
+        self._write(offset, buf, 0.0)
+
+    def _write(self, offset: int, buf, wait: float) -> None:
         if type(buf) is not memoryview or buf.format != "B" or buf.ndim != 1:
             buf = self._bytes_view(buf, False, "write")
         n = len(buf)
         if type(offset) is not int or offset < 0 or (offset | n) & 4095 or not n or offset + n > self.size:
             offset = self._range(offset, n, "write")[0] << PAGE_SHIFT
         with self._lock:
+            self._wait = wait
             self._write_pages(offset >> PAGE_SHIFT, n >> PAGE_SHIFT, buf)
 
     def read(self, offset: int, buf) -> None:
@@ -416,7 +432,7 @@ class Store:
                     self._forward_write(idx, page)
                     continue
                 # huge page: a whole arena page, stored raw
-                p = self.arena.take(_arena.RAW)
+                p = self.arena.take(_arena.RAW, self._wait)
                 if p < 0:
                     self.failed_writes += 1
                     raise _err(errno.ENOSPC, f"write: page {idx}: no ready arena page (retry later)")

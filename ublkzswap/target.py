@@ -13,7 +13,11 @@ and optionally
 
 - ``discard(offset, length)``: the range no longer holds data (reads give zeros);
 - ``write_zeroes(offset, length)``: the range reads as zeros from now on;
-- ``flush()``: make earlier writes durable (a RAM target has nothing to do).
+- ``flush()``: make earlier writes durable (a RAM target has nothing to do);
+- ``write_swap(offset, buf)``: a swap-out (``UBLK_IO_F_SWAP``), called instead of
+  ``write`` when present. The kernel keeps a swap page whose write failed and retries it,
+  so this may fail fast (ENOSPC) where ``write`` must wait for memory: a failed ordinary
+  write is data lost.
 
 A missing optional method means the feature is not advertised to the kernel
 (:func:`features`). Offsets and lengths arrive in bytes, already bounds-checked

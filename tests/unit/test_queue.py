@@ -82,3 +82,28 @@ def test_features_follow_implemented_methods(ram):
     assert features(ram) == {"discard", "write_zeroes", "flush"}
     assert features(Exploding(None)) == set()
     assert features(NullTarget(4096)) == {"discard", "write_zeroes", "flush"}
+
+
+class Recording:
+    size = 1 << 20
+
+    def __init__(self):
+        self.calls = []
+
+    def write(self, offset, buf):
+        self.calls.append(("write", offset, len(buf)))
+
+    def write_swap(self, offset, buf):
+        self.calls.append(("write_swap", offset, len(buf)))
+
+
+def test_swap_writes_go_to_write_swap_when_the_target_has_it():
+    t = Recording()
+    buf = memoryview(bytearray(8192))
+    assert handle_request(W | uapi.UBLK_IO_F_SWAP, 16, 8, buf, t) == 8192
+    assert handle_request(W, 8, 0, buf, t) == 4096
+    assert t.calls == [("write_swap", 4096, 8192), ("write", 0, 4096)]
+    # a target without write_swap gets swap writes through write()
+    ram = RamTarget(1 << 20)
+    assert handle_request(W | uapi.UBLK_IO_F_SWAP, 8, 0, buf, ram) == 4096
+    ram.close()

@@ -1,0 +1,50 @@
+"""An empty ready pool: ordinary writes wait for the keeper (a failed one would be data lost),
+swap writes fail at once with ENOSPC (the kernel keeps the page and retries)."""
+import errno
+import os
+
+import pytest
+
+from ublkzswap import arena as arena_mod
+from ublkzswap.store import Store
+
+PAGE = 4096
+
+
+def incompressible(n):
+    return os.urandom(n * PAGE)
+
+
+def test_take_with_timeout_waits_for_the_keeper():
+    a = arena_mod.Arena(4096, low=1, high=8, prefill=False)
+    try:
+        assert a.take(arena_mod.XV) == -1            # nothing ready, no keeper: at once
+        a.start(interval=5.0)                        # slow poll: only the wake-up helps
+        p = a.take(arena_mod.XV, timeout=5.0)
+        assert p >= 0 and a.state[p] == arena_mod.XV
+    finally:
+        a.close()
+
+
+def test_ordinary_writes_wait_swap_writes_fail_fast():
+    s = Store(64 << 20, pool_low=1, pool_high=16, keeper_interval=5.0)
+    try:
+        data = incompressible(512)       # 2 MiB of raw pages: 32x the pool's high watermark
+        s.write(0, memoryview(data))     # waits for the keeper batch by batch, never fails
+        assert s.failed_writes == 0 and s.huge_pages == 512
+        out = bytearray(len(data))
+        s.read(0, memoryview(out))
+        assert out == data
+        # drain the pool, stop the keeper: a swap write cannot wait and says ENOSPC
+        s.arena.stop()
+        while s.arena.take(arena_mod.RAW) >= 0:
+            pass
+        with pytest.raises(OSError) as e:
+            s.write_swap(4 << 20, memoryview(incompressible(1)))
+        assert e.value.errno == errno.ENOSPC
+        assert s.failed_writes == 1
+        out1 = bytearray(PAGE)
+        s.read(4 << 20, memoryview(out1))
+        assert out1 == bytes(PAGE)               # nothing half-stored
+    finally:
+        s.close()
