@@ -173,6 +173,7 @@ class Device:
         self.memlimit_kb = 0
         self.backing_swap = ""
         self.target = None
+        self.backing = None
         self.queue: Queue | None = None
         self.thread: threading.Thread | None = None
         self.added = False
@@ -213,31 +214,62 @@ class Device:
             return "uninitialised"
         return "active" if self.in_use() else "initialised"
 
-    def _build_target(self, disksize: int, memlimit: int):
+    def _build_target(self, disksize: int, memlimit: int, backing):
         kind = self.cfg["target"]
         if kind == "ram":
             return RamTarget(disksize)
         if kind == "null":
             return NullTarget(disksize)
         from .store import Store
-        return Store(disksize, memlimit=memlimit, compressor=self.cfg["compressor"])
+        store = Store(disksize, memlimit=memlimit, compressor=self.cfg["compressor"],
+                      backing=backing)
+        store.backing_async = True        # the queue runs backing I/O on its io_uring
+        return store
+
+    def _sizes(self, backing) -> tuple[int, int]:
+        """(disksize, memlimit) in bytes by compcache's rules (reference 1.3)."""
+        ram = total_ram_bytes()
+        if backing is not None:
+            disksize = backing.size
+            memlimit = self.memlimit_kb * 1024
+            if memlimit == 0 or memlimit > disksize:
+                memlimit = min(DEFAULT_MEMLIMIT_PERC_RAM * (ram // 100), disksize)
+            return disksize, memlimit & ~(PAGE_SIZE - 1)
+        disksize = self.disksize_kb * 1024
+        if disksize == 0:
+            disksize = DEFAULT_DISKSIZE_PERC_RAM * (ram // 100)
+        return disksize & ~(PAGE_SIZE - 1), self.memlimit_kb * 1024
 
     # -- lifecycle
     def init(self) -> None:
         if self.initialised:
             raise OSError(errno.EBUSY, "Device already initialized")
+        backing = None
         if self.backing_swap:
-            raise OSError(errno.EOPNOTSUPP, "backing swap is not supported yet")
-        disksize = self.disksize_kb * 1024
-        if disksize == 0:
-            disksize = DEFAULT_DISKSIZE_PERC_RAM * (total_ram_bytes() // 100)
-        disksize &= ~(PAGE_SIZE - 1)
+            if self.cfg["target"] != "zswap":
+                raise OSError(errno.EINVAL, "a backing swap needs target=zswap")
+            from .backing import Backing
+            backing = Backing(self.backing_swap)
+        disksize, memlimit = self._sizes(backing)
         if disksize < PAGE_SIZE * 2:
+            if backing is not None:
+                backing.close()
             raise OSError(errno.EINVAL, "disksize too small")
-        target = self._build_target(disksize, self.memlimit_kb * 1024)
+        try:
+            target = self._build_target(disksize, memlimit, backing)
+        except BaseException:
+            if backing is not None:
+                backing.close()
+            raise
+        self.backing = backing
         try:
             if self.cfg["target"] != "null":
-                target.write(0, memoryview(swap_header(disksize)))
+                header = backing.header() if backing is not None else swap_header(disksize)
+                if backing is not None:
+                    target.backing_async = False      # no queue yet: forward synchronously
+                target.write(0, memoryview(header))
+                if backing is not None:
+                    target.backing_async = True
             params = ublkctrl.basic_params(disksize >> 9, IO_BUF_BYTES,
                                            discard="discard" in features(target))
             self.control.set_params(self.dev_id, params)
@@ -250,15 +282,14 @@ class Device:
                 raise self.queue.error
             self.control.start_dev(self.dev_id)
         except BaseException:
-            self.target = target
             self._stop_and_delete()
-            self.target = None
-            _close(target)
-            if self.added is False:
+            self._drop_target(target)
+            if not self.added:
                 self.reserve()
             raise
         self.target = target
         self.disksize_kb = disksize // 1024
+        self.memlimit_kb = memlimit // 1024
         _set_scheduler_none(self.dev_id)
 
     def _stop_and_delete(self) -> None:
@@ -283,8 +314,7 @@ class Device:
         if self.in_use():
             raise OSError(errno.EBUSY, f"{self.bdev} is in use (swapoff first)")
         self._stop_and_delete()
-        _close(self.target)
-        self.target = None
+        self._drop_target(self.target)
         self.disksize_kb = self.memlimit_kb = 0
         self.backing_swap = ""
         self.reserve()
@@ -292,8 +322,14 @@ class Device:
     def teardown(self) -> None:
         self._stop_and_delete()
         if self.target is not None:
-            _close(self.target)
-            self.target = None
+            self._drop_target(self.target)
+
+    def _drop_target(self, target) -> None:
+        _close(target)
+        self.target = None
+        if self.backing is not None:
+            self.backing.close()
+            self.backing = None
 
     # -- numbers
     def stats(self) -> dict:

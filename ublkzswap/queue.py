@@ -35,6 +35,7 @@ from .target import features
 from .uring import Ring
 
 SECTOR_SHIFT = 9
+BACKING_IO = 1 << 40   # user_data bit of a backing-swap read/write (FETCH/COMMIT carry the tag only)
 _libc = C.CDLL(None, use_errno=True)
 _libc.prctl.argtypes = [C.c_int, C.c_ulong, C.c_ulong, C.c_ulong, C.c_ulong]
 _libc.mlock.argtypes = [C.c_void_p, C.c_size_t]
@@ -70,7 +71,8 @@ def lock_thread_stack() -> None:
 
 def handle_request(op_flags: int, nr_sectors: int, start_sector: int, buf: memoryview,
                    target) -> int:
-    """Serve one block request on ``target``; return bytes done (>= 0) or ``-errno``.
+    """Serve one block request on ``target``; return bytes done (>= 0) or ``-errno``, or the
+    target's :class:`~ublkzswap.target.BackingIO` when it needs I/O done first.
 
     ``buf`` is the tag's whole I/O buffer. This is the one exception -> errno boundary:
     ``OSError`` keeps its errno, anything else becomes ``-EIO``.
@@ -89,18 +91,18 @@ def handle_request(op_flags: int, nr_sectors: int, start_sector: int, buf: memor
         if op == uapi.UBLK_IO_OP_READ:
             if length > len(buf):
                 return -errno.EINVAL
-            target.read(offset, buf[:length])
-            return length
+            pending = target.read(offset, buf[:length])
+            return length if pending is None else pending
         if op == uapi.UBLK_IO_OP_WRITE:
             if length > len(buf):
                 return -errno.EINVAL
             if op_flags & uapi.UBLK_IO_F_SWAP:
                 write_swap = getattr(target, "write_swap", None)
                 if write_swap is not None:
-                    write_swap(offset, buf[:length])
-                    return length
-            target.write(offset, buf[:length])
-            return length
+                    pending = write_swap(offset, buf[:length])
+                    return length if pending is None else pending
+            pending = target.write(offset, buf[:length])
+            return length if pending is None else pending
         if op == uapi.UBLK_IO_OP_DISCARD:
             target.discard(offset, length)
             return 0
@@ -194,7 +196,7 @@ class Queue:
                                 flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ,
                                 offset=uapi.ublk_desc_offset(self.q_id))
             iod = np.frombuffer(iod_map, dtype=uapi.IO_DESC_DTYPE, count=self.depth)
-            ring = Ring(self.depth, cq_entries=2 * self.depth)
+            ring = Ring(2 * self.depth, cq_entries=8 * self.depth)
             all_tags = np.arange(self.depth, dtype=np.uint16)
             self._fill(ring, uapi.UBLK_U_IO_FETCH_REQ, cdev, all_tags, 0)
             ring.submit()
@@ -221,41 +223,93 @@ class Queue:
         counters = self.counters
         commit = uapi.UBLK_U_IO_COMMIT_AND_FETCH_REQ
         results = np.zeros(self.depth, dtype=np.int32)
+        ctags = np.zeros(self.depth, dtype=np.uint16)
+        pending: dict[int, list] = {}
         while live > 0:
             ring.submit_and_wait(1)
             cqes = ring.reap()
             if not len(cqes):
                 continue
+            ud = cqes["user_data"]
             res = cqes["res"]
-            tags = (cqes["user_data"] & 0xFFFF).astype(np.uint16)
+            nc = 0
+            if pending:
+                back = (ud & BACKING_IO) != 0
+                if back.any():
+                    for u, r in zip(ud[back].tolist(), res[back].tolist()):
+                        tag = (u >> 16) & 0xFFFF
+                        p = pending[tag]
+                        p[1][u & 0xFFFF] = r
+                        p[2] -= 1
+                        if p[2] == 0:
+                            del pending[tag]
+                            try:
+                                p[0].done(p[1])
+                                rr = p[3]
+                            except OSError as e:
+                                rr = -(e.errno or errno.EIO)
+                                counters.errors += 1
+                            ctags[nc] = tag
+                            results[nc] = rr
+                            nc += 1
+                    ud = ud[~back]
+                    res = res[~back]
+            tags = (ud & 0xFFFF).astype(np.uint16)
             ok = res == uapi.UBLK_IO_RES_OK
             if not ok.all():
                 live -= int((~ok).sum())   # -ENODEV: queue going away; other <0: rejected
                 counters.errors += int((~ok & (res != uapi.UBLK_IO_RES_ABORT)).sum())
                 tags = tags[ok]
-            n = len(tags)
-            if n == 0:
-                continue
-            d = iod[tags]
-            counters.batches += 1
-            counters.requests += n
-            for i, (tag, opf, nr, start) in enumerate(zip(tags.tolist(), d["op_flags"].tolist(),
-                                                          d["nr_sectors"].tolist(),
-                                                          d["start_sector"].tolist())):
-                r = handle_request(opf, nr, start, bufs[tag], target)
-                results[i] = r
-                if r < 0:
-                    counters.errors += 1
-                op = opf & 0xFF
-                if op == 0:
-                    counters.reads += 1
-                elif op == 1:
-                    counters.writes += 1
-                elif op == 2:
-                    counters.flushes += 1
-                else:
-                    counters.discards += 1
-            self._fill(ring, commit, cdev, tags, results[:n])
+            if len(tags):
+                d = iod[tags]
+                counters.batches += 1
+                counters.requests += len(tags)
+                for tag, opf, nr, start in zip(tags.tolist(), d["op_flags"].tolist(),
+                                               d["nr_sectors"].tolist(),
+                                               d["start_sector"].tolist()):
+                    r = handle_request(opf, nr, start, bufs[tag], target)
+                    op = opf & 0xFF
+                    if op == 0:
+                        counters.reads += 1
+                    elif op == 1:
+                        counters.writes += 1
+                    elif op == 2:
+                        counters.flushes += 1
+                    else:
+                        counters.discards += 1
+                    if type(r) is not int:
+                        pending[tag] = [r, [0] * len(r.ops), len(r.ops), nr << SECTOR_SHIFT]
+                        self._submit_backing(ring, tag, r.ops)
+                        continue
+                    if r < 0:
+                        counters.errors += 1
+                    ctags[nc] = tag
+                    results[nc] = r
+                    nc += 1
+            if nc:
+                self._claim_room(ring, nc)
+                self._fill(ring, commit, cdev, ctags[:nc], results[:nc])
+
+    @staticmethod
+    def _claim_room(ring: Ring, n: int) -> None:
+        if ring.sq_space() < n:
+            ring.submit()
+
+    def _submit_backing(self, ring: Ring, tag: int, ops) -> None:
+        """Queue a request's backing-swap reads/writes on this queue's ring; their CQEs carry
+        BACKING_IO | tag << 16 | op index."""
+        self._claim_room(ring, len(ops))
+        idx = ring.claim(len(ops))
+        s = ring.sqes
+        base = int(self.buf_addrs[tag])
+        for i, (j, (op, fd, boff, length, foff)) in enumerate(zip(idx.tolist(), ops)):
+            s["opcode"][j] = uapi.IORING_OP_READ if op == 0 else uapi.IORING_OP_WRITE
+            s["fd"][j] = fd
+            s["addr"][j] = base + boff
+            s["len"][j] = length
+            s["cmd_op"][j] = foff & 0xFFFFFFFF
+            s["pad1"][j] = foff >> 32
+            s["user_data"][j] = BACKING_IO | (tag << 16) | i
 
     def close(self) -> None:
         self.bufs = []

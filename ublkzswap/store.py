@@ -85,6 +85,8 @@ import threading
 
 import numpy as np
 
+from .target import OP_READ, OP_WRITE, BackingIO
+
 from . import arena as _arena
 from . import compress as _compress
 from .xvmalloc import MAX_ARENA_PAGES, XvError, XvPool
@@ -195,6 +197,10 @@ class Store:
         self.bd_reads = self.bd_writes = 0
         self.alloc_wait = alloc_wait
         self._wait = 0.0
+        self._fwd: list = []
+        #: True when the caller (the queue) runs the BackingIO that read/write return;
+        #: False: backing I/O is done synchronously inside read/write.
+        self.backing_async = False
         if keeper and self._own_arena:
             arena.start(interval=keeper_interval, thread_init=keeper_init)
 
@@ -287,13 +293,13 @@ class Store:
         arena page even after waiting ``alloc_wait`` seconds for the keeper),
         ENOMEM (memory limit), EIO (compressor or backing failure). Pages before
         a failing one are stored."""
-        self._write(offset, buf, self.alloc_wait)
+        return self._write(offset, buf, self.alloc_wait)
 
     def write_swap(self, offset: int, buf) -> None:
         """A swap-out: as :meth:`write`, but never waits for memory. The kernel keeps a
         swap page whose write failed and retries later, so an empty pool fails the write
         with ENOSPC at once instead of stalling the queue (and with it every swap-in)."""
-        self._write(offset, buf, 0.0)
+        return self._write(offset, buf, 0.0)
 
     def _write(self, offset: int, buf, wait: float) -> None:
         if type(buf) is not memoryview or buf.format != "B" or buf.ndim != 1:
@@ -303,7 +309,12 @@ class Store:
             offset = self._range(offset, n, "write")[0] << PAGE_SHIFT
         with self._lock:
             self._wait = wait
-            self._write_pages(offset >> PAGE_SHIFT, n >> PAGE_SHIFT, buf)
+            self._fwd = []
+            try:
+                self._write_pages(offset >> PAGE_SHIFT, n >> PAGE_SHIFT, buf)
+            finally:
+                pending = self._backing_io("failed_writes")
+        return pending
 
     def read(self, offset: int, buf) -> None:
         """Fill ``buf`` (whole pages) with the bytes at ``offset``.
@@ -315,7 +326,12 @@ class Store:
         if type(offset) is not int or offset < 0 or (offset | n) & 4095 or not n or offset + n > self.size:
             offset = self._range(offset, n, "read")[0] << PAGE_SHIFT
         with self._lock:
-            self._read_pages(offset >> PAGE_SHIFT, n >> PAGE_SHIFT, buf)
+            self._fwd = []
+            try:
+                self._read_pages(offset >> PAGE_SHIFT, n >> PAGE_SHIFT, buf)
+            finally:
+                pending = self._backing_io("failed_reads")
+        return pending
 
     def discard(self, offset: int, length: int) -> None:
         """Free the pages of the range (reads return zeros, or the backing
@@ -419,7 +435,7 @@ class Store:
                     self.zero_pages += 1
                 continue
             if backing is not None and self.memlimit and self.compr_data_size > self.memlimit - PAGE_SIZE:
-                self._forward_write(idx, page)
+                self._forward_write(idx, page, k)
                 continue
             try:
                 c = cfn(page, *cargs)
@@ -429,7 +445,7 @@ class Store:
             clen = len(c)
             if clen > max_zpage:
                 if backing is not None:
-                    self._forward_write(idx, page)
+                    self._forward_write(idx, page, k)
                     continue
                 # huge page: a whole arena page, stored raw
                 p = self.arena.take(_arena.RAW, self._wait)
@@ -459,7 +475,7 @@ class Store:
             except MemoryError:
                 self.failed_writes += 1
                 if backing is not None:
-                    self._forward_write(idx, page)
+                    self._forward_write(idx, page, k)
                     continue
                 raise _err(errno.ENOSPC, f"write: page {idx}: no ready arena page (retry later)") from None
             used = (self._xv_total[0] + self.huge_pages) << PAGE_SHIFT
@@ -480,15 +496,45 @@ class Store:
             if clen <= GOOD_COMPRESS:
                 self.good_compress += 1
 
-    def _forward_write(self, idx: int, page) -> None:
-        try:
-            self.backing.write_page(idx, page)
-        except Exception as e:
-            self.failed_writes += 1
-            raise _err(errno.EIO, f"write: page {idx}: backing swap write failed: {e}") from None
+    def _forward_write(self, idx: int, page, k: int) -> None:
+        """Send slot ``idx`` (page ``k`` of the request) to the backing swap: at once
+        (synchronous mode), or as an op of the request's :class:`BackingIO`."""
+        if self.backing_async:
+            self._fwd.append((OP_WRITE, idx, k))
+        else:
+            try:
+                self.backing.write_page(idx, page)
+            except Exception as e:
+                self.failed_writes += 1
+                raise _err(errno.EIO, f"write: page {idx}: backing swap write failed: {e}") from None
         self.bd_writes += 1
         if self._kv[idx]:
             self._free_slot(idx)
+
+    def _backing_io(self, failed_attr: str) -> BackingIO | None:
+        """The forwarded pages of this request as a BackingIO (contiguous runs merged)."""
+        fwd = self._fwd
+        if not fwd:
+            return None
+        self._fwd = []
+        fd = self.backing.fd
+        ops = []
+        for op, idx, k in fwd:
+            if ops and ops[-1][0] == op and ops[-1][2] + ops[-1][3] == k << PAGE_SHIFT \
+                    and ops[-1][4] + ops[-1][3] == idx << PAGE_SHIFT:
+                o = ops[-1]
+                ops[-1] = (o[0], o[1], o[2], o[3] + PAGE_SIZE, o[4])
+            else:
+                ops.append((op, fd, k << PAGE_SHIFT, PAGE_SIZE, idx << PAGE_SHIFT))
+
+        def done(results, ops=ops):
+            bad = sum(1 for (o, r) in zip(ops, results) if r != o[3])
+            if bad:
+                with self._lock:
+                    setattr(self, failed_attr, getattr(self, failed_attr) + bad)
+                raise _err(errno.EIO, f"backing swap I/O failed ({bad} of {len(ops)} ops)")
+
+        return BackingIO(ops, done)
 
     def _read_pages(self, first: int, n: int, mv: memoryview) -> None:
         hv, lv, kv = self._hv, self._lv, self._kv
@@ -522,12 +568,15 @@ class Store:
                 mv[o:o + PAGE_SIZE] = self._av[b:b + PAGE_SIZE]
             elif self.backing is not None:
                 self.num_reads -= 1
+                self.bd_reads += 1
+                if self.backing_async:
+                    self._fwd.append((OP_READ, idx, k))
+                    continue
                 try:
                     self.backing.read_page(idx, mv[o:o + PAGE_SIZE])
                 except Exception as e:
                     self.failed_reads += 1
                     raise _err(errno.EIO, f"read: page {idx}: backing swap read failed: {e}") from None
-                self.bd_reads += 1
             else:
                 mv[o:o + PAGE_SIZE] = _ZERO_PAGE
 

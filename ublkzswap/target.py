@@ -19,6 +19,11 @@ and optionally
   so this may fail fast (ENOSPC) where ``write`` must wait for memory: a failed ordinary
   write is data lost.
 
+``read`` and ``write`` normally return None (done). A target that needs I/O on another
+file first (the store's backing swap) returns a :class:`BackingIO` instead: the queue runs
+its operations through its own io_uring, so that other requests keep being served
+meanwhile, and completes the request with what ``BackingIO.done`` says.
+
 A missing optional method means the feature is not advertised to the kernel
 (:func:`features`). Offsets and lengths arrive in bytes, already bounds-checked
 against ``size`` by the queue's request handler; a target reports failure by
@@ -37,13 +42,48 @@ point of it: no allocation on the I/O path, no compression).
 
 from __future__ import annotations
 
+import errno
 import mmap
+import os
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 PAGE_SIZE = 4096
 
 OPTIONAL_OPS = ("discard", "write_zeroes", "flush")
+
+
+OP_READ, OP_WRITE = 0, 1
+
+
+@dataclass
+class BackingIO:
+    """I/O a target needs done before its request completes.
+
+    ``ops``: (OP_READ or OP_WRITE, fd, offset of the data in the request's buffer, length,
+    file offset). ``done(results)`` gets each op's result (bytes or -errno) in order and
+    returns None on success or raises OSError; the request then completes with its full
+    length (or that errno)."""
+    ops: list[tuple[int, int, int, int, int]] = field(default_factory=list)
+    done: Callable[[list[int]], None] = lambda results: None
+
+
+def run_backing_io(pending: BackingIO, buf: memoryview) -> None:
+    """Carry out ``pending`` synchronously against ``buf`` (the request's data): the path for
+    targets used without a queue. Raises what ``pending.done`` raises."""
+    results = []
+    for op, fd, boff, length, foff in pending.ops:
+        view = buf[boff:boff + length]
+        try:
+            if op == OP_READ:
+                results.append(os.preadv(fd, [view], foff))
+            else:
+                results.append(os.pwritev(fd, [view], foff))
+        except OSError as e:
+            results.append(-(e.errno or errno.EIO))
+    pending.done(results)
 
 
 def features(target) -> set[str]:

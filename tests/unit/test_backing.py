@@ -1,0 +1,136 @@
+"""Backing swap: vetting as compcache did, the header copy, and the store forwarding to it
+(synchronously, and as BackingIO that a queue runs)."""
+import errno
+import mmap
+import os
+import struct
+import subprocess
+
+import pytest
+
+from ublkzswap.backing import Backing
+from ublkzswap.store import Store
+from ublkzswap.target import BackingIO, run_backing_io
+
+PAGE = 4096
+
+
+def make_swapfile(path, pages, bad=0):
+    with open(path, "wb") as f:
+        f.write(b"\0" * pages * PAGE)
+    hdr = bytearray(PAGE)
+    struct.pack_into("<III", hdr, 1024, 1, pages - 1, bad)
+    hdr[-10:] = b"SWAPSPACE2"
+    with open(path, "r+b") as f:
+        f.write(hdr)
+    return str(path)
+
+
+def test_regular_file_becomes_backing_with_fixed_header(tmp_path):
+    b = Backing(make_swapfile(tmp_path / "swap", 256))
+    try:
+        assert b.npages == 256 and b.size == 256 * PAGE
+        h = b.header()
+        assert h[-10:] == b"SWAPSPACE2"
+        assert struct.unpack_from("<III", h, 1024) == (1, 255, 0)
+    finally:
+        b.close()
+
+
+def test_bad_pages_holes_and_odd_files_are_einval(tmp_path):
+    with pytest.raises(OSError) as e:
+        Backing(make_swapfile(tmp_path / "bad", 64, bad=3))
+    assert e.value.errno == errno.EINVAL and "bad pages" in str(e.value)
+    sparse = tmp_path / "sparse"
+    with open(sparse, "wb") as f:
+        f.truncate(64 * PAGE)
+    with pytest.raises(OSError) as e:
+        Backing(str(sparse))
+    assert e.value.errno == errno.EINVAL and "holes" in str(e.value)
+    with pytest.raises(OSError) as e:
+        Backing(str(tmp_path))
+    assert e.value.errno == errno.EINVAL
+    with pytest.raises(OSError) as e:
+        Backing(str(tmp_path / "missing"))
+    assert e.value.errno == errno.ENOENT
+
+
+def incompressible(n=1):
+    return os.urandom(n * PAGE)
+
+
+def test_store_forwards_incompressible_pages_synchronously(tmp_path):
+    b = Backing(make_swapfile(tmp_path / "swap", 64))
+    s = Store(b.size, memlimit=32 * PAGE, backing=b)
+    try:
+        data = incompressible(4)
+        assert s.write(4 * PAGE, memoryview(data)) is None
+        st = s.stats()
+        assert st["bd_writes"] == 4 and st["pages_stored"] == 0
+        with open(b.name, "rb") as f:
+            f.seek(4 * PAGE)
+            assert f.read(4 * PAGE) == data
+        out = bytearray(4 * PAGE)
+        assert s.read(4 * PAGE, memoryview(out)) is None
+        assert out == data and s.stats()["bd_reads"] == 4
+    finally:
+        s.close()
+        b.close()
+
+
+def test_store_async_mode_returns_merged_backing_io(tmp_path):
+    b = Backing(make_swapfile(tmp_path / "swap", 64))
+    s = Store(b.size, memlimit=32 * PAGE, backing=b)
+    s.backing_async = True
+    buf = mmap.mmap(-1, 8 * PAGE)               # page-aligned like a queue's tag buffer
+    try:
+        data = incompressible(3) + b"a" * PAGE + incompressible(4)
+        buf[:] = data
+        pending = s.write(8 * PAGE, memoryview(buf))
+        assert isinstance(pending, BackingIO)
+        # pages 0-2 and 4-7 of the request go out, merged into two runs
+        assert [(op, boff, ln, foff) for op, _fd, boff, ln, foff in pending.ops] == [
+            (1, 0, 3 * PAGE, 8 * PAGE), (1, 4 * PAGE, 4 * PAGE, 12 * PAGE)]
+        run_backing_io(pending, memoryview(buf))
+        back = mmap.mmap(-1, 8 * PAGE)
+        pending = s.read(8 * PAGE, memoryview(back))
+        assert [op for op, *_ in pending.ops] == [0, 0]
+        run_backing_io(pending, memoryview(back))
+        assert back[:] == data                  # page 3 from RAM, the rest from the backing file
+        assert s.stats()["bd_reads"] == 7 and s.stats()["bd_writes"] == 7
+    finally:
+        s.close()
+        b.close()
+
+
+def test_backing_io_failure_is_eio_and_counted(tmp_path):
+    b = Backing(make_swapfile(tmp_path / "swap", 64))
+    s = Store(b.size, memlimit=32 * PAGE, backing=b)
+    s.backing_async = True
+    buf = mmap.mmap(-1, PAGE)
+    buf[:] = incompressible()
+    try:
+        pending = s.write(PAGE, memoryview(buf))
+        with pytest.raises(OSError) as e:
+            pending.done([-errno.EIO])
+        assert e.value.errno == errno.EIO
+        assert s.stats()["failed_writes"] == 1
+    finally:
+        s.close()
+        b.close()
+
+
+def test_active_swapfile_is_ebusy(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("swapon needs root")
+    path = make_swapfile(tmp_path / "swap", 64)
+    os.chmod(path, 0o600)
+    p = subprocess.run(["swapon", path], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"swapon of a file is not possible here: {p.stderr.strip()}")
+    try:
+        with pytest.raises(OSError) as e:
+            Backing(path)
+        assert e.value.errno == errno.EBUSY and "swapoff" in str(e.value)
+    finally:
+        subprocess.run(["swapoff", path])
