@@ -265,8 +265,6 @@ class Arena:
         populated = released = 0
         if fill is not None:
             fill.sort()
-            good = []
-            bad = []
             for start, count in _runs(fill, POPULATE_BATCH):
                 try:
                     self._populate(start, count)

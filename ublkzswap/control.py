@@ -62,6 +62,8 @@ import struct
 import threading
 import time
 
+from .memory import daemon_thread_init
+
 PROTOCOL_VERSION = 1
 DEFAULT_PATH = "/run/ublkzswap/control.sock"
 ENV_SOCKET = "UBLKZSWAP_SOCKET"
@@ -372,6 +374,7 @@ class ControlServer:
 
     # -- event loop
     def _loop(self) -> None:
+        daemon_thread_init()   # in ublkzswapd: lock this thread's stack (it shares the GIL with I/O)
         sel = selectors.DefaultSelector()
         sel.register(self._listener, selectors.EVENT_READ, "listen")
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")

@@ -27,17 +27,16 @@ Still naive: one queue per device; the queue thread does compression itself.
 
 from __future__ import annotations
 
-import ctypes as C
 import errno
 import os
 import signal
 import struct
 import sys
 import threading
-import time
 from collections import namedtuple
 
 from . import ctrl as ublkctrl
+from . import memory
 from .queue import Queue
 from .target import NullTarget, RamTarget, features
 
@@ -45,8 +44,6 @@ PAGE_SIZE = 4096
 MAX_NUM_DEVICES = 32
 QUEUE_DEPTH = 64
 IO_BUF_BYTES = 256 * 1024
-HEAP_PREGROW = 48 << 20
-THREAD_STACK = 512 << 10
 DEFAULT_DISKSIZE_PERC_RAM = 25
 DEFAULT_MEMLIMIT_PERC_RAM = 15
 
@@ -132,35 +129,6 @@ def swap_header(disksize: int) -> bytes:
     return bytes(page)
 
 
-# ----------------------------------------------------------------------------- memory discipline
-_libc = C.CDLL(None, use_errno=True)
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -4, -8
-MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
-
-
-def lock_memory() -> None:
-    """Make this process safe to serve swap: see DESIGN.md. Raises OSError with a reason."""
-    _libc.mallopt(M_MMAP_MAX, 0)
-    _libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-    _libc.mallopt(M_ARENA_MAX, 1)
-    _libc.mallopt(M_TOP_PAD, 1 << 20)
-    _libc.malloc.restype = C.c_void_p
-    _libc.free.argtypes = [C.c_void_p]
-    p = _libc.malloc(HEAP_PREGROW)
-    if p:
-        C.memset(p, 1, HEAP_PREGROW)
-        _libc.free(C.c_void_p(p))
-    threading.stack_size(THREAD_STACK)
-    if _libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
-        err = C.get_errno()
-        raise OSError(err, f"cannot lock memory (mlockall): {os.strerror(err)}")
-    try:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("-1000")
-    except OSError as e:
-        raise OSError(e.errno, f"cannot set oom_score_adj: {e.strerror}") from None
-
-
 # ----------------------------------------------------------------------------- devices
 class Device:
     """One reserved ublk id and, once initialised, its target and queue thread."""
@@ -222,7 +190,7 @@ class Device:
             return NullTarget(disksize)
         from .store import Store
         store = Store(disksize, memlimit=memlimit, compressor=self.cfg["compressor"],
-                      backing=backing)
+                      backing=backing, keeper_init=memory.daemon_thread_init)
         store.backing_async = True        # the queue runs backing I/O on its io_uring
         return store
 
@@ -524,7 +492,7 @@ def run(cfg: dict) -> int:
         except ImportError as e:
             return fail(f"target=zswap unavailable: {e}")
     try:
-        lock_memory()
+        memory.lock_process()
     except OSError as e:
         return fail(f"refusing to serve swap: {e.strerror}")
     stop = threading.Event()

@@ -10,9 +10,9 @@ with one ``io_uring_enter`` per batch. :func:`handle_request` is the request han
 function of (descriptor fields, buffer, target) returning bytes done or ``-errno``, and the
 single place where exceptions become errno values.
 
-Memory discipline (DESIGN.md "Memory and deadlock"): everything the loop touches is made
-resident before the device starts (buffers and descriptors MAP_POPULATE, the thread's stack
-locked by :func:`lock_thread_stack`); the loop itself allocates only small, bounded objects
+Memory discipline (DESIGN.md "Memory and deadlock", :mod:`ublkzswap.memory`): everything the
+loop touches is made resident before the device starts (buffers populated explicitly, the
+thread's stack locked); the loop itself allocates only small, bounded objects
 from the pre-grown heap. The queue thread marks itself PR_SET_IO_FLUSHER.
 
 Still naive: one queue per device; no USER_COPY or zero-copy; requests of a batch are
@@ -21,7 +21,6 @@ handled one after another in this thread.
 
 from __future__ import annotations
 
-import ctypes as C
 import errno
 import mmap
 import os
@@ -31,44 +30,12 @@ import time
 import numpy as np
 
 from . import uapi
+from .memory import lock_thread_stack, populate, set_io_flusher
 from .target import features
 from .uring import Ring
 
 SECTOR_SHIFT = 9
 BACKING_IO = 1 << 40   # user_data bit of a backing-swap read/write (FETCH/COMMIT carry the tag only)
-_libc = C.CDLL(None, use_errno=True)
-_libc.prctl.argtypes = [C.c_int, C.c_ulong, C.c_ulong, C.c_ulong, C.c_ulong]
-_libc.mlock.argtypes = [C.c_void_p, C.c_size_t]
-_libc.pthread_self.restype = C.c_ulong
-_libc.pthread_getattr_np.argtypes = [C.c_ulong, C.c_void_p]
-_libc.pthread_attr_getstack.argtypes = [C.c_void_p, C.c_void_p, C.c_void_p]
-_libc.pthread_attr_destroy.argtypes = [C.c_void_p]
-
-
-def set_io_flusher() -> None:
-    """PR_SET_IO_FLUSHER on the calling thread (needs CAP_SYS_RESOURCE)."""
-    if _libc.prctl(uapi.PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
-        err = C.get_errno()
-        raise OSError(err, f"prctl(PR_SET_IO_FLUSHER): {os.strerror(err)}")
-
-
-def lock_thread_stack() -> None:
-    """Fault in and lock the calling thread's whole stack, so that serving never makes the
-    kernel find a stack page (mlockall's MCL_ONFAULT would otherwise fault it in lazily)."""
-    attr = (C.c_char * 64)()
-    if _libc.pthread_getattr_np(_libc.pthread_self(), attr) != 0:
-        return
-    addr, size = C.c_void_p(), C.c_size_t()
-    try:
-        if _libc.pthread_attr_getstack(attr, C.byref(addr), C.byref(size)) == 0 and addr.value:
-            # leave the lowest page alone: it may be the guard page
-            if _libc.mlock(C.c_void_p(addr.value + 4096), C.c_size_t(size.value - 4096)) != 0:
-                err = C.get_errno()
-                raise OSError(err, f"mlock(thread stack): {os.strerror(err)}")
-    finally:
-        _libc.pthread_attr_destroy(attr)
-
-
 def handle_request(op_flags: int, nr_sectors: int, start_sector: int, buf: memoryview,
                    target) -> int:
     """Serve one block request on ``target``; return bytes done (>= 0) or ``-errno``, or the
@@ -154,6 +121,7 @@ class Queue:
         self._bufview = memoryview(self._bufmap)
         self.bufs = [self._bufview[t * buf_bytes:(t + 1) * buf_bytes] for t in range(depth)]
         base = np.frombuffer(self._bufmap, dtype=np.uint8).ctypes.data
+        populate(base, depth * buf_bytes)   # MAP_POPULATE is a no-op under MCL_ONFAULT
         self.buf_addrs = base + np.arange(depth, dtype=np.uint64) * np.uint64(buf_bytes)
 
     @property

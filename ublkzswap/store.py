@@ -89,7 +89,7 @@ from .target import OP_READ, OP_WRITE, BackingIO
 
 from . import arena as _arena
 from . import compress as _compress
-from .xvmalloc import MAX_ARENA_PAGES, XvError, XvPool
+from .xvmalloc import MAX_ARENA_PAGES, XvPool
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12

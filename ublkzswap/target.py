@@ -50,6 +50,8 @@ from typing import Callable
 
 import numpy as np
 
+from .memory import populate
+
 PAGE_SIZE = 4096
 
 OPTIONAL_OPS = ("discard", "write_zeroes", "flush")
@@ -102,8 +104,9 @@ class RamTarget:
         if size <= 0 or size % PAGE_SIZE:
             raise ValueError(f"size must be a positive multiple of {PAGE_SIZE}, got {size}")
         self.size = size
-        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._mem = np.frombuffer(self._map, dtype=np.uint8)
+        populate(self._mem.ctypes.data, size)   # resident now, never on the I/O path
 
     def read(self, offset: int, buf: memoryview) -> None:
         n = len(buf)

@@ -1,0 +1,51 @@
+"""The memory discipline's building blocks, checked against the kernel (no ublk needed)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mlockall needs root or a large RLIMIT_MEMLOCK")
+
+PROBE = textwrap.dedent("""
+    import ctypes as C, mmap, threading
+    import numpy as np
+    from ublkzswap import memory, queue
+    libc = C.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [C.c_void_p, C.c_size_t, C.c_void_p]
+
+    def resident(m):
+        addr = np.frombuffer(m, dtype=np.uint8).ctypes.data
+        vec = (C.c_ubyte * (len(m) // 4096))()
+        assert libc.mincore(C.c_void_p(addr), len(m), vec) == 0
+        return sum(v & 1 for v in vec)
+
+    memory.lock_process(heap_bytes=4 << 20, oom_protect=False)
+    m = mmap.mmap(-1, 64 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    print("after MAP_POPULATE", resident(m))
+    memory.populate(np.frombuffer(m, dtype=np.uint8).ctypes.data, len(m))
+    print("after populate", resident(m))
+    q = queue.Queue(0, None, depth=4, buf_bytes=64 * 1024)
+    print("queue buffers", resident(q._bufmap), len(q._bufmap) // 4096)
+    def t():
+        memory.lock_thread_stack()
+        print("thread stack locked")
+    th = threading.Thread(target=t); th.start(); th.join()
+    print("VmLck", int([l for l in open("/proc/self/status") if l.startswith("VmLck")][0].split()[1]) > 0)
+""")
+
+
+@needs_root
+def test_onfault_makes_map_populate_a_noop_and_populate_fixes_it():
+    p = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    # the pitfall that froze the swap VM: under MCL_ONFAULT, MAP_POPULATE leaves pages out
+    assert lines[0] == "after MAP_POPULATE 0"
+    assert lines[1] == "after populate 64"
+    n, total = lines[2].split()[2:]
+    assert n == total == "64"
+    assert lines[3] == "thread stack locked"
+    assert lines[4] == "VmLck True"

@@ -1,0 +1,127 @@
+"""The daemon's memory discipline: nothing that serves I/O may make the kernel find a page.
+
+Owns: process set-up (:func:`lock_process`: allocator settings, a pre-grown never-trimmed heap,
+small thread stacks, ``mlockall(MCL_CURRENT|MCL_FUTURE|MCL_ONFAULT)``, ``oom_score_adj
+-1000``), per-thread set-up (:func:`lock_thread_stack`, :func:`set_io_flusher`) and making a
+fresh mapping resident (:func:`populate`).
+
+Why each piece (DESIGN.md "Memory and deadlock", ublk-protocol.md section 4):
+- ``MCL_ONFAULT`` keeps the arena's device-sized reservation from being populated at mmap
+  time, but it also makes ``MAP_POPULATE`` a no-op (the kernel skips populating
+  VM_LOCKONFAULT mappings). Every buffer the I/O path touches must therefore be populated
+  explicitly with :func:`populate`, or its first touch faults in the queue thread -- which
+  under memory pressure waits on reclaim that waits on the queue: the whole machine hangs.
+- Every thread of the daemon shares the GIL with the queue threads, so a thread that
+  faults while holding the GIL stalls the I/O path just the same: every thread locks its
+  stack first (:func:`lock_thread_stack`).
+
+Still naive: the main thread's stack is not locked (it only waits on an event); heap
+headroom is a constant, not measured.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import errno
+import os
+import threading
+
+from . import uapi
+
+HEAP_PREGROW = 48 << 20
+THREAD_STACK = 512 << 10
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -4, -8
+MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
+MADV_POPULATE_WRITE = 23
+PAGE_SIZE = 4096
+
+_libc = C.CDLL(None, use_errno=True)
+_libc.prctl.argtypes = [C.c_int, C.c_ulong, C.c_ulong, C.c_ulong, C.c_ulong]
+_libc.mlock.argtypes = [C.c_void_p, C.c_size_t]
+_libc.madvise.argtypes = [C.c_void_p, C.c_size_t, C.c_int]
+_libc.pthread_self.restype = C.c_ulong
+_libc.pthread_getattr_np.argtypes = [C.c_ulong, C.c_void_p]
+_libc.pthread_attr_getstack.argtypes = [C.c_void_p, C.c_void_p, C.c_void_p]
+_libc.pthread_attr_destroy.argtypes = [C.c_void_p]
+_libc.malloc.restype = C.c_void_p
+_libc.malloc.argtypes = [C.c_size_t]
+_libc.free.argtypes = [C.c_void_p]
+
+
+def _oserror(what: str) -> OSError:
+    err = C.get_errno()
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def lock_process(heap_bytes: int = HEAP_PREGROW, oom_protect: bool = True) -> None:
+    """Make this process safe to serve swap. Raises OSError with a one-line reason."""
+    _libc.mallopt(M_MMAP_MAX, 0)             # every malloc from the (locked) heap
+    _libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)  # never give the heap back
+    _libc.mallopt(M_ARENA_MAX, 1)            # no mmap'ed per-thread arenas
+    _libc.mallopt(M_TOP_PAD, 1 << 20)
+    p = _libc.malloc(heap_bytes)
+    if p:
+        C.memset(p, 1, heap_bytes)
+        _libc.free(C.c_void_p(p))
+    threading.stack_size(THREAD_STACK)
+    if _libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
+        raise _oserror("cannot lock memory (mlockall)")
+    if not oom_protect:
+        return
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("-1000")
+    except OSError as e:
+        raise OSError(e.errno, f"cannot set oom_score_adj: {e.strerror}") from None
+
+
+def populate(address: int, length: int) -> None:
+    """Fault in (and so, under mlockall, lock) ``length`` bytes at ``address`` now."""
+    if _libc.madvise(C.c_void_p(address), C.c_size_t(length), MADV_POPULATE_WRITE) == 0:
+        return
+    if C.get_errno() != errno.EINVAL:       # EINVAL: a kernel older than 5.14
+        raise _oserror("madvise(MADV_POPULATE_WRITE)")
+    buf = (C.c_char * length).from_address(address)
+    for off in range(0, length, PAGE_SIZE):
+        buf[off] = buf[off]
+
+
+def set_io_flusher() -> None:
+    """PR_SET_IO_FLUSHER on the calling thread (needs CAP_SYS_RESOURCE)."""
+    if _libc.prctl(uapi.PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
+        raise _oserror("prctl(PR_SET_IO_FLUSHER)")
+
+
+def lock_thread_stack() -> None:
+    """Fault in and lock the calling thread's whole stack (``mlock`` populates, unlike
+    ``mlockall(MCL_ONFAULT)``). Call first thing in every thread of the daemon."""
+    attr = (C.c_char * 128)()
+    if _libc.pthread_getattr_np(_libc.pthread_self(), attr) != 0:
+        return
+    addr, size = C.c_void_p(), C.c_size_t()
+    try:
+        if _libc.pthread_attr_getstack(attr, C.byref(addr), C.byref(size)) == 0 and addr.value:
+            # leave the lowest page alone: it may be the guard page
+            if _libc.mlock(C.c_void_p(addr.value + PAGE_SIZE), C.c_size_t(size.value - PAGE_SIZE)) != 0:
+                raise _oserror("mlock(thread stack)")
+    finally:
+        _libc.pthread_attr_destroy(attr)
+
+
+def daemon_thread_init() -> None:
+    """What every non-I/O thread of the daemon does first (the arena keeper, the control
+    server): lock its stack, so it never faults while holding the GIL."""
+    if is_locked():
+        lock_thread_stack()
+
+
+def is_locked() -> bool:
+    """True once :func:`lock_process` ran in this process (VmLck > 0)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmLck:"):
+                    return int(line.split()[1]) > 0
+    except OSError:
+        pass
+    return False
