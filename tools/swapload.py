@@ -4,8 +4,8 @@
 Allocates ``--mib`` MiB of anonymous memory (meant to be several times RAM, so the kernel must
 swap), fills it with a mix of page kinds (zero, same-filled, text-like, random), then makes
 ``--passes`` passes over it in random order: each pass verifies every 256 KiB chunk against
-what was last written there and rewrites a random half of the chunks with new contents. A
-final pass verifies everything. Exit status 0 only if every page read back exactly.
+what was last written there; every pass but the last also rewrites a random half of the
+chunks with new contents. Exit status 0 only if every page read back exactly.
 
 Text-like pages are real text (this Python's standard library sources); random pages are
 incompressible; same-filled pages repeat one 8-byte word; zero pages are all zeros (Linux 6.12
@@ -77,6 +77,21 @@ class Pattern:
         return out
 
 
+def check_chunk(mem: np.ndarray, pat: Pattern, c: int, version: int) -> int:
+    """Compare chunk ``c`` of ``mem`` with what ``version`` of it holds; print the first bad
+    pages; return how many pages differ."""
+    got = mem[c]
+    want = pat.chunk(c, version)
+    if np.array_equal(got, want):
+        return 0
+    badrows = np.flatnonzero((got != want).any(axis=1))
+    for r in badrows[:4].tolist():
+        page = c * CHUNK_PAGES + r
+        print(f"swapload: MISMATCH page {page} (kind {KINDS[pat.kind[page]]}, version {version})",
+              flush=True)
+    return len(badrows)
+
+
 def parse_mix(text: str) -> dict[str, int]:
     mix = {}
     for part in text.split(","):
@@ -104,15 +119,50 @@ def progress(label: str, done: int, total: int, t0: float, tty: bool, last: list
     sys.stdout.flush()
 
 
+def mem_total_mib() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    raise RuntimeError("no MemTotal in /proc/meminfo")
+
+
+def enter_cgroup(limit_mib: int) -> str:
+    """Move this process into a new cgroup v2 group limited to ``limit_mib`` MiB of RAM (swap
+    unlimited), so that a host with plenty of RAM still swaps. Returns the group's path."""
+    root = "/sys/fs/cgroup"
+    if not os.path.exists(os.path.join(root, "cgroup.controllers")):
+        os.makedirs(root, exist_ok=True)
+        if os.system(f"mount -t cgroup2 none {root}") != 0:
+            raise RuntimeError("cgroup v2 is not available")
+    with open(os.path.join(root, "cgroup.subtree_control"), "w") as f:
+        f.write("+memory")
+    path = os.path.join(root, f"swapload-{os.getpid()}")
+    os.mkdir(path)
+    with open(os.path.join(path, "memory.max"), "w") as f:
+        f.write(f"{limit_mib}M")
+    with open(os.path.join(path, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mib", type=int, required=True, help="memory to allocate and verify")
-    ap.add_argument("--passes", type=int, default=2, help="random-order verify+rewrite passes")
+    ap.add_argument("--passes", type=int, default=2,
+                    help="passes in random order, each verifying every page; all but the last "
+                         "also rewrite a random half of the chunks (default 2)")
     ap.add_argument("--mix", type=parse_mix, default=parse_mix("zero=25,same=10,text=50,random=15"),
                     help="page kind proportions (default zero=25,same=10,text=50,random=15)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--cgroup-limit", type=int, metavar="MIB",
+                    help="run inside a new cgroup v2 limited to MIB of RAM (for hosts with lots of RAM)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    if args.passes < 1 or args.mib < 1:
+        ap.error("--passes and --mib must be at least 1")
+    if args.cgroup_limit:
+        print(f"swapload: in cgroup {enter_cgroup(args.cgroup_limit)} (memory.max {args.cgroup_limit} MiB)")
     nchunks = args.mib * 2**20 // (CHUNK_PAGES * PAGE)
     npages = nchunks * CHUNK_PAGES
     pat = Pattern(npages, args.mix, args.seed)
@@ -134,32 +184,20 @@ def main(argv=None) -> int:
             progress("fill  ", c + 1, nchunks, t0, tty, last)
 
     def verify(c: int) -> int:
-        got = mem[c]
-        want = pat.chunk(c, int(version[c]))
-        if np.array_equal(got, want):
-            return 0
-        badrows = np.flatnonzero((got != want).any(axis=1))
-        for r in badrows[:4].tolist():
-            print(f"swapload: MISMATCH page {c * CHUNK_PAGES + r} (kind {KINDS[pat.kind[c * CHUNK_PAGES + r]]}, "
-                  f"version {version[c]})", flush=True)
-        return len(badrows)
+        return check_chunk(mem, pat, c, int(version[c]))
 
     for p in range(args.passes):
+        last_pass = p == args.passes - 1
         order = rng.permutation(nchunks)
         rewrite = rng.random(nchunks) < 0.5
         t0, last = time.monotonic(), [0.0]
         for n, c in enumerate(order.tolist()):
             bad_pages += verify(c)
-            if rewrite[c]:
+            if rewrite[c] and not last_pass:
                 version[c] += 1
                 mem[c] = pat.chunk(c, int(version[c]))
             if not args.quiet:
                 progress(f"pass {p + 1}", n + 1, nchunks, t0, tty, last)
-    t0, last = time.monotonic(), [0.0]
-    for c in range(nchunks):
-        bad_pages += verify(c)
-        if not args.quiet:
-            progress("verify", c + 1, nchunks, t0, tty, last)
     secs = time.monotonic() - t_all
     verdict = "OK" if bad_pages == 0 else "FAILED"
     print(f"swapload: {verdict}: {npages} pages checked after {args.passes} passes, "

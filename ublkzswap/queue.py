@@ -167,6 +167,16 @@ class Queue:
             ring = Ring(2 * self.depth, cq_entries=8 * self.depth)
             all_tags = np.arange(self.depth, dtype=np.uint16)
             self._fill(ring, uapi.UBLK_U_IO_FETCH_REQ, cdev, all_tags, 0)
+            # one ready COMMIT_AND_FETCH SQE per tag: committing is then a row copy + result
+            self._commit_rows = np.zeros((self.depth, ring.sqe_size), dtype=np.uint8)
+            c = self._commit_rows.view(ring.sqes.dtype).reshape(self.depth)
+            c["opcode"] = uapi.IORING_OP_URING_CMD
+            c["fd"] = cdev
+            c["cmd_op"] = uapi.UBLK_U_IO_COMMIT_AND_FETCH_REQ
+            c["user_data"] = all_tags
+            c["io_q_id"] = self.q_id
+            c["io_tag"] = all_tags
+            c["io_addr"] = self.buf_addrs
             ring.submit()
             self.armed.set()
             self._loop(ring, iod, cdev)
@@ -189,7 +199,6 @@ class Queue:
         target = self.target
         bufs = self.bufs
         counters = self.counters
-        commit = uapi.UBLK_U_IO_COMMIT_AND_FETCH_REQ
         results = np.zeros(self.depth, dtype=np.int32)
         ctags = np.zeros(self.depth, dtype=np.uint16)
         pending: dict[int, list] = {}
@@ -229,12 +238,9 @@ class Queue:
                 counters.errors += int((~ok & (res != uapi.UBLK_IO_RES_ABORT)).sum())
                 tags = tags[ok]
             if len(tags):
-                d = iod[tags]
                 counters.batches += 1
                 counters.requests += len(tags)
-                for tag, opf, nr, start in zip(tags.tolist(), d["op_flags"].tolist(),
-                                               d["nr_sectors"].tolist(),
-                                               d["start_sector"].tolist()):
+                for tag, (opf, nr, start, _addr) in zip(tags.tolist(), iod[tags].tolist()):
                     r = handle_request(opf, nr, start, bufs[tag], target)
                     op = opf & 0xFF
                     if op == 0:
@@ -256,7 +262,9 @@ class Queue:
                     nc += 1
             if nc:
                 self._claim_room(ring, nc)
-                self._fill(ring, commit, cdev, ctags[:nc], results[:nc])
+                idx = ring.claim(nc, zero=False)
+                ring.sqe_rows[idx] = self._commit_rows[ctags[:nc]]
+                ring.sqes["io_result"][idx] = results[:nc]
 
     @staticmethod
     def _claim_room(ring: Ring, n: int) -> None:

@@ -92,7 +92,7 @@ class Ring:
         self.cq_mask = cq.ring_mask
         self._sqe_bytes = _u8_view(sq.sqes, self.sq_entries * self.sqe_size)
         self.sqes = self._sqe_bytes.view(uapi.sqe_dtype(self.sqe_size))
-        self._sqe_rows = self._sqe_bytes.reshape(self.sq_entries, self.sqe_size)
+        self.sqe_rows = self._sqe_bytes.reshape(self.sq_entries, self.sqe_size)
         self.cqes = _u8_view(cq.cqes, self.cq_entries * 16).view(uapi.CQE_DTYPE)
         self._sq_khead = _u32_cell(sq.khead)
         self._cq_khead = _u32_cell(cq.khead)
@@ -106,8 +106,9 @@ class Ring:
         """Free SQE slots (as liburing's get_sqe sees them)."""
         return self.sq_entries - ((self._ring.sq.sqe_tail - int(self._sq_khead[0])) & 0xFFFFFFFF)
 
-    def claim(self, n: int) -> np.ndarray:
-        """Claim ``n`` SQE slots, zero them and return their indices into ``sqes``.
+    def claim(self, n: int, zero: bool = True) -> np.ndarray:
+        """Claim ``n`` SQE slots, zero them (unless the caller overwrites whole rows of
+        ``sqe_rows`` itself) and return their indices into ``sqes``.
 
         Raises ``OSError(EBUSY)`` if the SQ has fewer than ``n`` free slots (submit first).
         """
@@ -118,7 +119,8 @@ class Ring:
             idx = np.array([tail & self.sq_mask], dtype=np.uint32)
         else:
             idx = (self._sq_steps[:n] + np.uint32(tail)) & np.uint32(self.sq_mask)
-        self._sqe_rows[idx] = 0
+        if zero:
+            self.sqe_rows[idx] = 0
         self._ring.sq.sqe_tail = (tail + n) & 0xFFFFFFFF
         return idx
 
@@ -192,7 +194,7 @@ class Ring:
     def close(self) -> None:
         if self._open:
             self._open = False
-            self.sqes = self.cqes = self._sqe_bytes = self._sqe_rows = None
+            self.sqes = self.cqes = self._sqe_bytes = self.sqe_rows = None
             self._lib.io_uring_queue_exit(self._pring)
 
     def __enter__(self):
