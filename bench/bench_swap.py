@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""zram against ublkzswap as swap, in ONE boot of the test VM (or natively where the kernel has
+ublk): the same fio jobs and the same swap workload on each, printed side by side and as ratios
+to zram. Printed, not asserted.
+
+- fio: 4k random write then random read, QD32, io_uring, O_DIRECT, on a 256 MiB device,
+  with 3:1 compressible data and with zero data;
+- swap: ``tools/swapload.py`` pushing about 1.5x the guest's RAM through the swap device
+  (mixed zero / same-filled / text / random pages, every page verified), wall time;
+- memory: mem_used_total / orig_data_size after the swap fill (zram: mm_stat), and
+  mem_used_total / compr_data_size after an fio fill of the 256 MiB device.
+
+    python3 bench/bench_swap.py [--reps 2] [--runtime 10] [--targets zram,zswap-lzo,zswap-lz4]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+PY = os.path.realpath(sys.executable)
+SOCK = "/run/ublkzswap-bench.sock"
+FIO_MB = 256
+TARGETS = ("zram", "zswap-lzo", "zswap-lz4")
+MIX = "zero=50,same=15,text=32,random=3"
+
+
+def fio(dev: str, rw: str, runtime: int, data: str) -> float:
+    extra = (["--buffer_compress_percentage=67", "--buffer_compress_chunk=4096", "--refill_buffers"]
+             if data == "3:1" else ["--zero_buffers"])
+    cmd = ["fio", "--name=b", f"--filename={dev}", f"--rw={rw}", "--bs=4k", "--iodepth=32",
+           "--ioengine=io_uring", "--direct=1", f"--size={FIO_MB}M", "--randrepeat=0",
+           "--output-format=json", *extra]
+    cmd += ["--time_based", f"--runtime={runtime}"] if rw == "randread" else []
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime * 20 + 600)
+    if p.returncode != 0:
+        raise RuntimeError(f"fio {rw} on {dev}: {p.stderr[-400:]}")
+    job = json.loads(p.stdout[p.stdout.index("{"):])["jobs"][0]
+    return float(job["write" if "write" in rw else "read"]["iops"])
+
+
+class Zram:
+    def __init__(self, name):
+        self.name = name
+
+    def up(self, size_mb: int) -> str:
+        if not os.path.exists("/sys/block/zram0"):
+            if os.path.exists("/sys/class/zram-control/hot_add"):
+                open("/sys/class/zram-control/hot_add").read()
+            else:
+                subprocess.run(["modprobe", "zram", "num_devices=1"], check=True)
+        self._w("reset", "1")
+        self._w("comp_algorithm", "lz4")
+        self._w("disksize", f"{size_mb}M")
+        return "/dev/zram0"
+
+    def _w(self, attr, val):
+        with open(f"/sys/block/zram0/{attr}", "w") as f:
+            f.write(val)
+
+    def mem(self) -> dict:
+        f = open("/sys/block/zram0/mm_stat").read().split()
+        return {"orig_data_size": int(f[0]), "compr_data_size": int(f[1]),
+                "mem_used_total": int(f[2])}
+
+    def down(self):
+        self._w("reset", "1")
+
+
+class Ublk:
+    def __init__(self, name):
+        self.name = name
+        self.comp = name.partition("-")[2]
+
+    def up(self, size_mb: int) -> str:
+        from tests.kernel.daemonctl import start
+        self.pid, _ = start("num_devices=1", f"disksize_kb={size_mb * 1024}",
+                            f"compressor={self.comp}", f"socket={SOCK}")
+        return "/dev/ublkb0"
+
+    def mem(self) -> dict:
+        p = subprocess.run([PY, "-m", "ublkzswap.cli", "/dev/ublkb0", "--json", "--socket", SOCK],
+                           capture_output=True, text=True, check=True)
+        return json.loads(p.stdout)
+
+    def down(self):
+        from tests.kernel.daemonctl import stop, wait_gone
+        stop(self.pid)
+        wait_gone()
+
+
+def mem_total_mib() -> int:
+    from tools.swapload import mem_total_mib as m
+    return m()
+
+
+def swap_run(t, mib: int) -> tuple[float, dict, bool]:
+    dev = t.up(3 * mib)
+    try:
+        if t.name == "zram":
+            subprocess.run(["mkswap", dev], check=True, capture_output=True)
+        subprocess.run(["swapon", "--discard", dev], check=True)
+        t0 = time.monotonic()
+        p = subprocess.run([PY, os.path.join(ROOT, "tools", "swapload.py"), "--mib", str(mib),
+                            "--passes", "1", "--mix", MIX, "--quiet"],
+                           capture_output=True, text=True, timeout=3600)
+        secs = time.monotonic() - t0
+        m = t.mem()
+        subprocess.run(["swapoff", dev], check=True, timeout=1800)
+        return secs, m, p.returncode == 0
+    finally:
+        if dev in open("/proc/swaps").read():
+            subprocess.run(["swapoff", dev], timeout=1800)
+        t.down()
+
+
+def inside(args) -> int:
+    mib = int(mem_total_mib() * 1.5)
+    res: dict[str, dict] = {}
+    for name in args.targets:
+        t = Zram(name) if name == "zram" else Ublk(name)
+        r = res[name] = {"w31": [], "r31": [], "w0": [], "r0": [], "swap_s": [], "swap_mem": [],
+                         "fio_mem": [], "ok": True}
+        for rep in range(args.reps):
+            dev = t.up(FIO_MB)
+            try:
+                r["w31"].append(fio(dev, "randwrite", args.runtime, "3:1"))
+                m = t.mem()
+                if m["compr_data_size"]:
+                    r["fio_mem"].append(m["mem_used_total"] / m["compr_data_size"])
+                r["r31"].append(fio(dev, "randread", args.runtime, "3:1"))
+            finally:
+                t.down()
+            dev = t.up(FIO_MB)
+            try:
+                r["w0"].append(fio(dev, "randwrite", args.runtime, "zero"))
+                r["r0"].append(fio(dev, "randread", args.runtime, "zero"))
+            finally:
+                t.down()
+            secs, m, ok = swap_run(t, mib)
+            r["swap_s"].append(secs)
+            r["swap_mem"].append(m["mem_used_total"] / max(m["orig_data_size"], 1))
+            r["ok"] &= ok
+            print(f"  {name:10s} rep {rep + 1}: fio3:1 w {r['w31'][-1]:.0f} r {r['r31'][-1]:.0f}  "
+                  f"zero w {r['w0'][-1]:.0f} r {r['r0'][-1]:.0f} IOPS; swap {secs:.0f}s "
+                  f"({'verified' if ok else 'FAILED'}), mem/orig {r['swap_mem'][-1]:.3f}", flush=True)
+
+    def med(v):
+        return statistics.median(v) if v else float("nan")
+
+    def cell(v, fmt="{:.0f}"):
+        if not v:
+            return "-"
+        return f"{fmt.format(med(v))} ({fmt.format(min(v))}-{fmt.format(max(v))})"
+
+    print()
+    print(f"guest RAM {mem_total_mib()} MiB, swap workload {mib} MiB ({MIX}), fio {FIO_MB} MiB, "
+          f"{args.reps} reps, kernel {os.uname().release}; median (min-max)")
+    cols = [("w31", "4k randwrite 3:1"), ("r31", "4k randread 3:1"), ("w0", "4k randwrite zero"),
+            ("r0", "4k randread zero"), ("swap_s", "swap wall s"), ("swap_mem", "swap mem/orig"),
+            ("fio_mem", "fio mem/compr")]
+    ref = res.get("zram")
+    for key, label in cols:
+        fmt = "{:.3f}" if "mem" in key else "{:.0f}"
+        line = f"{label:18s}"
+        for name in res:
+            line += f" {name}: {cell(res[name][key], fmt):>24s}"
+            if ref and name != "zram" and res[name][key] and ref[key]:
+                line += f" [{med(res[name][key]) / med(ref[key]):.2f}x]"
+        print(line)
+    print("all swap runs verified" if all(r["ok"] for r in res.values()) else "SOME SWAP RUN FAILED")
+    return 0 if all(r["ok"] for r in res.values()) else 1
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--runtime", type=int, default=10, help="seconds per fio read run")
+    ap.add_argument("--mem", type=int, default=512, help="guest RAM in MiB")
+    ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.targets = [t for t in args.targets.split(",") if t]
+    if any(t not in TARGETS for t in args.targets):
+        ap.error(f"targets are {', '.join(TARGETS)}")
+    if args.inside or os.path.exists("/dev/ublk-control"):
+        return inside(args)
+    cmd = [PY, "-m", "tools.vm", "run", "--mem", str(args.mem), "--timeout", "10800", "--", PY,
+           os.path.join(HERE, "bench_swap.py"), "--inside", "--targets", ",".join(args.targets),
+           "--reps", str(args.reps), "--runtime", str(args.runtime)]
+    t0 = time.monotonic()
+    rc = subprocess.call(cmd, cwd=ROOT)
+    print(f"(one VM boot, {time.monotonic() - t0:.0f}s in all)")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
