@@ -18,7 +18,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tools.swapload import mem_total_mib  # noqa: E402
+from tools.swapload import mem_total_mib, remove_cgroups  # noqa: E402
 
 PY = os.path.realpath(sys.executable)
 SOCK = "/run/ublkzswap-demo.sock"
@@ -94,12 +94,7 @@ def main() -> int:
             if not os.path.exists(f"/proc/{pid}"):
                 break
             time.sleep(0.1)
-        for d in os.listdir("/sys/fs/cgroup") if os.path.isdir("/sys/fs/cgroup") else []:
-            if d.startswith("swapload-"):
-                try:
-                    os.rmdir(os.path.join("/sys/fs/cgroup", d))
-                except OSError:
-                    pass
+        remove_cgroups()
     left = [d for d in os.listdir("/dev") if d.startswith("ublkb") or d.startswith("ublkc")]
     print(f"  left behind: {left or 'nothing'}")
     return 0 if ok and not left else 1

@@ -146,6 +146,17 @@ def enter_cgroup(limit_mib: int) -> str:
     return path
 
 
+def remove_cgroups() -> None:
+    """Remove the (by then empty) groups that :func:`enter_cgroup` left behind."""
+    root = "/sys/fs/cgroup"
+    for d in os.listdir(root) if os.path.isdir(root) else []:
+        if d.startswith("swapload-"):
+            try:
+                os.rmdir(os.path.join(root, d))
+            except OSError:
+                pass
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mib", type=int, required=True, help="memory to allocate and verify")

@@ -175,14 +175,8 @@ class Arena:
         up to ``timeout`` seconds for its next batch (for writes whose failure the kernel
         would not retry; a swap write passes 0 and fails at once instead)."""
         with self._lock:
+            p = self._pop(kind)
             n = self._nready
-            if n:
-                n -= 1
-                self._nready = n
-                p = self._rv[n]
-                self._st[p] = kind
-            else:
-                p = -1
         if n < self.low and self._thread is not None and not self._event.is_set():
             self._event.set()
         if p < 0 and timeout > 0 and self._thread is not None:
@@ -190,24 +184,26 @@ class Arena:
         if p < 0 and self.inline_refill:
             self.step()
             with self._lock:
-                n = self._nready
-                if n:
-                    n -= 1
-                    self._nready = n
-                    p = self._rv[n]
-                    self._st[p] = kind
+                p = self._pop(kind)
+        return p
+
+    def _pop(self, kind: int) -> int:
+        """Top of the READY stack for ``kind``, or -1 (caller holds ``_lock``)."""
+        n = self._nready
+        if not n:
+            return -1
+        n -= 1
+        self._nready = n
+        p = self._rv[n]
+        self._st[p] = kind
         return p
 
     def _take_waiting(self, kind: int, timeout: float) -> int:
         deadline = time.monotonic() + timeout
         with self._refilled:
             while True:
-                n = self._nready
-                if n:
-                    n -= 1
-                    self._nready = n
-                    p = self._rv[n]
-                    self._st[p] = kind
+                p = self._pop(kind)
+                if p >= 0:
                     return p
                 left = deadline - time.monotonic()
                 if left <= 0 or self._thread is None:

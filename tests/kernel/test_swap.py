@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tools.swapload import mem_total_mib
+from tools.swapload import mem_total_mib, remove_cgroups
 
 from .daemonctl import PY, leftovers, running, wait_gone
 
@@ -78,12 +78,7 @@ def clean():
     assert leftovers() == []
     yield
     swapoff_all()
-    for d in os.listdir("/sys/fs/cgroup") if os.path.isdir("/sys/fs/cgroup") else []:
-        if d.startswith("swapload-"):
-            try:
-                os.rmdir(os.path.join("/sys/fs/cgroup", d))
-            except OSError:
-                pass
+    remove_cgroups()
     assert wait_gone() == []
 
 
