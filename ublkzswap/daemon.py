@@ -420,10 +420,11 @@ class Manager:
 
 
 # ----------------------------------------------------------------------------- main
-def _reexec_with_malloc() -> None:
+def _reexec_with_malloc(argv: list[str]) -> None:
+    """Start over with Python's allocator on glibc malloc (whose heap lock_process pins)."""
     if os.environ.get("PYTHONMALLOC") != "malloc":
         env = dict(os.environ, PYTHONMALLOC="malloc", MALLOC_ARENA_MAX="1")
-        os.execve(sys.executable, [sys.executable, "-m", "ublkzswap.daemon"] + sys.argv[1:], env)
+        os.execve(sys.executable, [sys.executable, "-m", "ublkzswap.daemon"] + list(argv), env)
 
 
 def _daemonize() -> int:
@@ -561,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         if not ok:
             print(f"ublkzswapd: {why}", file=sys.stderr)
             return 1
-    _reexec_with_malloc()
+    _reexec_with_malloc(argv)
     if not cfg["foreground"]:
         rc = _daemonize()
         if rc >= 0:

@@ -93,6 +93,7 @@ from .xvmalloc import MAX_ARENA_PAGES, XvPool
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
+ARENA_SLACK_PAGES = 256                       # > pages of the largest request (256 KiB = 64)
 MAX_ZPAGE_SIZE_BDEV = PAGE_SIZE // 2          # 2048: above, forward to backing swap
 MAX_ZPAGE_SIZE_NOBDEV = PAGE_SIZE // 4 * 3    # 3072: above, store raw
 GOOD_COMPRESS = PAGE_SIZE // 2                # clen <= 2048 counts as good_compress
@@ -126,8 +127,10 @@ class Store:
       backing: backing swap object (see module docstring) or None.
       arena: an existing :class:`ublkzswap.arena.Arena` to use (the store then
         neither starts its keeper nor closes it); else the store creates one
-        of ``arena_pages`` pages (default ``disksize / 4096``, the most it can
-        ever need: every xvmalloc page holds at least one live object).
+        of ``arena_pages`` pages (default ``disksize / 4096`` -- the most the data can ever
+        need, every xvmalloc page holding at least one live object -- plus the ready pool
+        and the pages a full device needs to overwrite itself: allocation comes before
+        the old slot is freed).
       pool_low, pool_high: ready-pool watermarks in pages for a created arena.
       lock_memory: ``mlock2(MLOCK_ONFAULT)`` the created arena (OSError if
         refused).
@@ -163,7 +166,11 @@ class Store:
         self.max_zpage_size = MAX_ZPAGE_SIZE_BDEV if backing is not None else MAX_ZPAGE_SIZE_NOBDEV
         if arena is None:
             if arena_pages is None:
-                arena_pages = min(self.npages, MAX_ARENA_PAGES)
+                # address space only (nothing is resident until the keeper brings it in):
+                # every slot stored raw, plus the ready pool, plus one page per page of the
+                # largest request, which is allocated before the slot's old page is freed
+                high = _arena.DEFAULT_HIGH if pool_high is None else pool_high
+                arena_pages = min(self.npages + high + ARENA_SLACK_PAGES, MAX_ARENA_PAGES)
             arena = _arena.Arena(arena_pages, low=pool_low, high=pool_high, lock=lock_memory,
                                  inline_refill=inline_refill)
             self._own_arena = True

@@ -48,3 +48,23 @@ def test_ordinary_writes_wait_swap_writes_fail_fast():
         assert out1 == bytes(PAGE)               # nothing half-stored
     finally:
         s.close()
+
+
+def test_a_full_device_of_raw_pages_can_still_be_overwritten():
+    """Every slot stored raw fills disksize worth of arena pages; overwriting one allocates
+    its new page before freeing the old, so the arena needs headroom beyond disksize."""
+    n = 256
+    s = Store(n * PAGE, pool_low=4, pool_high=32, keeper_interval=0.01)
+    try:
+        first = incompressible(n)
+        s.write(0, memoryview(first))
+        assert s.huge_pages == n
+        second = incompressible(n)
+        for off in range(0, n * PAGE, 64 * PAGE):          # 256 KiB requests, like the kernel's
+            s.write(off, memoryview(second)[off:off + 64 * PAGE])
+        assert s.failed_writes == 0
+        out = bytearray(n * PAGE)
+        s.read(0, memoryview(out))
+        assert out == second
+    finally:
+        s.close()
