@@ -25,7 +25,7 @@ reset                   dev                          null                       
 
 "owner" = the peer's uid (SO_PEERCRED) is 0 or the daemon's own uid; anyone else gets
 EPERM. Access to the socket itself is governed by its file mode (0660) and directory.
-The server calls a *Manager* (contract in notes/HELPERS.md); an ``OSError`` from it becomes
+The server calls a *Manager* (contract in docs/CONTRACTS.md); an ``OSError`` from it becomes
 an errno answer, any other exception is logged and answered with EIO. Malformed JSON,
 a wrong version, unknown op or bad argument types are answered (EINVAL/EPROTO) and the
 connection stays usable; an oversized frame is answered with EMSGSIZE and the connection

@@ -346,7 +346,7 @@ def _set_scheduler_none(dev_id: int) -> None:
 
 class Manager:
     """The devices of this daemon, as the control socket sees them (contract in
-    notes/HELPERS.md). Methods serialise on one lock; refusals are OSError(errno)."""
+    docs/CONTRACTS.md). Methods serialise on one lock; refusals are OSError(errno)."""
 
     def __init__(self, control: ublkctrl.Control, cfg: dict):
         self.control = control

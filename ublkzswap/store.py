@@ -41,7 +41,7 @@ backing swap (``num_reads--``, ``bd_reads++``) or, without one, returns zeros
 (compcache left the buffer untouched; a ublk buffer holds stale data, so we
 zero it). Reads never need memory, so they never fail for lack of it.
 
-Counters (``stats()`` keys, the names agreed in notes/HELPERS.md):
+Counters (``stats()`` keys, the names agreed in docs/CONTRACTS.md):
 
 - ``zero_pages`` = compcache's ZeroPages: zero-filled slots;
 - ``same_pages`` = zram's same_pages: all same-filled slots, zero included;
@@ -229,7 +229,7 @@ class Store:
         return (self._xv_total[0] + self.huge_pages) << PAGE_SHIFT
 
     def stats(self) -> dict:
-        """All counters, keyed by the names in notes/HELPERS.md (sizes in bytes)."""
+        """All counters, keyed by the names in docs/CONTRACTS.md (sizes in bytes)."""
         with self._lock:
             return {
                 "disksize": self.disksize,

@@ -1,4 +1,4 @@
-"""A fake in-memory Manager (contract in notes/HELPERS.md) with compcache 0.6.2's state machine.
+"""A fake in-memory Manager (contract in docs/CONTRACTS.md) with compcache 0.6.2's state machine.
 
 Used by the control and CLI tests; the tests in this file check the fake itself follows the
 rules of the reference (section 1.5): SET_* and INIT -> EBUSY once initialised, STATS -> ENOTTY
