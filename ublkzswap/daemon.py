@@ -423,7 +423,9 @@ class Manager:
 def _reexec_with_malloc(argv: list[str]) -> None:
     """Start over with Python's allocator on glibc malloc (whose heap lock_process pins)."""
     if os.environ.get("PYTHONMALLOC") != "malloc":
-        env = dict(os.environ, PYTHONMALLOC="malloc", MALLOC_ARENA_MAX="1")
+        # no BLAS/OpenMP worker threads: their stacks would only add locked memory
+        env = dict(os.environ, PYTHONMALLOC="malloc", MALLOC_ARENA_MAX="1",
+                   OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
         os.execve(sys.executable, [sys.executable, "-m", "ublkzswap.daemon"] + list(argv), env)
 
 

@@ -6,6 +6,8 @@ small thread stacks, ``mlockall(MCL_CURRENT|MCL_FUTURE|MCL_ONFAULT)``, ``oom_sco
 fresh mapping resident (:func:`populate`).
 
 Why each piece (DESIGN.md "Memory and deadlock", ublk-protocol.md section 4):
+- ``mlockall(MCL_CURRENT)`` first, without ``MCL_ONFAULT``: it breaks copy-on-write of every
+  writable private page now (a later first write would allocate in whatever thread does it).
 - ``MCL_ONFAULT`` keeps the arena's device-sized reservation from being populated at mmap
   time, but it also makes ``MAP_POPULATE`` a no-op (the kernel skips populating
   VM_LOCKONFAULT mappings). Every buffer the I/O path touches must therefore be populated
@@ -64,6 +66,15 @@ def lock_process(heap_bytes: int = HEAP_PREGROW, oom_protect: bool = True) -> No
         C.memset(p, 1, heap_bytes)
         _libc.free(C.c_void_p(p))
     threading.stack_size(THREAD_STACK)
+    # First without MCL_ONFAULT: this populates every current mapping and, for writable
+    # private ones, breaks copy-on-write now (libraries' data pages, the heap, pages still
+    # shared with the parent we forked from). Under MCL_ONFAULT alone the first write to such
+    # a page would allocate a copy later -- in whatever thread touches it, the I/O path
+    # included (seen as a swap freeze in do_wp_page).
+    if _libc.mlockall(MCL_CURRENT) != 0:
+        raise _oserror("cannot lock memory (mlockall)")
+    # Then for everything to come: locked on fault, so the device-sized arena reservation
+    # costs nothing until the keeper brings pages in.
     if _libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
         raise _oserror("cannot lock memory (mlockall)")
     if not oom_protect:
