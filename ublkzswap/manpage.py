@@ -139,7 +139,8 @@ RZS_STEPS = [
      ["swapon --discard /dev/ublkb0"],
      "No mkswap is needed: the device presents a swap header sized to the device. "
      "--discard (or at least --discard=pages) is recommended: discards are how the device "
-     "learns that swap freed a slot, so the compressed page can be dropped at once."),
+     "learns that swap freed a whole 2 MiB cluster, so its compressed pages can be dropped "
+     "(Linux does not report single freed slots; those are reclaimed when overwritten)."),
     ("Watch it.",
      ["rzscontrol /dev/ublkb0 --stats"],
      None),
