@@ -20,7 +20,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -131,13 +130,9 @@ def main() -> int:
     if args.inside or os.path.exists("/dev/ublk-control"):
         return inside(args)
     budget = len(args.targets) * args.reps * (2 * (args.runtime + 2) + 40) + 300
-    cmd = [PY, "-m", "tools.vm", "run", "--timeout", str(budget), "--", PY,
-           os.path.join(HERE, "bench_fio.py"), "--inside", "--targets", ",".join(args.targets),
-           "--reps", str(args.reps), "--runtime", str(args.runtime)]
-    t0 = time.monotonic()
-    rc = subprocess.call(cmd, cwd=ROOT)
-    print(f"(one VM boot, {time.monotonic() - t0:.0f}s in all)")
-    return rc
+    from bench.vmrun import in_vm
+    return in_vm("bench_fio.py", ["--targets", ",".join(args.targets), "--reps", str(args.reps),
+                                  "--runtime", str(args.runtime)], timeout=budget)
 
 
 if __name__ == "__main__":

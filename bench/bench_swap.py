@@ -193,13 +193,9 @@ def main() -> int:
         ap.error(f"targets are {', '.join(TARGETS)}")
     if args.inside or os.path.exists("/dev/ublk-control"):
         return inside(args)
-    cmd = [PY, "-m", "tools.vm", "run", "--mem", str(args.mem), "--timeout", "10800", "--", PY,
-           os.path.join(HERE, "bench_swap.py"), "--inside", "--targets", ",".join(args.targets),
-           "--reps", str(args.reps), "--runtime", str(args.runtime)]
-    t0 = time.monotonic()
-    rc = subprocess.call(cmd, cwd=ROOT)
-    print(f"(one VM boot, {time.monotonic() - t0:.0f}s in all)")
-    return rc
+    from bench.vmrun import in_vm
+    return in_vm("bench_swap.py", ["--targets", ",".join(args.targets), "--reps", str(args.reps),
+                                   "--runtime", str(args.runtime)], timeout=10800, mem=args.mem)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """cli.py (rzscontrol): parsing, fixed order, compcache messages and output, extras, via a real
 ControlServer on a temp socket in front of the fake Manager."""
 
-import errno
 import json
 import os
 import shutil

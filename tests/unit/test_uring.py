@@ -1,5 +1,4 @@
 """io_uring through liburing, natively on this host (io_uring needs no ublk)."""
-import ctypes as C
 import errno
 import os
 
