@@ -68,7 +68,7 @@ def main() -> int:
             args += ["--cgroup-limit", str(limit)]
         load = sh(*args, check=False)
         secs = time.monotonic() - t0
-        step(f"rzscontrol {DEV} --stats   (while the data is still swapped out... now freed)")
+        step(f"rzscontrol {DEV} --stats   (after the workload exited: discards freed most of it)")
         print(rzs(DEV, "--stats").stdout, end="")
         st = json.loads(rzs(DEV, "--json").stdout)
         ios = st["num_reads"] + st["num_writes"]
@@ -77,7 +77,7 @@ def main() -> int:
         print(f"  pages through the device: {st['num_writes']} written, {st['num_reads']} read "
               f"in {secs:.0f}s ({ios / secs:.0f} pages/s)")
         if compr:
-            print(f"  compression ratio (orig/compr): {orig / compr:.2f}  "
+            print(f"  compression ratio (orig/compr) of what is still stored: {orig / compr:.2f}  "
                   f"same-filled pages: {st['same_pages']}  stored raw: {st['huge_pages']}")
         print(f"  peak memory used {used >> 20} MiB for the data swapped out; "
               f"notify_free (discards) {st['notify_free']}")
