@@ -37,6 +37,7 @@ from collections import namedtuple
 
 from . import ctrl as ublkctrl
 from . import memory
+from . import stats as statsmod
 from .queue import Queue
 from .target import NullTarget, RamTarget, features
 
@@ -308,11 +309,9 @@ class Device:
             st = dict(own())
         else:
             c = self.queue.counters
-            st = {k: 0 for k in ("failed_reads", "failed_writes", "invalid_io", "notify_free",
-                                 "zero_pages", "same_pages", "good_compress", "huge_pages",
-                                 "pages_stored", "orig_data_size", "compr_data_size",
-                                 "mem_used_total", "mem_used_max", "bd_reads", "bd_writes")}
-            st.update(num_reads=c.reads, num_writes=c.writes)
+            st = statsmod.empty()      # a plain target counts only what the queue sees
+            st.update(num_reads=c.reads, num_writes=c.writes, disksize=self.target.size,
+                      mem_limit=self.memlimit_kb * 1024, backing_swap=self.backing_swap)
         st.setdefault("disksize", self.target.size)
         st.setdefault("mem_limit", self.memlimit_kb * 1024)
         st.setdefault("backing_swap", self.backing_swap)
