@@ -28,6 +28,7 @@ Still naive: one queue per device; the queue thread does compression itself.
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import signal
 import struct
@@ -242,7 +243,8 @@ class Device:
             params = ublkctrl.basic_params(disksize >> 9, IO_BUF_BYTES,
                                            discard="discard" in features(target))
             self.control.set_params(self.dev_id, params)
-            self.queue = Queue(self.dev_id, target, depth=QUEUE_DEPTH, buf_bytes=IO_BUF_BYTES)
+            self.queue = Queue(self.dev_id, target, depth=QUEUE_DEPTH, buf_bytes=IO_BUF_BYTES,
+                               backing_fd=backing.fd if backing is not None else -1)
             self.thread = threading.Thread(target=self.queue.serve, name=f"ublkq{self.dev_id}",
                                            daemon=True)
             self.thread.start()
@@ -490,7 +492,7 @@ def run(cfg: dict) -> int:
         return fail(why)
     if cfg["target"] == "zswap":
         try:
-            from . import store  # noqa: F401  (import before locking: no imports on the I/O path)
+            importlib.import_module(f"{__package__}.store")   # before locking: no imports on the I/O path
         except ImportError as e:
             return fail(f"target=zswap unavailable: {e}")
     try:

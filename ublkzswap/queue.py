@@ -15,12 +15,23 @@ loop touches is made resident before the device starts (buffers populated explic
 thread's stack locked); the loop itself allocates only small, bounded objects
 from the pre-grown heap. The queue thread marks itself PR_SET_IO_FLUSHER.
 
+Backing I/O (a target's :class:`~ublkzswap.target.BackingIO`) runs as READ/WRITE SQEs on the
+same ring, at most ``backing_inflight`` at a time (more wait in a FIFO). io_uring allocates a
+request and an ``io_async_rw`` per READ/WRITE with GFP_KERNEL unless its per-ring caches hold
+one; the first backing I/O happens when memory is short (memlimit reached), so an allocation
+then enters direct reclaim that only our own swap-out could satisfy: the machine freezes
+(seen in CI: ``io_prep_rw -> io_alloc_async_data -> kmalloc -> try_to_free_pages``). So
+:meth:`serve` prewarms those caches with ``backing_inflight`` concurrent reads of the backing
+device before arming, and the bound keeps the loop inside what was prewarmed.
+
 Still naive: one queue per device; no USER_COPY or zero-copy; requests of a batch are
 handled one after another in this thread.
 """
 
 from __future__ import annotations
 
+import collections
+import ctypes
 import errno
 import mmap
 import os
@@ -36,6 +47,15 @@ from .uring import Ring
 
 SECTOR_SHIFT = 9
 BACKING_IO = 1 << 40   # user_data bit of a backing-swap read/write (FETCH/COMMIT carry the tag only)
+PREWARM_IO = 1 << 41   # user_data bit of the start-up reads that fill io_uring's caches
+PR_SET_NAME = 15
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def set_thread_name(name: str) -> None:
+    """The calling thread's kernel name (``comm``, 15 bytes): how ps, tracing and the
+    blocked-task dump tell the queue thread apart."""
+    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 def handle_request(op_flags: int, nr_sectors: int, start_sector: int, buf: memoryview,
                    target) -> int:
     """Serve one block request on ``target``; return bytes done (>= 0) or ``-errno``, or the
@@ -107,8 +127,12 @@ class Queue:
     """
 
     def __init__(self, dev_id: int, target, *, q_id: int = 0, depth: int = 64,
-                 buf_bytes: int = 256 * 1024):
+                 buf_bytes: int = 256 * 1024, backing_fd: int = -1, backing_inflight: int = 32):
+        """``backing_fd``: the target's backing device/file (O_DIRECT, >= 4 KiB), read to
+        prewarm io_uring's caches; ``backing_inflight`` (<= depth): backing ops in flight."""
         self.dev_id = dev_id
+        self.backing_fd = backing_fd
+        self.backing_inflight = max(1, min(backing_inflight, depth))
         self.q_id = q_id
         self.depth = depth
         self.buf_bytes = buf_bytes
@@ -157,6 +181,7 @@ class Queue:
         cdev = -1
         ring = iod_map = None
         try:
+            set_thread_name(f"ublkq{self.dev_id}:{self.q_id}")
             set_io_flusher()
             lock_thread_stack()
             cdev = self._open_cdev()
@@ -165,6 +190,8 @@ class Queue:
                                 offset=uapi.ublk_desc_offset(self.q_id))
             iod = np.frombuffer(iod_map, dtype=uapi.IO_DESC_DTYPE, count=self.depth)
             ring = Ring(2 * self.depth, cq_entries=8 * self.depth)
+            if self.backing_fd >= 0:
+                self._prewarm(ring, self.backing_fd, self.backing_inflight)
             all_tags = np.arange(self.depth, dtype=np.uint16)
             self._fill(ring, uapi.UBLK_U_IO_FETCH_REQ, cdev, all_tags, 0)
             # one ready COMMIT_AND_FETCH SQE per tag: committing is then a row copy + result
@@ -202,6 +229,8 @@ class Queue:
         results = np.zeros(self.depth, dtype=np.int32)
         ctags = np.zeros(self.depth, dtype=np.uint16)
         pending: dict[int, list] = {}
+        self._waiting = collections.deque()   # backing ops beyond the in-flight bound
+        self._inflight = 0
         while live > 0:
             ring.submit_and_wait(1)
             cqes = ring.reap()
@@ -213,6 +242,7 @@ class Queue:
             if pending:
                 back = (ud & BACKING_IO) != 0
                 if back.any():
+                    self._inflight -= int(back.sum())
                     for u, r in zip(ud[back].tolist(), res[back].tolist()):
                         tag = (u >> 16) & 0xFFFF
                         p = pending[tag]
@@ -231,6 +261,8 @@ class Queue:
                             nc += 1
                     ud = ud[~back]
                     res = res[~back]
+                    if self._waiting:
+                        self._submit_waiting(ring)
             tags = (ud & 0xFFFF).astype(np.uint16)
             ok = res == uapi.UBLK_IO_RES_OK
             if not ok.all():
@@ -272,20 +304,52 @@ class Queue:
             ring.submit()
 
     def _submit_backing(self, ring: Ring, tag: int, ops) -> None:
-        """Queue a request's backing-swap reads/writes on this queue's ring; their CQEs carry
-        BACKING_IO | tag << 16 | op index."""
-        self._claim_room(ring, len(ops))
-        idx = ring.claim(len(ops))
-        s = ring.sqes
+        """Queue a request's backing-swap reads/writes on this queue's ring (their CQEs carry
+        BACKING_IO | tag << 16 | op index), at most ``backing_inflight`` in flight: the rest
+        wait, in order, for earlier ones to complete."""
         base = int(self.buf_addrs[tag])
-        for i, (j, (op, fd, boff, length, foff)) in enumerate(zip(idx.tolist(), ops)):
+        self._waiting.extend((BACKING_IO | (tag << 16) | i, op, fd, base + boff, length, foff)
+                             for i, (op, fd, boff, length, foff) in enumerate(ops))
+        self._submit_waiting(ring)
+
+    def _submit_waiting(self, ring: Ring) -> None:
+        n = min(len(self._waiting), self.backing_inflight - self._inflight)
+        if n <= 0:
+            return
+        self._claim_room(ring, n)
+        idx = ring.claim(n)
+        s = ring.sqes
+        for j in idx.tolist():
+            ud, op, fd, addr, length, foff = self._waiting.popleft()
             s["opcode"][j] = uapi.IORING_OP_READ if op == 0 else uapi.IORING_OP_WRITE
             s["fd"][j] = fd
-            s["addr"][j] = base + boff
+            s["addr"][j] = addr
             s["len"][j] = length
             s["cmd_op"][j] = foff & 0xFFFFFFFF
             s["pad1"][j] = foff >> 32
-            s["user_data"][j] = BACKING_IO | (tag << 16) | i
+            s["user_data"][j] = ud
+        self._inflight += n
+
+    def _prewarm(self, ring: Ring, fd: int, n: int) -> None:
+        """``n`` concurrent 4 KiB reads of ``fd`` at offset 0 (into the first ``n`` tag
+        buffers, before any FETCH): io_uring allocates a request and async rw state for each
+        and keeps them in its per-ring caches, so that later backing I/O (at most ``n`` in
+        flight) takes them from there instead of allocating under memory pressure."""
+        idx = ring.claim(n)
+        s = ring.sqes
+        s["opcode"][idx] = uapi.IORING_OP_READ
+        s["fd"][idx] = fd
+        s["addr"][idx] = self.buf_addrs[:n]
+        s["len"][idx] = 4096
+        s["user_data"][idx] = PREWARM_IO | np.arange(n, dtype=np.uint64)
+        got = 0
+        while got < n:
+            ring.submit_and_wait(1)
+            cqes = ring.reap()
+            bad = cqes["res"][cqes["res"] < 0]
+            if len(bad):
+                raise OSError(-int(bad[0]), f"backing swap: prewarm read failed: {os.strerror(-int(bad[0]))}")
+            got += len(cqes)
 
     def close(self) -> None:
         self.bufs = []

@@ -10,6 +10,10 @@
   the test (never a daemon that was already running, e.g. the host's real swap). Then it reports a
   test error if /dev/ublkbN or /dev/ublkcN nodes appeared during the test and are still there:
   deleting devices is the test's (the lead's fixtures') job, this only catches leaks.
+- ``deadline`` (autouse here): every test runs under a watchdog of DEFAULT_DEADLINE seconds
+  (``@pytest.mark.deadline(s)`` to change it). On expiry it has the kernel dump blocked tasks and
+  CPUs (sysrq w, l) and fails the test naming it, so a hang is a failure with a stack dump in
+  the log instead of a silent VM timeout.
 - Every test collected here gets the ``kernel`` marker (registered in pyproject.toml), so
   ``-m 'not kernel'`` deselects them.
 
@@ -31,6 +35,7 @@ import warnings
 import pytest
 
 DAEMON_PATTERNS = ("ublkzswap.daemon", "ublkzswapd")
+DEFAULT_DEADLINE = 600
 TERM_GRACE = 10.0
 NODE_GRACE = 5.0
 
@@ -69,6 +74,47 @@ def ublk_kernel():
         if os.environ.get("UBLKZSWAP_REQUIRE_KERNEL") == "1":
             pytest.fail(f"UBLKZSWAP_REQUIRE_KERNEL=1 but {reason}", pytrace=False)
         pytest.skip(reason)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "deadline(seconds): the watchdog limit of one kernel test")
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+def _sysrq(keys: str) -> None:
+    try:
+        with open("/proc/sys/kernel/sysrq", "w") as f:
+            f.write("1")
+        for k in keys:
+            with open("/proc/sysrq-trigger", "w") as f:
+                f.write(k)
+    except OSError:
+        pass
+
+
+@pytest.fixture(autouse=True)
+def deadline(request):
+    """The per-test watchdog (SIGALRM in the main thread; see the module docstring)."""
+    mark = request.node.get_closest_marker("deadline")
+    limit = int(mark.args[0]) if mark else DEFAULT_DEADLINE
+    name = request.node.nodeid
+
+    def expired(signum, frame):
+        _sysrq("wl")
+        msg = f"{name}: still running after its {limit}s deadline (blocked tasks dumped to the kernel log)"
+        print(f"\n{msg}", flush=True)
+        raise DeadlineExceeded(msg)
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(limit)
+    try:
+        yield limit
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,11 +1,19 @@
 """Swap for real: the kernel swapping to /dev/ublkbN under memory pressure, every page verified.
 
-Sized from the machine: in the test VM (small RAM) the workload is about twice RAM, so the
-pressure is global (the deadlock-prone case); on a host with more than 1 GiB it runs in a
-cgroup limited to 384 MiB instead. Every run is bounded by a timeout; a hang is a failure
-(the VM harness then dumps the blocked tasks)."""
+Sized from the machine: in the test VM (small RAM) the plain swap workload is about twice RAM,
+so the pressure is global (the deadlock-prone case); on a host with more than 1 GiB it runs in
+a cgroup limited to 384 MiB instead. The backing-swap and memlimit tests always run their
+workload in a small cgroup: what they check is where pages go and what fails, and that keeps
+them to minutes under TCG.
+
+Whether the I/O path can freeze the machine is checked deterministically rather than by luck:
+while the workload runs, the kernel's allocation tracepoints record the queue thread (and any
+io-wq worker it spawns), and no allocation there may be one that can loop in direct reclaim
+(tests/kernel/alloctrace.py). Every test is bounded by conftest's watchdog; a hang is a failure
+with the kernel's blocked-task dump in the log."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -15,6 +23,7 @@ import pytest
 
 from tools.swapload import mem_total_mib, remove_cgroups
 
+from . import alloctrace
 from .daemonctl import PY, leftovers, running, wait_gone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -53,6 +62,21 @@ def swapload(mib: int, limit: int | None, mix: str, passes: int = 1) -> subproce
     return subprocess.run(cmd, capture_output=True, text=True, timeout=LOAD_TIMEOUT)
 
 
+@contextlib.contextmanager
+def io_path_allocations_checked(pid: int):
+    """Trace the daemon's queue threads while the block runs, then assert that none of their
+    allocations could have entered unbounded direct reclaim."""
+    assert alloctrace.available(), "tracefs with the kmem events is needed to check the I/O path"
+    tids = alloctrace.threads(pid, "ublkq")
+    assert tids, "no ublkq* thread in the daemon"
+    with alloctrace.trace(tids) as events:
+        yield events
+    assert events, "the trace recorded nothing from the queue thread"
+    bad = alloctrace.may_reclaim(events)
+    assert not bad, ("the I/O path made allocations that may loop in direct reclaim "
+                     "(a freeze under memory pressure):\n" + alloctrace.summary(bad))
+
+
 def vm_swap() -> tuple[int, int]:
     v = {}
     for line in open("/proc/vmstat"):
@@ -82,6 +106,7 @@ def clean():
     assert wait_gone() == []
 
 
+@pytest.mark.deadline(1500)
 def test_swap_under_pressure_every_page_verified_then_discard_frees(tmp_path):
     sock = tmp_path / "ctl.sock"
     mib, limit = budget()
@@ -89,7 +114,8 @@ def test_swap_under_pressure_every_page_verified_then_discard_frees(tmp_path):
         rzs(sock, "/dev/ublkb0", f"--disksize_kb={3 * mib * 1024}", "--init")
         subprocess.run(["swapon", "--discard", "/dev/ublkb0"], check=True, timeout=300)
         in0, out0 = vm_swap()
-        p = swapload(mib, limit, MIX, passes=2)
+        with io_path_allocations_checked(pid):
+            p = swapload(mib, limit, MIX, passes=2)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         assert "swapload: OK" in p.stdout
         pswpin, pswpout = (a - b for a, b in zip(vm_swap(), (in0, out0)))
@@ -127,9 +153,10 @@ def scratch_disk():
     return "/dev/vda"
 
 
+@pytest.mark.deadline(900)
 def test_backing_swap_takes_what_memlimit_refuses(tmp_path, scratch_disk):
     sock = tmp_path / "ctl.sock"
-    mib, limit = budget()
+    mib, limit = 320, 96
     path = scratch_disk
     size = int(open("/sys/block/vda/size").read()) * 512
     with running("num_devices=1", f"socket={sock}") as (pid, _):
@@ -143,7 +170,8 @@ def test_backing_swap_takes_what_memlimit_refuses(tmp_path, scratch_disk):
         # disksize comes from the backing device
         assert int(open("/sys/block/ublkb0/size").read()) * 512 == size
         subprocess.run(["swapon", "/dev/ublkb0"], check=True, timeout=300)
-        p = swapload(mib, limit, "zero=30,same=10,text=45,random=15")   # dense: most goes to disk
+        with io_path_allocations_checked(pid):   # backing I/O starts when memory is short
+            p = swapload(mib, limit, "zero=30,same=10,text=45,random=15")   # dense: most goes to disk
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         st = stats(sock)
         text = rzs(sock, "/dev/ublkb0", "--stats")
@@ -158,20 +186,20 @@ def test_backing_swap_takes_what_memlimit_refuses(tmp_path, scratch_disk):
         rzs(sock, "/dev/ublkb0", "--reset")
 
 
+@pytest.mark.deadline(900)
 def test_memlimit_exhausted_without_backing_writes_fail_daemon_lives(tmp_path):
-    """More than RAM + memlimit: swap writes fail with ENOMEM, the kernel keeps those pages
-    (and, as with zram's mem_limit, may thrash rather than OOM while it believes swap has
-    room). The daemon must stay alive and responsive, and once the workload is gone
-    everything returns to normal: swapoff, reset, nothing lost that was stored."""
+    """More than the cgroup's RAM + memlimit: swap writes fail with ENOMEM, the kernel keeps
+    those pages (and, as with zram's mem_limit, may thrash rather than OOM while it believes
+    swap has room; the workload is ended after 240 s if so). The daemon must stay alive and
+    responsive, and once the workload is gone everything returns to normal: swapoff, reset,
+    nothing lost that was stored."""
     sock = tmp_path / "ctl.sock"
-    mib, limit = budget()
+    mib, limit = 256, 64
     with running("num_devices=1", f"socket={sock}") as (pid, _):
         rzs(sock, "/dev/ublkb0", f"--disksize_kb={2 * mib * 1024}", "--memlimit_kb=8192", "--init")
         subprocess.run(["swapon", "/dev/ublkb0"], check=True, timeout=300)
         cmd = [PY, SWAPLOAD, "--mib", str(mib), "--passes", "1", "--quiet",
-               "--mix", "zero=10,same=5,text=40,random=45"]
-        if limit:
-            cmd += ["--cgroup-limit", str(limit)]
+               "--mix", "zero=10,same=5,text=40,random=45", "--cgroup-limit", str(limit)]
         load = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             out, _ = load.communicate(timeout=240)

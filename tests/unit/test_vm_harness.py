@@ -329,3 +329,12 @@ def test_console_verbose_shows_boot_and_utf8_replacement():
 def test_console_tail_is_bounded():
     con, _ = _feed([b"".join(b"%d\r\n" % i for i in range(run.TAIL_LINES + 50))])
     assert len(con.tail) == run.TAIL_LINES and con.tail[-1] == str(run.TAIL_LINES + 49)
+
+
+def test_job_tail_leaves_kernel_messages_out():
+    from tools.vm import run as vmrun
+    lines = ["tests/kernel/test_swap.py::test_a PASSED\n", "tests/kernel/test_swap.py::test_b \n",
+             "[ 2998.072275] task:python3.11 state:D\n", "[   1.5] x\n", "  [not kernel]\n"]
+    assert vmrun.job_tail(lines) == ["tests/kernel/test_swap.py::test_a PASSED",
+                                     "tests/kernel/test_swap.py::test_b ", "  [not kernel]"]
+    assert vmrun.job_tail(lines, 1) == ["  [not kernel]"]

@@ -16,6 +16,7 @@ import codecs
 import collections
 import ctypes
 import os
+import re
 import shutil
 import signal
 import socket
@@ -264,7 +265,21 @@ def run(img: Image, opts: RunOptions, out=sys.stdout) -> int:
     return rc
 
 
+KERNEL_LINE = re.compile(r"^\[\s*\d+\.\d+\]")
+JOB_TAIL_LINES = 40
+
+
+def job_tail(lines, n: int = JOB_TAIL_LINES) -> list[str]:
+    """The last ``n`` console lines that are not kernel messages: what the job itself printed
+    last (a kernel stack dump would otherwise push it out of the console tail)."""
+    out = [line.rstrip("\n") for line in lines if not KERNEL_LINE.match(line)]
+    return out[-n:]
+
+
 def _report_tail(console: Console, why: str) -> None:
     print(f"\ntools.vm: {why}; last {len(console.tail)} console lines:", file=sys.stderr)
     print("\n".join(console.tail), file=sys.stderr)
+    mine = job_tail(console.log)
+    print(f"tools.vm: the job's own last {len(mine)} lines (kernel messages left out):", file=sys.stderr)
+    print("\n".join(mine), file=sys.stderr)
     print(f"tools.vm: {why}", file=sys.stderr, flush=True)

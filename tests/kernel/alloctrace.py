@@ -1,0 +1,108 @@
+"""Which kernel allocations the daemon's I/O path makes, seen through the kmem tracepoints.
+
+A swap device served from userspace freezes the machine if serving a request makes the
+kernel find a new page: under pressure that allocation enters direct reclaim, which waits for
+swap-out, which waits for us. The I/O path (the queue thread: its io_uring_enter, the task
+work ublk runs in it, its page faults, the io-wq workers it may spawn) must make no
+allocation that may loop in reclaim. :func:`trace` records every ``kmalloc``/
+``kmem_cache_alloc``/``mm_page_alloc`` of the given threads and of the threads they create;
+:func:`may_reclaim` picks out those whose GFP flags allow direct reclaim without
+``__GFP_NORETRY`` (a NORETRY attempt -- mempool's second try, say -- reclaims at most once and
+then fails over to the pool, so it cannot wait on us for ever). Counting flags rather than
+freezes makes the check deterministic: an allocation that a slab happened to serve from a free
+object this time is the one that enters reclaim another time.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import re
+import subprocess
+
+TRACEFS = "/sys/kernel/tracing"
+EVENTS = ("kmem/kmalloc", "kmem/kmem_cache_alloc", "kmem/mm_page_alloc")
+# GFP names (as the kernel prints them) that include __GFP_DIRECT_RECLAIM
+RECLAIM_FLAGS = {"GFP_KERNEL", "GFP_KERNEL_ACCOUNT", "GFP_NOIO", "GFP_NOFS", "GFP_USER",
+                 "GFP_HIGHUSER", "GFP_HIGHUSER_MOVABLE", "GFP_TRANSHUGE", "__GFP_DIRECT_RECLAIM",
+                 "__GFP_RECLAIM"}
+
+
+def threads(pid: int, prefix: str) -> list[int]:
+    """Thread ids of ``pid`` whose kernel name starts with ``prefix``."""
+    out = []
+    for d in glob.glob(f"/proc/{pid}/task/*"):
+        try:
+            if open(f"{d}/comm").read().startswith(prefix):
+                out.append(int(os.path.basename(d)))
+        except OSError:
+            pass
+    return sorted(out)
+
+
+def available() -> bool:
+    if not os.path.exists(f"{TRACEFS}/events"):
+        subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS], capture_output=True)
+    return all(os.path.exists(f"{TRACEFS}/events/{e}/enable") for e in EVENTS)
+
+
+def _write(path: str, text: str) -> None:
+    with open(f"{TRACEFS}/{path}", "w") as f:
+        f.write(text)
+
+
+@contextlib.contextmanager
+def trace(tids: list[int]):
+    """Record the allocations of ``tids`` while the block runs; yields a list that holds the
+    trace lines (``(event, gfp flags, call site)`` tuples) once the block has ended."""
+    assert tids
+    _write("tracing_on", "0")
+    _write("trace", "")
+    _write("buffer_size_kb", "8192")
+    _write("set_event_pid", " ".join(map(str, tids)))
+    _write("options/event-fork", "1")
+    for e in EVENTS:
+        _write(f"events/{e}/enable", "1")
+    _write("tracing_on", "1")
+    found: list[tuple[str, str, str]] = []
+    try:
+        yield found
+    finally:
+        _write("tracing_on", "0")
+        for e in EVENTS:
+            _write(f"events/{e}/enable", "0")
+        found.extend(parse(open(f"{TRACEFS}/trace").read()))
+        _write("options/event-fork", "0")
+        _write("set_event_pid", "")
+        _write("trace", "")
+
+
+LINE = re.compile(r"\s(kmalloc|kmem_cache_alloc|mm_page_alloc):\s(.*)$")
+
+
+def parse(text: str) -> list[tuple[str, str, str]]:
+    out = []
+    for line in text.splitlines():
+        m = LINE.search(line)
+        if not m:
+            continue
+        fields = dict(kv.split("=", 1) for kv in m.group(2).split() if "=" in kv)
+        out.append((m.group(1), fields.get("gfp_flags", ""), fields.get("call_site", "")))
+    return out
+
+
+def may_reclaim(events) -> list[tuple[str, str, str]]:
+    out = []
+    for e in events:
+        flags = set(e[1].split("|"))
+        if RECLAIM_FLAGS & flags and "__GFP_NORETRY" not in flags:
+            out.append(e)
+    return out
+
+
+def summary(events, limit: int = 20) -> str:
+    counts: dict[tuple[str, str, str], int] = {}
+    for e in events:
+        counts[e] = counts.get(e, 0) + 1
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:limit]
+    return "\n".join(f"{n:7d}  {ev} {site} {gfp}" for (ev, gfp, site), n in top)
