@@ -222,81 +222,82 @@ class Queue:
                 os.close(cdev)
 
     def _loop(self, ring: Ring, iod: np.ndarray, cdev: int) -> None:
+        """Serve until every tag's command has come back with an error (-ENODEV on STOP_DEV).
+
+        Per wake-up: every ready CQE as Python ints (:meth:`Ring.reap_pairs`), each request's
+        descriptor read through word views of the descriptor array, the handler, then one
+        ready-made COMMIT_AND_FETCH row copied per completed tag (:meth:`Ring.put_rows`).
+        Plain ints and memoryviews rather than numpy here: a swap device wakes for one or two
+        CQEs at a time, where numpy's per-call overhead was 10x the rest of the loop."""
         live = self.depth
         target = self.target
         bufs = self.bufs
         counters = self.counters
-        results = np.zeros(self.depth, dtype=np.int32)
-        ctags = np.zeros(self.depth, dtype=np.uint16)
+        desc = memoryview(iod).cast("B")
+        d32, d64 = desc.cast("I"), desc.cast("Q")
+        rows = memoryview(self._commit_rows).cast("B")
+        result_at = ring.sqes.dtype.fields["io_result"][1]
+        OK, ABORT = uapi.UBLK_IO_RES_OK, uapi.UBLK_IO_RES_ABORT
         pending: dict[int, list] = {}
         self._waiting = collections.deque()   # backing ops beyond the in-flight bound
         self._inflight = 0
         while live > 0:
             ring.submit_and_wait(1)
-            cqes = ring.reap()
-            if not len(cqes):
+            cqes = ring.reap_pairs()
+            if not cqes:
                 continue
-            ud = cqes["user_data"]
-            res = cqes["res"]
-            nc = 0
-            if pending:
-                back = (ud & BACKING_IO) != 0
-                if back.any():
-                    self._inflight -= int(back.sum())
-                    for u, r in zip(ud[back].tolist(), res[back].tolist()):
-                        tag = (u >> 16) & 0xFFFF
-                        p = pending[tag]
-                        p[1][u & 0xFFFF] = r
-                        p[2] -= 1
-                        if p[2] == 0:
-                            del pending[tag]
-                            try:
-                                p[0].done(p[1])
-                                rr = p[3]
-                            except OSError as e:
-                                rr = -(e.errno or errno.EIO)
-                                counters.errors += 1
-                            ctags[nc] = tag
-                            results[nc] = rr
-                            nc += 1
-                    ud = ud[~back]
-                    res = res[~back]
-                    if self._waiting:
-                        self._submit_waiting(ring)
-            tags = (ud & 0xFFFF).astype(np.uint16)
-            ok = res == uapi.UBLK_IO_RES_OK
-            if not ok.all():
-                live -= int((~ok).sum())   # -ENODEV: queue going away; other <0: rejected
-                counters.errors += int((~ok & (res != uapi.UBLK_IO_RES_ABORT)).sum())
-                tags = tags[ok]
-            if len(tags):
-                counters.batches += 1
-                counters.requests += len(tags)
-                for tag, (opf, nr, start, _addr) in zip(tags.tolist(), iod[tags].tolist()):
-                    r = handle_request(opf, nr, start, bufs[tag], target)
-                    op = opf & 0xFF
-                    if op == 0:
-                        counters.reads += 1
-                    elif op == 1:
-                        counters.writes += 1
-                    elif op == 2:
-                        counters.flushes += 1
-                    else:
-                        counters.discards += 1
-                    if type(r) is not int:
-                        pending[tag] = [r, [0] * len(r.ops), len(r.ops), nr << SECTOR_SHIFT]
-                        self._submit_backing(ring, tag, r.ops)
-                        continue
-                    if r < 0:
+            done = []
+            requests = 0
+            for ud, res in cqes:
+                if ud & BACKING_IO:
+                    self._inflight -= 1
+                    tag = (ud >> 16) & 0xFFFF
+                    p = pending[tag]
+                    p[1][ud & 0xFFFF] = res
+                    p[2] -= 1
+                    if p[2] == 0:
+                        del pending[tag]
+                        try:
+                            p[0].done(p[1])
+                            rr = p[3]
+                        except OSError as e:
+                            rr = -(e.errno or errno.EIO)
+                            counters.errors += 1
+                        done.append((tag, rr))
+                    continue
+                tag = ud & 0xFFFF
+                if res != OK:
+                    live -= 1   # -ENODEV: queue going away; other <0: rejected
+                    if res != ABORT:
                         counters.errors += 1
-                    ctags[nc] = tag
-                    results[nc] = r
-                    nc += 1
-            if nc:
-                self._claim_room(ring, nc)
-                idx = ring.claim(nc, zero=False)
-                ring.sqe_rows[idx] = self._commit_rows[ctags[:nc]]
-                ring.sqes["io_result"][idx] = results[:nc]
+                    continue
+                requests += 1
+                opf, nr = d32[tag * 6], d32[tag * 6 + 1]
+                r = handle_request(opf, nr, d64[tag * 3 + 1], bufs[tag], target)
+                op = opf & 0xFF
+                if op == 0:
+                    counters.reads += 1
+                elif op == 1:
+                    counters.writes += 1
+                elif op == 2:
+                    counters.flushes += 1
+                else:
+                    counters.discards += 1
+                if type(r) is not int:
+                    pending[tag] = [r, [0] * len(r.ops), len(r.ops), nr << SECTOR_SHIFT]
+                    self._submit_backing(ring, tag, r.ops)
+                    continue
+                if r < 0:
+                    counters.errors += 1
+                done.append((tag, r))
+            if requests:
+                counters.batches += 1
+                counters.requests += requests
+            if self._waiting:
+                self._submit_waiting(ring)
+            if done:
+                self._claim_room(ring, len(done))
+                ring.put_rows(rows, done, result_at)
 
     @staticmethod
     def _claim_room(ring: Ring, n: int) -> None:

@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""The queue loop's own cost per wake-up, natively (no ublk): NOP SQEs stand in for
+COMMIT_AND_FETCH, so what is timed is reaping CQEs, reading descriptors and writing the
+next SQEs -- the bookkeeping around each request, not the request.
+
+Two ways of doing that bookkeeping, on the same ring in the same run:
+- ``numpy``: reap() into a structured array, vectorised tag/result arrays, fancy-index the
+  descriptor array, claim() + fancy-index copy of template SQE rows (the first loop);
+- ``ints``: reap_pairs() and put_rows() with memoryview word views (the loop now).
+A swap device mostly wakes up for one CQE (each swap-in fault waits for its page), so the
+1-CQE figure is the one that matters; fio at QD32 gives larger batches.
+
+Run: python3 bench/bench_loop.py [--iters N]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+
+from ublkzswap import uapi  # noqa: E402
+from ublkzswap.uring import Ring  # noqa: E402
+
+DEPTH = 64
+
+
+def setup():
+    ring = Ring(2 * DEPTH, flags=uapi.IORING_SETUP_SQE128, cq_entries=8 * DEPTH)
+    rows = np.zeros((DEPTH, ring.sqe_size), dtype=np.uint8)
+    t = rows.view(ring.sqes.dtype).reshape(DEPTH)
+    t["opcode"] = uapi.IORING_OP_NOP
+    t["user_data"] = np.arange(DEPTH)
+    iod = np.zeros(DEPTH, dtype=uapi.IO_DESC_DTYPE)
+    iod["nr_sectors"] = 8
+    return ring, rows, iod
+
+
+def numpy_way(ring, rows, iod, batch, iters):
+    results = np.zeros(DEPTH, dtype=np.int32)
+    ctags = np.zeros(DEPTH, dtype=np.uint16)
+    idx = ring.claim(batch, zero=False)
+    ring.sqe_rows[idx] = rows[np.arange(batch)]
+    for _ in range(iters):
+        ring.submit_and_wait(batch)
+        cqes = ring.reap()
+        ud, res = cqes["user_data"], cqes["res"]
+        tags = (ud & 0xFFFF).astype(np.uint16)
+        ok = res == 0
+        if not ok.all():
+            tags = tags[ok]
+        nc = 0
+        for tag, (opf, nr, start, _a) in zip(tags.tolist(), iod[tags].tolist()):
+            ctags[nc] = tag
+            results[nc] = (nr << 9) + (opf & 0) + (start & 0)
+            nc += 1
+        idx = ring.claim(nc, zero=False)
+        ring.sqe_rows[idx] = rows[ctags[:nc]]
+        ring.sqes["io_result"][idx] = results[:nc]
+    ring.submit_and_wait(batch)
+    ring.reap()
+
+
+def ints_way(ring, rows, iod, batch, iters):
+    desc = memoryview(iod).cast("B")
+    d32, d64 = desc.cast("I"), desc.cast("Q")
+    rmv = memoryview(rows).cast("B")
+    at = ring.sqes.dtype.fields["io_result"][1]
+    ring.put_rows(rmv, [(k, 0) for k in range(batch)], at)
+    for _ in range(iters):
+        ring.submit_and_wait(batch)
+        done = []
+        for ud, res in ring.reap_pairs():
+            tag = ud & 0xFFFF
+            if res != 0:
+                continue
+            opf, nr, start = d32[tag * 6], d32[tag * 6 + 1], d64[tag * 3 + 1]
+            done.append((tag, (nr << 9) + (opf & 0) + (start & 0)))
+        ring.put_rows(rmv, done, at)
+    ring.submit_and_wait(batch)
+    ring.reap_pairs()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=20000)
+    args = ap.parse_args(argv)
+    ring, rows, iod = setup()
+    print(f"{'CQEs per wake-up':>18}{'numpy us/req':>14}{'ints us/req':>13}{'ratio':>8}")
+    for batch in (1, 8, 32):
+        iters = max(200, args.iters // batch)
+        best = {}
+        for name, fn in (("numpy", numpy_way), ("ints", ints_way)):
+            fn(ring, rows, iod, batch, 100)
+            t = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn(ring, rows, iod, batch, iters)
+                t.append(time.perf_counter() - t0)
+            best[name] = min(t) / (iters * batch) * 1e6
+        print(f"{batch:>18}{best['numpy']:>14.2f}{best['ints']:>13.2f}{best['ints'] / best['numpy']:>8.2f}")
+    ring.close()
+
+
+if __name__ == "__main__":
+    main()
