@@ -1,7 +1,7 @@
 """Backing swap: a block device or a regular file that takes the pages RAM should not keep.
 
-Owns: opening and vetting the backing swap as compcache 0.6.2 did, its header, and the 1:1
-mapping (slot N <-> backing page N). The I/O itself normally goes through the queue's
+Owns: opening and vetting the backing swap as compcache 0.6.2 did, its header, and the
+mapping slot N <-> backing page N (for a file: the file's page N, found through its extents). The I/O itself normally goes through the queue's
 io_uring (the store hands the queue a :class:`ublkzswap.target.BackingIO`); the synchronous
 ``read_page``/``write_page`` here serve the store when it is used without a queue (tests,
 tools).
@@ -17,19 +17,37 @@ The device's size becomes the ublk device's disksize; page 0 (the backing swap's
 copied with ``last_page`` fixed, so that ``swapon /dev/ublkbN`` sees the backing swap's
 identity (and fails, as in compcache, if the backing device is no swap area at all).
 
-Still naive: no extent remapping (file I/O goes through the filesystem, O_DIRECT where the
-filesystem allows it); a file's holes are checked once at init.
+A regular file on ext2/3/4 is remapped, as compcache mapped a swap file with ``bmap`` and as the
+kernel does for swap files: its extents are read once with FIEMAP (``FIEMAP_FLAG_SYNC``), and
+page I/O goes straight to the underlying block device (O_DIRECT) at those offsets. That keeps
+the filesystem -- whose direct I/O path allocates with GFP_KERNEL (``iomap_dio_rw``) -- out of
+the swap path, the same as for a backing block device. While it is in use the file is made
+immutable (``FS_IMMUTABLE_FL``, what ``chattr +i`` sets): nobody can truncate, rewrite or
+defragment it, so its extents stay put (the kernel's S_SWAPFILE does this for swapon'd files).
+The flag is cleared at close; after a crash ``chattr -i FILE`` clears it.
+Files on other filesystems (or with extents FIEMAP cannot vouch for: unknown, delayed, encoded,
+inline, shared) are used through the filesystem, O_DIRECT where it allows it.
+
+Still naive: the remap is for ext2/3/4 only (xfs and others use the filesystem path); a file's
+holes are checked once at init.
 """
 
 from __future__ import annotations
 
+import ctypes as C
 import errno
+import fcntl
 import mmap
 import os
 import stat
 import struct
 
+import numpy as np
+
+from . import uapi
+
 PAGE_SIZE = 4096
+SECTOR = 512
 SWAP_MAGIC = b"SWAPSPACE2"
 _INFO = 1024   # offset of swap_header.info: version u32, last_page u32, nr_badpages u32
 
@@ -51,12 +69,112 @@ def _fail(err: int, msg: str) -> OSError:
     return OSError(err, msg)
 
 
+class _statfs(C.Structure):
+    _fields_ = [("f_type", C.c_long), ("_rest", C.c_long * 15)]
+
+
+_libc = C.CDLL(None, use_errno=True)
+
+
+def fs_magic(fd: int) -> int:
+    """``statfs().f_type`` of the filesystem holding ``fd``."""
+    buf = _statfs()
+    if _libc.fstatfs(fd, C.byref(buf)) != 0:
+        e = C.get_errno()
+        raise OSError(e, os.strerror(e))
+    return buf.f_type & 0xFFFFFFFF
+
+
+BAD_EXTENT = (uapi.FIEMAP_EXTENT_UNKNOWN | uapi.FIEMAP_EXTENT_DELALLOC | uapi.FIEMAP_EXTENT_ENCODED
+              | uapi.FIEMAP_EXTENT_DATA_ENCRYPTED | uapi.FIEMAP_EXTENT_NOT_ALIGNED
+              | uapi.FIEMAP_EXTENT_DATA_INLINE | uapi.FIEMAP_EXTENT_DATA_TAIL
+              | uapi.FIEMAP_EXTENT_SHARED)
+
+
+def extents(fd: int, batch: int = 256) -> list[tuple[int, int, int, int]]:
+    """Every extent of the file ``fd`` as (logical, physical, length, flags), after syncing
+    it (FS_IOC_FIEMAP with FIEMAP_FLAG_SYNC). Raises OSError (EOPNOTSUPP: no FIEMAP)."""
+    out: list[tuple[int, int, int, int]] = []
+    start = 0
+    hdr = C.sizeof(uapi.fiemap)
+    esz = C.sizeof(uapi.fiemap_extent)
+    while True:
+        buf = bytearray(hdr + batch * esz)
+        fm = uapi.fiemap.from_buffer(buf)
+        fm.fm_start = start
+        fm.fm_length = uapi.FIEMAP_MAX_OFFSET - start
+        fm.fm_flags = uapi.FIEMAP_FLAG_SYNC
+        fm.fm_extent_count = batch
+        fcntl.ioctl(fd, uapi.FS_IOC_FIEMAP, buf)
+        n = fm.fm_mapped_extents
+        del fm
+        if n == 0:
+            return out
+        last = False
+        for i in range(n):
+            e = uapi.fiemap_extent.from_buffer(buf, hdr + i * esz)
+            out.append((e.fe_logical, e.fe_physical, e.fe_length, e.fe_flags))
+            last = bool(e.fe_flags & uapi.FIEMAP_EXTENT_LAST)
+        if last:
+            return out
+        start = out[-1][0] + out[-1][2]
+
+
+def page_map(exts, npages: int) -> np.ndarray:
+    """Byte offset on the block device of each of the file's first ``npages`` pages. Raises
+    ValueError naming the first problem (an unusable or unaligned extent, a hole)."""
+    phys = np.full(npages, -1, dtype=np.int64)
+    for logical, physical, length, flags in exts:
+        if logical >= npages * PAGE_SIZE:
+            break
+        if flags & BAD_EXTENT:
+            raise ValueError(f"extent at {logical} has flags {flags:#x}")
+        # pages must not straddle extents; on the device, sector alignment is what O_DIRECT
+        # needs (an ext4 with 1 KiB blocks places page-sized runs at 1 KiB offsets)
+        if (logical | length) % PAGE_SIZE or physical % SECTOR:
+            raise ValueError(f"extent at {logical} is not page-aligned")
+        first = logical // PAGE_SIZE
+        n = min(length // PAGE_SIZE, npages - first)
+        phys[first:first + n] = physical + np.arange(n, dtype=np.int64) * PAGE_SIZE
+    if (phys < 0).any():
+        raise ValueError(f"page {int(np.argmax(phys < 0))} is a hole")
+    return phys
+
+
+def _open_blockdev(dev: int) -> int:
+    """Open the block device ``dev`` (a st_dev) for O_DIRECT I/O without an exclusive claim
+    (its filesystem holds that)."""
+    major, minor = os.major(dev), os.minor(dev)
+    paths = [f"/dev/block/{major}:{minor}"]
+    try:
+        for line in open(f"/sys/dev/block/{major}:{minor}/uevent"):
+            if line.startswith("DEVNAME="):
+                paths.append("/dev/" + line.split("=", 1)[1].strip())
+    except OSError:
+        pass
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError:
+            continue
+        st = os.fstat(fd)
+        if stat.S_ISBLK(st.st_mode) and st.st_rdev == dev:
+            return fd
+        os.close(fd)
+    raise OSError(errno.ENODEV, f"no usable device node for block device {major}:{minor}")
+
+
 class Backing:
     """An opened, vetted backing swap. ``fd`` is what the queue's io_uring reads and writes;
     backing page N lives at byte ``N * 4096``."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, remap: bool = True):
+        """``remap=False`` keeps a file's I/O on the filesystem (tests on the host's disk)."""
         self.name = str(path)
+        self.remapped = False
+        self._phys: np.ndarray | None = None
+        self._file_fd = -1
+        self._immutable_set = False
         real = os.path.realpath(self.name)
         try:
             st = os.stat(real)
@@ -80,9 +198,45 @@ class Backing:
         self._bounce = mmap.mmap(-1, PAGE_SIZE)   # page-aligned, for O_DIRECT
         try:
             self._vet(st)
+            if remap and not self.is_blockdev:
+                self._remap(st)
         except BaseException:
-            os.close(self.fd)
+            self.close()
             raise
+
+    def _remap(self, st: os.stat_result) -> None:
+        """Point ``fd`` at the file's block device, its pages at their extents (see the module
+        docstring); leave everything as it is where that cannot be done safely."""
+        if fs_magic(self.fd) != uapi.EXT4_SUPER_MAGIC:
+            return
+        try:
+            phys = page_map(extents(self.fd), self.npages)
+        except ValueError as e:
+            raise _fail(errno.EINVAL, f"backing swap {self.name}: cannot map its extents: {e}") from None
+        except OSError:
+            return                                    # no FIEMAP here: the filesystem path
+        flags = C.c_long()
+        fcntl.ioctl(self.fd, uapi.FS_IOC_GETFLAGS, flags)
+        bdev = _open_blockdev(st.st_dev)
+        if not flags.value & uapi.FS_IMMUTABLE_FL:
+            try:
+                fcntl.ioctl(self.fd, uapi.FS_IOC_SETFLAGS, C.c_long(flags.value | uapi.FS_IMMUTABLE_FL))
+            except OSError as e:
+                os.close(bdev)
+                raise _fail(e.errno, f"backing swap {self.name}: cannot make it immutable: {e.strerror}") from None
+            self._immutable_set = True
+        # the extents may only be read once nothing can move them
+        try:
+            again = page_map(extents(self.fd), self.npages)
+        except (ValueError, OSError) as e:
+            os.close(bdev)
+            raise _fail(errno.EINVAL, f"backing swap {self.name}: cannot map its extents: {e}") from None
+        if not np.array_equal(phys, again):
+            os.close(bdev)
+            raise _fail(errno.EBUSY, f"backing swap {self.name}: its extents moved while mapping")
+        self._file_fd, self.fd = self.fd, bdev
+        self._phys = again
+        self.remapped = True
 
     def _vet(self, st: os.stat_result) -> None:
         size = os.lseek(self.fd, 0, os.SEEK_END)
@@ -114,22 +268,35 @@ class Backing:
         return bytes(page)
 
     def offset(self, index: int) -> int:
+        """Byte offset of backing page ``index`` on ``fd``."""
+        if self._phys is not None:
+            return int(self._phys[index])
         return index * PAGE_SIZE
 
     # synchronous path (store without a queue)
     def read_page(self, index: int, out: memoryview) -> None:
-        n = os.preadv(self.fd, [self._bounce], index * PAGE_SIZE)
+        n = os.preadv(self.fd, [self._bounce], self.offset(index))
         if n != PAGE_SIZE:
             raise OSError(errno.EIO, f"short read from backing page {index}")
         out[:PAGE_SIZE] = self._bounce
 
     def write_page(self, index: int, page) -> None:
         self._bounce[:] = page
-        n = os.pwritev(self.fd, [self._bounce], index * PAGE_SIZE)
+        n = os.pwritev(self.fd, [self._bounce], self.offset(index))
         if n != PAGE_SIZE:
             raise OSError(errno.EIO, f"short write to backing page {index}")
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        if self._immutable_set and self._file_fd >= 0:
+            try:
+                flags = C.c_long()
+                fcntl.ioctl(self._file_fd, uapi.FS_IOC_GETFLAGS, flags)
+                fcntl.ioctl(self._file_fd, uapi.FS_IOC_SETFLAGS, C.c_long(flags.value & ~uapi.FS_IMMUTABLE_FL))
+            except OSError:
+                pass
+            self._immutable_set = False
+        for attr in ("fd", "_file_fd"):
+            fd = getattr(self, attr, -1)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, attr, -1)

@@ -80,7 +80,10 @@ OPTION_TEXT = {
     "backing_swap": "A swap block device or swap file. Writes are forwarded to it when the "
                     "memory limit is reached or when a page does not compress. It must not be "
                     "in use as swap itself (swapoff it before init), and it must be a valid swap "
-                    "area (mkswap), or swapon of the ublkzswap device will fail. Only on an "
+                    "area (mkswap), or swapon of the ublkzswap device will fail. A swap file on "
+                    "ext2/3/4 is reached through its block device at the file's extents (as the "
+                    "kernel does for swap files) and is immutable (chattr +i) while in use; "
+                    "after a daemon crash, chattr -i clears that. Only on an "
                     "uninitialised device, otherwise \"backing_swap: Device or resource busy\".",
     "memlimit_kb": "Limit, in kB, on memory used for compressed pages. With a backing swap, "
                    "writes beyond it go to the backing swap; without one they fail and the "

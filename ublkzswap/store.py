@@ -60,7 +60,8 @@ Counters (``stats()`` keys, the names agreed in docs/CONTRACTS.md):
 - ``bd_reads`` / ``bd_writes``: pages forwarded to the backing swap.
 
 Backing swap interface (the backing device itself is another module): any
-object with ``read_page(index, out: memoryview)``, ``write_page(index, page:
+object with ``offset(index)`` (byte offset of page ``index`` on ``fd``),
+``read_page(index, out: memoryview)``, ``write_page(index, page:
 bytes)`` and ``name`` (a string, shown as ``backing_swap``); slot *i*
 maps to backing page *i* (compcache's 1:1 mapping).
 
@@ -525,14 +526,16 @@ class Store:
             return None
         self._fwd = []
         fd = self.backing.fd
+        where = self.backing.offset
         ops = []
         for op, idx, k in fwd:
+            foff = where(idx)
             if ops and ops[-1][0] == op and ops[-1][2] + ops[-1][3] == k << PAGE_SHIFT \
-                    and ops[-1][4] + ops[-1][3] == idx << PAGE_SHIFT:
+                    and ops[-1][4] + ops[-1][3] == foff:
                 o = ops[-1]
                 ops[-1] = (o[0], o[1], o[2], o[3] + PAGE_SIZE, o[4])
             else:
-                ops.append((op, fd, k << PAGE_SHIFT, PAGE_SIZE, idx << PAGE_SHIFT))
+                ops.append((op, fd, k << PAGE_SHIFT, PAGE_SIZE, foff))
 
         def done(results, ops=ops):
             bad = sum(1 for (o, r) in zip(ops, results) if r != o[3])

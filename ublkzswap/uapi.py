@@ -426,3 +426,38 @@ def ublk_desc_offset(q_id: int) -> int:
 def ublk_desc_len(depth: int) -> int:
     """Exact mmap length of a queue's descriptor array for ``depth`` tags."""
     return (depth * C.sizeof(ublksrv_io_desc) + 4095) & ~4095
+
+
+# ---------------------------------------------------------------- linux/fiemap.h, linux/fs.h
+# (a backing swap *file* is remapped to its block device, as the kernel does for swap files)
+
+class fiemap_extent(C.Structure):
+    _fields_ = [("fe_logical", C.c_uint64), ("fe_physical", C.c_uint64), ("fe_length", C.c_uint64),
+                ("fe_reserved64", C.c_uint64 * 2), ("fe_flags", C.c_uint32),
+                ("fe_reserved", C.c_uint32 * 3)]
+
+
+class fiemap(C.Structure):
+    _fields_ = [("fm_start", C.c_uint64), ("fm_length", C.c_uint64), ("fm_flags", C.c_uint32),
+                ("fm_mapped_extents", C.c_uint32), ("fm_extent_count", C.c_uint32),
+                ("fm_reserved", C.c_uint32)]   # followed by fm_extents[fm_extent_count]
+
+
+FS_IOC_FIEMAP = 0xC020660B          # _IOWR('f', 11, struct fiemap)
+FS_IOC_GETFLAGS = 0x80086601        # _IOR('f', 1, long)
+FS_IOC_SETFLAGS = 0x40086602        # _IOW('f', 2, long)
+FS_IMMUTABLE_FL = 0x00000010
+FIEMAP_MAX_OFFSET = (1 << 64) - 1
+FIEMAP_FLAG_SYNC = 0x00000001
+FIEMAP_EXTENT_LAST = 0x00000001
+FIEMAP_EXTENT_UNKNOWN = 0x00000002
+FIEMAP_EXTENT_DELALLOC = 0x00000004
+FIEMAP_EXTENT_ENCODED = 0x00000008
+FIEMAP_EXTENT_DATA_ENCRYPTED = 0x00000080
+FIEMAP_EXTENT_NOT_ALIGNED = 0x00000100
+FIEMAP_EXTENT_DATA_INLINE = 0x00000200
+FIEMAP_EXTENT_DATA_TAIL = 0x00000400
+FIEMAP_EXTENT_UNWRITTEN = 0x00000800
+FIEMAP_EXTENT_MERGED = 0x00001000
+FIEMAP_EXTENT_SHARED = 0x00002000
+EXT4_SUPER_MAGIC = 0xEF53           # linux/magic.h (ext2, ext3 and ext4 share it)

@@ -142,23 +142,37 @@ def test_swap_under_pressure_every_page_verified_then_discard_frees(tmp_path):
         rzs(sock, "/dev/ublkb0", "--reset")
 
 
-@pytest.fixture
-def scratch_disk():
-    """The VM's scratch disk (/dev/vda, tools/vm run --disk) as a backing swap device.
-    (A backing swap *file* is covered natively by tests/unit/test_backing.py: the guest's
-    initramfs carries no disk filesystem module.)"""
+@pytest.fixture(params=["disk", "file"])
+def backing_swap(request, tmp_path):
+    """A backing swap on the VM's scratch disk (/dev/vda, tools/vm run --disk): the whole disk,
+    or a 384 MiB swap file on an ext4 made on it (which the daemon remaps to /dev/vda)."""
     if not os.path.exists("/dev/vda"):
         pytest.skip("no scratch disk /dev/vda (tools/vm run --disk)")
-    subprocess.run(["mkswap", "/dev/vda"], check=True, capture_output=True, timeout=300)
-    return "/dev/vda"
+    if request.param == "disk":
+        subprocess.run(["mkswap", "/dev/vda"], check=True, capture_output=True, timeout=300)
+        yield "/dev/vda"
+        return
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mkfs.ext4", "-q", "-F", "/dev/vda"], check=True, capture_output=True, timeout=600)
+    subprocess.run(["mount", "/dev/vda", str(mnt)], check=True, timeout=300)
+    try:
+        path = str(mnt / "swapfile")
+        subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", "count=384", "status=none"],
+                       check=True, timeout=600)
+        os.chmod(path, 0o600)
+        subprocess.run(["mkswap", path], check=True, capture_output=True, timeout=300)
+        yield path
+    finally:
+        subprocess.run(["umount", str(mnt)], timeout=300)
 
 
 @pytest.mark.deadline(900)
-def test_backing_swap_takes_what_memlimit_refuses(tmp_path, scratch_disk):
+def test_backing_swap_takes_what_memlimit_refuses(tmp_path, backing_swap):
     sock = tmp_path / "ctl.sock"
     mib, limit = 320, 96
-    path = scratch_disk
-    size = int(open("/sys/block/vda/size").read()) * 512
+    path = backing_swap
+    size = os.stat(path).st_size if os.path.isfile(path) else int(open("/sys/block/vda/size").read()) * 512
     with running("num_devices=1", f"socket={sock}") as (pid, _):
         # an active swap area is refused, as compcache did
         subprocess.run(["swapon", path], check=True)
@@ -169,7 +183,13 @@ def test_backing_swap_takes_what_memlimit_refuses(tmp_path, scratch_disk):
         rzs(sock, "/dev/ublkb0", f"--backing_swap={path}", "--memlimit_kb=16384", "--init")
         # disksize comes from the backing device
         assert int(open("/sys/block/ublkb0/size").read()) * 512 == size
+        # a file's pages are reached on its block device, and the file is pinned meanwhile
+        assert "/dev/vda" in {os.path.realpath(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        if os.path.isfile(path):
+            assert "i" in lsattr(path)
         subprocess.run(["swapon", "/dev/ublkb0"], check=True, timeout=300)
+        # the trace also shows that a file's I/O stays out of the filesystem (whose direct I/O
+        # allocates with GFP_KERNEL)
         with io_path_allocations_checked(pid):   # backing I/O starts when memory is short
             p = swapload(mib, limit, "zero=30,same=10,text=45,random=15")   # dense: most goes to disk
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -184,6 +204,12 @@ def test_backing_swap_takes_what_memlimit_refuses(tmp_path, scratch_disk):
         assert daemon_swap_kb(pid) == 0
         subprocess.run(["swapoff", "/dev/ublkb0"], check=True, timeout=600)
         rzs(sock, "/dev/ublkb0", "--reset")
+        if os.path.isfile(path):
+            assert "i" not in lsattr(path)           # handed back
+
+
+def lsattr(path: str) -> str:
+    return subprocess.run(["lsattr", path], capture_output=True, text=True, check=True).stdout.split()[0]
 
 
 @pytest.mark.deadline(900)

@@ -27,7 +27,7 @@ def make_swapfile(path, pages, bad=0):
 
 
 def test_regular_file_becomes_backing_with_fixed_header(tmp_path):
-    b = Backing(make_swapfile(tmp_path / "swap", 256))
+    b = Backing(make_swapfile(tmp_path / "swap", 256), remap=False)
     try:
         assert b.npages == 256 and b.size == 256 * PAGE
         h = b.header()
@@ -60,7 +60,7 @@ def incompressible(n=1):
 
 
 def test_store_forwards_incompressible_pages_synchronously(tmp_path):
-    b = Backing(make_swapfile(tmp_path / "swap", 64))
+    b = Backing(make_swapfile(tmp_path / "swap", 64), remap=False)
     s = Store(b.size, memlimit=32 * PAGE, backing=b)
     try:
         data = incompressible(4)
@@ -79,7 +79,7 @@ def test_store_forwards_incompressible_pages_synchronously(tmp_path):
 
 
 def test_store_async_mode_returns_merged_backing_io(tmp_path):
-    b = Backing(make_swapfile(tmp_path / "swap", 64))
+    b = Backing(make_swapfile(tmp_path / "swap", 64), remap=False)
     s = Store(b.size, memlimit=32 * PAGE, backing=b)
     s.backing_async = True
     buf = mmap.mmap(-1, 8 * PAGE)               # page-aligned like a queue's tag buffer
@@ -104,7 +104,7 @@ def test_store_async_mode_returns_merged_backing_io(tmp_path):
 
 
 def test_backing_io_failure_is_eio_and_counted(tmp_path):
-    b = Backing(make_swapfile(tmp_path / "swap", 64))
+    b = Backing(make_swapfile(tmp_path / "swap", 64), remap=False)
     s = Store(b.size, memlimit=32 * PAGE, backing=b)
     s.backing_async = True
     buf = mmap.mmap(-1, PAGE)
@@ -134,3 +134,97 @@ def test_active_swapfile_is_ebusy(tmp_path):
         assert e.value.errno == errno.EBUSY and "swapoff" in str(e.value)
     finally:
         subprocess.run(["swapoff", path])
+
+
+def test_page_map_from_extents():
+    from ublkzswap import uapi
+    from ublkzswap.backing import page_map
+    exts = [(0, 1 << 20, 2 * PAGE, 0), (2 * PAGE, 5 << 20, 2 * PAGE, uapi.FIEMAP_EXTENT_UNWRITTEN),
+            (4 * PAGE, 9 << 20, 8 * PAGE, uapi.FIEMAP_EXTENT_LAST)]
+    assert page_map(exts, 6).tolist() == [1 << 20, (1 << 20) + PAGE, 5 << 20, (5 << 20) + PAGE,
+                                          9 << 20, (9 << 20) + PAGE]
+    with pytest.raises(ValueError, match="page 2 is a hole"):
+        page_map([exts[0], exts[2]], 6)
+    assert page_map([(0, 1024, 2 * PAGE, 0)], 2).tolist() == [1024, 1024 + PAGE]   # 1 KiB blocks
+    with pytest.raises(ValueError, match="not page-aligned"):
+        page_map([(0, 0, PAGE + 1024, 0), (PAGE + 1024, 8192, 3072, 0)], 2)
+    with pytest.raises(ValueError, match="not page-aligned"):
+        page_map([(0, 100, 2 * PAGE, 0)], 2)
+    with pytest.raises(ValueError, match="flags"):
+        page_map([(0, 0, 2 * PAGE, uapi.FIEMAP_EXTENT_DELALLOC)], 2)
+    with pytest.raises(ValueError, match="flags"):
+        page_map([(0, 0, 2 * PAGE, uapi.FIEMAP_EXTENT_SHARED)], 2)
+
+
+@pytest.fixture
+def ext4_mount(tmp_path):
+    """A fresh ext4 filesystem on a loop device, mounted at tmp_path/mnt."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a loop device needs root")
+    img, mnt = tmp_path / "fs.img", tmp_path / "mnt"
+    with open(img, "wb") as f:
+        f.truncate(64 << 20)
+    mnt.mkdir()
+    p = subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"mkfs.ext4 unavailable: {p.stderr.strip()}")
+    p = subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"no loop mount here: {p.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_swap_file_on_ext4_is_remapped_to_its_block_device(ext4_mount):
+    from ublkzswap import uapi
+    import ctypes
+    import fcntl
+    path = make_swapfile(ext4_mount / "swapfile", 512)
+    b = Backing(path)
+    s = Store(b.size, memlimit=32 * PAGE, backing=b)
+    try:
+        assert b.remapped and os.path.realpath(os.readlink(f"/proc/self/fd/{b.fd}")).startswith("/dev/loop")
+        assert b.offset(1) == b.offset(0) + PAGE and b.offset(1) != PAGE
+        flags = ctypes.c_long()
+        fcntl.ioctl(b._file_fd, uapi.FS_IOC_GETFLAGS, flags)
+        assert flags.value & uapi.FS_IMMUTABLE_FL                 # nobody moves its blocks now
+        with pytest.raises(PermissionError):
+            open(path, "r+b")
+        assert struct.unpack_from("<III", b.header(), 1024) == (1, 511, 0)
+        data = {i: incompressible() for i in (3, 4, 200, 511)}
+        for i, page in data.items():
+            s.write(i * PAGE, memoryview(page))
+        assert s.stats()["bd_writes"] == 4
+        out = bytearray(PAGE)
+        for i, page in data.items():
+            s.read(i * PAGE, memoryview(out))
+            assert out == page
+    finally:
+        s.close()
+        b.close()
+    flags = ctypes.c_long()
+    with open(path, "rb") as f:
+        fcntl.ioctl(f.fileno(), uapi.FS_IOC_GETFLAGS, flags)
+    assert not flags.value & uapi.FS_IMMUTABLE_FL                 # handed back as it was
+    # what went to the block device is the file's own content, seen through the filesystem
+    subprocess.run(["umount", str(ext4_mount)], check=True)
+    img = ext4_mount.parent / "fs.img"
+    subprocess.run(["mount", "-o", "loop", str(img), str(ext4_mount)], check=True)
+    with open(path, "rb") as f:
+        for i, page in data.items():
+            f.seek(i * PAGE)
+            assert f.read(PAGE) == page
+
+
+def test_an_immutable_swap_file_is_refused_and_left_alone(ext4_mount):
+    path = make_swapfile(ext4_mount / "swapfile", 64)
+    subprocess.run(["chattr", "+i", path], check=True)
+    try:
+        with pytest.raises(OSError) as e:
+            Backing(path)
+        assert e.value.errno == errno.EPERM and path in str(e.value)
+        assert "i" in subprocess.run(["lsattr", path], capture_output=True, text=True).stdout.split()[0]
+    finally:
+        subprocess.run(["chattr", "-i", path], check=True)

@@ -74,6 +74,9 @@ class FakeBacking:
     def read_page(self, idx, out):
         out[:] = self.data.get(idx, b"\xbb" * PAGE)
 
+    def offset(self, idx):
+        return idx * PAGE
+
 
 def rd(store, idx):
     out = bytearray(b"\xee" * PAGE)

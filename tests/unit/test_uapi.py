@@ -82,3 +82,12 @@ def test_descriptor_mmap_geometry():
 def test_swap_flag_is_absolute():
     assert uapi.UBLK_IO_F_SWAP == 0x10000
     assert uapi.UBLK_IO_F_NOUNMAP == 0x8000
+
+
+def test_fiemap_layouts_and_ioctls():
+    assert C.sizeof(uapi.fiemap) == 32 and C.sizeof(uapi.fiemap_extent) == 56
+    assert uapi.fiemap_extent.fe_flags.offset == 40 and uapi.fiemap.fm_extent_count.offset == 24
+    # _IOWR('f', 11, struct fiemap) = dir 3 << 30 | size 32 << 16 | 'f' << 8 | 11
+    assert uapi.FS_IOC_FIEMAP == (3 << 30) | (32 << 16) | (ord("f") << 8) | 11
+    assert uapi.FS_IOC_GETFLAGS == (2 << 30) | (8 << 16) | (ord("f") << 8) | 1
+    assert uapi.FS_IOC_SETFLAGS == (1 << 30) | (8 << 16) | (ord("f") << 8) | 2
