@@ -3,10 +3,13 @@
 Owns: opening ``/dev/ublkcN``, mapping the queue's descriptor array, the per-tag I/O
 buffers, FETCH_REQ for every tag, and the serving loop
 
-    submit_and_wait -> reap all ready CQEs -> read their descriptors (numpy) ->
-    handle_request() per tag -> fill all COMMIT_AND_FETCH SQEs (numpy) -> repeat
+    submit_and_wait -> reap all ready CQEs -> read their descriptors ->
+    handle_request() per tag -> copy in a ready-made COMMIT_AND_FETCH SQE per tag -> repeat
 
-with one ``io_uring_enter`` per batch. :func:`handle_request` is the request handler: a plain
+with one ``io_uring_enter`` per batch. Set-up (FETCH for every tag, the COMMIT templates) is
+vectorised with numpy; the loop itself works on Python ints through memoryview word views,
+because a swap device wakes up for one or two CQEs at a time and numpy's fixed cost per call
+was ten times the rest of the loop there (bench/bench_loop.py). :func:`handle_request` is the request handler: a plain
 function of (descriptor fields, buffer, target) returning bytes done or ``-errno``, and the
 single place where exceptions become errno values.
 
