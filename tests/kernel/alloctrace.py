@@ -3,9 +3,9 @@
 A swap device served from userspace freezes the machine if serving a request makes the
 kernel find a new page: under pressure that allocation enters direct reclaim, which waits for
 swap-out, which waits for us. The I/O path (the queue thread: its io_uring_enter, the task
-work ublk runs in it, its page faults, the io-wq workers it may spawn) must make no
-allocation that may loop in reclaim. :func:`trace` records every ``kmalloc``/
-``kmem_cache_alloc``/``mm_page_alloc`` of the given threads and of the threads they create;
+work ublk runs in it, its page faults) must make no allocation that may loop in reclaim.
+:func:`trace` records every ``kmalloc``/``kmem_cache_alloc``/``mm_page_alloc`` of the given
+threads;
 :func:`may_reclaim` picks out those whose GFP flags allow direct reclaim without
 ``__GFP_NORETRY`` (a NORETRY attempt -- mempool's second try, say -- reclaims at most once and
 then fails over to the pool, so it cannot wait on us for ever). Counting flags rather than
@@ -51,17 +51,28 @@ def _write(path: str, text: str) -> None:
         f.write(text)
 
 
+def _enabled(event: str) -> bool:
+    return open(f"{TRACEFS}/events/{event}/enable").read().strip() == "1"
+
+
 @contextlib.contextmanager
 def trace(tids: list[int]):
     """Record the allocations of ``tids`` while the block runs; yields a list that holds the
-    trace lines (``(event, gfp flags, call site)`` tuples) once the block has ended."""
+    trace lines (``(event, gfp flags, call site)`` tuples) once the block has ended.
+
+    Only event *filters* and ``tracing_on`` change here where the events are already on (the
+    test VM enables them on the kernel command line): turning a tracepoint on or off patches
+    kernel text, which under qemu's TCG can oops the guest. Elsewhere they are turned on for
+    the block and off after it. Threads the given ones create later (io-wq workers) are not
+    followed (``set_event_pid``'s fork tracking would patch the sched tracepoints)."""
     assert tids
+    flt = " || ".join(f"common_pid == {t}" for t in tids)
     _write("tracing_on", "0")
     _write("trace", "")
-    _write("buffer_size_kb", "8192")
-    _write("set_event_pid", " ".join(map(str, tids)))
-    _write("options/event-fork", "1")
+    switched = [e for e in EVENTS if not _enabled(e)]
     for e in EVENTS:
+        _write(f"events/{e}/filter", flt)
+    for e in switched:
         _write(f"events/{e}/enable", "1")
     _write("tracing_on", "1")
     found: list[tuple[str, str, str]] = []
@@ -69,11 +80,11 @@ def trace(tids: list[int]):
         yield found
     finally:
         _write("tracing_on", "0")
-        for e in EVENTS:
+        for e in switched:
             _write(f"events/{e}/enable", "0")
         found.extend(parse(open(f"{TRACEFS}/trace").read()))
-        _write("options/event-fork", "0")
-        _write("set_event_pid", "")
+        for e in EVENTS:
+            _write(f"events/{e}/filter", "0")
         _write("trace", "")
 
 

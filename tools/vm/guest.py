@@ -56,7 +56,13 @@ HUNG_TASK_SECS = 60
 
 #: Kernel command line. panic=-1 + qemu -no-reboot: a panic ends the run; oops=panic: an oops
 #: too (a half-dead kernel would otherwise only show up as a timeout much later).
-KERNEL_CMDLINE = "console=ttyS0 panic=-1 oops=panic quiet zswap.enabled=0 mitigations=off"
+#: The kmem allocation events are enabled at boot, before the second CPU runs: enabling a
+#: tracepoint later patches kernel text live, and under TCG a vCPU can then trip over the
+#: patch's int3 (seen: "Oops: int3" in kmem_cache_alloc_noprof). Tests only set filters and
+#: tracing_on (tests/kernel/alloctrace.py), which patch nothing.
+TRACE_EVENTS = "kmem:kmalloc,kmem:kmem_cache_alloc,kmem:mm_page_alloc"
+KERNEL_CMDLINE = ("console=ttyS0 panic=-1 oops=panic quiet zswap.enabled=0 mitigations=off "
+                  f"trace_event={TRACE_EVENTS} trace_buf_size=4M")
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 #: Caller variables that describe the caller's shell, not the job; never passed through.
@@ -95,6 +101,7 @@ else
 fi
 mount -t proc proc $R/proc
 mount -t sysfs sysfs $R/sys
+mount -t tracefs tracefs $R/sys/kernel/tracing && echo 0 >$R/sys/kernel/tracing/tracing_on
 mount -t devtmpfs devtmpfs $R/dev
 ln -sf /proc/self/fd $R/dev/fd
 ln -sf /proc/self/fd/0 $R/dev/stdin
