@@ -463,6 +463,27 @@ def _daemonize() -> int:
 _ready_fd = -1
 
 
+class _KmsgLines:
+    """stderr of a background daemon: each line one kernel log record at KERN_ERR (fd 2 is
+    /dev/kmsg), so it shows in dmesg and on a console."""
+
+    def __init__(self):
+        self._part = ""
+
+    def write(self, text: str) -> int:
+        *lines, self._part = (self._part + text).split("\n")
+        for line in lines:
+            try:
+                os.write(2, f"<3>{line}\n".encode(errors="replace"))
+            except OSError:
+                pass
+        return len(text)
+
+    def flush(self) -> None:
+        if self._part:
+            self.write("\n")
+
+
 def _notify(text: str) -> None:
     global _ready_fd
     if _ready_fd >= 0:
@@ -470,9 +491,18 @@ def _notify(text: str) -> None:
         os.close(_ready_fd)
         _ready_fd = -1
         devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
+        for fd in (0, 1):
             os.dup2(devnull, fd)
         os.close(devnull)
+        # what a background daemon still has to say goes to the kernel log (dmesg), as a
+        # kernel driver's messages would
+        try:
+            log = os.open("/dev/kmsg", os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            log = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(log, 2)
+        os.close(log)
+        sys.stderr = _KmsgLines()
     else:
         print(f"ublkzswapd: {text}", file=sys.stderr, flush=True)
 

@@ -39,7 +39,9 @@ import errno
 import mmap
 import os
 import threading
+import sys
 import time
+import traceback
 
 import numpy as np
 
@@ -212,6 +214,10 @@ class Queue:
             self._loop(ring, iod, cdev)
         except BaseException as e:  # reported to the controller, never silently lost
             self.error = e
+            if self.armed.is_set():   # serving had begun: nobody is waiting to hear of it
+                sys.stderr.write(f"ublkzswapd: queue {self.q_id} of device {self.dev_id} failed, "
+                                 "its I/O now fails:\n" + "".join(traceback.format_exception(e)))
+                sys.stderr.flush()
             self.armed.set()
         finally:
             if ring is not None:
