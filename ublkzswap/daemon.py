@@ -17,7 +17,8 @@ devices, each device's lifecycle, and clean teardown::
                    /dev/ublkcN only)      queue thread serving, START_DEV:             UNINITIALISED
                                           /dev/ublkbN exists)                          (STOP_DEV, DEL_DEV,
       v                                                                                 ADD_DEV again)
-    SIGTERM / SIGINT: STOP_DEV + DEL_DEV every device created, exit 0
+    SIGTERM / SIGINT: STOP_DEV + DEL_DEV every device created, exit 0 -- refused (logged, the
+    daemon keeps serving) while a device is in use, e.g. swapon'd
 
 :class:`Manager` is what the control socket (:mod:`ublkzswap.control`) drives; its methods
 raise ``OSError`` with compcache's errno (EBUSY, ENOTTY, ...).
@@ -562,8 +563,17 @@ def run(cfg: dict) -> int:
     n = cfg["num_devices"]
     init = " /dev/ublkb0 initialised" if manager.devs[0].initialised else ""
     _notify(f"ready {n} device{'s' if n > 1 else ''} reserved{init}")
-    while not stop.wait(1.0):
-        pass
+    while True:
+        while not stop.wait(1.0):
+            pass
+        busy = [d.bdev for d in manager.devs if d.in_use()]
+        if not busy:
+            break
+        # zram cannot be unloaded under an active swap either: stopping now would fail every
+        # swap-in from these devices (and kill whatever owns those pages)
+        print(f"ublkzswapd: not stopping: {', '.join(busy)} in use (swapoff first); "
+              "SIGKILL would lose the pages stored there", file=sys.stderr, flush=True)
+        stop.clear()
     if server is not None:
         server.close()
     manager.teardown()

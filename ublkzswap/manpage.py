@@ -153,8 +153,8 @@ RZS_STEPS = [
     ("Reset it.",
      ["rzscontrol /dev/ublkb0 --reset"],
      "This frees all stored pages and metadata; the device is uninitialised again and can be "
-     "given new parameters. Stopping the daemon (SIGTERM) removes all its devices; swapoff them "
-     "first."),
+     "given new parameters. Stopping the daemon (SIGTERM) removes all its devices; while one "
+     "is swapped on it refuses (and says so in the kernel log), so swapoff first."),
 ]
 
 RZS_EXAMPLES = [
@@ -329,7 +329,9 @@ def ublkzswapd_page() -> str:
         "Unless --foreground is given, it forks into the background and exits 0 once the "
         "devices are reserved (1 with a message if it cannot start). It needs root and the "
         "ublk_drv kernel module (loaded if missing). SIGTERM or SIGINT stops and removes every "
-        "device it created."))
+        "device it created, unless a device is in use (swapon): then it logs that and keeps "
+        "serving, since stopping would fail every swap-in from it. Once in the background its "
+        "messages go to the kernel log (dmesg)."))
     out.append(para(
         "Only device 0 can be initialised from parameters (disksize_kb= takes precedence over "
         "backing_swap=); the others, and device 0 after a reset, are set up with rzscontrol(1)."))

@@ -73,7 +73,15 @@ def running(*words: str):
     try:
         yield pid, line
     finally:
+        swapoff_ublk()      # a failed test may leave swap on; the daemon refuses to stop then
         stop(pid)
+
+
+def swapoff_ublk() -> None:
+    for line in open("/proc/swaps").read().splitlines()[1:]:
+        name = line.split()[0]
+        if name.startswith("/dev/ublkb"):
+            subprocess.run(["swapoff", name], timeout=900)
 
 
 def wait_gone(timeout: float = 10) -> list[str]:

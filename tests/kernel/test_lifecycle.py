@@ -101,3 +101,32 @@ def test_memlimit_changes_at_runtime(tmp_path):
         st = json.loads(rzs(sock, "/dev/ublkb0", "--json", check_rc=0).stdout)
         assert st["mem_limit"] == 8192 * 1024
         rzs(sock, "/dev/ublkb0", "--reset", check_rc=0)
+
+
+def test_sigterm_is_refused_while_swapped_on_and_logged(tmp_path):
+    """Stopping would fail every swap-in from the device: the daemon says why (kernel log)
+    and keeps serving until swapoff; then SIGTERM stops it."""
+    import signal
+    import time
+    from .daemonctl import start, stop
+    sock = tmp_path / "ctl.sock"
+    pid, _ = start("num_devices=1", f"socket={sock}", "disksize_kb=65536")
+    try:
+        subprocess.run(["swapon", "/dev/ublkb0"], check=True, timeout=300)
+        os.kill(pid, signal.SIGTERM)
+        time.sleep(5)
+        assert os.path.exists(f"/proc/{pid}") and "/dev/ublkb0" in swaps()
+        st = rzs(sock, "/dev/ublkb0", "--stats", check_rc=0).stdout
+        assert "DiskSize:" in st
+        log = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
+        assert "ublkzswapd: not stopping: /dev/ublkb0 in use (swapoff first)" in log
+        subprocess.run(["swapoff", "/dev/ublkb0"], check=True, timeout=300)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert wait_gone() == []
+    finally:
+        if "/dev/ublkb0" in swaps():
+            subprocess.run(["swapoff", "/dev/ublkb0"], timeout=300)
+        stop(pid)
