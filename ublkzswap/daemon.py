@@ -40,7 +40,7 @@ from collections import namedtuple
 from . import ctrl as ublkctrl
 from . import memory
 from . import stats as statsmod
-from .queue import Queue
+from .queue import Queue, describe
 from .target import NullTarget, RamTarget, features
 
 PAGE_SIZE = 4096
@@ -464,6 +464,11 @@ def _daemonize() -> int:
 _ready_fd = -1
 
 
+def _log_exception(etype, e, tb) -> None:
+    print(f"ublkzswapd: fatal: {describe(e)}", file=sys.stderr)
+    sys.__excepthook__(etype, e, tb)
+
+
 class _KmsgLines:
     """stderr of a background daemon: each line one kernel log record at KERN_ERR (fd 2 is
     /dev/kmsg), so it shows in dmesg and on a console."""
@@ -504,6 +509,7 @@ def _notify(text: str) -> None:
         os.dup2(log, 2)
         os.close(log)
         sys.stderr = _KmsgLines()
+        sys.excepthook = _log_exception
     else:
         print(f"ublkzswapd: {text}", file=sys.stderr, flush=True)
 
@@ -566,7 +572,7 @@ def run(cfg: dict) -> int:
     while True:
         while not stop.wait(1.0):
             pass
-        busy = [d.bdev for d in manager.devs if d.in_use()]
+        busy = [d.bdev for d in manager.devs.values() if d.in_use()]
         if not busy:
             break
         # zram cannot be unloaded under an active swap either: stopping now would fail every

@@ -57,6 +57,16 @@ PR_SET_NAME = 15
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def describe(e: BaseException) -> str:
+    """``Type: message (file:line)`` of ``e``'s innermost frame: the one line of a failure
+    that must survive the kernel log's rate limit (10 lines per 5 s from user space)."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    at = f" ({os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno})" if tb else ""
+    return f"{type(e).__name__}: {e}{at}"
+
+
 def set_thread_name(name: str) -> None:
     """The calling thread's kernel name (``comm``, 15 bytes): how ps, tracing and the
     blocked-task dump tell the queue thread apart."""
@@ -215,8 +225,9 @@ class Queue:
         except BaseException as e:  # reported to the controller, never silently lost
             self.error = e
             if self.armed.is_set():   # serving had begun: nobody is waiting to hear of it
-                sys.stderr.write(f"ublkzswapd: queue {self.q_id} of device {self.dev_id} failed, "
-                                 "its I/O now fails:\n" + "".join(traceback.format_exception(e)))
+                sys.stderr.write(f"ublkzswapd: queue {self.q_id} of device {self.dev_id} failed "
+                                 f"({describe(e)}); its I/O now fails\n"
+                                 + "".join(traceback.format_exception(e)))
                 sys.stderr.flush()
             self.armed.set()
         finally:

@@ -107,3 +107,16 @@ def test_swap_writes_go_to_write_swap_when_the_target_has_it():
     ram = RamTarget(1 << 20)
     assert handle_request(W | uapi.UBLK_IO_F_SWAP, 8, 0, buf, ram) == 4096
     ram.close()
+
+
+def test_describe_names_type_message_and_innermost_line():
+    from ublkzswap.queue import describe
+
+    def inner():
+        raise KeyError("tag 7")
+    try:
+        inner()
+    except KeyError as e:
+        text = describe(e)
+    assert text.startswith("KeyError: 'tag 7' (test_queue.py:") and text.endswith(")")
+    assert describe(ValueError("x")) == "ValueError: x"
