@@ -42,6 +42,7 @@ BOOT_MODULES: tuple[tuple[str, str], ...] = (
     ("zram", "num_devices=1"),
     ("virtio_blk", ""),
     ("loop", ""),
+    ("crc32c_generic", ""),  # ext4 asks for crc32c at mount time (request_module: no modprobe here)
     ("ext4", ""),          # a backing swap *file* in the swap tests (mkfs.ext4 on the scratch disk)
 )
 #: Modules shipped in the image but not loaded (a test loads them: busybox insmod $UBLKZSWAP_VM_MODULES/x.ko).
