@@ -53,6 +53,7 @@ from .uring import Ring
 SECTOR_SHIFT = 9
 BACKING_IO = 1 << 40   # user_data bit of a backing-swap read/write (FETCH/COMMIT carry the tag only)
 PREWARM_IO = 1 << 41   # user_data bit of the start-up reads that fill io_uring's caches
+PREWARM_SPARE = 8      # prewarmed beyond the backing bound: io_uring refills requests 8 at a time
 PR_SET_NAME = 15
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -205,8 +206,6 @@ class Queue:
                                 offset=uapi.ublk_desc_offset(self.q_id))
             iod = np.frombuffer(iod_map, dtype=uapi.IO_DESC_DTYPE, count=self.depth)
             ring = Ring(2 * self.depth, cq_entries=8 * self.depth)
-            if self.backing_fd >= 0:
-                self._prewarm(ring, self.backing_fd, self.backing_inflight)
             all_tags = np.arange(self.depth, dtype=np.uint16)
             self._fill(ring, uapi.UBLK_U_IO_FETCH_REQ, cdev, all_tags, 0)
             # one ready COMMIT_AND_FETCH SQE per tag: committing is then a row copy + result
@@ -220,6 +219,9 @@ class Queue:
             c["io_tag"] = all_tags
             c["io_addr"] = self.buf_addrs
             ring.submit()
+            if self.backing_fd >= 0:
+                # with every FETCH live, so that the requests prewarmed are spare ones
+                self._prewarm(ring, self.backing_fd, min(self.depth, self.backing_inflight + PREWARM_SPARE))
             self.armed.set()
             self._loop(ring, iod, cdev)
         except BaseException as e:  # reported to the controller, never silently lost
@@ -353,9 +355,12 @@ class Queue:
 
     def _prewarm(self, ring: Ring, fd: int, n: int) -> None:
         """``n`` concurrent 4 KiB reads of ``fd`` at offset 0 (into the first ``n`` tag
-        buffers, before any FETCH): io_uring allocates a request and async rw state for each
-        and keeps them in its per-ring caches, so that later backing I/O (at most ``n`` in
-        flight) takes them from there instead of allocating under memory pressure."""
+        buffers: FETCH is armed but the device not started, so no request uses them): io_uring
+        allocates a request and async rw state for each and keeps them in its per-ring caches,
+        so that later backing I/O (fewer than ``n`` in flight) takes them from there instead of
+        allocating under memory pressure. The requests must be allocated while every FETCH is
+        live: prewarmed before the FETCHes, they were all taken by them (the allocation trace
+        caught ``alloc_slab_obj_exts`` under io_uring's request refill)."""
         idx = ring.claim(n)
         s = ring.sqes
         s["opcode"][idx] = uapi.IORING_OP_READ
@@ -366,11 +371,14 @@ class Queue:
         got = 0
         while got < n:
             ring.submit_and_wait(1)
-            cqes = ring.reap()
-            bad = cqes["res"][cqes["res"] < 0]
-            if len(bad):
-                raise OSError(-int(bad[0]), f"backing swap: prewarm read failed: {os.strerror(-int(bad[0]))}")
-            got += len(cqes)
+            for ud, res in ring.reap_pairs():
+                if not ud & PREWARM_IO:
+                    raise OSError(-res if res < 0 else errno.EPROTO,
+                                  f"queue {self.q_id}: command for tag {ud & 0xFFFF} completed "
+                                  f"before the device started ({res})")
+                if res < 0:
+                    raise OSError(-res, f"backing swap: prewarm read failed: {os.strerror(-res)}")
+                got += 1
 
     def close(self) -> None:
         self.bufs = []

@@ -82,3 +82,18 @@ def test_backing_ops_beyond_the_bound_wait_their_turn(backing):
     finally:
         ring.close()
         q.close()
+
+
+def test_prewarm_refuses_a_command_completing_before_start(backing):
+    fd, _ = backing
+    q = queue.Queue(0, None, depth=4, buf_bytes=64 * 1024)
+    ring = Ring(8)
+    try:
+        i = ring.claim(1)
+        ring.sqes["opcode"][i] = 0          # IORING_OP_NOP standing in for a FETCH that came back
+        ring.sqes["user_data"][i] = 3
+        with pytest.raises(OSError, match="tag 3 completed before the device started"):
+            q._prewarm(ring, fd, 2)
+    finally:
+        ring.close()
+        q.close()
