@@ -61,9 +61,10 @@ def _byte_view(addr: int, size: int) -> memoryview:
     return memoryview((C.c_uint8 * size).from_address(addr)).cast("B")
 
 
-def _u32_cell(ptr) -> np.ndarray:
-    """A 1-element uint32 numpy view of the kernel-shared word behind ``ptr``."""
-    return np.ctypeslib.as_array(C.cast(ptr, C.POINTER(C.c_uint32)), shape=(1,))
+def _u32_word(ptr) -> memoryview:
+    """The kernel-shared uint32 behind ``ptr`` as a 1-element memoryview: ``w[0]`` reads it
+    as a Python int, ``w[0] = v`` writes it."""
+    return _byte_view(C.cast(ptr, C.c_void_p).value, 4).cast("I")
 
 
 class Ring:
@@ -99,20 +100,16 @@ class Ring:
         self.sqes = self._sqe_bytes.view(uapi.sqe_dtype(self.sqe_size))
         self.sqe_rows = self._sqe_bytes.reshape(self.sq_entries, self.sqe_size)
         self.cqes = _u8_view(cq.cqes, self.cq_entries * 16).view(uapi.CQE_DTYPE)
-        self._sq_khead = _u32_cell(sq.khead)
-        self._cq_khead = _u32_cell(cq.khead)
-        self._cq_ktail = _u32_cell(cq.ktail)
-        self._sq_kflags = _u32_cell(sq.kflags)
-        # the same memory as memoryviews: indexing one yields a Python int, an order of
-        # magnitude cheaper than a numpy scalar for the one-or-two-CQE wake-ups of a swap
-        # device (measured: see reap_pairs)
+        # ring words and the rings themselves also as memoryviews: indexing one yields a
+        # Python int, an order of magnitude cheaper than a numpy scalar for the
+        # one-or-two-CQE wake-ups of a swap device (measured: see reap_pairs)
+        self._sq_khead = _u32_word(sq.khead)
+        self._cq_khead = _u32_word(cq.khead)
+        self._cq_ktail = _u32_word(cq.ktail)
+        self._sq_kflags = _u32_word(sq.kflags)
         cqb = _byte_view(cq.cqes, self.cq_entries * 16)
         self._cq_u64, self._cq_i32 = cqb.cast("Q"), cqb.cast("i")
-        self._cq_head_mv = _byte_view(C.cast(cq.khead, C.c_void_p).value, 4).cast("I")
-        self._cq_tail_mv = _byte_view(C.cast(cq.ktail, C.c_void_p).value, 4).cast("I")
-        self._sq_flags_mv = _byte_view(C.cast(sq.kflags, C.c_void_p).value, 4).cast("I")
-        self._sq_head_mv = _byte_view(C.cast(sq.khead, C.c_void_p).value, 4).cast("I")
-        self._sqb = _byte_view(sq.sqes, self.sq_entries * self.sqe_size)
+        self._sqb = memoryview(self._sqe_bytes)
         self._sq_i32 = self._sqb.cast("i")
         self._cq_steps = np.arange(self.cq_entries, dtype=np.uint32)
         self._sq_steps = np.arange(self.sq_entries, dtype=np.uint32)
@@ -120,7 +117,7 @@ class Ring:
     # ------------------------------------------------------------------ SQ side
     def sq_space(self) -> int:
         """Free SQE slots (as liburing's get_sqe sees them)."""
-        return self.sq_entries - ((self._ring.sq.sqe_tail - self._sq_head_mv[0]) & 0xFFFFFFFF)
+        return self.sq_entries - ((self._ring.sq.sqe_tail - self._sq_khead[0]) & 0xFFFFFFFF)
 
     def claim(self, n: int, zero: bool = True) -> np.ndarray:
         """Claim ``n`` SQE slots, zero them (unless the caller overwrites whole rows of
@@ -186,14 +183,14 @@ class Ring:
 
     # ------------------------------------------------------------------ CQ side
     def cq_ready(self) -> int:
-        return (int(self._cq_ktail[0]) - int(self._cq_khead[0])) & 0xFFFFFFFF
+        return (self._cq_ktail[0] - self._cq_khead[0]) & 0xFFFFFFFF
 
     def reap(self) -> np.ndarray:
         """Copy out every ready CQE (a ``CQE_DTYPE`` array, possibly empty) and mark them seen."""
         if self._sq_kflags[0] & uapi.IORING_SQ_CQ_OVERFLOW:
             self._lib.io_uring_get_events(self._pring)
-        head = int(self._cq_khead[0])
-        n = (int(self._cq_ktail[0]) - head) & 0xFFFFFFFF
+        head = self._cq_khead[0]
+        n = (self._cq_ktail[0] - head) & 0xFFFFFFFF
         if n == 0:
             return self.cqes[:0].copy()
         idx = (self._cq_steps[:n] + np.uint32(head & 0xFFFFFFFF)) & np.uint32(self.cq_mask)
@@ -207,10 +204,10 @@ class Ring:
         The serving loop's form of :meth:`reap`: measured natively with one CQE per wake-up
         (a swap-in waits for each fault), reap + numpy bookkeeping cost about 50 us a batch,
         this about 5 us (bench/bench_loop.py)."""
-        if self._sq_flags_mv[0] & uapi.IORING_SQ_CQ_OVERFLOW:
+        if self._sq_kflags[0] & uapi.IORING_SQ_CQ_OVERFLOW:
             self._lib.io_uring_get_events(self._pring)
-        head = self._cq_head_mv[0]
-        tail = self._cq_tail_mv[0]
+        head = self._cq_khead[0]
+        tail = self._cq_ktail[0]
         if head == tail:
             return []
         mask, u64, i32 = self.cq_mask, self._cq_u64, self._cq_i32
@@ -219,7 +216,7 @@ class Ring:
             i = head & mask
             out.append((u64[2 * i], i32[4 * i + 2]))
             head = (head + 1) & 0xFFFFFFFF
-        self._cq_head_mv[0] = head
+        self._cq_khead[0] = head
         return out
 
     def wait(self, n: int = 1) -> np.ndarray:
@@ -251,7 +248,11 @@ class Ring:
     def close(self) -> None:
         if self._open:
             self._open = False
+            # drop every view of the ring memory first: a use after close then raises
+            # instead of touching unmapped memory
             self.sqes = self.cqes = self._sqe_bytes = self.sqe_rows = None
+            self._sqb = self._sq_i32 = self._cq_u64 = self._cq_i32 = None
+            self._sq_khead = self._cq_khead = self._cq_ktail = self._sq_kflags = None
             self._lib.io_uring_queue_exit(self._pring)
 
     def __enter__(self):
