@@ -24,8 +24,9 @@ request and an ``io_async_rw`` per READ/WRITE with GFP_KERNEL unless its per-rin
 one; the first backing I/O happens when memory is short (memlimit reached), so an allocation
 then enters direct reclaim that only our own swap-out could satisfy: the machine freezes
 (seen in CI: ``io_prep_rw -> io_alloc_async_data -> kmalloc -> try_to_free_pages``). So
-:meth:`serve` prewarms those caches with ``backing_inflight`` concurrent reads of the backing
-device before arming, and the bound keeps the loop inside what was prewarmed.
+:meth:`serve`, with every FETCH live, prewarms those caches with ``backing_inflight`` +
+PREWARM_SPARE concurrent reads of the backing device before arming, and the bound keeps the
+loop inside what was prewarmed.
 
 Still naive: one queue per device; no USER_COPY or zero-copy; requests of a batch are
 handled one after another in this thread.
@@ -72,6 +73,8 @@ def set_thread_name(name: str) -> None:
     """The calling thread's kernel name (``comm``, 15 bytes): how ps, tracing and the
     blocked-task dump tell the queue thread apart."""
     _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+
+
 def handle_request(op_flags: int, nr_sectors: int, start_sector: int, buf: memoryview,
                    target) -> int:
     """Serve one block request on ``target``; return bytes done (>= 0) or ``-errno``, or the
@@ -149,6 +152,8 @@ class Queue:
         self.dev_id = dev_id
         self.backing_fd = backing_fd
         self.backing_inflight = max(1, min(backing_inflight, depth))
+        self._waiting: collections.deque = collections.deque()   # backing ops beyond the bound
+        self._inflight = 0                                       # backing ops in flight
         self.q_id = q_id
         self.depth = depth
         self.buf_bytes = buf_bytes
@@ -261,8 +266,6 @@ class Queue:
         result_at = ring.sqes.dtype.fields["io_result"][1]
         OK, ABORT = uapi.UBLK_IO_RES_OK, uapi.UBLK_IO_RES_ABORT
         pending: dict[int, list] = {}
-        self._waiting = collections.deque()   # backing ops beyond the in-flight bound
-        self._inflight = 0
         while live > 0:
             ring.submit_and_wait(1)
             cqes = ring.reap_pairs()

@@ -1,6 +1,5 @@
 """The queue's backing-I/O plumbing on a real io_uring (no ublk needed): the start-up prewarm
 reads and the bound on backing ops in flight."""
-import collections
 import os
 
 import numpy as np
@@ -55,7 +54,6 @@ def test_backing_ops_beyond_the_bound_wait_their_turn(backing):
     fd, data = backing
     cap = 3
     q = queue.Queue(0, None, depth=4, buf_bytes=64 * 1024, backing_fd=fd, backing_inflight=cap)
-    q._waiting, q._inflight = collections.deque(), 0
     ring = Ring(16)
     try:
         # tag 1 writes 6 single pages (pages 10..15 of the file), tag 2 reads pages 0..3 at once
