@@ -141,6 +141,18 @@ def page_map(exts, npages: int) -> np.ndarray:
     return phys
 
 
+def _set_immutable(fd: int, on: bool) -> bool:
+    """Set or clear FS_IMMUTABLE_FL (``chattr +i``/``-i``) on ``fd``; True if that changed it.
+    Raises OSError."""
+    flags = C.c_long()
+    fcntl.ioctl(fd, uapi.FS_IOC_GETFLAGS, flags)
+    new = flags.value | uapi.FS_IMMUTABLE_FL if on else flags.value & ~uapi.FS_IMMUTABLE_FL
+    if new == flags.value:
+        return False
+    fcntl.ioctl(fd, uapi.FS_IOC_SETFLAGS, C.c_long(new))
+    return True
+
+
 def _open_blockdev(dev: int) -> int:
     """Open the block device ``dev`` (a st_dev) for O_DIRECT I/O without an exclusive claim
     (its filesystem holds that)."""
@@ -215,16 +227,12 @@ class Backing:
             raise _fail(errno.EINVAL, f"backing swap {self.name}: cannot map its extents: {e}") from None
         except OSError:
             return                                    # no FIEMAP here: the filesystem path
-        flags = C.c_long()
-        fcntl.ioctl(self.fd, uapi.FS_IOC_GETFLAGS, flags)
         bdev = _open_blockdev(st.st_dev)
-        if not flags.value & uapi.FS_IMMUTABLE_FL:
-            try:
-                fcntl.ioctl(self.fd, uapi.FS_IOC_SETFLAGS, C.c_long(flags.value | uapi.FS_IMMUTABLE_FL))
-            except OSError as e:
-                os.close(bdev)
-                raise _fail(e.errno, f"backing swap {self.name}: cannot make it immutable: {e.strerror}") from None
-            self._immutable_set = True
+        try:
+            self._immutable_set = _set_immutable(self.fd, True)
+        except OSError as e:
+            os.close(bdev)
+            raise _fail(e.errno, f"backing swap {self.name}: cannot make it immutable: {e.strerror}") from None
         # the extents may only be read once nothing can move them
         try:
             again = page_map(extents(self.fd), self.npages)
@@ -289,9 +297,7 @@ class Backing:
     def close(self) -> None:
         if self._immutable_set and self._file_fd >= 0:
             try:
-                flags = C.c_long()
-                fcntl.ioctl(self._file_fd, uapi.FS_IOC_GETFLAGS, flags)
-                fcntl.ioctl(self._file_fd, uapi.FS_IOC_SETFLAGS, C.c_long(flags.value & ~uapi.FS_IMMUTABLE_FL))
+                _set_immutable(self._file_fd, False)
             except OSError:
                 pass
             self._immutable_set = False
