@@ -73,14 +73,15 @@ def running(*words: str):
     try:
         yield pid, line
     finally:
-        swapoff_ublk()      # a failed test may leave swap on; the daemon refuses to stop then
+        swapoff_all("/dev/ublkb")   # a failed test may leave swap on; the daemon refuses to stop then
         stop(pid)
 
 
-def swapoff_ublk() -> None:
+def swapoff_all(prefix: str = "") -> None:
+    """swapoff every active swap area whose name starts with ``prefix``."""
     for line in open("/proc/swaps").read().splitlines()[1:]:
         name = line.split()[0]
-        if name.startswith("/dev/ublkb"):
+        if name.startswith(prefix):
             subprocess.run(["swapoff", name], timeout=900)
 
 

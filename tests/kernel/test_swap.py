@@ -25,7 +25,7 @@ import pytest
 from tools.swapload import mem_total_mib, remove_cgroups
 
 from . import alloctrace
-from .daemonctl import PY, leftovers, running, wait_gone
+from .daemonctl import PY, leftovers, running, swapoff_all, wait_gone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SWAPLOAD = os.path.join(ROOT, "tools", "swapload.py")
@@ -95,11 +95,6 @@ def daemon_swap_kb(pid: int) -> int:
         if line.startswith("VmSwap:"):
             return int(line.split()[1])
     return 0
-
-
-def swapoff_all():
-    for line in open("/proc/swaps").read().splitlines()[1:]:
-        subprocess.run(["swapoff", line.split()[0]], timeout=600)
 
 
 @pytest.fixture(autouse=True)
