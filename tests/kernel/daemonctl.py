@@ -82,7 +82,7 @@ def swapoff_all(prefix: str = "") -> None:
     for line in open("/proc/swaps").read().splitlines()[1:]:
         name = line.split()[0]
         if name.startswith(prefix):
-            subprocess.run(["swapoff", name], timeout=900)
+            subprocess.run(["swapoff", name], timeout=600)
 
 
 def wait_gone(timeout: float = 10) -> list[str]:
