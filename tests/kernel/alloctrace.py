@@ -5,8 +5,7 @@ kernel find a new page: under pressure that allocation enters direct reclaim, wh
 swap-out, which waits for us. The I/O path (the queue thread: its io_uring_enter, the task
 work ublk runs in it, its page faults) must make no allocation that may loop in reclaim.
 :func:`trace` records every ``kmalloc``/``kmem_cache_alloc``/``mm_page_alloc`` of the given
-threads;
-:func:`may_reclaim` picks out those whose GFP flags allow direct reclaim without
+threads; :func:`may_reclaim` picks out those whose GFP flags allow direct reclaim without
 ``__GFP_NORETRY`` (a NORETRY attempt -- mempool's second try, say -- reclaims at most once and
 then fails over to the pool, so it cannot wait on us for ever). Counting flags rather than
 freezes makes the check deterministic: an allocation that a slab happened to serve from a free
@@ -14,6 +13,7 @@ object this time is the one that enters reclaim another time.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import glob
 import os
@@ -112,8 +112,5 @@ def may_reclaim(events) -> list[tuple[str, str, str]]:
 
 
 def summary(events, limit: int = 20) -> str:
-    counts: dict[tuple[str, str, str], int] = {}
-    for e in events:
-        counts[e] = counts.get(e, 0) + 1
-    top = sorted(counts.items(), key=lambda kv: -kv[1])[:limit]
+    top = collections.Counter(events).most_common(limit)
     return "\n".join(f"{n:7d}  {ev} {site} {gfp}" for (ev, gfp, site), n in top)

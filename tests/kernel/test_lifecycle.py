@@ -4,11 +4,13 @@ reset, re-init with another size, unload."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 
 import pytest
 
-from .daemonctl import PY, leftovers, running, wait_gone
+from .daemonctl import PY, leftovers, running, start, stop, wait_gone
 
 MiB = 1 << 20
 
@@ -106,9 +108,6 @@ def test_memlimit_changes_at_runtime(tmp_path):
 def test_sigterm_is_refused_while_swapped_on_and_logged(tmp_path):
     """Stopping would fail every swap-in from the device: the daemon says why (kernel log)
     and keeps serving until swapoff; then SIGTERM stops it."""
-    import signal
-    import time
-    from .daemonctl import start, stop
     sock = tmp_path / "ctl.sock"
     pid, _ = start("num_devices=1", f"socket={sock}", "disksize_kb=65536")
     try:
