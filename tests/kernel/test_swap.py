@@ -7,8 +7,8 @@ workload in a small cgroup: what they check is where pages go and what fails, an
 them to minutes under TCG.
 
 Whether the I/O path can freeze the machine is checked deterministically rather than by luck:
-while the workload runs, the kernel's allocation tracepoints record the queue thread (and any
-io-wq worker it spawns), and no allocation there may be one that can loop in direct reclaim
+while the workload runs, the kernel's allocation tracepoints record the queue thread, and no
+allocation there may be one that can loop in direct reclaim
 (tests/kernel/alloctrace.py). Every test is bounded by conftest's watchdog; a hang is a failure
 with the kernel's blocked-task dump in the log."""
 from __future__ import annotations
