@@ -47,6 +47,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import logging
 import mmap
 import os
 import threading
@@ -69,6 +70,8 @@ DEFAULT_LOW = 1024    # pages (4 MiB)
 DEFAULT_HIGH = 4096   # pages (16 MiB)
 DEFAULT_INTERVAL = 0.02
 POPULATE_BATCH = 256  # pages the keeper brings in before handing them out (1 MiB)
+
+log = logging.getLogger("ublkzswap.arena")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 for _name, _args in (("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)),
@@ -119,10 +122,13 @@ class Arena:
         the pool is empty, ``take`` runs :meth:`step` itself (this populates
         memory on the I/O path, which a swap device must never do).
       prefill: run one :meth:`step` now, so the pool starts at ``high``.
+      may_grow: ``callable(nbytes) -> bool`` asked before each batch is populated (e.g.
+        :class:`ublkzswap.memory.GrowthGuard`); False defers growth to a later pass.
     """
 
     def __init__(self, npages: int, *, low: int | None = None, high: int | None = None,
-                 lock: bool = False, inline_refill: bool = False, prefill: bool = True):
+                 lock: bool = False, inline_refill: bool = False, prefill: bool = True,
+                 may_grow=None):
         if npages <= 0:
             raise ValueError(f"arena needs at least one page, got {npages}")
         low = DEFAULT_LOW if low is None else low
@@ -158,8 +164,11 @@ class Arena:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.inline_refill = inline_refill
+        self.may_grow = may_grow
+        self.growth_deferred = 0   # batches not populated because may_grow said no
         self.keeper_errors = 0
         self.last_keeper_error: OSError | None = None
+        self._logged_at = -1e9
         self.populate_method = "madvise"
         self.populated = 0   # pages brought in, cumulative
         self.released = 0    # pages given back to the kernel, cumulative
@@ -261,12 +270,17 @@ class Arena:
         populated = released = 0
         if fill is not None:
             fill.sort()
+            refused = False
             for start, count in _runs(fill, POPULATE_BATCH):
+                if refused or (self.may_grow is not None and not self.may_grow(count * PAGE_SIZE)):
+                    refused = True      # not now: the rest of this pass goes back unbacked
+                    with self._lock:
+                        self._push_unbacked(np.arange(start, start + count, dtype=np.int64))
+                    continue
                 try:
                     self._populate(start, count)
                 except OSError as e:
-                    self.keeper_errors += 1
-                    self.last_keeper_error = e
+                    self._keeper_error(e)
                     with self._lock:
                         self._push_unbacked(np.arange(start, start + count, dtype=np.int64))
                     continue
@@ -275,6 +289,8 @@ class Arena:
                     self._refilled.notify_all()
                 populated += count
             self.populated += populated
+            if refused:
+                self.growth_deferred += 1
         if trim is not None:
             trim.sort()
             for start, count in _runs(trim):
@@ -365,12 +381,21 @@ class Arena:
                             break
                         if self.low <= self._nready <= self.high:
                             break
-                except OSError as e:  # recorded; the I/O path sees ENOSPC meanwhile
-                    self.keeper_errors += 1
-                    self.last_keeper_error = e
+                except OSError as e:  # the I/O path sees ENOSPC meanwhile
+                    self._keeper_error(e)
 
         self._thread = threading.Thread(target=run, name="arena-keeper", daemon=True)
         self._thread.start()
+
+    def _keeper_error(self, e: OSError) -> None:
+        """Count and log (at most one record a minute) a failure to bring memory in."""
+        self.keeper_errors += 1
+        self.last_keeper_error = e
+        now = time.monotonic()
+        if now - self._logged_at >= 60.0:
+            log.warning("arena keeper: %s (%d failures so far; swap writes get ENOSPC meanwhile)",
+                        e, self.keeper_errors)
+            self._logged_at = now
 
     def stop(self) -> None:
         """Stop the keeper thread (no-op if not running)."""

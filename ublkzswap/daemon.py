@@ -193,7 +193,8 @@ class Device:
             return NullTarget(disksize)
         from .store import Store
         store = Store(disksize, memlimit=memlimit, compressor=self.cfg["compressor"],
-                      backing=backing, keeper_init=memory.daemon_thread_init)
+                      backing=backing, keeper_init=memory.keeper_thread_init,
+                      may_grow=memory.GrowthGuard())
         store.backing_async = True        # the queue runs backing I/O on its io_uring
         return store
 

@@ -97,6 +97,59 @@ def populate(address: int, length: int) -> None:
         buf[off] = buf[off]
 
 
+class _sysinfo(C.Structure):
+    _fields_ = [("uptime", C.c_long), ("loads", C.c_ulong * 3), ("totalram", C.c_ulong),
+                ("freeram", C.c_ulong), ("sharedram", C.c_ulong), ("bufferram", C.c_ulong),
+                ("totalswap", C.c_ulong), ("freeswap", C.c_ulong), ("procs", C.c_ushort),
+                ("pad", C.c_ushort), ("totalhigh", C.c_ulong), ("freehigh", C.c_ulong),
+                ("mem_unit", C.c_uint), ("_f", C.c_char * 8)]
+
+
+_si = _sysinfo()
+_si_ref = C.byref(_si)
+
+
+def free_bytes() -> int:
+    """The kernel's free memory now (``MemFree``), through sysinfo(2): no file, no allocation."""
+    if _libc.sysinfo(_si_ref) != 0:
+        raise _oserror("sysinfo")
+    return _si.freeram * _si.mem_unit
+
+
+def min_watermark_bytes(zoneinfo: str = "/proc/zoneinfo") -> int:
+    """Sum of every zone's ``min`` watermark: below it only the kernel's reserves remain and an
+    allocation must reclaim first (or, for one that may not do I/O, wait). 0 if unreadable."""
+    total = 0
+    try:
+        with open(zoneinfo) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 2 and parts[0] == "min":
+                    total += int(parts[1])
+    except (OSError, ValueError):
+        return 0
+    return total * PAGE_SIZE
+
+
+class GrowthGuard:
+    """Whether the store may take ``nbytes`` more from the kernel now: only while free memory
+    stays above every zone's ``min`` watermark plus ``margin`` afterwards. Above that line the
+    page allocator serves us without direct reclaim; below it the allocation would reclaim or,
+    being PR_SET_IO_FLUSHER, wait -- and what it waits for may be our own swap-out. Stopping
+    short instead makes swap writes fail with ENOSPC: the kernel keeps those pages, kswapd
+    reclaims elsewhere, and if nothing helps the kernel's OOM killer decides."""
+
+    def __init__(self, margin: int = 1 << 20, zoneinfo: str = "/proc/zoneinfo"):
+        self.floor = min_watermark_bytes(zoneinfo) + margin
+        self.refused = 0   # times growth was deferred
+
+    def __call__(self, nbytes: int) -> bool:
+        if free_bytes() - nbytes >= self.floor:
+            return True
+        self.refused += 1
+        return False
+
+
 def set_io_flusher() -> None:
     """PR_SET_IO_FLUSHER on the calling thread (needs CAP_SYS_RESOURCE)."""
     if _libc.prctl(uapi.PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
@@ -124,6 +177,17 @@ def daemon_thread_init() -> None:
     server): lock its stack, so it never faults while holding the GIL."""
     if is_locked():
         lock_thread_stack()
+
+
+def keeper_thread_init() -> None:
+    """What a thread that brings memory in for the store does first: lock its stack and mark
+    it PR_SET_IO_FLUSHER. Its allocations then carry no __GFP_IO/__GFP_FS, and the kernel never
+    invokes the OOM killer for such an allocation: an arena that cannot grow fails swap
+    writes (the kernel keeps those pages and picks its own victim) instead of OOM-killing on
+    our behalf -- which, with the daemon itself unkillable and the victims' memory held in our
+    arena until the kernel discards their swap, can leave the kernel nothing to kill."""
+    daemon_thread_init()
+    set_io_flusher()
 
 
 def is_locked() -> bool:

@@ -152,7 +152,7 @@ class Store:
                  pool_low: int | None = None, pool_high: int | None = None,
                  lock_memory: bool = False, keeper: bool = True, inline_refill: bool = False,
                  keeper_init=None, keeper_interval: float = _arena.DEFAULT_INTERVAL,
-                 alloc_wait: float = 2.0):
+                 alloc_wait: float = 2.0, may_grow=None):
         if not isinstance(disksize, int) or disksize <= 0 or disksize % PAGE_SIZE:
             raise ValueError(f"disksize must be a positive multiple of {PAGE_SIZE} bytes, got {disksize!r}")
         if not isinstance(memlimit, int) or memlimit < 0:
@@ -173,7 +173,7 @@ class Store:
                 high = _arena.DEFAULT_HIGH if pool_high is None else pool_high
                 arena_pages = min(self.npages + high + ARENA_SLACK_PAGES, MAX_ARENA_PAGES)
             arena = _arena.Arena(arena_pages, low=pool_low, high=pool_high, lock=lock_memory,
-                                 inline_refill=inline_refill)
+                                 inline_refill=inline_refill, may_grow=may_grow)
             self._own_arena = True
         else:
             self._own_arena = False

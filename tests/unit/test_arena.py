@@ -206,3 +206,38 @@ def test_words_view_is_the_same_memory():
     a.words[1] = 0x04030201
     assert bytes(a.mem[4:8]) == b"\x01\x02\x03\x04"
     assert a.view[5] == 2
+
+
+def test_growth_waits_while_the_guard_says_no():
+    """The keeper asks before each batch; a refusal leaves the pages unbacked (not lost) and
+    a later pass brings them in once growth is allowed again."""
+    allow = {"ok": False, "asked": []}
+
+    def may_grow(nbytes):
+        allow["asked"].append(nbytes)
+        return allow["ok"]
+
+    a = ar.Arena(2048, low=64, high=512, prefill=False, may_grow=may_grow)
+    try:
+        assert a.step() == (0, 0)
+        assert a.ready == 0 and a.resident == 0 and a.growth_deferred == 1
+        assert allow["asked"] and allow["asked"][0] <= ar.POPULATE_BATCH * 4096
+        assert a.take(ar.XV) == -1
+        allow["ok"] = True
+        populated, _ = a.step()
+        assert populated == 512 and a.ready == 512
+    finally:
+        a.close()
+
+
+def test_growth_guard_counts_free_memory_against_the_min_watermark(tmp_path):
+    from ublkzswap import memory
+    zi = tmp_path / "zoneinfo"
+    zi.write_text("Node 0, zone   Normal\n  pages free 1\n        min      100\n        low 125\n"
+                  "Node 0, zone    DMA32\n        min      20\n")
+    g = memory.GrowthGuard(margin=0, zoneinfo=str(zi))
+    assert g.floor == 120 * 4096
+    free = memory.free_bytes()
+    assert free > 0
+    assert g(0) is (free >= g.floor)
+    assert g(free) is False and g.refused >= 1   # never down past the watermark
