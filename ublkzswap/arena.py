@@ -66,8 +66,8 @@ MADV_NOHUGEPAGE = 15
 MADV_POPULATE_WRITE = 23
 MLOCK_ONFAULT = 1
 
-DEFAULT_LOW = 1024    # pages (4 MiB)
-DEFAULT_HIGH = 4096   # pages (16 MiB)
+DEFAULT_LOW = 128     # pages (512 KiB)
+DEFAULT_HIGH = 512    # pages (2 MiB)
 DEFAULT_INTERVAL = 0.02
 POPULATE_BATCH = 256  # pages the keeper brings in before handing them out (1 MiB)
 
@@ -116,7 +116,7 @@ class Arena:
       npages: size of the reservation in pages (no memory is used until pages
         are populated).
       low, high: watermarks of the ready pool in pages (clamped to ``npages``;
-        defaults 1024 and 4096).
+        defaults 128 and 512).
       lock: ``mlock2(MLOCK_ONFAULT)`` the mapping now (OSError if refused).
       inline_refill: tests and benchmarks without a keeper thread only — when
         the pool is empty, ``take`` runs :meth:`step` itself (this populates

@@ -46,7 +46,7 @@ from .target import NullTarget, RamTarget, features
 PAGE_SIZE = 4096
 MAX_NUM_DEVICES = 32
 QUEUE_DEPTH = 64
-IO_BUF_BYTES = 256 * 1024
+IO_BUF_BYTES = 64 * 1024     # per tag, populated and locked: 4 MiB for depth 64
 DEFAULT_DISKSIZE_PERC_RAM = 25
 DEFAULT_MEMLIMIT_PERC_RAM = 15
 
@@ -537,6 +537,12 @@ def run(cfg: dict) -> int:
         memory.lock_process()
     except OSError as e:
         return fail(f"refusing to serve swap: {e.strerror}")
+    if cfg["target"] == "zswap":
+        from .store import warm_up
+        try:
+            warm_up(cfg["compressor"])    # what the I/O path runs is now resident and locked
+        except Exception as e:
+            return fail(f"store self-test failed: {describe(e)}")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -1,24 +1,31 @@
 """The daemon's memory discipline: nothing that serves I/O may make the kernel find a page.
 
 Owns: process set-up (:func:`lock_process`: allocator settings, a pre-grown never-trimmed heap,
-small thread stacks, ``mlockall(MCL_CURRENT|MCL_FUTURE|MCL_ONFAULT)``, ``oom_score_adj
--1000``), per-thread set-up (:func:`lock_thread_stack`, :func:`set_io_flusher`) and making a
-fresh mapping resident (:func:`populate`).
+small thread stacks, locking what is touched, ``oom_score_adj -1000``), per-thread set-up
+(:func:`lock_thread_stack`, :func:`set_io_flusher`, :func:`keeper_thread_init`), making a fresh
+mapping resident (:func:`populate`) and the free-memory line the store grows within
+(:class:`GrowthGuard`).
 
-Why each piece (DESIGN.md "Memory and deadlock", ublk-protocol.md section 4):
-- ``mlockall(MCL_CURRENT)`` first, without ``MCL_ONFAULT``: it breaks copy-on-write of every
-  writable private page now (a later first write would allocate in whatever thread does it).
-- ``MCL_ONFAULT`` keeps the arena's device-sized reservation from being populated at mmap
-  time, but it also makes ``MAP_POPULATE`` a no-op (the kernel skips populating
-  VM_LOCKONFAULT mappings). Every buffer the I/O path touches must therefore be populated
-  explicitly with :func:`populate`, or its first touch faults in the queue thread -- which
-  under memory pressure waits on reclaim that waits on the queue: the whole machine hangs.
-- Every thread of the daemon shares the GIL with the queue threads, so a thread that
-  faults while holding the GIL stalls the I/O path just the same: every thread locks its
-  stack first (:func:`lock_thread_stack`).
+Why each piece (../shared/DESIGN.md "Memory and deadlock", ../shared/docs/ublk-protocol.md
+section 4): a swap device served from user space deadlocks the machine if serving a request
+needs a page the kernel must find first -- reclaim waits for swap writes that wait for us.
+- Everything the I/O path touches must be resident and locked before the device serves: a
+  page fault there (a new anonymous page, copy-on-write, or a file page read back from disk)
+  is an allocation that may wait on reclaim. The tests trace allocations and count major
+  faults of the queue threads.
+- Locking everything mapped (``mlockall(MCL_CURRENT)``) would pin every library page, most of
+  which the daemon never runs (numpy's BLAS alone is tens of MiB). Instead mappings are
+  locked on fault: pages touched at start-up and by the warm-up (a self-test through the
+  store before any device goes live) are locked, untouched ones cost nothing.
+- ``MCL_ONFAULT`` makes ``MAP_POPULATE`` a no-op (the kernel skips populating lock-on-fault
+  mappings): every buffer the I/O path touches is populated explicitly with
+  :func:`populate`.
+- Every thread of the daemon shares the GIL with the queue threads, so a thread that faults
+  while holding the GIL stalls the I/O path just the same: every thread locks its stack first.
 
-Still naive: the main thread's stack is not locked (it only waits on an event); heap
-headroom is a constant, not measured.
+Still naive: the warm-up covers the paths it runs; a path first taken under memory pressure
+(an error path, say) may still fault in code (the kernel tests count the queue threads' major
+faults); the heap headroom is a constant sized from measurement.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ import threading
 
 from . import uapi
 
-HEAP_PREGROW = 48 << 20
+HEAP_HEADROOM = 8 << 20
+MLOCK_ONFAULT = 1
 THREAD_STACK = 512 << 10
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -4, -8
 MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
@@ -40,6 +48,9 @@ PAGE_SIZE = 4096
 _libc = C.CDLL(None, use_errno=True)
 _libc.prctl.argtypes = [C.c_int, C.c_ulong, C.c_ulong, C.c_ulong, C.c_ulong]
 _libc.mlock.argtypes = [C.c_void_p, C.c_size_t]
+_libc.mincore.argtypes = [C.c_void_p, C.c_size_t, C.c_void_p]
+_mlock2 = _libc.mlock2
+_mlock2.argtypes = [C.c_void_p, C.c_size_t, C.c_uint]
 _libc.madvise.argtypes = [C.c_void_p, C.c_size_t, C.c_int]
 _libc.pthread_self.restype = C.c_ulong
 _libc.pthread_getattr_np.argtypes = [C.c_ulong, C.c_void_p]
@@ -55,28 +66,30 @@ def _oserror(what: str) -> OSError:
     return OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def lock_process(heap_bytes: int = HEAP_PREGROW, oom_protect: bool = True) -> None:
-    """Make this process safe to serve swap. Raises OSError with a one-line reason."""
+def lock_process(heap_headroom: int = HEAP_HEADROOM, oom_protect: bool = True) -> None:
+    """Make this process safe to serve swap, locking what it has touched rather than everything
+    it has mapped. Raises OSError with a one-line reason.
+
+    - glibc: no mmap'ed chunks, no trimming, one arena; ``heap_headroom`` bytes of free heap
+      pre-grown and touched, so the I/O path's small allocations never grow the heap;
+    - ``mlockall(MCL_FUTURE|MCL_ONFAULT)``: every mapping made from now on is locked page by
+      page as it is touched (a device-sized arena reservation costs nothing until used);
+    - every current mapping gets the same lock-on-fault treatment (:func:`lock_touched`): its
+      pages that are in our page tables now are locked, the rest are locked if and when they
+      are touched. Untouched library code (most of numpy's BLAS, say) stays out of memory.
+    Call :func:`warm` paths before serving so that what they touch is resident and locked."""
     _libc.mallopt(M_MMAP_MAX, 0)             # every malloc from the (locked) heap
     _libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)  # never give the heap back
     _libc.mallopt(M_ARENA_MAX, 1)            # no mmap'ed per-thread arenas
     _libc.mallopt(M_TOP_PAD, 1 << 20)
-    p = _libc.malloc(heap_bytes)
+    p = _libc.malloc(heap_headroom)
     if p:
-        C.memset(p, 1, heap_bytes)
+        C.memset(p, 1, heap_headroom)
         _libc.free(C.c_void_p(p))
     threading.stack_size(THREAD_STACK)
-    # First without MCL_ONFAULT: this populates every current mapping and, for writable
-    # private ones, breaks copy-on-write now (libraries' data pages, the heap, pages still
-    # shared with the parent we forked from). Under MCL_ONFAULT alone the first write to such
-    # a page would allocate a copy later -- in whatever thread touches it, the I/O path
-    # included (seen as a swap freeze in do_wp_page).
-    if _libc.mlockall(MCL_CURRENT) != 0:
+    if _libc.mlockall(MCL_FUTURE | MCL_ONFAULT) != 0:
         raise _oserror("cannot lock memory (mlockall)")
-    # Then for everything to come: locked on fault, so the device-sized arena reservation
-    # costs nothing until the keeper brings pages in.
-    if _libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
-        raise _oserror("cannot lock memory (mlockall)")
+    lock_touched()
     if not oom_protect:
         return
     try:
@@ -84,6 +97,63 @@ def lock_process(heap_bytes: int = HEAP_PREGROW, oom_protect: bool = True) -> No
             f.write("-1000")
     except OSError as e:
         raise OSError(e.errno, f"cannot set oom_score_adj: {e.strerror}") from None
+
+
+def _mappings():
+    """(start, end, perms, name) of every mapping of this process."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(None, 5)
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            yield start, end, parts[1], parts[5].strip() if len(parts) > 5 else ""
+
+
+def _present_runs(start: int, end: int):
+    """(address, length) of the runs of pages of [start, end) that mincore reports present."""
+    n = (end - start) // PAGE_SIZE
+    vec = (C.c_ubyte * n)()
+    if _libc.mincore(C.c_void_p(start), C.c_size_t(end - start), vec) != 0:
+        return
+    data = bytes(vec)
+    i = 0
+    while i < n:
+        if not data[i] & 1:
+            i += 1
+            continue
+        j = i
+        while j < n and data[j] & 1:
+            j += 1
+        yield start + i * PAGE_SIZE, (j - i) * PAGE_SIZE
+        i = j
+
+
+def lock_touched() -> None:
+    """Give every current mapping lock-on-fault (``mlock2(MLOCK_ONFAULT)``: its mapped pages are
+    locked now, others when first touched), and for private writable ones also ``mlock`` the
+    pages present now, which writes through them: copy-on-write (with a parent we forked
+    from, or the shared zero page) is broken here, not by a later first write -- in whatever
+    thread, the I/O path included. Raises OSError if the kernel refuses to lock."""
+    for start, end, perms, name in list(_mappings()):
+        if name in ("[vsyscall]", "[vvar]", "[vdso]") or perms.startswith("---"):
+            continue
+        if _mlock2(C.c_void_p(start), C.c_size_t(end - start), MLOCK_ONFAULT) != 0:
+            err = C.get_errno()
+            if err in (errno.EPERM, errno.EAGAIN):
+                raise _oserror("cannot lock memory (mlock2)")
+            continue                      # ENOMEM: the mapping went away meanwhile
+        if perms[1] == "w" and perms[3] == "p":
+            for addr, length in _present_runs(start, end):
+                if _libc.mlock(C.c_void_p(addr), C.c_size_t(length)) != 0:
+                    raise _oserror("cannot lock memory (mlock)")
+
+
+def locked_bytes() -> int:
+    """VmLck of this process in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmLck:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def populate(address: int, length: int) -> None:
@@ -193,10 +263,6 @@ def keeper_thread_init() -> None:
 def is_locked() -> bool:
     """True once :func:`lock_process` ran in this process (VmLck > 0)."""
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmLck:"):
-                    return int(line.split()[1]) > 0
+        return locked_bytes() > 0
     except OSError:
-        pass
-    return False
+        return False

@@ -648,3 +648,40 @@ class Store:
             assert self.mem_used_total == (xv_pages + len(raw)) * PAGE_SIZE, "mem_used_total != pages in use"
             assert self.mem_used_max >= self.mem_used_total, "mem_used_max below mem_used_total"
             assert np.all(self.length[kinds == EMPTY] == 0), "empty slot with a length"
+
+
+def warm_up(compressor="lzo") -> None:
+    """Run every page path of a small throw-away store once and check the data came back, so
+    that the code and data the I/O path needs are resident (and, in a locked process, locked)
+    before any device goes live. Raises AssertionError or OSError on a failure."""
+    n = 32
+    s = Store(n * PAGE_SIZE, compressor=compressor, keeper=False, inline_refill=True,
+              pool_low=4, pool_high=16)
+    try:
+        text = (bytes(range(32, 127)) * 44)[:PAGE_SIZE]
+        pages = [bytes(PAGE_SIZE), b"\x5a" * PAGE_SIZE, text, bytes(reversed(text)),
+                 (b"\x01\x02\x03\x04\x05\x06\x07\x08" * 512)]
+        seed = 0x9E3779B97F4A7C15
+        rnd = bytearray()
+        while len(rnd) < PAGE_SIZE:
+            seed = (seed * 6364136223846793005 + 1442695040888963407) & ((1 << 64) - 1)
+            rnd += seed.to_bytes(8, "little")
+        pages.append(bytes(rnd))
+        data = b"".join(pages)
+        s.write(0, memoryview(data))
+        for i, p in enumerate(pages):
+            s.write_swap((8 + i) * PAGE_SIZE, memoryview(p))
+            s.write_page(16 + i, p)
+        out = bytearray(len(data))
+        s.read(0, memoryview(out))
+        assert out == data, "store self-test: multi-page read back differs"
+        one = bytearray(PAGE_SIZE)
+        for i, p in enumerate(pages):
+            s.read((8 + i) * PAGE_SIZE, memoryview(one))
+            assert one == p, f"store self-test: page kind {i} read back differs"
+        s.discard(8 * PAGE_SIZE, 2 * PAGE_SIZE)
+        s.write_zeroes(10 * PAGE_SIZE, 2 * PAGE_SIZE)
+        s.free_page(16)
+        s.stats()
+    finally:
+        s.close()

@@ -40,6 +40,30 @@ def threads(pid: int, prefix: str) -> list[int]:
     return sorted(out)
 
 
+def major_faults(pid: int, tids: list[int]) -> dict[int, int]:
+    """{tid: major page faults so far} (``majflt``, field 12 of /proc/PID/task/TID/stat): a
+    major fault on the I/O path reads a file page back under pressure -- the same wait on
+    reclaim as an allocation, invisible to the kmem events."""
+    out = {}
+    for tid in tids:
+        try:
+            fields = open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[tid] = int(fields[9])
+    return out
+
+
+def heap_size(pid: int) -> int:
+    """Bytes of the daemon's [heap] mapping: if it grows while serving, the pre-grown headroom
+    was too small and the I/O path may have taken new pages from the kernel (brk)."""
+    for line in open(f"/proc/{pid}/maps"):
+        if line.rstrip().endswith("[heap]"):
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            return hi - lo
+    return 0
+
+
 def available() -> bool:
     if not os.path.exists(f"{TRACEFS}/events"):
         subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS], capture_output=True)
