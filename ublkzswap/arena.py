@@ -5,7 +5,7 @@ reserved once for the device's maximum and viewed as a numpy ``uint8`` array
 (:attr:`Arena.mem`), a ``uint32`` memoryview of it for xvmalloc's headers
 (:attr:`Arena.words`), and the life cycle of each of its 4 KiB pages::
 
-    UNBACKED --keeper: populate (+lock)--> READY --take()--> XV / RAW
+    UNBACKED --keeper: populate (+lock)--> READY --take()--> OBJECTS / WHOLE
         ^                                    ^                   |
         +--keeper: munlock, DONTNEED, relock-+-------give()------+
 
@@ -33,8 +33,8 @@ reserved once for the device's maximum and viewed as a numpy ``uint8`` array
 - Transparent huge pages are disabled on the mapping (``MADV_NOHUGEPAGE``) so
   residency follows 4 KiB pages exactly.
 
-Resident memory = pages not UNBACKED = READY + XV + RAW (+ pages the keeper is
-working on). Only XV + RAW count as the store's ``mem_used_total``.
+Resident memory = pages not UNBACKED = READY + OBJECTS + WHOLE (+ pages the keeper is
+working on). Only OBJECTS + WHOLE count as the store's ``mem_used_total``.
 
 Still naive: a single stack of ready pages (no NUMA, no preference for
 contiguous runs beyond sorting each keeper batch); the keeper polls every
@@ -57,8 +57,9 @@ import numpy as np
 
 PAGE_SIZE = 4096
 
-UNBACKED, READY, XV, RAW, BUSY = 0, 1, 2, 3, 4
-STATE_NAMES = {UNBACKED: "unbacked", READY: "ready", XV: "xv", RAW: "raw", BUSY: "busy"}
+# page states; OBJECTS and WHOLE are the two kinds a page is taken for: carved into objects by
+# the object allocator (xvmalloc.OBJECTS), or holding one incompressible page whole
+UNBACKED, READY, OBJECTS, WHOLE, BUSY = 0, 1, 2, 3, 4
 
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 MADV_DONTNEED = 4
@@ -178,7 +179,7 @@ class Arena:
     # ---- I/O path
 
     def take(self, kind: int, timeout: float = 0.0) -> int:
-        """Pop a READY page for ``kind`` (XV or RAW); -1 if none is ready.
+        """Pop a READY page for ``kind`` (OBJECTS or WHOLE); -1 if none is ready.
 
         With ``timeout > 0`` and the keeper running, an empty pool wakes the keeper and waits
         up to ``timeout`` seconds for its next batch (for writes whose failure the kernel

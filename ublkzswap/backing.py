@@ -1,10 +1,10 @@
 """Backing swap: a block device or a regular file that takes the pages RAM should not keep.
 
 Owns: opening and vetting the backing swap as compcache 0.6.2 did, its header, and the
-mapping slot N <-> backing page N (for a file: the file's page N, found through its extents). The I/O itself normally goes through the queue's
-io_uring (the store hands the queue a :class:`ublkzswap.target.BackingIO`); the synchronous
-``read_page``/``write_page`` here serve the store when it is used without a queue (tests,
-tools).
+mapping slot N <-> backing page N (for a file: the file's page N, found through its extents),
+and the swap header format (:func:`swap_header`). The I/O itself goes through the queue's
+io_uring (the store hands the queue a :class:`ublkzswap.target.BackingIO`), or
+:func:`ublkzswap.target.run_backing_io` where there is no queue.
 
 Vetting (compcache's rules and messages):
 - a block device is opened exclusively (``O_EXCL``): in use (swapon, mounted) -> EBUSY;
@@ -50,6 +50,15 @@ PAGE_SIZE = 4096
 SECTOR = 512
 SWAP_MAGIC = b"SWAPSPACE2"
 _INFO = 1024   # offset of swap_header.info: version u32, last_page u32, nr_badpages u32
+
+
+def swap_header(disksize: int) -> bytes:
+    """Page 0 of a fresh swap area of ``disksize`` bytes, as compcache's setup_swap_header
+    built it (and mkswap does): version 1, last_page, no bad pages, SWAPSPACE2 at the end."""
+    page = bytearray(PAGE_SIZE)
+    struct.pack_into("<III", page, _INFO, 1, disksize // PAGE_SIZE - 1, 0)
+    page[PAGE_SIZE - len(SWAP_MAGIC):] = SWAP_MAGIC
+    return bytes(page)
 
 
 def _active_swaps() -> set[str]:
@@ -280,19 +289,6 @@ class Backing:
         if self._phys is not None:
             return int(self._phys[index])
         return index * PAGE_SIZE
-
-    # synchronous path (store without a queue)
-    def read_page(self, index: int, out: memoryview) -> None:
-        n = os.preadv(self.fd, [self._bounce], self.offset(index))
-        if n != PAGE_SIZE:
-            raise OSError(errno.EIO, f"short read from backing page {index}")
-        out[:PAGE_SIZE] = self._bounce
-
-    def write_page(self, index: int, page) -> None:
-        self._bounce[:] = page
-        n = os.pwritev(self.fd, [self._bounce], self.offset(index))
-        if n != PAGE_SIZE:
-            raise OSError(errno.EIO, f"short write to backing page {index}")
 
     def close(self) -> None:
         if self._immutable_set and self._file_fd >= 0:

@@ -1,687 +1,435 @@
 """The ramzswap store: where a swapped-out 4 KiB page goes, and how it comes back.
 
-Owns: the slot table, the per-page write/read/free operations in compcache
-0.6.2's order, the memory limit and every ``--stats`` counter
-(../shared/docs/compcache-reference.md sections 1.3, 1.7, 1.8; zram 6.x for
-same-filled pages, ``mem_used_max`` and the no-backing memory limit).
-A :class:`Store` is a target (``ublkzswap/target.py``): byte offsets,
-page-aligned, multi-page requests.
+Owns: the slot table, the per-page write/read/free operations in compcache 0.6.2's order, the
+memory limit and every ``--stats`` counter (../shared/docs/compcache-reference.md sections 1.3,
+1.7, 1.8; zram for same-filled pages, ``mem_used_max`` and the no-backing memory limit). A
+:class:`Store` is a target (:mod:`ublkzswap.target`) and trusts its inputs: the queue checked
+the request's shape (and counts ``invalid_io``).
 
-Write of page *i* (:meth:`Store.write_page`; :meth:`Store.write` per page):
+Memory comes through two small interfaces (docs/CONTRACTS.md), as zram holds zsmalloc and an
+nbdkit plugin holds its allocator: a *page pool* (:class:`ublkzswap.arena.Arena`: ``take(kind,
+timeout) -> page | -1``, ``give(page)``, ``mem``/``view`` of its bytes) and an *object
+allocator* (:class:`ublkzswap.xvmalloc.XvPool` or any other by name: ``malloc(size, timeout)
+-> byte address`` or MemoryError, ``free(addr)``, ``pages_used()``). An incompressible page
+takes a whole pool page; every other page is one allocator object.
 
-1. ``num_writes++``.
-2. Same-filled page (every 8-byte word equal, zero the common case, as zram):
-   no memory, the slot keeps the fill word. Checked before anything else, so
-   such pages are never forwarded.
-3. With a backing swap and ``compr_data_size > memlimit - 4096``: forward the
-   page to the backing swap (compcache).
-4. Compress (LZO1X-1 by default). Failure: ``failed_writes++``, EIO.
-5. ``clen > 2048`` with a backing swap: forward. ``clen > 3072`` without one:
-   store the page raw in a whole arena page (``huge_pages``, compcache's
-   ``pages_expand``; it counts 4096 in ``compr_data_size``).
-6. Otherwise ``xv_malloc(clen)`` (the object header is xvmalloc's 4 bytes;
-   compcache's zobj_header is empty). No ready arena page: with a backing swap
-   forward (compcache), without one ``failed_writes++`` and ENOSPC.
-7. Without a backing swap and with a memory limit (as zram, runtime
-   changeable): if ``mem_used_total`` would exceed it the new allocation is
-   undone, ``failed_writes++`` and the write fails with ENOMEM; the old
-   content of the slot is kept.
-8. ``mem_used_max`` follows ``mem_used_total`` (zram's watermark, measured
-   after allocating and before freeing the old object, like zram).
-9. Copy, free the slot's old content, publish (handle, length, kind).
+Slot table: two uint64 words per 4 KiB slot (16 bytes, as zram):
+``entry = address << 16 | length << 2 | kind`` and the fill word of a SAME slot. A slot changes
+in one step, :meth:`Store._set`, which is also the free: the new content is complete before the
+entry word is stored, the old content is released after.
 
-Free-on-overwrite is how compcache works without swap-free notify; a ublk
-device gets no free notify, so DISCARD (``swapon --discard``) and
-WRITE_ZEROES free whole pages and count ``notify_free`` per page, as zram.
+Write of a page (compcache's order): ``num_writes++``; same-filled (every 8-byte word equal):
+no memory, the slot keeps the word; with a backing swap and ``compr_data_size > memlimit -
+4096``: forward to the backing swap; compress; ``clen > 2048`` with backing: forward; ``clen >
+3072`` without: keep it raw in a whole page (``huge_pages``); otherwise an allocator object.
+No memory ready: forward with backing, else ENOSPC. Without backing, a memory limit caps
+``mem_used_total`` (ENOMEM; the old content stays). ``mem_used_max`` is taken after allocating
+and before freeing the old content, as zram does. A forwarded write leaves the slot alone until
+the backing write has succeeded; only then is the RAM copy freed (reads go to the backing swap).
 
-Read of page *i*: ``num_reads++``; a same-filled slot is filled with its word,
-a raw slot copied, a compressed slot decompressed (failure: ``failed_reads++``,
-EIO); an empty slot (never written, discarded, or forwarded) is read from the
-backing swap (``num_reads--``, ``bd_reads++``) or, without one, returns zeros
-(compcache left the buffer untouched; a ublk buffer holds stale data, so we
-zero it). Reads never need memory, so they never fail for lack of it.
+Read: ``num_reads++``; same-filled, raw or decompressed; an empty slot is read from the backing
+swap (counted in ``bd_reads`` instead) or returns zeros. Reads never need memory.
 
-Counters (``stats()`` keys, the names agreed in docs/CONTRACTS.md):
+``write`` (an ordinary write: a failure is data lost) waits up to ``alloc_wait`` seconds for
+memory; ``write_swap`` (``UBLK_IO_F_SWAP``: the kernel keeps a page whose write failed) fails at
+once with ENOSPC. DISCARD and WRITE_ZEROES free whole pages (``notify_free`` per page): with
+``swapon --discard`` that is our stand-in for zram's swap-free notify.
 
-- ``zero_pages`` = compcache's ZeroPages: zero-filled slots;
-- ``same_pages`` = zram's same_pages: all same-filled slots, zero included;
-- ``pages_stored`` = compcache's pages_stored: compressed + raw pages, plus
-  non-zero same-filled pages (compcache would have compressed those to a few
-  bytes, so they count as stored and as ``good_compress`` with length 0);
-  zero pages are excluded, as in compcache, so ``orig_data_size =
-  pages_stored * 4096`` excludes them;
-- ``good_compress``: stored objects with ``clen <= 2048`` (plus the non-zero
-  same-filled pages above); ``huge_pages``: raw pages;
-- ``compr_data_size``: sum of compressed lengths, 4096 per raw page;
-- ``mem_used_total = (xvmalloc pages + raw pages) * 4096`` — raw pages live in
-  the arena too, one whole page each, outside xvmalloc;
-- ``mem_used_max``: high-water mark of ``mem_used_total``;
-- ``invalid_io``: requests refused for their shape (alignment, length, range);
-- ``bd_reads`` / ``bd_writes``: pages forwarded to the backing swap.
+Threading: one lock per store (compcache's per-device mutex); the pool's keeper runs apart.
 
-Backing swap interface (the backing device itself is another module): any
-object with ``offset(index)`` (byte offset of page ``index`` on ``fd``),
-``read_page(index, out: memoryview)``, ``write_page(index, page:
-bytes)`` and ``name`` (a string, shown as ``backing_swap``); slot *i*
-maps to backing page *i* (compcache's 1:1 mapping).
-
-Threading: one lock per store serialises requests (compcache's per-device
-mutex). The arena keeper runs in its own thread (see :mod:`ublkzswap.arena`).
-
-Speed (bench/bench_store.py, single-page requests, this host): writes run at
-about 0.5x bare python-lzo compress, reads at about 0.8x bare decompress; the
-rest is Python per page (xvmalloc's list and header updates are ~2 us, the
-table, counters and request checks another ~3 us).
-
-Still naive: counters are Python ints (they do not yet survive the process
-like the arena could); free of a slot happens only on overwrite, discard or
-write_zeroes; one lock, so one core per store.
+Still naive: counters and table live in private memory; a slot is freed only on overwrite,
+discard or write_zeroes; one lock, so one core per store.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
+import mmap
 import threading
 
 import numpy as np
 
-from .target import OP_READ, OP_WRITE, BackingIO
-
 from . import arena as _arena
 from . import compress as _compress
-from .xvmalloc import MAX_ARENA_PAGES, XvPool
+from . import xvmalloc
+from .memory import populate
+from .target import OP_READ, OP_WRITE, BackingIO, run_backing_io
+from .uapi import PAGE_SHIFT, PAGE_SIZE
 
-PAGE_SIZE = 4096
-PAGE_SHIFT = 12
-ARENA_SLACK_PAGES = 256                       # > pages of the largest request (256 KiB = 64)
 MAX_ZPAGE_SIZE_BDEV = PAGE_SIZE // 2          # 2048: above, forward to backing swap
 MAX_ZPAGE_SIZE_NOBDEV = PAGE_SIZE // 4 * 3    # 3072: above, store raw
 GOOD_COMPRESS = PAGE_SIZE // 2                # clen <= 2048 counts as good_compress
+ARENA_SLACK_PAGES = 256                       # > pages of the largest request
 
-# slot kinds (the table's flags column)
-EMPTY, SAME, RAW, COMP = 0, 1, 2, 3
-KIND_NAMES = {EMPTY: "empty", SAME: "same", RAW: "raw", COMP: "compressed"}
+EMPTY, SAME, RAW, COMP = 0, 1, 2, 3           # slot kinds (low two bits of an entry)
+KIND_NAMES = ("empty", "same", "raw", "compressed")
+ALLOCATORS = {"xvmalloc": xvmalloc.XvPool}
 
-STAT_KEYS = ("disksize", "mem_limit", "backing_swap", "num_reads", "num_writes", "failed_reads",
-             "failed_writes", "invalid_io", "notify_free", "zero_pages", "same_pages", "good_compress",
-             "huge_pages", "pages_stored", "orig_data_size", "compr_data_size", "mem_used_total",
-             "mem_used_max", "bd_reads", "bd_writes")
+#: The store's counters, in the order of its counter record (stats.py names).
+COUNTERS = ("num_reads", "num_writes", "failed_reads", "failed_writes", "notify_free",
+            "zero_pages", "same_pages", "good_compress", "huge_pages", "pages_stored",
+            "compr_data_size", "mem_used_max", "bd_reads", "bd_writes")
+(NUM_READS, NUM_WRITES, FAILED_READS, FAILED_WRITES, NOTIFY_FREE, ZERO_PAGES, SAME_PAGES,
+ GOOD_COMPRESS_N, HUGE_PAGES, PAGES_STORED, COMPR_DATA_SIZE, MEM_USED_MAX, BD_READS,
+ BD_WRITES) = range(len(COUNTERS))
 
 _ZERO_PAGE = bytes(PAGE_SIZE)
-
-
-def _err(code: int, msg: str) -> OSError:
-    return OSError(code, msg)
 
 
 class Store:
     """A ramzswap device's contents: ``disksize`` bytes in 4 KiB slots.
 
-    Arguments (keyword-only after ``disksize``):
-      disksize: device size in bytes, a positive multiple of 4096.
-      memlimit: bytes; 0 = none. Without backing it caps ``mem_used_total``
-        (zram: the write fails with ENOMEM); with backing it is compcache's
-        forward threshold on ``compr_data_size``. See :meth:`set_memlimit`.
-      compressor: a name from :func:`ublkzswap.compress.names` (default
-        "lzo") or a :class:`ublkzswap.compress.Compressor`.
-      backing: backing swap object (see module docstring) or None.
-      arena: an existing :class:`ublkzswap.arena.Arena` to use (the store then
-        neither starts its keeper nor closes it); else the store creates one
-        of ``arena_pages`` pages (default ``disksize / 4096`` -- the most the data can ever
-        need, every xvmalloc page holding at least one live object -- plus the ready pool
-        and the pages a full device needs to overwrite itself: allocation comes before
-        the old slot is freed).
-      pool_low, pool_high: ready-pool watermarks in pages for a created arena.
-      lock_memory: ``mlock2(MLOCK_ONFAULT)`` the created arena (OSError if
-        refused).
-      keeper: start the created arena's keeper thread (default True). Tests
-        pass False and call ``store.arena.step()`` or use ``inline_refill``.
-      keeper_init: callable run first inside the keeper thread (e.g.
-        ``prctl(PR_SET_IO_FLUSHER, 1)``); keeper_interval: its poll period in
-        seconds (it is also woken when the pool crosses a watermark).
-      alloc_wait: seconds :meth:`write` may wait for the keeper when no arena
-        page is ready (:meth:`write_swap` never waits).
-      inline_refill: tests/benchmarks only, see :class:`ublkzswap.arena.Arena`.
-
-    Raises ValueError for bad arguments.
+    disksize: bytes, a positive multiple of 4096. memlimit: bytes, 0 = none (see the module
+    docstring; changeable with :meth:`set_memlimit`). compressor: a name from
+    :func:`ublkzswap.compress.names` or a Compressor. backing: a backing swap
+    (:class:`ublkzswap.backing.Backing`: ``fd``, ``offset(index)``, ``name``) or None.
+    pool: a page pool to use (not closed by the store); by default the store makes an
+    :class:`~ublkzswap.arena.Arena` sized for the device (every slot raw, plus the ready pool and
+    ``ARENA_SLACK_PAGES``: an overwrite allocates before it frees), passing it ``pool_options``
+    (low, high, lock, inline_refill, may_grow) and starting its keeper unless ``keeper=False``
+    (``keeper_init``, ``keeper_interval`` go to :meth:`Arena.start`). allocator: an object
+    allocator or a name from :data:`ALLOCATORS`. alloc_wait: seconds :meth:`write` may wait for
+    memory. Raises ValueError for bad arguments.
     """
 
     def __init__(self, disksize: int, *, memlimit: int = 0, compressor="lzo", backing=None,
-                 arena: _arena.Arena | None = None, arena_pages: int | None = None,
-                 pool_low: int | None = None, pool_high: int | None = None,
-                 lock_memory: bool = False, keeper: bool = True, inline_refill: bool = False,
+                 pool=None, allocator="xvmalloc", alloc_wait: float = 2.0, keeper: bool = True,
                  keeper_init=None, keeper_interval: float = _arena.DEFAULT_INTERVAL,
-                 alloc_wait: float = 2.0, may_grow=None):
-        if not isinstance(disksize, int) or disksize <= 0 or disksize % PAGE_SIZE:
+                 **pool_options):
+        if type(disksize) is not int or disksize <= 0 or disksize % PAGE_SIZE:
             raise ValueError(f"disksize must be a positive multiple of {PAGE_SIZE} bytes, got {disksize!r}")
-        if not isinstance(memlimit, int) or memlimit < 0:
-            raise ValueError(f"memlimit must be a non-negative number of bytes, got {memlimit!r}")
-        self.size = disksize
-        self.disksize = disksize
+        self.size = self.disksize = disksize
         self.npages = disksize >> PAGE_SHIFT
-        self.memlimit = memlimit
+        self.set_memlimit(memlimit)
         self.comp = _compress.get(compressor)
         self.algorithm = self.comp.name
         self.backing = backing
         self.max_zpage_size = MAX_ZPAGE_SIZE_BDEV if backing is not None else MAX_ZPAGE_SIZE_NOBDEV
-        if arena is None:
-            if arena_pages is None:
-                # address space only (nothing is resident until the keeper brings it in):
-                # every slot stored raw, plus the ready pool, plus one page per page of the
-                # largest request, which is allocated before the slot's old page is freed
-                high = _arena.DEFAULT_HIGH if pool_high is None else pool_high
-                arena_pages = min(self.npages + high + ARENA_SLACK_PAGES, MAX_ARENA_PAGES)
-            arena = _arena.Arena(arena_pages, low=pool_low, high=pool_high, lock=lock_memory,
-                                 inline_refill=inline_refill, may_grow=may_grow)
-            self._own_arena = True
-        else:
-            self._own_arena = False
-        self.arena = arena
-        self.xv = XvPool(arena.words, functools.partial(arena.take, _arena.XV), arena.give)
-        self._xv_total = self.xv._total
-        # slot table, touched now so that the I/O path never faults on it
-        n = self.npages
-        self.handle = np.empty(n, dtype=np.uint64)
-        self.handle.fill(0)
-        self.length = np.empty(n, dtype=np.uint16)
-        self.length.fill(0)
-        self.kind = np.empty(n, dtype=np.uint8)
-        self.kind.fill(EMPTY)
-        self._hv = memoryview(self.handle)
-        self._lv = memoryview(self.length)
-        self._kv = memoryview(self.kind)
-        self._mem = arena.mem
-        self._av = arena.view
-        self._lock = threading.Lock()
-        # counters
-        self.num_reads = self.num_writes = 0
-        self.failed_reads = self.failed_writes = 0
-        self.invalid_io = self.notify_free = 0
-        self.zero_pages = self.same_pages = 0
-        self.good_compress = self.huge_pages = self.pages_stored = 0
-        self.compr_data_size = 0
-        self.mem_used_max = 0
-        self.bd_reads = self.bd_writes = 0
         self.alloc_wait = alloc_wait
-        self._wait = 0.0
-        self._fwd: list = []
-        #: True when the caller (the queue) runs the BackingIO that read/write return;
-        #: False: backing I/O is done synchronously inside read/write.
-        self.backing_async = False
-        if keeper and self._own_arena:
-            arena.start(interval=keeper_interval, thread_init=keeper_init)
+        self._own_pool = pool is None
+        if pool is None:
+            high = pool_options.get("high") or _arena.DEFAULT_HIGH
+            pool = _arena.Arena(min(self.npages + high + ARENA_SLACK_PAGES, xvmalloc.MAX_ARENA_PAGES),
+                                **pool_options)
+        self.pool = pool
+        self.allocator = ALLOCATORS[allocator](pool) if isinstance(allocator, str) else allocator
+        # the slot table in a mapping of its own, resident now (the I/O path never faults on it)
+        self._map = mmap.mmap(-1, 16 * self.npages, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._tab = np.frombuffer(self._map, dtype=np.uint64)
+        populate(self._tab.ctypes.data, len(self._map))
+        self._t = memoryview(self._map).cast("Q")
+        self._counters = np.zeros(len(COUNTERS), dtype=np.int64)
+        self._c = memoryview(self._counters)
+        self._lock = threading.Lock()
+        if keeper and self._own_pool:
+            pool.start(interval=keeper_interval, thread_init=keeper_init)
 
-    # ---- configuration
+    # ---- configuration and numbers
 
     def set_memlimit(self, memlimit: int) -> None:
         """Change the memory limit (bytes, 0 = none); applies to following writes."""
-        if not isinstance(memlimit, int) or memlimit < 0:
+        if type(memlimit) is not int or memlimit < 0:
             raise ValueError(f"memlimit must be a non-negative number of bytes, got {memlimit!r}")
         self.memlimit = memlimit
 
     def reset_mem_used_max(self) -> None:
         """zram's ``echo 0 > mem_used_max``: restart the watermark from now."""
         with self._lock:
-            self.mem_used_max = self.mem_used_total
+            self._c[MEM_USED_MAX] = self.mem_used_total
 
     @property
     def mem_used_total(self) -> int:
-        return (self._xv_total[0] + self.huge_pages) << PAGE_SHIFT
+        return (self.allocator.pages_used() + self._c[HUGE_PAGES]) << PAGE_SHIFT
 
     def stats(self) -> dict:
-        """All counters, keyed by the names in docs/CONTRACTS.md (sizes in bytes)."""
+        """Every counter, keyed by the names in docs/CONTRACTS.md (sizes in bytes)."""
         with self._lock:
-            return {
-                "disksize": self.disksize,
-                "mem_limit": self.memlimit,
-                "backing_swap": str(getattr(self.backing, "name", "")) if self.backing is not None else "",
-                "num_reads": self.num_reads,
-                "num_writes": self.num_writes,
-                "failed_reads": self.failed_reads,
-                "failed_writes": self.failed_writes,
-                "invalid_io": self.invalid_io,
-                "notify_free": self.notify_free,
-                "zero_pages": self.zero_pages,
-                "same_pages": self.same_pages,
-                "good_compress": self.good_compress,
-                "huge_pages": self.huge_pages,
-                "pages_stored": self.pages_stored,
-                "orig_data_size": self.pages_stored << PAGE_SHIFT,
-                "compr_data_size": self.compr_data_size,
-                "mem_used_total": self.mem_used_total,
-                "mem_used_max": self.mem_used_max,
-                "bd_reads": self.bd_reads,
-                "bd_writes": self.bd_writes,
-            }
+            st = dict(zip(COUNTERS, self._counters.tolist()))
+            st["mem_used_total"] = self.mem_used_total
+        st.update(disksize=self.disksize, mem_limit=self.memlimit,
+                  backing_swap=str(self.backing.name) if self.backing is not None else "",
+                  orig_data_size=st["pages_stored"] << PAGE_SHIFT)
+        return st
 
-    # ---- request validation
+    def slot(self, index: int) -> tuple[str, int, int, int]:
+        """(kind name, address, length, fill word) of slot ``index``, for tests and tools."""
+        e, v = self._t[2 * index], self._t[2 * index + 1]
+        return KIND_NAMES[e & 3], e >> 16, (e >> 2) & 0x1FFF, v if e & 3 == SAME else 0
 
-    def _invalid(self, msg: str) -> OSError:
-        self.invalid_io += 1
-        return _err(errno.EINVAL, msg)
+    def table(self) -> dict[str, np.ndarray]:
+        """The whole slot table decoded (copies): kind, address, length, value per slot."""
+        with self._lock:
+            t = self._tab.reshape(-1, 2).copy()
+        return {"kind": (t[:, 0] & 3).astype(np.uint8), "address": t[:, 0] >> np.uint64(16),
+                "length": ((t[:, 0] >> np.uint64(2)) & np.uint64(0x1FFF)).astype(np.int64),
+                "value": np.where((t[:, 0] & 3) == SAME, t[:, 1], 0).astype(np.uint64)}
 
-    def _bytes_view(self, buf, writable: bool, what: str) -> memoryview:
-        try:
-            mv = memoryview(buf)
-            if mv.ndim != 1 or mv.format != "B":
-                mv = mv.cast("B")
-        except (TypeError, ValueError) as e:
-            raise self._invalid(f"{what}: buffer is not a contiguous byte buffer ({e})") from None
-        if writable and mv.readonly:
-            raise self._invalid(f"{what}: read buffer is read-only")
-        return mv
+    # ---- the target contract
 
-    def _range(self, offset, length, what: str) -> tuple[int, int]:
-        if not isinstance(offset, (int, np.integer)) or not isinstance(length, (int, np.integer)):
-            raise self._invalid(f"{what}: offset and length must be integers")
-        offset = int(offset)
-        length = int(length)
-        if offset < 0 or offset % PAGE_SIZE:
-            raise self._invalid(f"{what}: offset {offset} is not a non-negative multiple of {PAGE_SIZE}")
-        if length <= 0 or length % PAGE_SIZE:
-            raise self._invalid(f"{what}: length {length} is not a positive multiple of {PAGE_SIZE}")
-        if offset + length > self.size:
-            raise self._invalid(f"{what}: bytes {offset}..{offset + length} beyond the device size {self.size}")
-        return offset >> PAGE_SHIFT, length >> PAGE_SHIFT
-
-    def _index(self, index, what: str) -> int:
-        if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
-            raise self._invalid(f"{what}: page index must be an integer, got {type(index).__name__}")
-        index = int(index)
-        if not 0 <= index < self.npages:
-            raise self._invalid(f"{what}: page index {index} outside 0..{self.npages - 1}")
-        return index
-
-    # ---- target contract
-
-    def write(self, offset: int, buf) -> None:
-        """Store ``len(buf)`` bytes (whole pages) at byte ``offset``.
-        Raises OSError: EINVAL (bad request; nothing changes), ENOSPC (no ready
-        arena page even after waiting ``alloc_wait`` seconds for the keeper),
-        ENOMEM (memory limit), EIO (compressor or backing failure). Pages before
-        a failing one are stored."""
+    def write(self, offset: int, buf: memoryview):
+        """Store whole pages at byte ``offset``; may wait ``alloc_wait`` s for memory. Returns
+        None, or a BackingIO for pages forwarded to the backing swap. Raises OSError: ENOSPC
+        (no memory ready), ENOMEM (memory limit), EIO (compression failed)."""
         return self._write(offset, buf, self.alloc_wait)
 
-    def write_swap(self, offset: int, buf) -> None:
-        """A swap-out: as :meth:`write`, but never waits for memory. The kernel keeps a
-        swap page whose write failed and retries later, so an empty pool fails the write
-        with ENOSPC at once instead of stalling the queue (and with it every swap-in)."""
+    def write_swap(self, offset: int, buf: memoryview):
+        """:meth:`write` for a swap-out: never waits for memory (ENOSPC at once)."""
         return self._write(offset, buf, 0.0)
 
-    def _write(self, offset: int, buf, wait: float) -> None:
-        if type(buf) is not memoryview or buf.format != "B" or buf.ndim != 1:
-            buf = self._bytes_view(buf, False, "write")
-        n = len(buf)
-        if type(offset) is not int or offset < 0 or (offset | n) & 4095 or not n or offset + n > self.size:
-            offset = self._range(offset, n, "write")[0] << PAGE_SHIFT
+    def read(self, offset: int, buf: memoryview):
+        """Fill ``buf`` (whole pages) from ``offset``. Returns None or a BackingIO; raises
+        OSError(EIO) for a corrupt stream."""
         with self._lock:
-            self._wait = wait
-            self._fwd = []
-            try:
-                self._write_pages(offset >> PAGE_SHIFT, n >> PAGE_SHIFT, buf)
-            finally:
-                pending = self._backing_io("failed_writes")
-        return pending
-
-    def read(self, offset: int, buf) -> None:
-        """Fill ``buf`` (whole pages) with the bytes at ``offset``.
-        Raises OSError: EINVAL (bad request), EIO (corrupt stream or backing
-        failure)."""
-        if type(buf) is not memoryview or buf.readonly or buf.format != "B" or buf.ndim != 1:
-            buf = self._bytes_view(buf, True, "read")
-        n = len(buf)
-        if type(offset) is not int or offset < 0 or (offset | n) & 4095 or not n or offset + n > self.size:
-            offset = self._range(offset, n, "read")[0] << PAGE_SHIFT
-        with self._lock:
-            self._fwd = []
-            try:
-                self._read_pages(offset >> PAGE_SHIFT, n >> PAGE_SHIFT, buf)
-            finally:
-                pending = self._backing_io("failed_reads")
-        return pending
+            fwd = []
+            self._read_pages(offset >> PAGE_SHIFT, len(buf) >> PAGE_SHIFT, buf, fwd)
+            return self._backing_io(fwd) if fwd else None
 
     def discard(self, offset: int, length: int) -> None:
-        """Free the pages of the range (reads return zeros, or the backing
-        swap's content with one); ``notify_free`` counts every page."""
-        first, n = self._range(offset, length, "discard")
+        """Free the pages of the range; ``notify_free`` counts every page."""
+        first = offset >> PAGE_SHIFT
         with self._lock:
-            for idx in range(first, first + n):
-                if self._kv[idx]:
-                    self._free_slot(idx)
-                self.notify_free += 1
+            for idx in range(first, first + (length >> PAGE_SHIFT)):
+                if self._t[2 * idx] & 3:
+                    self._set(idx, EMPTY)
+                self._c[NOTIFY_FREE] += 1
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        """The range reads as zeros from now on (pages freed, ``notify_free``
-        per page, as zram). With a backing swap the slots are marked zero-filled
-        instead of empty, so that reads are not forwarded to stale backing data."""
-        first, n = self._range(offset, length, "write_zeroes")
+        """The range reads as zeros from now on (freed, ``notify_free`` per page, as zram); with
+        a backing swap the slots become zero-filled rather than empty, so reads do not go to
+        stale backing data."""
+        first = offset >> PAGE_SHIFT
         with self._lock:
-            for idx in range(first, first + n):
-                if self._kv[idx]:
-                    self._free_slot(idx)
-                self.notify_free += 1
+            for idx in range(first, first + (length >> PAGE_SHIFT)):
                 if self.backing is not None:
-                    self._hv[idx] = 0
-                    self._kv[idx] = SAME
-                    self.same_pages += 1
-                    self.zero_pages += 1
+                    self._set(idx, SAME)
+                elif self._t[2 * idx] & 3:
+                    self._set(idx, EMPTY)
+                self._c[NOTIFY_FREE] += 1
 
     def flush(self) -> None:
         """Nothing to make durable: RAM."""
-        return None
 
-    # ---- page API
+    # ---- page API (tests and tools; checked, backing I/O done synchronously)
 
     def write_page(self, index: int, page) -> None:
-        """Store one 4096-byte page at slot ``index`` (errors as :meth:`write`)."""
-        mv = self._bytes_view(page, False, "write_page")
-        idx = self._index(index, "write_page")
-        if len(mv) != PAGE_SIZE:
-            raise self._invalid(f"write_page: page is {len(mv)} bytes, expected {PAGE_SIZE}")
-        with self._lock:
-            self._write_pages(idx, 1, mv)
+        self._check_page(index, page)
+        buf = memoryview(mmap.mmap(-1, PAGE_SIZE))   # page-aligned, as O_DIRECT wants
+        buf[:] = page
+        pending = self.write(index << PAGE_SHIFT, buf)
+        if pending is not None:
+            run_backing_io(pending, buf)
 
     def read_page(self, index: int, out) -> None:
-        """Fill the writable 4096-byte ``out`` with slot ``index`` (errors as :meth:`read`)."""
-        mv = self._bytes_view(out, True, "read_page")
-        idx = self._index(index, "read_page")
-        if len(mv) != PAGE_SIZE:
-            raise self._invalid(f"read_page: buffer is {len(mv)} bytes, expected {PAGE_SIZE}")
-        with self._lock:
-            self._read_pages(idx, 1, mv)
+        self._check_page(index, out)
+        buf = memoryview(mmap.mmap(-1, PAGE_SIZE))
+        pending = self.read(index << PAGE_SHIFT, buf)
+        if pending is not None:
+            run_backing_io(pending, buf)
+        memoryview(out)[:] = buf
 
     def free_page(self, index: int) -> None:
         """Swap-free notify for slot ``index``: free it, ``notify_free++``."""
-        idx = self._index(index, "free_page")
-        with self._lock:
-            if self._kv[idx]:
-                self._free_slot(idx)
-            self.notify_free += 1
+        self._check_page(index, _ZERO_PAGE)
+        self.discard(index << PAGE_SHIFT, PAGE_SIZE)
 
-    def slot(self, index: int) -> tuple[str, int, int]:
-        """(kind name, handle, length) of slot ``index``, for tests and tools."""
-        idx = self._index(index, "slot")
-        return KIND_NAMES[self._kv[idx]], self._hv[idx], self._lv[idx]
+    def _check_page(self, index, page) -> None:
+        if type(index) is not int or not 0 <= index < self.npages or len(memoryview(page)) != PAGE_SIZE:
+            raise ValueError(f"page {index!r} of {len(memoryview(page))} bytes: not a slot and one page")
 
     def close(self) -> None:
-        """Stop and drop the arena if the store created it."""
-        if self._own_arena and self.arena is not None:
-            self.arena.close()
-        self._mem = self._av = None
+        """Stop and drop the pool if the store made it."""
+        if self._own_pool and self.pool is not None:
+            self.pool.close()
+        self.pool = None
 
-    # ---- the page operations
+    # ---- the page operations (the store lock is held)
 
-    def _write_pages(self, first: int, n: int, mv: memoryview) -> None:
-        hv, lv, kv = self._hv, self._lv, self._kv
+    def _write(self, offset: int, buf: memoryview, wait: float):
+        with self._lock:
+            fwd = []
+            try:
+                self._write_pages(offset >> PAGE_SHIFT, len(buf) >> PAGE_SHIFT, buf, wait, fwd)
+            finally:
+                pending = self._backing_io(fwd) if fwd else None
+            return pending
+
+    def _write_pages(self, first: int, n: int, mv: memoryview, wait: float, fwd: list) -> None:
+        c = self._c
         cfn, cargs = self.comp.compress_call
-        backing = self.backing
-        max_zpage = self.max_zpage_size
-        xv = self.xv
-        av = self._av
+        backing, memlimit, max_zpage = self.backing, self.memlimit, self.max_zpage_size
+        alloc, pool, view = self.allocator, self.pool, self.pool.view
         for k in range(n):
             idx = first + k
-            self.num_writes += 1
-            if n == 1:
-                page = bytes(mv)
-            else:
-                o = k << PAGE_SHIFT
-                page = bytes(mv[o:o + PAGE_SIZE])
+            c[NUM_WRITES] += 1
+            page = bytes(mv) if n == 1 else bytes(mv[k << PAGE_SHIFT:(k + 1) << PAGE_SHIFT])
             w0 = page[:8]
             if w0 == page[4088:] and page == w0 * 512:
-                v = int.from_bytes(w0, "little")
-                if kv[idx]:
-                    self._free_slot(idx)
-                hv[idx] = v
-                lv[idx] = 0
-                kv[idx] = SAME
-                self.same_pages += 1
-                if v:
-                    self.pages_stored += 1
-                    self.good_compress += 1
-                else:
-                    self.zero_pages += 1
+                self._set(idx, SAME, 0, 0, int.from_bytes(w0, "little"))
                 continue
-            if backing is not None and self.memlimit and self.compr_data_size > self.memlimit - PAGE_SIZE:
-                self._forward_write(idx, page, k)
+            if backing is not None and memlimit and c[COMPR_DATA_SIZE] > memlimit - PAGE_SIZE:
+                fwd.append((OP_WRITE, idx, k))
                 continue
             try:
-                c = cfn(page, *cargs)
+                z = cfn(page, *cargs)
             except Exception as e:
-                self.failed_writes += 1
-                raise _err(errno.EIO, f"write: page {idx}: compression failed: {e}") from None
-            clen = len(c)
+                c[FAILED_WRITES] += 1
+                raise OSError(errno.EIO, f"write: page {idx}: compression failed: {e}") from None
+            clen = len(z)
             if clen > max_zpage:
                 if backing is not None:
-                    self._forward_write(idx, page, k)
+                    fwd.append((OP_WRITE, idx, k))
                     continue
-                # huge page: a whole arena page, stored raw
-                p = self.arena.take(_arena.RAW, self._wait)
-                if p < 0:
-                    self.failed_writes += 1
-                    raise _err(errno.ENOSPC, f"write: page {idx}: no ready arena page (retry later)")
-                used = (self._xv_total[0] + self.huge_pages + 1) << PAGE_SHIFT
-                if self.memlimit and used > self.memlimit:
-                    self.arena.give(p)
-                    self.failed_writes += 1
-                    raise _err(errno.ENOMEM, f"write: page {idx}: memory limit {self.memlimit} reached")
-                if used > self.mem_used_max:
-                    self.mem_used_max = used
-                b = p << PAGE_SHIFT
-                av[b:b + PAGE_SIZE] = page
-                if kv[idx]:
-                    self._free_slot(idx)
-                hv[idx] = p
-                lv[idx] = PAGE_SIZE
-                kv[idx] = RAW
-                self.huge_pages += 1
-                self.pages_stored += 1
-                self.compr_data_size += PAGE_SIZE
-                continue
-            try:
-                h = xv.malloc(clen)
-            except MemoryError:
-                self.failed_writes += 1
-                if backing is not None:
-                    self._forward_write(idx, page, k)
-                    continue
-                raise _err(errno.ENOSPC, f"write: page {idx}: no ready arena page (retry later)") from None
-            used = (self._xv_total[0] + self.huge_pages) << PAGE_SHIFT
-            if self.memlimit and backing is None and used > self.memlimit:
-                xv.free(h)
-                self.failed_writes += 1
-                raise _err(errno.ENOMEM, f"write: page {idx}: memory limit {self.memlimit} reached")
-            if used > self.mem_used_max:
-                self.mem_used_max = used
-            av[h:h + clen] = c
-            if kv[idx]:
-                self._free_slot(idx)
-            hv[idx] = h
-            lv[idx] = clen
-            kv[idx] = COMP
-            self.pages_stored += 1
-            self.compr_data_size += clen
-            if clen <= GOOD_COMPRESS:
-                self.good_compress += 1
-
-    def _forward_write(self, idx: int, page, k: int) -> None:
-        """Send slot ``idx`` (page ``k`` of the request) to the backing swap: at once
-        (synchronous mode), or as an op of the request's :class:`BackingIO`."""
-        if self.backing_async:
-            self._fwd.append((OP_WRITE, idx, k))
-        else:
-            try:
-                self.backing.write_page(idx, page)
-            except Exception as e:
-                self.failed_writes += 1
-                raise _err(errno.EIO, f"write: page {idx}: backing swap write failed: {e}") from None
-        self.bd_writes += 1
-        if self._kv[idx]:
-            self._free_slot(idx)
-
-    def _backing_io(self, failed_attr: str) -> BackingIO | None:
-        """The forwarded pages of this request as a BackingIO (contiguous runs merged)."""
-        fwd = self._fwd
-        if not fwd:
-            return None
-        self._fwd = []
-        fd = self.backing.fd
-        where = self.backing.offset
-        ops = []
-        for op, idx, k in fwd:
-            foff = where(idx)
-            if ops and ops[-1][0] == op and ops[-1][2] + ops[-1][3] == k << PAGE_SHIFT \
-                    and ops[-1][4] + ops[-1][3] == foff:
-                o = ops[-1]
-                ops[-1] = (o[0], o[1], o[2], o[3] + PAGE_SIZE, o[4])
+                addr, kind, clen, z = pool.take(_arena.WHOLE, wait), RAW, PAGE_SIZE, page
+                if addr < 0:
+                    c[FAILED_WRITES] += 1
+                    raise OSError(errno.ENOSPC, f"write: page {idx}: no memory ready (retry later)")
+                used = (alloc.pages_used() + c[HUGE_PAGES] + 1) << PAGE_SHIFT
+                at = addr << PAGE_SHIFT
             else:
-                ops.append((op, fd, k << PAGE_SHIFT, PAGE_SIZE, foff))
+                try:
+                    addr = at = alloc.malloc(clen, wait)
+                except MemoryError:
+                    c[FAILED_WRITES] += 1
+                    if backing is not None:
+                        fwd.append((OP_WRITE, idx, k))
+                        continue
+                    raise OSError(errno.ENOSPC, f"write: page {idx}: no memory ready (retry later)") from None
+                kind = COMP
+                used = (alloc.pages_used() + c[HUGE_PAGES]) << PAGE_SHIFT
+            if memlimit and backing is None and used > memlimit:
+                pool.give(addr) if kind == RAW else alloc.free(addr)
+                c[FAILED_WRITES] += 1
+                raise OSError(errno.ENOMEM, f"write: page {idx}: memory limit {memlimit} reached")
+            if used > c[MEM_USED_MAX]:
+                c[MEM_USED_MAX] = used
+            view[at:at + clen] = z
+            self._set(idx, kind, addr, clen)
 
-        def done(results, ops=ops):
-            bad = sum(1 for (o, r) in zip(ops, results) if r != o[3])
-            if bad:
-                with self._lock:
-                    setattr(self, failed_attr, getattr(self, failed_attr) + bad)
-                raise _err(errno.EIO, f"backing swap I/O failed ({bad} of {len(ops)} ops)")
-
-        return BackingIO(ops, done)
-
-    def _read_pages(self, first: int, n: int, mv: memoryview) -> None:
-        hv, lv, kv = self._hv, self._lv, self._kv
+    def _read_pages(self, first: int, n: int, mv: memoryview, fwd: list) -> None:
+        t, c = self._t, self._c
         dfn, dargs = self.comp.decompress_call
-        mem = self._mem
+        mem = self.pool.mem
         for k in range(n):
             idx = first + k
-            self.num_reads += 1
-            kind = kv[idx]
-            if kind == COMP:
-                h = hv[idx]
-                try:
-                    if n == 1:
-                        mv[:] = dfn(mem[h:h + lv[idx]], *dargs)
-                    else:
-                        o = k << PAGE_SHIFT
-                        mv[o:o + PAGE_SIZE] = dfn(mem[h:h + lv[idx]], *dargs)
-                except Exception as e:
-                    self.failed_reads += 1
-                    raise _err(errno.EIO, f"read: page {idx}: decompression failed: {e}") from None
-                continue
+            e = t[2 * idx]
+            kind = e & 3
             o = k << PAGE_SHIFT
-            if kind == SAME:
-                v = hv[idx]
-                if v:
-                    mv[o:o + PAGE_SIZE] = v.to_bytes(8, "little") * 512
-                else:
-                    mv[o:o + PAGE_SIZE] = _ZERO_PAGE
-            elif kind == RAW:
-                b = hv[idx] << PAGE_SHIFT
-                mv[o:o + PAGE_SIZE] = self._av[b:b + PAGE_SIZE]
-            elif self.backing is not None:
-                self.num_reads -= 1
-                self.bd_reads += 1
-                if self.backing_async:
-                    self._fwd.append((OP_READ, idx, k))
-                    continue
+            c[NUM_READS] += 1
+            if kind == COMP:
+                h = e >> 16
                 try:
-                    self.backing.read_page(idx, mv[o:o + PAGE_SIZE])
-                except Exception as e:
-                    self.failed_reads += 1
-                    raise _err(errno.EIO, f"read: page {idx}: backing swap read failed: {e}") from None
+                    mv[o:o + PAGE_SIZE] = dfn(mem[h:h + ((e >> 2) & 0x1FFF)], *dargs)
+                except Exception as ex:
+                    c[FAILED_READS] += 1
+                    raise OSError(errno.EIO, f"read: page {idx}: decompression failed: {ex}") from None
+            elif kind == SAME:
+                v = t[2 * idx + 1]
+                mv[o:o + PAGE_SIZE] = v.to_bytes(8, "little") * 512 if v else _ZERO_PAGE
+            elif kind == RAW:
+                b = (e >> 16) << PAGE_SHIFT
+                mv[o:o + PAGE_SIZE] = self.pool.view[b:b + PAGE_SIZE]
+            elif self.backing is not None:
+                c[NUM_READS] -= 1                 # counted in bd_reads once it succeeded
+                fwd.append((OP_READ, idx, k))
             else:
                 mv[o:o + PAGE_SIZE] = _ZERO_PAGE
 
-    def _free_slot(self, idx: int) -> None:
-        """ramzswap_free_page: release what slot ``idx`` holds, fix the counters."""
-        kind = self._kv[idx]
-        if kind == COMP:
-            clen = self._lv[idx]
-            self.xv.free(self._hv[idx])
-            self.compr_data_size -= clen
-            self.pages_stored -= 1
-            if clen <= GOOD_COMPRESS:
-                self.good_compress -= 1
-        elif kind == RAW:
-            self.arena.give(self._hv[idx])
-            self.huge_pages -= 1
-            self.compr_data_size -= PAGE_SIZE
-            self.pages_stored -= 1
-        elif kind == SAME:
-            self.same_pages -= 1
-            if self._hv[idx]:
-                self.pages_stored -= 1
-                self.good_compress -= 1
+    def _set(self, idx: int, kind: int, addr: int = 0, length: int = 0, value: int = 0) -> None:
+        """Slot ``idx`` holds (kind, addr, length, value) from now on (EMPTY: nothing); what it
+        held before is released after the switch. The one place counters follow content."""
+        t, c = self._t, self._c
+        i = idx << 1
+        old = t[i]
+        okind = old & 3
+        oval = t[i + 1] if okind == SAME else 0
+        if kind == SAME:
+            t[i + 1] = value
+        t[i] = (addr << 16) | (length << 2) | kind
+        if okind:
+            if okind == COMP:
+                self.allocator.free(old >> 16)
+            elif okind == RAW:
+                self.pool.give(old >> 16)
+            self._count(okind, (old >> 2) & 0x1FFF, oval, -1)
+        if kind:
+            self._count(kind, length, value, 1)
+
+    def _count(self, kind: int, length: int, value: int, d: int) -> None:
+        c = self._c
+        if kind == SAME:
+            c[SAME_PAGES] += d
+            if value:
+                c[PAGES_STORED] += d
+                c[GOOD_COMPRESS_N] += d
             else:
-                self.zero_pages -= 1
-        self._kv[idx] = EMPTY
-        self._hv[idx] = 0
-        self._lv[idx] = 0
+                c[ZERO_PAGES] += d
+            return
+        c[PAGES_STORED] += d
+        c[COMPR_DATA_SIZE] += d * length
+        if kind == RAW:
+            c[HUGE_PAGES] += d
+        elif length <= GOOD_COMPRESS:
+            c[GOOD_COMPRESS_N] += d
 
-    # ---- invariants (tests; slow)
+    def _backing_io(self, fwd: list) -> BackingIO:
+        """The forwarded pages of a request as a BackingIO (contiguous runs merged); its done()
+        frees the RAM copy of every page written, and counts what succeeded and failed."""
+        fd, where = self.backing.fd, self.backing.offset
+        ops, pages = [], []
+        for op, idx, k in fwd:
+            foff = where(idx)
+            last = ops[-1] if ops else None
+            if last and last[0] == op and last[2] + last[3] == k << PAGE_SHIFT and last[4] + last[3] == foff:
+                ops[-1] = (op, fd, last[2], last[3] + PAGE_SIZE, last[4])
+                pages[-1].append(idx)
+            else:
+                ops.append((op, fd, k << PAGE_SHIFT, PAGE_SIZE, foff))
+                pages.append([idx])
 
-    def check(self) -> None:
-        """Verify allocator, table and counters agree; AssertionError if not."""
-        with self._lock:
-            live = self.xv.check(self.arena.pages_of(_arena.XV))
-            kinds = self.kind
-            comp = np.flatnonzero(kinds == COMP)
-            handles = {int(self.handle[i]): int(self.length[i]) for i in comp}
-            assert len(handles) == len(comp), "two slots share one xvmalloc object"
-            assert handles == live, (
-                f"table and allocator disagree: {len(handles)} compressed slots, {len(live)} live objects")
-            raw = np.flatnonzero(kinds == RAW)
-            raw_pages = set(int(self.handle[i]) for i in raw)
-            assert len(raw_pages) == len(raw), "two slots share one raw page"
-            assert raw_pages == set(self.arena.pages_of(_arena.RAW).tolist()), "raw slots and arena RAW pages disagree"
-            same = np.flatnonzero(kinds == SAME)
-            zero = int(np.count_nonzero(self.handle[same] == 0))
-            lens = self.length[comp].astype(np.int64)
-            assert self.same_pages == len(same), f"same_pages {self.same_pages} != {len(same)}"
-            assert self.zero_pages == zero, f"zero_pages {self.zero_pages} != {zero}"
-            assert self.huge_pages == len(raw), f"huge_pages {self.huge_pages} != {len(raw)}"
-            stored = len(comp) + len(raw) + (len(same) - zero)
-            assert self.pages_stored == stored, f"pages_stored {self.pages_stored} != {stored}"
-            good = int(np.count_nonzero(lens <= GOOD_COMPRESS)) + (len(same) - zero)
-            assert self.good_compress == good, f"good_compress {self.good_compress} != {good}"
-            compr = int(lens.sum()) + PAGE_SIZE * len(raw)
-            assert self.compr_data_size == compr, f"compr_data_size {self.compr_data_size} != {compr}"
-            xv_pages = len(self.arena.pages_of(_arena.XV))
-            assert self.mem_used_total == (xv_pages + len(raw)) * PAGE_SIZE, "mem_used_total != pages in use"
-            assert self.mem_used_max >= self.mem_used_total, "mem_used_max below mem_used_total"
-            assert np.all(self.length[kinds == EMPTY] == 0), "empty slot with a length"
+        def done(results):
+            bad = 0
+            with self._lock:
+                c = self._c
+                for (op, _, _, length, _), idxs, r in zip(ops, pages, results):
+                    ok = r == length
+                    if op == OP_WRITE:
+                        c[BD_WRITES if ok else FAILED_WRITES] += len(idxs)
+                        if ok:
+                            for idx in idxs:
+                                if self._t[2 * idx] & 3:
+                                    self._set(idx, EMPTY)
+                    else:
+                        c[BD_READS if ok else FAILED_READS] += len(idxs)
+                    bad += not ok
+            if bad:
+                raise OSError(errno.EIO, f"backing swap I/O failed ({bad} of {len(ops)} ops)")
+
+        return BackingIO(ops, done)
 
 
 def warm_up(compressor="lzo") -> None:
     """Run every page path of a small throw-away store once and check the data came back, so
-    that the code and data the I/O path needs are resident (and, in a locked process, locked)
-    before any device goes live. Raises AssertionError or OSError on a failure."""
-    n = 32
-    s = Store(n * PAGE_SIZE, compressor=compressor, keeper=False, inline_refill=True,
-              pool_low=4, pool_high=16)
+    that what the I/O path needs is resident (and, in a locked process, locked) before a
+    device goes live. Raises AssertionError or OSError on a failure."""
+    s = Store(32 * PAGE_SIZE, compressor=compressor, keeper=False, inline_refill=True, low=4, high=16)
     try:
         text = (bytes(range(32, 127)) * 44)[:PAGE_SIZE]
-        pages = [bytes(PAGE_SIZE), b"\x5a" * PAGE_SIZE, text, bytes(reversed(text)),
-                 (b"\x01\x02\x03\x04\x05\x06\x07\x08" * 512)]
-        seed = 0x9E3779B97F4A7C15
-        rnd = bytearray()
+        seed, rnd = 0x9E3779B97F4A7C15, bytearray()
         while len(rnd) < PAGE_SIZE:
             seed = (seed * 6364136223846793005 + 1442695040888963407) & ((1 << 64) - 1)
             rnd += seed.to_bytes(8, "little")
-        pages.append(bytes(rnd))
+        pages = [bytes(PAGE_SIZE), b"\x5a" * PAGE_SIZE, text, text[::-1], bytes(rnd)]
         data = b"".join(pages)
         s.write(0, memoryview(data))
+        out, one = bytearray(len(data)), bytearray(PAGE_SIZE)
+        s.read(0, memoryview(out))
+        assert out == data, "store self-test: a multi-page read differs"
         for i, p in enumerate(pages):
             s.write_swap((8 + i) * PAGE_SIZE, memoryview(p))
-            s.write_page(16 + i, p)
-        out = bytearray(len(data))
-        s.read(0, memoryview(out))
-        assert out == data, "store self-test: multi-page read back differs"
-        one = bytearray(PAGE_SIZE)
-        for i, p in enumerate(pages):
             s.read((8 + i) * PAGE_SIZE, memoryview(one))
-            assert one == p, f"store self-test: page kind {i} read back differs"
+            assert one == p, f"store self-test: page {i} differs"
         s.discard(8 * PAGE_SIZE, 2 * PAGE_SIZE)
         s.write_zeroes(10 * PAGE_SIZE, 2 * PAGE_SIZE)
-        s.free_page(16)
         s.stats()
     finally:
         s.close()

@@ -14,6 +14,10 @@ import ctypes as C
 
 import numpy as np
 
+PAGE_SHIFT = 12             # x86_64; the store's slot and the device's block size
+PAGE_SIZE = 1 << PAGE_SHIFT
+SECTOR_SHIFT = 9           # ublk descriptors count 512-byte sectors
+
 # --------------------------------------------------------------------------- ioctl encoding
 _IOC_NRBITS, _IOC_TYPEBITS, _IOC_SIZEBITS = 8, 8, 14
 _IOC_NRSHIFT = 0

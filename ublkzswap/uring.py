@@ -10,7 +10,7 @@ ready CQEs are copied out with one fancy-index; liburing is called only to submi
 ``io_uring_get_sqe`` does (advance ``sq.sqe_tail``), so ``io_uring_submit`` publishes them.
 
 A ``Ring`` must be used by one thread at a time (the caller's job: a queue ring belongs to its
-queue thread, the control ring is guarded by a lock in :mod:`ublkzswap.ctrl`).
+queue thread, the control ring is guarded by a lock in :mod:`ublkzswap.ublkctrl`).
 
 Still naive: no SQPOLL, no registered files or buffers, no CQE32.
 """

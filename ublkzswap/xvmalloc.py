@@ -28,7 +28,7 @@ byte address of the object inside the arena (``page * 4096 + offset + 4``).
 Layout of the state (so that it can later live in memory that outlives the
 process): the block headers and free-list links live in the arena bytes
 themselves; the pool head (bitmaps, list heads, page count) is one 3128-byte
-numpy ``uint8`` array, :data:`POOL_STATE_BYTES`, that may be passed in::
+numpy ``uint8`` array, :data:`POOL_STATE_BYTES` (:attr:`XvPool.state`)::
 
     0     u64 flbitmap
     8     u64 slbitmap[8]
@@ -41,9 +41,12 @@ the *word address* (byte address / 4) of the neighbouring free blocks' headers,
 ``NIL`` = 0xFFFFFFFF. That is xvmalloc's ``{prev_page, next_page, prev_offset,
 next_offset}`` packed into two words; it limits an arena to 16 GiB.
 
-Pages come from a provider: ``get_page() -> page number or -1`` and
-``put_page(page)``. xvmalloc never creates memory itself; the arena
-(:mod:`ublkzswap.arena`) hands it only pages that are already resident.
+An :class:`XvPool` is the store's *object allocator* (docs/CONTRACTS.md): ``malloc(size,
+timeout) / free(handle) / pages_used()``, as zram's ``zs_malloc / zs_free /
+zs_get_total_pages``. Its pages come from a *page pool* (:class:`ublkzswap.arena.Arena`):
+``take(OBJECTS, timeout) -> page or -1``, ``give(page)``, and ``words``, a ``uint32`` view
+of the pool's memory. xvmalloc never creates memory itself; the pool hands it only pages
+that are already resident.
 
 Deliberate differences from the C code:
 
@@ -59,7 +62,9 @@ Deliberate differences from the C code:
   paths are written out inline rather than in small helpers.
 
 Still naive: one pool per store and no locking of its own (the store
-serialises calls); no compaction, exactly like the original.
+serialises calls); no compaction, exactly like the original; objects never
+span pages, so objects a little over a third of a page leave a third of each
+page unused.
 """
 
 from __future__ import annotations
@@ -113,64 +118,51 @@ def search_index(size: int) -> int:
     return (((size + FL_DELTA - 1) & ~(FL_DELTA - 1)) - XV_MIN_ALLOC_SIZE) >> FL_DELTA_SHIFT
 
 
-class XvPool:
-    """One xvmalloc pool over ``words``, a ``uint32`` memoryview of the arena.
+OBJECTS = 2   # the page pool's kind for pages the allocator owns (arena.OBJECTS)
 
-    ``get_page()`` returns a ready arena page number or -1 (then ``malloc``
-    raises :class:`MemoryError`, like ``xv_malloc`` returning -ENOMEM);
-    ``put_page(page)`` takes back a page that became entirely free.
-    ``state`` is an optional ``uint8`` numpy array of :data:`POOL_STATE_BYTES`
-    holding the pool head; a fresh pool is created (zeroed bitmaps, empty
-    lists) unless ``attach`` is true, in which case ``state`` is used as is.
+
+class XvPool:
+    """One xvmalloc pool over the pages of ``pool`` (a page pool, see the module docstring).
+
+    ``take`` failing means no ready page: ``malloc`` raises :class:`MemoryError`, like
+    ``xv_malloc`` returning -ENOMEM. A page that becomes entirely free goes back by ``give``.
     """
 
-    def __init__(self, words: memoryview, get_page, put_page, state: np.ndarray | None = None,
-                 attach: bool = False):
+    def __init__(self, pool):
+        words = pool.words
         if words.format != "I" or words.itemsize != 4:
-            raise TypeError("words must be a memoryview cast to 'I' (uint32)")
+            raise TypeError("pool.words must be a memoryview cast to 'I' (uint32)")
         if len(words) % PAGE_WORDS:
             raise ValueError("arena size must be a multiple of 4096 bytes")
         if len(words) // PAGE_WORDS > MAX_ARENA_PAGES:
             raise ValueError("arena larger than 16 GiB cannot be addressed by xvmalloc links")
-        if state is None:
-            state = np.zeros(POOL_STATE_BYTES, dtype=np.uint8)
-            attach = False
-        if state.dtype != np.uint8 or state.shape != (POOL_STATE_BYTES,):
-            raise ValueError(f"state must be a uint8 array of {POOL_STATE_BYTES} bytes")
-        self.state = state
+        self.state = state = np.zeros(POOL_STATE_BYTES, dtype=np.uint8)
         sm = memoryview(state)
         self._fl = sm[_OFF_FL:_OFF_SL].cast("Q")
         self._sl = sm[_OFF_SL:_OFF_HEAD].cast("Q")
         self._head = sm[_OFF_HEAD:_OFF_HEAD + 4 * NUM_FREE_LISTS].cast("I")
         self._total = sm[_OFF_TOTAL:_OFF_TOTAL + 8].cast("Q")
-        if not attach:
-            state[:] = 0
-            for i in range(NUM_FREE_LISTS):
-                self._head[i] = NIL
+        for i in range(NUM_FREE_LISTS):
+            self._head[i] = NIL
         self._w = words
-        self._get_page = get_page
-        self._put_page = put_page
+        self._take = pool.take
+        self._give = pool.give
 
     # ---- public surface (xv_malloc, xv_free, xv_get_object_size, xv_get_total_size_bytes)
 
-    @property
-    def total_pages(self) -> int:
-        """Pages currently owned by the pool."""
+    def pages_used(self) -> int:
+        """Pages currently owned by the pool (zs_get_total_pages)."""
         return self._total[0]
-
-    def total_size(self) -> int:
-        """Bytes owned by the pool (``total_pages * 4096``), xv_get_total_size_bytes."""
-        return self._total[0] * PAGE_SIZE
 
     def object_size(self, handle: int) -> int:
         """Exact size the object at ``handle`` was allocated with."""
         return self._w[(handle - XV_ALIGN) >> 2] & _SIZE
 
-    def malloc(self, size: int) -> int:
+    def malloc(self, size: int, timeout: float = 0.0) -> int:
         """Allocate ``size`` bytes (1..4092); return the handle (byte address).
 
-        Raises ValueError for a size out of range, MemoryError when no fitting
-        free block exists and the page provider has no page ready.
+        Raises ValueError for a size out of range, MemoryError when no fitting free block
+        exists and the page pool has no page ready within ``timeout`` seconds.
         """
         if size <= 0 or size > XV_MAX_ALLOC_SIZE:
             raise ValueError(f"xvmalloc: size {size} outside 1..{XV_MAX_ALLOC_SIZE}")
@@ -210,7 +202,7 @@ class XvPool:
             bsize = h & _SIZE
         else:
             # grow_pool: one page, one free block of PAGE_SIZE - 4 at offset 0
-            page = self._get_page()
+            page = self._take(OBJECTS, timeout)
             if page < 0:
                 raise MemoryError("xvmalloc: no ready page to grow the pool")
             self._total[0] += 1
@@ -276,7 +268,7 @@ class XvPool:
             h = hp
         if size == XV_MAX_ALLOC_SIZE:
             self._total[0] -= 1
-            self._put_page(pbase >> 10)
+            self._give(pbase >> 10)
             return
         w[a] = size | (h & 0xFFFF0000) | _HF
         if size >= XV_MIN_ALLOC_SIZE:
@@ -298,21 +290,6 @@ class XvPool:
             w[n] = (w[n] & 0x1FFFF) | _HP | ((a & 1023) << 18)
 
     # ---- free lists
-
-    def _insert(self, a: int, size: int) -> None:
-        """insert_block: push the free block at word address ``a`` on its list."""
-        w = self._w
-        idx = ((min(size, XV_MAX_ALLOC_SIZE) & ~7) - 32) >> 3
-        head = self._head[idx]
-        w[a + 1] = NIL
-        w[a + 2] = head
-        self._head[idx] = a
-        if head != NIL:
-            w[head + 1] = a
-        else:
-            fli = idx >> 6
-            self._sl[fli] |= 1 << (idx & 63)
-            self._fl[0] |= 1 << fli
 
     def _remove(self, a: int, idx: int) -> None:
         """remove_block: unlink the free block at ``a`` from list ``idx``."""
@@ -359,7 +336,7 @@ class XvPool:
         first violation. Slow; for tests."""
         w = self._w
         pages = sorted(int(p) for p in pages)
-        assert self.total_pages == len(pages), f"total_pages {self.total_pages} != {len(pages)} pages"
+        assert self.pages_used() == len(pages), f"pages_used {self.pages_used()} != {len(pages)} pages"
         live: dict[int, int] = {}
         free_listed: set[int] = set()
         for p in pages:

@@ -61,8 +61,8 @@ def test_reservation_uses_no_memory_until_populated():
 def test_take_give_and_watermarks():
     a = Arena(256, low=4, high=16)
     assert a.ready == 16
-    pages = [a.take(ar.XV) for _ in range(13)]
-    assert len(set(pages)) == 13 and all(a.state[p] == ar.XV for p in pages)
+    pages = [a.take(ar.OBJECTS) for _ in range(13)]
+    assert len(set(pages)) == 13 and all(a.state[p] == ar.OBJECTS for p in pages)
     assert a.ready == 3
     assert a.step() == (13, 0)  # below low: refill to high
     assert a.ready == 16
@@ -79,7 +79,7 @@ def test_take_give_and_watermarks():
 
 def test_released_pages_go_back_to_the_kernel_and_come_back_zeroed():
     a = Arena(8, low=0, high=1)
-    p = a.take(ar.RAW)
+    p = a.take(ar.WHOLE)
     assert a.step() == (1, 0)  # pool empty: refill
     a.mem[p * PAGE:(p + 1) * PAGE] = 0xAB
     a.give(p)
@@ -87,19 +87,19 @@ def test_released_pages_go_back_to_the_kernel_and_come_back_zeroed():
     assert a.step() == (0, 2)  # over high: trim to the midpoint (0)
     assert not resident(a)[p] and a.state[p] == ar.UNBACKED
     a.step()
-    q = a.take(ar.XV)
+    q = a.take(ar.OBJECTS)
     assert q == p  # lowest unbacked page comes back first
     assert not a.mem[p * PAGE:(p + 1) * PAGE].any()
 
 
 def test_empty_pool_take_returns_minus_one_unless_inline_refill():
     a = Arena(4, low=0, high=2)
-    assert a.take(ar.XV) >= 0 and a.take(ar.XV) >= 0
-    assert a.take(ar.XV) == -1
+    assert a.take(ar.OBJECTS) >= 0 and a.take(ar.OBJECTS) >= 0
+    assert a.take(ar.OBJECTS) == -1
     b = Arena(4, low=0, high=2, inline_refill=True)
-    got = [b.take(ar.XV) for _ in range(4)]
+    got = [b.take(ar.OBJECTS) for _ in range(4)]
     assert sorted(got) == [0, 1, 2, 3]
-    assert b.take(ar.XV) == -1  # the reservation itself is exhausted
+    assert b.take(ar.OBJECTS) == -1  # the reservation itself is exhausted
 
 
 def test_watermarks_clamped_and_validated():
@@ -115,7 +115,7 @@ def test_keeper_thread_refills_and_trims():
     a = Arena(512, low=8, high=32)
     a.start(interval=0.01)
     try:
-        taken = [a.take(ar.XV) for _ in range(30)]
+        taken = [a.take(ar.OBJECTS) for _ in range(30)]
         deadline = time.time() + 5
         while a.ready < 8 and time.time() < deadline:
             time.sleep(0.01)
@@ -152,7 +152,7 @@ def test_locked_arena_releases_by_munlock_and_relock():
     assert all("lf" in v["VmFlags"] for v in arena_vmas(a))  # VM_LOCKONFAULT
     a.step()
     assert locked_kb(a) == 16 * 4  # populated pages are locked on fault
-    pages = [a.take(ar.XV) for _ in range(14)]
+    pages = [a.take(ar.OBJECTS) for _ in range(14)]
     assert a.step() == (14, 0)
     for p in pages:
         a.give(p)
@@ -167,7 +167,7 @@ def test_locked_arena_releases_by_munlock_and_relock():
     # new pages are locked again when populated
     before = locked_kb(a)
     for _ in range(a.ready):
-        a.take(ar.XV)
+        a.take(ar.OBJECTS)
     a.step()
     assert locked_kb(a) > before
     a.close()
@@ -180,7 +180,7 @@ def test_notices_mlockall_style_lock_on_dontneed():
     if ar._mlock2 is None or ar._mlock2(a.base, a.size, ar.MLOCK_ONFAULT) != 0:
         pytest.skip("mlock2 refused here")
     assert not a.locked
-    pages = [a.take(ar.XV) for _ in range(4)]
+    pages = [a.take(ar.OBJECTS) for _ in range(4)]
     a.step()
     for p in pages:
         a.give(p)
@@ -222,7 +222,7 @@ def test_growth_waits_while_the_guard_says_no():
         assert a.step() == (0, 0)
         assert a.ready == 0 and a.resident == 0 and a.growth_deferred == 1
         assert allow["asked"] and allow["asked"][0] <= ar.POPULATE_BATCH * 4096
-        assert a.take(ar.XV) == -1
+        assert a.take(ar.OBJECTS) == -1
         allow["ok"] = True
         populated, _ = a.step()
         assert populated == 512 and a.ready == 512

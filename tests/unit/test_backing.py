@@ -59,29 +59,29 @@ def incompressible(n=1):
     return os.urandom(n * PAGE)
 
 
-def test_store_forwards_incompressible_pages_synchronously(tmp_path):
+def test_store_page_api_runs_backing_io_itself(tmp_path):
     b = Backing(make_swapfile(tmp_path / "swap", 64), remap=False)
     s = Store(b.size, memlimit=32 * PAGE, backing=b)
     try:
         data = incompressible(4)
-        assert s.write(4 * PAGE, memoryview(data)) is None
+        for i in range(4):
+            s.write_page(4 + i, data[i * PAGE:(i + 1) * PAGE])
         st = s.stats()
         assert st["bd_writes"] == 4 and st["pages_stored"] == 0
         with open(b.name, "rb") as f:
             f.seek(4 * PAGE)
             assert f.read(4 * PAGE) == data
-        out = bytearray(4 * PAGE)
-        assert s.read(4 * PAGE, memoryview(out)) is None
-        assert out == data and s.stats()["bd_reads"] == 4
+        out = bytearray(PAGE)
+        s.read_page(5, out)
+        assert out == data[PAGE:2 * PAGE] and s.stats()["bd_reads"] == 1
     finally:
         s.close()
         b.close()
 
 
-def test_store_async_mode_returns_merged_backing_io(tmp_path):
+def test_store_returns_merged_backing_io(tmp_path):
     b = Backing(make_swapfile(tmp_path / "swap", 64), remap=False)
     s = Store(b.size, memlimit=32 * PAGE, backing=b)
-    s.backing_async = True
     buf = mmap.mmap(-1, 8 * PAGE)               # page-aligned like a queue's tag buffer
     try:
         data = incompressible(3) + b"a" * PAGE + incompressible(4)
@@ -103,18 +103,30 @@ def test_store_async_mode_returns_merged_backing_io(tmp_path):
         b.close()
 
 
-def test_backing_io_failure_is_eio_and_counted(tmp_path):
+def test_backing_write_failure_is_eio_and_the_old_content_stays(tmp_path):
+    """The RAM copy of a forwarded page is freed only once the backing write succeeded: after
+    an EIO the slot still reads back its previous content, not the backing device's."""
     b = Backing(make_swapfile(tmp_path / "swap", 64), remap=False)
     s = Store(b.size, memlimit=32 * PAGE, backing=b)
-    s.backing_async = True
     buf = mmap.mmap(-1, PAGE)
-    buf[:] = incompressible()
+    old = (b"the old content of slot one, " * 200)[:PAGE]
     try:
-        pending = s.write(PAGE, memoryview(buf))
+        s.write_page(1, old)                     # compresses well: kept in RAM
+        assert s.slot(1)[0] == "compressed"
+        buf[:] = incompressible()
+        pending = s.write(PAGE, memoryview(buf))  # forwarded
         with pytest.raises(OSError) as e:
             pending.done([-errno.EIO])
         assert e.value.errno == errno.EIO
-        assert s.stats()["failed_writes"] == 1
+        assert s.stats()["failed_writes"] == 1 and s.stats()["bd_writes"] == 0
+        out = bytearray(PAGE)
+        s.read_page(1, out)
+        assert out == old and s.slot(1)[0] == "compressed"
+        pending = s.write(PAGE, memoryview(buf))  # again, and this time it works
+        run_backing_io(pending, memoryview(buf))
+        assert s.slot(1)[0] == "empty" and s.stats()["bd_writes"] == 1
+        s.read_page(1, out)
+        assert out == buf[:]
     finally:
         s.close()
         b.close()
@@ -195,11 +207,11 @@ def test_swap_file_on_ext4_is_remapped_to_its_block_device(ext4_mount):
         assert struct.unpack_from("<III", b.header(), 1024) == (1, 511, 0)
         data = {i: incompressible() for i in (3, 4, 200, 511)}
         for i, page in data.items():
-            s.write(i * PAGE, memoryview(page))
+            s.write_page(i, page)
         assert s.stats()["bd_writes"] == 4
         out = bytearray(PAGE)
         for i, page in data.items():
-            s.read(i * PAGE, memoryview(out))
+            s.read_page(i, out)
             assert out == page
     finally:
         s.close()

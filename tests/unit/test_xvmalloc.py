@@ -24,14 +24,15 @@ class Provider:
         self.owned = set()
         self.returned = []
 
-    def get(self):
+    def take(self, kind, timeout=0.0):
+        assert kind == xm.OBJECTS
         if not self.free:
             return -1
         p = self.free.pop()
         self.owned.add(p)
         return p
 
-    def put(self, p):
+    def give(self, p):
         assert p in self.owned, f"page {p} returned twice or never given"
         self.owned.remove(p)
         self.returned.append(p)
@@ -40,7 +41,7 @@ class Provider:
 
 def make(npages=16):
     prov = Provider(npages)
-    pool = XvPool(prov.words, prov.get, prov.put)
+    pool = XvPool(prov)
     return prov, pool
 
 
@@ -72,7 +73,7 @@ def test_malloc_rejects_sizes_outside_range(size):
     prov, pool = make()
     with pytest.raises(ValueError):
         pool.malloc(size)
-    assert pool.total_pages == 0 and not prov.owned
+    assert pool.pages_used() == 0 and not prov.owned
 
 
 def test_first_malloc_grows_one_page_and_splits():
@@ -80,7 +81,7 @@ def test_first_malloc_grows_one_page_and_splits():
     h = pool.malloc(100)
     p = h >> 12
     assert h == p * 4096 + 4
-    assert pool.total_pages == 1 and pool.total_size() == 4096
+    assert pool.pages_used() == 1 and pool.pages_used() * 4096 == 4096
     assert hdr(pool, p * 4096) == (100, 0, 0)
     # remainder right after the 4-aligned object: offset 104, size 4096-104-4
     assert hdr(pool, p * 4096 + 104) == (3988, 0, xm.BLOCK_FREE)
@@ -104,12 +105,12 @@ def test_4092_takes_a_whole_page():
     prov, pool = make()
     a = pool.malloc(100)
     h = pool.malloc(4092)
-    assert pool.total_pages == 2
+    assert pool.pages_used() == 2
     assert h & 4095 == 4 and (h >> 12) != (a >> 12)
     assert pool.object_size(h) == 4092
     pool.check(prov.owned)
     pool.free(h)
-    assert pool.total_pages == 1
+    assert pool.pages_used() == 1
     assert prov.returned == [h >> 12]
     pool.check(prov.owned)
 
@@ -117,7 +118,7 @@ def test_4092_takes_a_whole_page():
 def test_4089_also_fits_a_fresh_page_exactly():
     prov, pool = make()
     h = pool.malloc(4089)
-    assert pool.object_size(h) == 4089 and pool.total_pages == 1
+    assert pool.object_size(h) == 4089 and pool.pages_used() == 1
     assert pool.check(prov.owned) == {h: 4089}
 
 
@@ -131,10 +132,10 @@ def test_small_remainder_stays_free_but_unlisted():
     pool.check(prov.owned)
     # nothing findable: a 20-byte request grows a new page
     h2 = pool.malloc(20)
-    assert (h2 >> 12) != p and pool.total_pages == 2
+    assert (h2 >> 12) != p and pool.pages_used() == 2
     # freeing the big object merges the unlisted fragment and returns the page
     pool.free(h)
-    assert pool.total_pages == 1 and prov.returned == [p]
+    assert pool.pages_used() == 1 and prov.returned == [p]
     pool.check(prov.owned)
 
 
@@ -145,7 +146,7 @@ def test_remainder_of_exactly_32_is_listed():
     assert pool.free_list(0) == [p * 4096 + 4060]
     h2 = pool.malloc(32)
     assert h2 == p * 4096 + 4064  # exact fit, same page
-    assert pool.total_pages == 1
+    assert pool.pages_used() == 1
     pool.check(prov.owned)
 
 
@@ -212,16 +213,16 @@ def test_merge_next_only_and_prev_only():
 def test_page_returned_when_entirely_free_and_growth_one_page_at_a_time():
     prov, pool = make()
     hs = [pool.malloc(3000) for _ in range(3)]
-    assert pool.total_pages == 3 and len({h >> 12 for h in hs}) == 3
+    assert pool.pages_used() == 3 and len({h >> 12 for h in hs}) == 3
     small = pool.malloc(1000)  # fits in the 1088-byte remainder of a page
-    assert pool.total_pages == 3
+    assert pool.pages_used() == 3
     pool.free(hs[0])
     pool.free(hs[1])
-    assert pool.total_pages == 3 - len(prov.returned)
+    assert pool.pages_used() == 3 - len(prov.returned)
     pool.check(prov.owned)
     for h in [hs[2], small]:
         pool.free(h)
-    assert pool.total_pages == 0 and not prov.owned
+    assert pool.pages_used() == 0 and not prov.owned
     assert pool._fl[0] == 0 and all(pool._sl[i] == 0 for i in range(8))
 
 
@@ -232,7 +233,7 @@ def test_two_level_search_crosses_bitmap_words():
     assert pool.free_list(xm.insert_index(4048)) == [rest]
     assert pool._fl[0] == 1 << 7
     h2 = pool.malloc(40)  # search starts in word 0, must find word 7
-    assert h2 == rest + 4 and pool.total_pages == 1
+    assert h2 == rest + 4 and pool.pages_used() == 1
     pool.check(prov.owned)
 
 
@@ -241,7 +242,7 @@ def test_grow_failure_is_memory_error_and_changes_nothing():
     h = pool.malloc(3000)
     with pytest.raises(MemoryError):
         pool.malloc(2000)
-    assert pool.total_pages == 1
+    assert pool.pages_used() == 1
     assert pool.check(prov.owned) == {h: 3000}
 
 
@@ -256,13 +257,18 @@ def test_double_free_and_bad_handle():
         pool.free(a + 1)
 
 
-def test_state_can_be_reattached():
-    prov, pool = make()
-    hs = [pool.malloc(s) for s in (100, 700, 1500, 3000)]
-    again = XvPool(prov.words, prov.get, prov.put, state=pool.state, attach=True)
-    assert again.check(prov.owned) == {h: s for h, s in zip(hs, (100, 700, 1500, 3000))}
-    again.free(hs[0])
-    again.check(prov.owned)
+def test_malloc_waits_for_the_pool_as_long_as_asked():
+    """The write's timeout reaches the page pool: a request that must grow the pool passes it
+    to take() (an ordinary write waits for the keeper; a swap write passes 0)."""
+    prov, pool = make(npages=1)
+    seen = []
+    take = prov.take
+    prov.take = lambda kind, timeout=0.0: seen.append(timeout) or take(kind, timeout)
+    pool = XvPool(prov)
+    pool.malloc(3000, 1.5)
+    with pytest.raises(MemoryError):
+        pool.malloc(3000, 0.25)
+    assert seen == [1.5, 0.25]
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
@@ -287,9 +293,9 @@ def test_random_malloc_free_against_model(ops):
             pool.free(h)
         got = pool.check(prov.owned)
         assert got == {h: s for h, (s, _) in live.items()}
-        assert pool.total_pages == len(prov.owned)
+        assert pool.pages_used() == len(prov.owned)
         # every page holds at least one live object
-        assert pool.total_pages <= len(live)
+        assert pool.pages_used() <= len(live)
     for h, (size, fill) in live.items():
         assert prov.buf[h:h + size] == bytes([fill]) * size
 
@@ -302,5 +308,5 @@ def test_many_small_objects_pack_densely():
         pool.malloc(s)
     used = sum(((s + 3) & ~3) + 4 for s in sizes)
     # xvmalloc fills pages well on such sizes: within 15% of the ideal
-    assert pool.total_size() <= used * 1.15
+    assert pool.pages_used() * 4096 <= used * 1.15
     pool.check(prov.owned)

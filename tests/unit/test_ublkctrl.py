@@ -1,7 +1,7 @@
 """ublk control command builders: what goes to the kernel, checked without a kernel."""
 import ctypes as C
 
-from ublkzswap import ctrl, uapi
+from ublkzswap import ublkctrl as ctrl, uapi
 
 
 def test_add_dev_asks_for_the_chosen_id_in_header_and_info():

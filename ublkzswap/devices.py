@@ -1,0 +1,324 @@
+"""compcache's policy: each device's state machine and the Manager the control socket drives.
+
+Owns: what a device may do in which state, with compcache 0.6.2's errors
+(../shared/docs/compcache-reference.md section 1.5) and sizing rules (section 1.3)::
+
+    UNINITIALISED --init--> INITIALISED --swapon--> ACTIVE --swapoff--> INITIALISED
+      (id reserved:          (store built, device started:                  --reset-->
+       /dev/ublkcN only)      /dev/ublkbN exists, page 0 a swap header)     UNINITIALISED
+
+- set_backing_swap / set_disksize_kb / init on an initialised device: EBUSY;
+- stats before init: ENOTTY; reset of an uninitialised device: nothing to do;
+- reset while the block device is in use (swap, a mount, a holder, any opener): EBUSY;
+- memlimit may change in any state (beyond compcache: it applies to following writes);
+- sizes: no disksize -> 25% of RAM; with a backing swap the disksize is the backing swap's,
+  and the memlimit (0 or beyond the disksize) becomes 15% of RAM, at most the disksize.
+
+A :class:`Device` holds a *ublk device* (:class:`ublkzswap.ublkdev.UblkDevice`: ``add,
+start(target, backing_fd=), stop, delete, bdev, failure, counters``), made by the factory the
+:class:`Manager` is given: the real one in the daemon, a fake in the unit tests.
+
+Still naive: "in use" is read from /proc and sysfs, so it can change right after the check.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+
+from . import stats as statsmod
+from .backing import Backing, swap_header
+from .target import NullTarget, RamTarget, run_backing_io
+from .uapi import PAGE_SIZE
+
+DEFAULT_DISKSIZE_PERC_RAM = 25
+DEFAULT_MEMLIMIT_PERC_RAM = 15
+
+
+def total_ram_bytes() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * PAGE_SIZE
+
+
+def sizes(disksize_kb: int, memlimit_kb: int, backing_size: int | None,
+          ram: int) -> tuple[int, int]:
+    """(disksize, memlimit) in bytes by compcache's rules (the module docstring)."""
+    if backing_size is not None:
+        memlimit = memlimit_kb * 1024
+        if memlimit == 0 or memlimit > backing_size:
+            memlimit = min(DEFAULT_MEMLIMIT_PERC_RAM * (ram // 100), backing_size)
+        return backing_size, memlimit & ~(PAGE_SIZE - 1)
+    disksize = disksize_kb * 1024 or DEFAULT_DISKSIZE_PERC_RAM * (ram // 100)
+    return disksize & ~(PAGE_SIZE - 1), memlimit_kb * 1024
+
+
+def users(bdev: str, *, openers: bool = False) -> list[str]:
+    """What holds block device ``bdev`` now: active swap, a mount, a holder (dm, md, ...) and,
+    with ``openers``, any process that has it open. Read from /proc and sysfs: probing with an
+    exclusive open would make a concurrent swapon or mount fail with EBUSY."""
+    try:
+        rdev = os.stat(bdev).st_rdev
+    except OSError:
+        return []
+    out = []
+    try:
+        for line in open("/proc/swaps").read().splitlines()[1:]:
+            name = line.split()[0].replace("\\040", " ")
+            if name.startswith("/") and _rdev(name) == rdev:
+                out.append("swap")
+        for line in open("/proc/self/mountinfo"):
+            major, minor = line.split()[2].split(":")
+            if os.makedev(int(major), int(minor)) == rdev:
+                out.append("mounted")
+                break
+    except OSError:
+        pass
+    holders = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/holders"
+    if os.path.isdir(holders) and os.listdir(holders):
+        out.append("held by " + ",".join(sorted(os.listdir(holders))))
+    if openers:
+        out += [f"open by pid {pid}" for pid in _openers(rdev)]
+    return out
+
+
+def _rdev(path: str) -> int | None:
+    try:
+        return os.stat(path).st_rdev
+    except OSError:
+        return None
+
+
+def _openers(rdev: int) -> list[int]:
+    me, pids = os.getpid(), []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                path = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if path.startswith("/dev/") and int(pid) != me and _rdev(path) == rdev:
+                pids.append(int(pid))
+                break
+    return pids
+
+
+class Device:
+    """One reserved id: its compcache state and, once initialised, its target."""
+
+    def __init__(self, ublk, cfg: dict, *, store_factory, ram: int | None = None):
+        self.ublk = ublk
+        self.dev_id = ublk.dev_id
+        self.cfg = cfg
+        self.store_factory = store_factory
+        self.ram = total_ram_bytes() if ram is None else ram
+        self.disksize_kb = self.memlimit_kb = 0
+        self.backing_swap = ""
+        self.target = None
+        self.backing = None
+
+    @property
+    def initialised(self) -> bool:
+        return self.target is not None
+
+    @property
+    def bdev(self) -> str:
+        return self.ublk.bdev
+
+    @property
+    def state(self) -> str:
+        if not self.initialised:
+            return "uninitialised"
+        if self.ublk.failure is not None:
+            return "failed"
+        return "active" if users(self.bdev) else "initialised"
+
+    def init(self) -> None:
+        if self.initialised:
+            raise OSError(errno.EBUSY, "Device already initialized")
+        kind = self.cfg["target"]
+        if self.backing_swap and kind != "zswap":
+            raise OSError(errno.EINVAL, "a backing swap needs target=zswap")
+        backing = Backing(self.backing_swap) if self.backing_swap else None
+        target = None
+        try:
+            disksize, memlimit = sizes(self.disksize_kb, self.memlimit_kb,
+                                       backing.size if backing is not None else None, self.ram)
+            if disksize < PAGE_SIZE * 2:
+                raise OSError(errno.EINVAL, "disksize too small")
+            if kind == "ram":
+                target = RamTarget(disksize)
+            elif kind == "null":
+                target = NullTarget(disksize)
+            else:
+                target = self.store_factory(disksize, memlimit=memlimit, backing=backing,
+                                            compressor=self.cfg["compressor"])
+            if kind != "null":
+                page = memoryview(bytearray(backing.header() if backing else swap_header(disksize)))
+                pending = target.write(0, page)
+                if pending is not None:
+                    run_backing_io(pending, page)
+            try:
+                self.ublk.start(target, backing_fd=backing.fd if backing is not None else -1)
+            except BaseException:
+                self.ublk.delete()           # a fresh id for the next try
+                self.ublk.add()
+                raise
+        except BaseException:
+            _close(target)
+            if backing is not None:
+                backing.close()
+            raise
+        self.target, self.backing = target, backing
+        self.disksize_kb, self.memlimit_kb = disksize // 1024, memlimit // 1024
+
+    def reset(self) -> None:
+        if not self.initialised:
+            return
+        busy = users(self.bdev, openers=True)
+        if busy:
+            raise OSError(errno.EBUSY, f"{self.bdev} is in use ({', '.join(busy)}): swapoff first")
+        self.ublk.delete()
+        self._drop()
+        self.disksize_kb = self.memlimit_kb = 0
+        self.backing_swap = ""
+        self.ublk.add()
+
+    def teardown(self) -> None:
+        self.ublk.delete()
+        self._drop()
+
+    def _drop(self) -> None:
+        _close(self.target)
+        self.target = None
+        if self.backing is not None:
+            self.backing.close()
+            self.backing = None
+
+    def set_memlimit_kb(self, kb: int) -> None:
+        if self.initialised:
+            setter = getattr(self.target, "set_memlimit", None)
+            if setter is None:
+                raise OSError(errno.EOPNOTSUPP, "this target has no memory limit")
+            setter(kb * 1024)
+        self.memlimit_kb = kb
+
+    def stats(self) -> dict:
+        if not self.initialised:
+            raise OSError(errno.ENOTTY, "device not initialised")
+        own = getattr(self.target, "stats", None)
+        st = statsmod.empty()
+        st.update(disksize=self.target.size, mem_limit=self.memlimit_kb * 1024,
+                  backing_swap=self.backing_swap)
+        if own is not None:
+            st.update(own())
+        else:                         # a plain target: what the queue saw
+            c = self.ublk.counters
+            st.update(num_reads=c.reads, num_writes=c.writes)
+        c = self.ublk.counters
+        st["invalid_io"] = getattr(c, "invalid_io", 0) if c is not None else 0
+        return st
+
+    def info(self) -> dict:
+        d = {"dev": self.dev_id, "state": self.state,
+             "disksize": self.target.size if self.initialised else self.disksize_kb * 1024,
+             "mem_limit": self.memlimit_kb * 1024, "backing_swap": self.backing_swap,
+             "algorithm": self.cfg["compressor"] if self.cfg["target"] == "zswap" else self.cfg["target"]}
+        if self.initialised:
+            st = self.stats()
+            d.update({k: st.get(k, 0) for k in ("orig_data_size", "compr_data_size", "mem_used_total")})
+            if self.ublk.failure is not None:
+                d["failure"] = self.ublk.failure
+        return d
+
+
+def _close(target) -> None:
+    close = getattr(target, "close", None)
+    if close is not None:
+        close()
+
+
+class Manager:
+    """The devices of this daemon, as the control socket sees them (docs/CONTRACTS.md).
+    Methods serialise on one lock; refusals are OSError(errno); unknown id: ENODEV.
+
+    ``make_ublk(dev_id)`` gives a ublk device; ``store_factory(disksize, memlimit=, backing=,
+    compressor=)`` a store."""
+
+    def __init__(self, cfg: dict, make_ublk, store_factory, *, ram: int | None = None):
+        self.cfg = cfg
+        self.make_ublk = make_ublk
+        self.store_factory = store_factory
+        self.ram = ram
+        self.devs: dict[int, Device] = {}
+        self._lock = threading.RLock()
+
+    def reserve_all(self) -> None:
+        """ADD_DEV ids 0..num_devices-1."""
+        for i in range(self.cfg["num_devices"]):
+            ublk = self.make_ublk(i)
+            ublk.add()
+            self.devs[i] = Device(ublk, self.cfg, store_factory=self.store_factory, ram=self.ram)
+
+    def _dev(self, dev_id) -> Device:
+        try:
+            return self.devs[int(dev_id)]
+        except (KeyError, ValueError, TypeError):
+            raise OSError(errno.ENODEV, f"no device {dev_id}") from None
+
+    def devices(self) -> list[int]:
+        return sorted(self.devs)
+
+    def set_backing_swap(self, dev_id: int, path: str) -> None:
+        with self._lock:
+            d = self._dev(dev_id)
+            if d.initialised:
+                raise OSError(errno.EBUSY, "device already initialised")
+            d.backing_swap = str(path)
+
+    def set_memlimit_kb(self, dev_id: int, kb: int) -> None:
+        with self._lock:
+            self._dev(dev_id).set_memlimit_kb(int(kb))
+
+    def set_disksize_kb(self, dev_id: int, kb: int) -> None:
+        with self._lock:
+            d = self._dev(dev_id)
+            if d.initialised:
+                raise OSError(errno.EBUSY, "device already initialised")
+            d.disksize_kb = int(kb)
+
+    def init(self, dev_id: int) -> None:
+        with self._lock:
+            self._dev(dev_id).init()
+
+    def reset(self, dev_id: int) -> None:
+        with self._lock:
+            self._dev(dev_id).reset()
+
+    def stats(self, dev_id: int) -> dict:
+        with self._lock:
+            return self._dev(dev_id).stats()
+
+    def info(self, dev_id: int) -> dict:
+        with self._lock:
+            return self._dev(dev_id).info()
+
+    def busy(self) -> list[str]:
+        """Block devices that must not disappear now (swap, mounts, holders)."""
+        with self._lock:
+            return [d.bdev for d in self.devs.values() if d.initialised and users(d.bdev)]
+
+    def teardown(self) -> list[str]:
+        """Stop and delete every device; returns the errors met (one line each)."""
+        errors = []
+        with self._lock:
+            for dev in self.devs.values():
+                try:
+                    dev.teardown()
+                except OSError as e:
+                    errors.append(f"teardown of device {dev.dev_id}: {e}")
+            self.devs.clear()
+        return errors

@@ -1,0 +1,120 @@
+"""One ublk device: its control commands in order, and the thread that serves its queue.
+
+Owns: the life of ``/dev/ublkcN`` and ``/dev/ublkbN`` for one device id, as libublk-rs splits
+it (ctrl.rs / io.rs): ADD_DEV reserves the id (``/dev/ublkcN`` appears); :meth:`start` takes a
+target, sends SET_PARAMS from what the target offers, starts the queue thread (which opens the
+char device, maps the descriptors and FETCHes every tag) and, once the queue is armed,
+START_DEV -- served meanwhile by that thread, since START_DEV waits for the partition scan's
+reads (../shared/docs/ublk-protocol.md sections 1-3); :meth:`stop` STOP_DEVs and joins the
+thread; :meth:`delete` DEL_DEVs. It knows nothing of compcache: the policy
+(:mod:`ublkzswap.devices`) drives it.
+
+A queue thread that ends while the device is started is a failure: :attr:`failure` says why.
+
+Still naive: one queue per device.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+
+from . import ublkctrl
+from .queue import Queue
+from .target import features
+
+QUEUE_DEPTH = 64
+IO_BUF_BYTES = 64 * 1024     # per tag, populated and locked: 4 MiB for depth 64
+ARM_TIMEOUT = 30.0
+
+
+class UblkDevice:
+    """Device ``dev_id`` on the ublk control device ``ctrl`` (a :class:`ublkctrl.Control`)."""
+
+    def __init__(self, ctrl: ublkctrl.Control, dev_id: int, *, depth: int = QUEUE_DEPTH,
+                 buf_bytes: int = IO_BUF_BYTES):
+        self.ctrl = ctrl
+        self.dev_id = dev_id
+        self.depth = depth
+        self.buf_bytes = buf_bytes
+        self.added = False
+        self.queue: Queue | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def bdev(self) -> str:
+        return f"/dev/ublkb{self.dev_id}"
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    def add(self) -> None:
+        """ADD_DEV: reserve the id. OSError(EEXIST) if another server owns it."""
+        try:
+            self.ctrl.add_dev(self.dev_id, 1, self.depth, self.buf_bytes)
+        except ublkctrl.UblkCtrlError as e:
+            if e.errno == errno.EEXIST:
+                raise OSError(errno.EEXIST, f"ublk device id {self.dev_id} is taken "
+                              f"(another ublk server owns /dev/ublkc{self.dev_id})") from None
+            raise
+        self.added = True
+
+    def start(self, target, *, backing_fd: int = -1) -> None:
+        """SET_PARAMS for ``target``, serve its queue, START_DEV: ``/dev/ublkbN`` exists after.
+        On failure everything started is stopped again (the id stays added) and OSError raised."""
+        params = ublkctrl.basic_params(target.size >> 9, self.buf_bytes,
+                                       discard="discard" in features(target))
+        self.ctrl.set_params(self.dev_id, params)
+        self.queue = Queue(self.dev_id, target, depth=self.depth, buf_bytes=self.buf_bytes,
+                           backing_fd=backing_fd)
+        self._thread = threading.Thread(target=self.queue.serve, name=f"ublkq{self.dev_id}",
+                                        daemon=True)
+        try:
+            self._thread.start()
+            if not self.queue.armed.wait(ARM_TIMEOUT):
+                raise OSError(errno.ETIMEDOUT, f"queue of {self.bdev} not armed in {ARM_TIMEOUT:g} s")
+            if self.queue.error is not None:
+                raise self.queue.error
+            self.ctrl.start_dev(self.dev_id)
+        except BaseException:
+            self.stop()
+            raise
+        try:
+            with open(f"/sys/block/ublkb{self.dev_id}/queue/scheduler", "w") as f:
+                f.write("none")
+        except OSError:
+            pass
+
+    @property
+    def failure(self) -> str | None:
+        """Why the started device's queue thread ended, or None while it serves."""
+        if self._thread is None or self._thread.is_alive():
+            return None
+        e = self.queue.error if self.queue is not None else None
+        return f"queue thread ended: {e}" if e is not None else "queue thread ended"
+
+    @property
+    def counters(self):
+        """The queue's request counters (a QueueCounters), or None before :meth:`start`."""
+        return self.queue.counters if self.queue is not None else None
+
+    def stop(self) -> None:
+        """STOP_DEV (if started): every tag comes back, the queue thread ends and is joined."""
+        if self._thread is not None:
+            try:
+                self.ctrl.stop_dev(self.dev_id)
+            except OSError:
+                pass
+            self._thread.join(30)
+            self._thread = None
+        if self.queue is not None:
+            self.queue.close()
+            self.queue = None
+
+    def delete(self) -> None:
+        """Stop if needed, then DEL_DEV: the id is free again."""
+        self.stop()
+        if self.added:
+            self.ctrl.del_dev(self.dev_id)
+            self.added = False
