@@ -11,9 +11,10 @@ Compatible with compcache 0.6.2 ``rzscontrol``:
 - ``-b/--backing_swap``, ``-m/--memlimit_kb``, ``-d/--disksize_kb``, ``-i/--init``,
   ``-r/--reset``, ``-s/--stats``, ``-v/--verbose``, ``-h/--help`` (prints help and goes on),
   long options may be abbreviated as with getopt_long;
-- requests go in the fixed order backing_swap -> memlimit_kb -> disksize_kb -> init -> reset ->
-  stats whatever the order given; the first refusal prints ``<name>: <strerror>`` (e.g.
-  ``init: Device or resource busy``) and stops;
+- requests go in compcache's fixed order whatever the order given (backing_swap, memlimit_kb,
+  disksize_kb, init, reset, stats: the order of :data:`ublkzswap.control.OPS`, see
+  ../shared/docs/compcache-reference.md); the first refusal prints ``<name>: <strerror>``
+  (e.g. ``init: Device or resource busy``) and stops;
 - sizes are decimal kB; more than 10 digits prints ``memlimit_kb: Value too large for defined
   data type`` (EOVERFLOW) as the original did;
 - ``--stats`` prints the original text byte for byte.
@@ -28,7 +29,7 @@ refused with one line.
 Extras: ``-l/--list`` (a zramctl-like table of all devices: NAME DISKSIZE DATA COMPR TOTAL
 MEM-LIMIT ALGORITHM STATE; ``--bytes`` for exact sizes), ``-j/--json`` (stats, or the list, as
 JSON with zram names; with a device and no other action it implies ``--stats``),
-``--socket PATH`` (default ``$UBLKZSWAP_SOCKET`` or /run/ublkzswap/control.sock).
+``--socket PATH`` (default :func:`ublkzswap.control.default_path`).
 
 Still naive: one request per round trip; no ``--output`` column selection for ``--list``.
 """
@@ -41,7 +42,9 @@ import json
 import os
 import re
 import sys
+import textwrap
 
+from . import control
 from . import stats as statsmod
 from .control import Client, DaemonUnreachable, default_path
 
@@ -55,6 +58,10 @@ USAGE = ("Usage: rzscontrol {<ublkzswap device>} [<options>]\n"
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 LIST_COLUMNS = ("NAME", "DISKSIZE", "DATA", "COMPR", "TOTAL", "MEM-LIMIT", "ALGORITHM", "STATE")
+
+# The per-device requests rzscontrol sends, in the order it sends them: the ops of the control
+# table that name an rzscontrol option, in table order. Each option's parser dest is op.option.
+REQUESTS = tuple(op for op in control.OPS.values() if op.option)
 
 
 class UsageError(Exception):
@@ -72,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="%(prog)s DEVICE [options]\n       %(prog)s --list [--json] [--bytes]",
         description="Control ublkzswap devices (compcache 0.6 ramzswap served by ublkzswapd).\n"
-                    "Requests are applied in a fixed order: backing_swap, memlimit_kb, "
-                    "disksize_kb,\ninit, reset, stats.",
+                    + textwrap.fill("Requests are applied in a fixed order: "
+                                    + ", ".join(op.option for op in REQUESTS) + ".", 80),
         epilog=statsmod.help_text())
     p.add_argument("device", nargs="?", metavar="DEVICE",
                    help="the device, /dev/ublkbN; must be the first argument")
@@ -105,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--bytes", action="store_true",
                    help="--list: sizes in bytes instead of K/M/G")
     x.add_argument("--socket", metavar="PATH",
-                   help="control socket of ublkzswapd (default: $UBLKZSWAP_SOCKET or "
-                        f"{'/run/ublkzswap/control.sock'})")
+                   help=f"control socket of ublkzswapd (default: ${control.ENV_SOCKET} or "
+                        f"{control.DEFAULT_PATH})")
     return p
 
 
@@ -169,22 +176,13 @@ def _err(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-# (verbose/error name, request op, args attribute, request argument name)
-ORDER = (
-    ("backing_swap", "set_backing_swap", "backing_swap", "path"),
-    ("memlimit_kb", "set_memlimit_kb", "memlimit_kb", "kb"),
-    ("disksize_kb", "set_disksize_kb", "disksize_kb", "kb"),
-    ("init", "init", "init", None),
-    ("reset", "reset", "reset", None),
-    ("stats", "stats", "stats", None),
-)
-
-
 def plan(argv: list[str]):
     """Parse ``argv`` into (args, dev, requests) or raise UsageError.
 
-    ``requests`` is the list of (name, op, kwargs) in compcache's fixed order; ``dev`` is None
-    for --list/--help without a device. Returns None when the original would just print usage.
+    ``requests`` is the list of (option name, op name, kwargs) in :data:`REQUESTS` order;
+    ``dev`` is None for --list/--help without a device. Returns None when the original would
+    just print usage. Values are checked by their type in the op's schema (kB: decimal, at most
+    10 digits; path: no NUL).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -199,25 +197,32 @@ def plan(argv: list[str]):
     if len(argv) < 2:
         return None
     dev = device_number(args.device)
-    kb = {}
-    for name in ("memlimit_kb", "disksize_kb"):
-        v = getattr(args, name)
-        if v is not None:
-            kb[name] = parse_kb(name, v)
-    if args.json and not (args.stats or args.list or args.init or args.reset
-                          or args.backing_swap is not None or kb):
-        args.stats = True
+
+    def given(op):
+        return getattr(args, op.option) not in (None, False)
+
+    if args.json and not args.list and not any(map(given, REQUESTS)):
+        args.stats = True  # a device and --json alone: the stats as JSON
     requests = []
-    for name, op, attr, argname in ORDER:
-        v = getattr(args, attr)
-        if attr in kb:
-            v = kb[attr]
-        if v is None or v is False:
-            continue
-        if name == "backing_swap" and "\0" in v:
-            raise UsageError("backing_swap: path contains a NUL byte")
-        requests.append((name, op, {argname: v} if argname else {}))
+    for op in filter(given, REQUESTS):
+        kwargs = {}
+        for argname, typ in op.args:
+            if typ is control.DEVICE:
+                continue
+            kwargs[argname] = _option_value(op.option, typ, getattr(args, op.option))
+        requests.append((op.option, op.name, kwargs))
     return args, dev, requests
+
+
+def _option_value(name: str, typ: control.ArgType, value: str):
+    """The request value for option ``name``'s text, by its argument type; UsageError."""
+    if typ is control.KB:
+        return parse_kb(name, value)
+    if typ is control.PATH:
+        if "\0" in value:
+            raise UsageError(f"{name}: path contains a NUL byte")
+        return value
+    raise TypeError(f"{name}: no command-line form for {typ.what}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,15 @@
 """Man pages generated from the code: rzscontrol(1) and ublkzswapd(8).
 
 Owns: man/rzscontrol.1 (SYNOPSIS and OPTIONS from :func:`ublkzswap.cli.build_parser`, STATS
-from :data:`ublkzswap.stats.COUNTERS`) and man/ublkzswapd.8 (PARAMETERS from
-``ublkzswap.daemon.PARAMETERS``); the prose sections (the lifecycle, examples, notes) live
-here. ``python3 -m ublkzswap.manpage`` rewrites both pages in man/; ``--check`` exits 1 if a
+from :data:`ublkzswap.stats.COUNTERS`, the request order and which requests need the owner
+from :data:`ublkzswap.control.OPS`) and man/ublkzswapd.8 (PARAMETERS from
+``ublkzswap.daemon.PARAMETERS``); the socket path and its environment variable come from
+:mod:`ublkzswap.control`; the prose sections (the lifecycle, examples, notes) live here.
+``python3 -m ublkzswap.manpage`` rewrites both pages in man/; ``--check`` exits 1 if a
 committed page is stale; ``--install MANDIR`` (e.g. /usr/local/share/man) writes them where
 man(1) looks, for installs whose prefix man does not search (pyenv: pip's data-files land in
-``sys.prefix``/share/man, which man finds only if ``sys.prefix``/bin itself is on PATH). A unit test does the same check, so a new option cannot be
-forgotten.
+``sys.prefix``/share/man, which man finds only if ``sys.prefix``/bin itself is on PATH). A
+unit test does the same check, so a new option cannot be forgotten.
 
 The output is plain man(7) roff (no date, so regeneration is reproducible) and renders without
 warnings in groff and mandoc.
@@ -24,6 +26,8 @@ import sys
 
 from . import __version__
 from . import stats as statsmod
+from .cli import REQUESTS, build_parser
+from .control import DEFAULT_PATH, ENV_SOCKET
 
 MAN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "man")
 NO_HYPHENATION = ".nh\n.ad l\n"  # never break option names like --backing_swap
@@ -44,13 +48,8 @@ def esc(text: str) -> str:
     return "\n".join(lines)
 
 
-def opt(text: str) -> str:
-    """An option or command word (same escaping as prose)."""
-    return esc(text)
-
-
 def bold(text: str) -> str:
-    return f"\\fB{opt(text)}\\fR"
+    return f"\\fB{esc(text)}\\fR"
 
 
 def ital(text: str) -> str:
@@ -63,7 +62,7 @@ def para(text: str) -> str:
 
 def example(lines: list[str]) -> str:
     """An indented, unfilled block of commands."""
-    body = "\n".join(opt(x) if x else "" for x in lines)
+    body = "\n".join(esc(x) for x in lines)
     return ".PP\n.RS 4\n.nf\n" + body + "\n.fi\n.RE\n"
 
 
@@ -115,8 +114,7 @@ OPTION_TEXT = {
             "under STATS) and sizes in bytes. With a device and no other request, implies "
             "--stats.",
     "bytes": "With --list, print sizes in bytes.",
-    "socket": "The control socket of ublkzswapd. Default: $UBLKZSWAP_SOCKET, or "
-              "/run/ublkzswap/control.sock.",
+    "socket": f"The control socket of ublkzswapd. Default: ${ENV_SOCKET}, or {DEFAULT_PATH}.",
 }
 
 RZS_DESCRIPTION = [
@@ -137,7 +135,7 @@ RZS_STEPS = [
      ["rzscontrol /dev/ublkb0 --disksize_kb=262144 --init"],
      "Either a backing swap and a memory limit, or a disk size; anything not given takes its "
      "default. Parameters can be given in any order; they are applied in the fixed order "
-     "backing_swap, memlimit_kb, disksize_kb, init, reset, stats."),
+     + ", ".join(op.option for op in REQUESTS) + "."),
     ("Enable swap on it.",
      ["swapon --discard /dev/ublkb0"],
      "No mkswap is needed: the device presents a swap header sized to the device. "
@@ -190,9 +188,11 @@ RZS_NOTES = [
     "start, and under memory pressure refuses writes it has no ready memory for (the kernel "
     "keeps those pages and retries). Do not run other work inside the daemon, and do not "
     "stop it (SIGSTOP, a debugger) while its devices are in use as swap.",
-    "Requests that change a device (all but --stats, --list, --json) are allowed to root and "
-    "to the daemon's own user; others get \"Operation not permitted\". Who may connect at all "
-    "is governed by the socket's mode (0660) and its directory.",
+    "Requests that change a device ("
+    + ", ".join("--" + op.option for op in REQUESTS if op.owner_only)
+    + ") are allowed to root and to the daemon's own user; others get \"Operation not "
+    "permitted\". Who may connect at all is governed by the socket's mode (0660) and its "
+    "directory.",
 ]
 
 RZS_COMPAT = (
@@ -224,7 +224,6 @@ def _opt_head(a: argparse.Action) -> str:
 
 
 def rzscontrol_page() -> str:
-    from .cli import build_parser
     parser = build_parser()
     out = [HEADER_COMMENT.format(src="ublkzswap/cli.py and ublkzswap/stats.py")]
     out.append(f'.TH RZSCONTROL 1 "" "ublkzswap {__version__}" "User Commands"\n')
@@ -289,10 +288,10 @@ def rzscontrol_page() -> str:
         out.append(para(title))
         out.append(".RS 4\n.nf\n" + "\n".join(esc(c) for c in cmds) + "\n.fi\n.RE\n")
     out.append(".SH ENVIRONMENT\n")
-    out.append(tp(bold("UBLKZSWAP_SOCKET"), esc("Path of the control socket, if --socket is not "
+    out.append(tp(bold(ENV_SOCKET), esc("Path of the control socket, if --socket is not "
                                                "given.")))
     out.append(".SH FILES\n")
-    out.append(tp(ital("/run/ublkzswap/control.sock"), esc("Default control socket of "
+    out.append(tp(ital(DEFAULT_PATH), esc("Default control socket of "
                                                            "ublkzswapd.")))
     out.append(".SH NOTES\n")
     for p in RZS_NOTES:
@@ -317,7 +316,7 @@ def ublkzswapd_page() -> str:
         if p.metavar is None:
             out.append(f"[{bold('--' + p.name)}]\n")
         else:
-            out.append(f"[{opt(p.name)}={ital(p.metavar)}]\n")
+            out.append(f"[{esc(p.name)}={ital(p.metavar)}]\n")
     out.append(".SH DESCRIPTION\n")
     out.append(para(
         "ublkzswapd is compcache 0.6 (ramzswap) reborn as a ublk userspace block driver: it "
@@ -347,9 +346,9 @@ def ublkzswapd_page() -> str:
             text += f" Default: {p.default}."
         out.append(tp(head, esc(text)))
     out.append(".SH ENVIRONMENT\n")
-    out.append(tp(bold("UBLKZSWAP_SOCKET"), esc("Control socket path if socket= is not given.")))
+    out.append(tp(bold(ENV_SOCKET), esc("Control socket path if socket= is not given.")))
     out.append(".SH FILES\n")
-    out.append(tp(ital("/run/ublkzswap/control.sock"), esc("Default control socket (mode 0660).")))
+    out.append(tp(ital(DEFAULT_PATH), esc("Default control socket (mode 0660).")))
     out.append(tp(ital("/dev/ublkcN, /dev/ublkbN"), esc(
         "ublk character device of each reserved device, and its block device once initialised.")))
     out.append(".SH EXAMPLES\n")
@@ -380,10 +379,6 @@ def _finish(text: str) -> str:
 
 
 PAGES = {"rzscontrol.1": rzscontrol_page, "ublkzswapd.8": ublkzswapd_page}
-
-
-def generate(name: str) -> str:
-    return PAGES[name]()
 
 
 def stale(man_dir: str = MAN_DIR) -> list[str]:

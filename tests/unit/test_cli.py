@@ -11,7 +11,7 @@ import tempfile
 import pytest
 
 from ublkzswap import cli, stats as statsmod
-from ublkzswap.control import ControlServer
+from ublkzswap.ctlserver import ControlServer
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_control_fake import FakeManager  # noqa: E402
@@ -300,3 +300,38 @@ def test_fuzz_argv_never_crashes(argv):
         else:
             os.environ["UBLKZSWAP_SOCKET"] = old
     assert rc in (0, 1, 2)
+
+
+# ---------------------------------------------------------------- driven by the op table
+
+def test_request_order_is_the_op_tables():
+    from ublkzswap import control
+    _, _, requests = cli.plan([DEV, "-s", "-r", "-i", "-d", "1", "-m", "2", "-b", "/x"])
+    table = [op.option for op in control.OPS.values() if op.option]
+    assert [name for name, _, _ in requests] == table
+    assert table == ["backing_swap", "memlimit_kb", "disksize_kb", "init", "reset", "stats"]
+    assert [op for _, op, _ in requests] == [op.name for op in cli.REQUESTS]
+    assert ", ".join(table) in " ".join(cli.build_parser().description.split())
+
+
+def test_every_request_option_is_a_parser_option():
+    dests = {a.dest: a.option_strings for a in cli.build_parser()._actions}
+    for op in cli.REQUESTS:
+        assert "--" + op.option in dests[op.option]
+
+
+def test_socket_help_uses_control_constants():
+    from ublkzswap import control
+    text = " ".join(cli.build_parser().format_help().split())
+    assert f"${control.ENV_SOCKET} or {control.DEFAULT_PATH}" in text
+
+
+def test_cli_does_not_load_the_daemon_or_its_memory_machinery():
+    code = "import json, sys, ublkzswap.cli; print(json.dumps(sorted(sys.modules)))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    loaded = json.loads(r.stdout)
+    assert "ublkzswap.cli" in loaded
+    for mod in ("ublkzswap.memory", "ublkzswap.daemon", "ublkzswap.ctlserver"):
+        assert mod not in loaded

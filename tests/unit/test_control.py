@@ -1,4 +1,5 @@
-"""control.py: framing, request checks, permission rules and a real ControlServer on a temp socket."""
+"""control.py and ctlserver.py: framing, request checks, permission rules and a real
+ControlServer on a temp socket (the op table itself: test_control_ops.py)."""
 
 import errno
 import json
@@ -17,7 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from ublkzswap import control
-from ublkzswap.control import Client, ControlServer, DaemonUnreachable, FrameError
+from ublkzswap.control import Client, DaemonUnreachable, FrameError
+from ublkzswap.ctlserver import ControlServer
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_control_fake import FakeManager  # noqa: E402
@@ -139,7 +141,7 @@ def test_manager_exceptions_become_errno_answers(caplog):
             return [0, 1, 2]
 
     srv = ControlServer(Broken(), "/nonexistent/x.sock")
-    with caplog.at_level(logging.ERROR, logger="ublkzswap.control"):
+    with caplog.at_level(logging.ERROR, logger="ublkzswap.ctlserver"):
         ans = srv.handle({"v": 1, "op": "info", "dev": 0}, 0)
     assert ans["errno"] == errno.EIO and "boom" in caplog.text
     ans = srv.handle({"v": 1, "op": "stats", "dev": 0}, 0)

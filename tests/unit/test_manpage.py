@@ -37,7 +37,7 @@ def test_every_parser_option_is_in_rzscontrol_1():
     text = page("rzscontrol.1")
     for action in cli.build_parser()._actions:
         for s in action.option_strings:
-            assert "\\fB" + manpage.opt(s) + "\\fR" in text, s
+            assert "\\fB" + manpage.esc(s) + "\\fR" in text, s
         if action.metavar:
             assert action.metavar in text
 
@@ -65,7 +65,7 @@ def test_required_sections():
 def test_every_daemon_parameter_is_in_ublkzswapd_8():
     text = page("ublkzswapd.8")
     for p in PARAMETERS:
-        assert manpage.opt(p.name) in text.split(".SH PARAMETERS", 1)[1], p.name
+        assert manpage.esc(p.name) in text.split(".SH PARAMETERS", 1)[1], p.name
 
 
 def test_pyproject_installs_the_pages():
