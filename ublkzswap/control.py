@@ -333,13 +333,3 @@ class Client:
         exc = OSError(err, os.strerror(err))
         exc.detail = ans.get("error")  # the daemon's own words, e.g. "Device already initialized!"
         raise exc
-
-
-def __getattr__(name: str):
-    # Transitional: daemon.py still imports ControlServer from here. Loaded on first access
-    # only, so importing this module (the CLI) does not load the server or ublkzswap.memory.
-    # Remove once daemon.py imports it from ublkzswap.ctlserver.
-    if name == "ControlServer":
-        from .ctlserver import ControlServer
-        return ControlServer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,10 +15,11 @@ Owns: what a device may do in which state, with compcache 0.6.2's errors
   and the memlimit (0 or beyond the disksize) becomes 15% of RAM, at most the disksize.
 
 A :class:`Device` holds a *ublk device* (:class:`ublkzswap.ublkdev.UblkDevice`: ``add,
-start(target, backing_fd=), stop, delete, bdev, failure, counters``), made by the factory the
-:class:`Manager` is given: the real one in the daemon, a fake in the unit tests.
+start(target, backing_fd=), stop, delete, bdev, users(openers=), failure, counters``), made
+by the factory the :class:`Manager` is given: the real one in the daemon, a fake in the unit
+tests.
 
-Still naive: "in use" is read from /proc and sysfs, so it can change right after the check.
+Still naive: "in use" can change right after it was checked.
 """
 
 from __future__ import annotations
@@ -52,60 +53,6 @@ def sizes(disksize_kb: int, memlimit_kb: int, backing_size: int | None,
     return disksize & ~(PAGE_SIZE - 1), memlimit_kb * 1024
 
 
-def users(bdev: str, *, openers: bool = False) -> list[str]:
-    """What holds block device ``bdev`` now: active swap, a mount, a holder (dm, md, ...) and,
-    with ``openers``, any process that has it open. Read from /proc and sysfs: probing with an
-    exclusive open would make a concurrent swapon or mount fail with EBUSY."""
-    try:
-        rdev = os.stat(bdev).st_rdev
-    except OSError:
-        return []
-    out = []
-    try:
-        for line in open("/proc/swaps").read().splitlines()[1:]:
-            name = line.split()[0].replace("\\040", " ")
-            if name.startswith("/") and _rdev(name) == rdev:
-                out.append("swap")
-        for line in open("/proc/self/mountinfo"):
-            major, minor = line.split()[2].split(":")
-            if os.makedev(int(major), int(minor)) == rdev:
-                out.append("mounted")
-                break
-    except OSError:
-        pass
-    holders = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/holders"
-    if os.path.isdir(holders) and os.listdir(holders):
-        out.append("held by " + ",".join(sorted(os.listdir(holders))))
-    if openers:
-        out += [f"open by pid {pid}" for pid in _openers(rdev)]
-    return out
-
-
-def _rdev(path: str) -> int | None:
-    try:
-        return os.stat(path).st_rdev
-    except OSError:
-        return None
-
-
-def _openers(rdev: int) -> list[int]:
-    me, pids = os.getpid(), []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                path = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if path.startswith("/dev/") and int(pid) != me and _rdev(path) == rdev:
-                pids.append(int(pid))
-                break
-    return pids
-
-
 class Device:
     """One reserved id: its compcache state and, once initialised, its target."""
 
@@ -134,7 +81,7 @@ class Device:
             return "uninitialised"
         if self.ublk.failure is not None:
             return "failed"
-        return "active" if users(self.bdev) else "initialised"
+        return "active" if self.ublk.users() else "initialised"
 
     def init(self) -> None:
         if self.initialised:
@@ -178,7 +125,7 @@ class Device:
     def reset(self) -> None:
         if not self.initialised:
             return
-        busy = users(self.bdev, openers=True)
+        busy = self.ublk.users(openers=True)
         if busy:
             raise OSError(errno.EBUSY, f"{self.bdev} is in use ({', '.join(busy)}): swapoff first")
         self.ublk.delete()
@@ -309,7 +256,7 @@ class Manager:
     def busy(self) -> list[str]:
         """Block devices that must not disappear now (swap, mounts, holders)."""
         with self._lock:
-            return [d.bdev for d in self.devs.values() if d.initialised and users(d.bdev)]
+            return [d.bdev for d in self.devs.values() if d.initialised and d.ublk.users()]
 
     def teardown(self) -> list[str]:
         """Stop and delete every device; returns the errors met (one line each)."""

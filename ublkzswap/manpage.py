@@ -3,7 +3,7 @@
 Owns: man/rzscontrol.1 (SYNOPSIS and OPTIONS from :func:`ublkzswap.cli.build_parser`, STATS
 from :data:`ublkzswap.stats.COUNTERS`, the request order and which requests need the owner
 from :data:`ublkzswap.control.OPS`) and man/ublkzswapd.8 (PARAMETERS from
-``ublkzswap.daemon.PARAMETERS``); the socket path and its environment variable come from
+``ublkzswap.params.PARAMETERS``); the socket path and its environment variable come from
 :mod:`ublkzswap.control`; the prose sections (the lifecycle, examples, notes) live here.
 ``python3 -m ublkzswap.manpage`` rewrites both pages in man/; ``--check`` exits 1 if a
 committed page is stale; ``--install MANDIR`` (e.g. /usr/local/share/man) writes them where
@@ -305,8 +305,8 @@ def rzscontrol_page() -> str:
 # ---------------------------------------------------------------- ublkzswapd(8)
 
 def ublkzswapd_page() -> str:
-    from .daemon import PARAMETERS
-    out = [HEADER_COMMENT.format(src="ublkzswap/daemon.py (PARAMETERS)")]
+    from .params import PARAMETERS
+    out = [HEADER_COMMENT.format(src="ublkzswap/params.py (PARAMETERS)")]
     out.append(f'.TH UBLKZSWAPD 8 "" "ublkzswap {__version__}" "System Administration"\n')
     out.append(NO_HYPHENATION)
     out.append(".SH NAME\nublkzswapd \\- serve compressed RAM swap devices (compcache 0.6) "

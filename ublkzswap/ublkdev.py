@@ -10,6 +10,8 @@ thread; :meth:`delete` DEL_DEVs. It knows nothing of compcache: the policy
 (:mod:`ublkzswap.devices`) drives it.
 
 A queue thread that ends while the device is started is a failure: :attr:`failure` says why.
+What holds the block device (:func:`block_users`) is read from /proc and sysfs: probing with an
+exclusive open would make a concurrent swapon or mount fail with EBUSY.
 
 Still naive: one queue per device.
 """
@@ -17,6 +19,7 @@ Still naive: one queue per device.
 from __future__ import annotations
 
 import errno
+import os
 import threading
 
 from . import ublkctrl
@@ -26,6 +29,60 @@ from .target import features
 QUEUE_DEPTH = 64
 IO_BUF_BYTES = 64 * 1024     # per tag, populated and locked: 4 MiB for depth 64
 ARM_TIMEOUT = 30.0
+
+
+def block_users(bdev: str, *, openers: bool = False) -> list[str]:
+    """What holds block device ``bdev`` now: active swap, a mount, a holder (dm, md, ...) and,
+    with ``openers``, any process that has it open. Read from /proc and sysfs: probing with an
+    exclusive open would make a concurrent swapon or mount fail with EBUSY."""
+    try:
+        rdev = os.stat(bdev).st_rdev
+    except OSError:
+        return []
+    out = []
+    try:
+        for line in open("/proc/swaps").read().splitlines()[1:]:
+            name = line.split()[0].replace("\\040", " ")
+            if name.startswith("/") and _rdev(name) == rdev:
+                out.append("swap")
+        for line in open("/proc/self/mountinfo"):
+            major, minor = line.split()[2].split(":")
+            if os.makedev(int(major), int(minor)) == rdev:
+                out.append("mounted")
+                break
+    except OSError:
+        pass
+    holders = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/holders"
+    if os.path.isdir(holders) and os.listdir(holders):
+        out.append("held by " + ",".join(sorted(os.listdir(holders))))
+    if openers:
+        out += [f"open by pid {pid}" for pid in _openers(rdev)]
+    return out
+
+
+def _rdev(path: str) -> int | None:
+    try:
+        return os.stat(path).st_rdev
+    except OSError:
+        return None
+
+
+def _openers(rdev: int) -> list[int]:
+    me, pids = os.getpid(), []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                path = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if path.startswith("/dev/") and int(pid) != me and _rdev(path) == rdev:
+                pids.append(int(pid))
+                break
+    return pids
 
 
 class UblkDevice:
@@ -85,6 +142,10 @@ class UblkDevice:
                 f.write("none")
         except OSError:
             pass
+
+    def users(self, *, openers: bool = False) -> list[str]:
+        """What holds ``/dev/ublkbN`` now (see :func:`block_users`); [] if it does not exist."""
+        return block_users(self.bdev, openers=openers) if self.started else []
 
     @property
     def failure(self) -> str | None:

@@ -111,10 +111,3 @@ def test_an_owner_only_op_added_to_the_table_is_refused_for_others(monkeypatch):
 def test_owner_only_is_exactly_the_ops_that_change_state():
     owner = {n for n, op in control.OPS.items() if op.owner_only}
     assert owner == {"set_backing_swap", "set_memlimit_kb", "set_disksize_kb", "init", "reset"}
-
-
-def test_control_server_still_reachable_from_control_for_the_daemon():
-    # transitional: daemon.py imports ControlServer from ublkzswap.control (and silently runs
-    # without a control socket on ImportError); drop with the shim once it imports ctlserver
-    from ublkzswap import ctlserver
-    assert control.ControlServer is ctlserver.ControlServer

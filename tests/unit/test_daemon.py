@@ -5,17 +5,17 @@ import sys
 
 import pytest
 
-from ublkzswap import daemon
+from ublkzswap import backing, daemon, params
 
 
 def test_compcache_words_and_dashed_form():
-    cfg = daemon.parse_params(["num_devices=4", "--disksize_kb=20480", "target=ram", "--foreground"])
+    cfg = params.parse_params(["num_devices=4", "--disksize_kb=20480", "target=ram", "--foreground"])
     assert cfg["num_devices"] == 4 and cfg["disksize_kb"] == 20480
     assert cfg["target"] == "ram" and cfg["foreground"] is True
 
 
 def test_defaults():
-    cfg = daemon.parse_params([])
+    cfg = params.parse_params([])
     assert cfg["num_devices"] == 1 and cfg["target"] == "zswap" and "disksize_kb" not in cfg
 
 
@@ -31,8 +31,8 @@ def test_defaults():
     (["disksize_kb=1"], "smaller than one page"),
 ])
 def test_bad_input_is_refused(words, needle):
-    with pytest.raises(daemon.UsageError) as e:
-        daemon.parse_params(words)
+    with pytest.raises(params.UsageError) as e:
+        params.parse_params(words)
     assert needle in str(e.value)
 
 
@@ -71,7 +71,7 @@ def test_not_root_is_one_line():
 
 
 def test_swap_header_layout():
-    h = daemon.swap_header(64 << 20)
+    h = backing.swap_header(64 << 20)
     assert len(h) == 4096 and h[-10:] == b"SWAPSPACE2"
     version, last_page, nr_bad = struct.unpack_from("<III", h, 1024)
     assert (version, last_page, nr_bad) == (1, (64 << 20) // 4096 - 1, 0)
@@ -82,5 +82,5 @@ def test_parameters_table_drives_help():
     p = subprocess.run([sys.executable, "-m", "ublkzswap.daemon", "--help"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0
-    for param in daemon.PARAMETERS:
+    for param in params.PARAMETERS:
         assert param.name in p.stdout

@@ -8,7 +8,7 @@ import tomllib
 import pytest
 
 from ublkzswap import cli, manpage, stats as statsmod
-from ublkzswap.daemon import PARAMETERS
+from ublkzswap.params import PARAMETERS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

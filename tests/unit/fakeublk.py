@@ -1,0 +1,107 @@
+"""A fake ublk device (the interface of ublkzswap.ublkdev.UblkDevice) and the real Manager
+built on it, with real stores: the compcache policy tested without a kernel."""
+from __future__ import annotations
+
+import errno
+
+from ublkzswap.devices import Manager
+from ublkzswap.queue import QueueCounters
+from ublkzswap.store import Store
+
+RAM = 64 << 20        # what the policy believes the machine has: 25% is a 16 MiB device
+
+
+class FakeUblk:
+    """Records the control commands; ``holders`` is what holds the block device (as
+    ``users()`` reports it: "swap", "mounted", "open by pid N"); ``fail_start`` makes the next
+    start raise it; ``failure`` can be set to simulate a queue thread that ended."""
+
+    def __init__(self, dev_id: int, log: list):
+        self.dev_id = dev_id
+        self.log = log
+        self.added = self.started = False
+        self.target = None
+        self.holders: list[str] = []
+        self.openers: list[str] = []
+        self.fail_start: BaseException | None = None
+        self.failure = None
+        self.counters = None
+
+    @property
+    def bdev(self) -> str:
+        return f"/dev/ublkb{self.dev_id}"
+
+    def add(self):
+        assert not self.added, "ADD_DEV twice"
+        self.log.append(("add", self.dev_id))
+        self.added = True
+
+    def start(self, target, *, backing_fd=-1):
+        assert self.added and not self.started
+        self.log.append(("start", self.dev_id, target.size))
+        if self.fail_start is not None:
+            e, self.fail_start = self.fail_start, None
+            raise e
+        self.target, self.started = target, True
+        self.counters = QueueCounters()
+
+    def stop(self):
+        self.started = False
+
+    def delete(self):
+        self.log.append(("delete", self.dev_id))
+        self.stop()
+        self.added = False
+        self.target = None
+        self.holders, self.openers = [], []
+
+    def users(self, *, openers=False):
+        if not self.started:
+            return []
+        return list(self.holders) + (list(self.openers) if openers else [])
+
+
+def small_store(disksize, **kw):
+    return Store(disksize, keeper=False, inline_refill=True, low=4, high=16, **kw)
+
+
+class RecordingManager(Manager):
+    """The real Manager, recording the calls the control socket makes."""
+
+    CALLS = ("devices", "set_backing_swap", "set_memlimit_kb", "set_disksize_kb", "init",
+             "reset", "stats", "info")
+
+    def __init__(self, num_devices=2, *, ram=RAM, target="zswap"):
+        self.log: list = []
+        self.ublks: dict[int, FakeUblk] = {}
+        self.calls: list = []
+
+        def make(i):
+            self.ublks[i] = FakeUblk(i, self.log)
+            return self.ublks[i]
+
+        super().__init__({"num_devices": num_devices, "target": target, "compressor": "lzo"},
+                         make, small_store, ram=ram)
+        self.reserve_all()
+
+    def __getattribute__(self, name):
+        if name in RecordingManager.CALLS:
+            real = super().__getattribute__(name)
+
+            def call(*a):
+                self.calls.append((name, *a))
+                return real(*a)
+            return call
+        return super().__getattribute__(name)
+
+    # test helpers
+    def swapon(self, dev):
+        if not self.devs[dev].initialised:
+            raise OSError(errno.EINVAL, "not initialised")
+        self.ublks[dev].holders = ["swap"]
+
+    def swapoff(self, dev):
+        self.ublks[dev].holders = []
+
+    def store(self, dev):
+        return self.devs[dev].target

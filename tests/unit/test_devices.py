@@ -1,0 +1,156 @@
+"""compcache's policy on the real Device and Manager, over a fake ublk device and real stores:
+the state machine (EBUSY, ENOTTY, ENODEV), the sizing rules and the memory limit."""
+import errno
+import os
+import struct
+
+import pytest
+
+from ublkzswap import devices
+from ublkzswap.backing import SWAP_MAGIC
+
+from fakeublk import RAM, RecordingManager
+
+PAGE = 4096
+
+
+def _errno(fn, *a):
+    with pytest.raises(OSError) as e:
+        fn(*a)
+    return e.value.errno
+
+
+@pytest.fixture
+def m():
+    mgr = RecordingManager(3)
+    yield mgr
+    mgr.teardown()
+
+
+def page0(m, dev):
+    out = bytearray(PAGE)
+    m.store(dev).read(0, memoryview(out))
+    return bytes(out)
+
+
+def test_reserve_adds_every_id(m):
+    assert m.devices() == [0, 1, 2]
+    assert m.log == [("add", 0), ("add", 1), ("add", 2)]
+    assert _errno(m.info, 7) == errno.ENODEV and _errno(m.init, "x") == errno.ENODEV
+
+
+def test_state_machine_as_compcache(m):
+    assert _errno(m.stats, 0) == errno.ENOTTY
+    m.reset(0)                                   # uninitialised: nothing to do
+    assert m.info(0)["state"] == "uninitialised"
+    m.set_disksize_kb(0, 10240)
+    m.init(0)
+    assert m.info(0)["state"] == "initialised" and m.stats(0)["disksize"] == 10240 << 10
+    assert _errno(m.init, 0) == errno.EBUSY
+    assert _errno(m.set_disksize_kb, 0, 1) == errno.EBUSY
+    assert _errno(m.set_backing_swap, 0, "/dev/sda2") == errno.EBUSY
+    m.set_memlimit_kb(0, 100)                    # any state
+    assert m.stats(0)["mem_limit"] == 100 << 10
+    m.swapon(0)
+    assert m.info(0)["state"] == "active"
+    assert _errno(m.reset, 0) == errno.EBUSY     # refused while swapped on, data intact
+    assert m.info(0)["state"] == "active" and page0(m, 0)[-10:] == SWAP_MAGIC
+    m.swapoff(0)
+    m.reset(0)
+    assert m.info(0)["state"] == "uninitialised" and m.info(0)["disksize"] == 0
+    assert m.log[-2:] == [("delete", 0), ("add", 0)]   # a fresh id for the next init
+
+
+def test_reset_is_refused_for_any_opener_but_state_shows_only_holders(m):
+    m.set_disksize_kb(1, 4096)
+    m.init(1)
+    m.ublks[1].openers = ["open by pid 4242"]
+    assert m.info(1)["state"] == "initialised"
+    with pytest.raises(OSError) as e:
+        m.reset(1)
+    assert e.value.errno == errno.EBUSY and "pid 4242" in e.value.strerror
+    m.ublks[1].openers = []
+    m.reset(1)
+
+
+def test_init_writes_a_swap_header_sized_to_the_device(m):
+    m.set_disksize_kb(0, 8192)
+    m.init(0)
+    h = page0(m, 0)
+    assert h[-10:] == SWAP_MAGIC
+    assert struct.unpack_from("<III", h, 1024) == (1, 8192 // 4 - 1, 0)
+    assert m.log[-1] == ("start", 0, 8192 << 10)
+
+
+def test_default_disksize_is_a_quarter_of_ram(m):
+    m.init(2)
+    assert m.stats(2)["disksize"] == (25 * (RAM // 100)) & ~4095
+
+
+Q, P15 = (25 * (RAM // 100)) & ~4095, (15 * (RAM // 100)) & ~4095   # compcache: perc * (ram/100)
+
+
+@pytest.mark.parametrize("disk_kb,mem_kb,backing,want", [
+    (0, 0, None, (Q, 0)),                                 # no size given: 25% of RAM
+    (10241, 7, None, (10240 << 10, 7 << 10)),            # page-aligned down
+    (0, 0, 64 << 20, (64 << 20, P15)),                    # backing: its size, 15% of RAM
+    (0, 0, 4 << 20, (4 << 20, 4 << 20)),                  # ... at most the disksize
+    (0, 128 << 10, 64 << 20, (64 << 20, P15)),            # beyond the disksize: default
+    (0, 1234, 64 << 20, (64 << 20, (1234 << 10) & ~4095)),   # a sane memlimit is kept
+])
+def test_sizing_rules(disk_kb, mem_kb, backing, want):
+    assert devices.sizes(disk_kb, mem_kb, backing, RAM) == want
+
+
+def test_set_memlimit_on_a_target_without_one_changes_nothing():
+    m = RecordingManager(1, target="ram")
+    try:
+        m.set_disksize_kb(0, 4096)
+        m.set_memlimit_kb(0, 64)
+        m.init(0)
+        before = m.info(0)["mem_limit"]
+        assert _errno(m.set_memlimit_kb, 0, 999) == errno.EOPNOTSUPP
+        assert m.info(0)["mem_limit"] == before == 64 << 10
+    finally:
+        m.teardown()
+
+
+def test_a_failed_start_leaves_the_device_uninitialised_and_reusable(m):
+    m.ublks[0].fail_start = OSError(errno.EIO, "START_DEV of ublk device 0: I/O error")
+    m.set_disksize_kb(0, 4096)
+    assert _errno(m.init, 0) == errno.EIO
+    assert m.info(0)["state"] == "uninitialised"
+    m.init(0)
+    assert m.info(0)["state"] == "initialised"
+
+
+def test_a_failed_queue_shows_in_info_and_state(m):
+    m.set_disksize_kb(0, 4096)
+    m.init(0)
+    m.ublks[0].failure = "queue thread ended: ValueError: boom"
+    info = m.info(0)
+    assert info["state"] == "failed" and "boom" in info["failure"]
+
+
+def test_stats_and_info_carry_the_store_counters(m):
+    m.set_disksize_kb(0, 4096)
+    m.init(0)
+    s = m.store(0)
+    s.write(PAGE, memoryview(os.urandom(PAGE)))
+    st = m.stats(0)
+    assert st["num_writes"] == 2 and st["huge_pages"] == 1 and st["invalid_io"] == 0
+    m.ublks[0].counters.invalid_io = 3
+    assert m.stats(0)["invalid_io"] == 3
+    info = m.info(0)
+    assert info["compr_data_size"] == PAGE and info["algorithm"] == "lzo"
+
+
+def test_busy_lists_held_devices_and_teardown_deletes_all(m):
+    m.set_disksize_kb(0, 4096)
+    m.init(0)
+    assert m.busy() == []
+    m.swapon(0)
+    assert m.busy() == ["/dev/ublkb0"]
+    m.swapoff(0)
+    assert m.teardown() == []
+    assert [e for e in m.log if e[0] == "delete"] == [("delete", 0), ("delete", 1), ("delete", 2)]
