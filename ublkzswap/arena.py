@@ -45,7 +45,6 @@ contiguous runs beyond sorting each keeper batch); the keeper polls every
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import mmap
@@ -55,7 +54,9 @@ import time
 
 import numpy as np
 
-PAGE_SIZE = 4096
+from .libc import check as _check, libc as _libc
+from .uapi import PAGE_SIZE
+
 
 # page states; OBJECTS and WHOLE are the two kinds a page is taken for: carved into objects by
 # the object allocator (xvmalloc.OBJECTS), or holding one incompressible page whole
@@ -74,25 +75,7 @@ POPULATE_BATCH = 256  # pages the keeper brings in before handing them out (1 Mi
 
 log = logging.getLogger("ublkzswap.arena")
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-for _name, _args in (("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)),
-                     ("munlock", (ctypes.c_void_p, ctypes.c_size_t)),
-                     ("mlock", (ctypes.c_void_p, ctypes.c_size_t))):
-    _f = getattr(_libc, _name)
-    _f.argtypes = _args
-    _f.restype = ctypes.c_int
-try:
-    _mlock2 = _libc.mlock2
-    _mlock2.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint)
-    _mlock2.restype = ctypes.c_int
-except AttributeError:  # very old glibc
-    _mlock2 = None
-
-
-def _check(rc: int, what: str) -> None:
-    if rc != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"{what}: {os.strerror(e)}")
+_mlock2 = _libc.mlock2
 
 
 def _runs(pages: np.ndarray, most: int = 0):
@@ -345,8 +328,6 @@ class Arena:
             self._relock(addr, length)
 
     def _relock(self, addr: int, length: int) -> None:
-        if _mlock2 is None:
-            raise OSError(errno.ENOSYS, "mlock2 is not available")
         _check(_mlock2(addr, length, MLOCK_ONFAULT), "mlock2(MLOCK_ONFAULT)")
 
     def lock_all(self) -> None:

@@ -45,8 +45,9 @@ import struct
 import numpy as np
 
 from . import uapi
+from .libc import libc as _libc
+from .uapi import PAGE_SIZE
 
-PAGE_SIZE = 4096
 SECTOR = 512
 SWAP_MAGIC = b"SWAPSPACE2"
 _INFO = 1024   # offset of swap_header.info: version u32, last_page u32, nr_badpages u32
@@ -80,9 +81,6 @@ def _fail(err: int, msg: str) -> OSError:
 
 class _statfs(C.Structure):
     _fields_ = [("f_type", C.c_long), ("_rest", C.c_long * 15)]
-
-
-_libc = C.CDLL(None, use_errno=True)
 
 
 def fs_magic(fd: int) -> int:

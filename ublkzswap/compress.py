@@ -29,7 +29,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable
 
-PAGE_SIZE = 4096
+from .uapi import PAGE_SIZE
+
 
 
 class CompressionError(Exception):

@@ -36,6 +36,8 @@ import os
 import threading
 
 from . import uapi
+from .libc import libc as _libc, oserror
+from .uapi import PAGE_SIZE
 
 HEAP_HEADROOM = 8 << 20
 MLOCK_ONFAULT = 1
@@ -43,27 +45,8 @@ THREAD_STACK = 512 << 10
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -4, -8
 MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
 MADV_POPULATE_WRITE = 23
-PAGE_SIZE = 4096
 
-_libc = C.CDLL(None, use_errno=True)
-_libc.prctl.argtypes = [C.c_int, C.c_ulong, C.c_ulong, C.c_ulong, C.c_ulong]
-_libc.mlock.argtypes = [C.c_void_p, C.c_size_t]
-_libc.mincore.argtypes = [C.c_void_p, C.c_size_t, C.c_void_p]
 _mlock2 = _libc.mlock2
-_mlock2.argtypes = [C.c_void_p, C.c_size_t, C.c_uint]
-_libc.madvise.argtypes = [C.c_void_p, C.c_size_t, C.c_int]
-_libc.pthread_self.restype = C.c_ulong
-_libc.pthread_getattr_np.argtypes = [C.c_ulong, C.c_void_p]
-_libc.pthread_attr_getstack.argtypes = [C.c_void_p, C.c_void_p, C.c_void_p]
-_libc.pthread_attr_destroy.argtypes = [C.c_void_p]
-_libc.malloc.restype = C.c_void_p
-_libc.malloc.argtypes = [C.c_size_t]
-_libc.free.argtypes = [C.c_void_p]
-
-
-def _oserror(what: str) -> OSError:
-    err = C.get_errno()
-    return OSError(err, f"{what}: {os.strerror(err)}")
 
 
 def lock_process(heap_headroom: int = HEAP_HEADROOM, oom_protect: bool = True) -> None:
@@ -88,7 +71,7 @@ def lock_process(heap_headroom: int = HEAP_HEADROOM, oom_protect: bool = True) -
         _libc.free(C.c_void_p(p))
     threading.stack_size(THREAD_STACK)
     if _libc.mlockall(MCL_FUTURE | MCL_ONFAULT) != 0:
-        raise _oserror("cannot lock memory (mlockall)")
+        raise oserror("cannot lock memory (mlockall)")
     lock_touched()
     if not oom_protect:
         return
@@ -139,12 +122,12 @@ def lock_touched() -> None:
         if _mlock2(C.c_void_p(start), C.c_size_t(end - start), MLOCK_ONFAULT) != 0:
             err = C.get_errno()
             if err in (errno.EPERM, errno.EAGAIN):
-                raise _oserror("cannot lock memory (mlock2)")
+                raise oserror("cannot lock memory (mlock2)")
             continue                      # ENOMEM: the mapping went away meanwhile
         if perms[1] == "w" and perms[3] == "p":
             for addr, length in _present_runs(start, end):
                 if _libc.mlock(C.c_void_p(addr), C.c_size_t(length)) != 0:
-                    raise _oserror("cannot lock memory (mlock)")
+                    raise oserror("cannot lock memory (mlock)")
 
 
 def locked_bytes() -> int:
@@ -161,7 +144,7 @@ def populate(address: int, length: int) -> None:
     if _libc.madvise(C.c_void_p(address), C.c_size_t(length), MADV_POPULATE_WRITE) == 0:
         return
     if C.get_errno() != errno.EINVAL:       # EINVAL: a kernel older than 5.14
-        raise _oserror("madvise(MADV_POPULATE_WRITE)")
+        raise oserror("madvise(MADV_POPULATE_WRITE)")
     buf = (C.c_char * length).from_address(address)
     for off in range(0, length, PAGE_SIZE):
         buf[off] = buf[off]
@@ -182,7 +165,7 @@ _si_ref = C.byref(_si)
 def free_bytes() -> int:
     """The kernel's free memory now (``MemFree``), through sysinfo(2): no file, no allocation."""
     if _libc.sysinfo(_si_ref) != 0:
-        raise _oserror("sysinfo")
+        raise oserror("sysinfo")
     return _si.freeram * _si.mem_unit
 
 
@@ -223,7 +206,7 @@ class GrowthGuard:
 def set_io_flusher() -> None:
     """PR_SET_IO_FLUSHER on the calling thread (needs CAP_SYS_RESOURCE)."""
     if _libc.prctl(uapi.PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
-        raise _oserror("prctl(PR_SET_IO_FLUSHER)")
+        raise oserror("prctl(PR_SET_IO_FLUSHER)")
 
 
 def lock_thread_stack() -> None:
@@ -237,7 +220,7 @@ def lock_thread_stack() -> None:
         if _libc.pthread_attr_getstack(attr, C.byref(addr), C.byref(size)) == 0 and addr.value:
             # leave the lowest page alone: it may be the guard page
             if _libc.mlock(C.c_void_p(addr.value + PAGE_SIZE), C.c_size_t(size.value - PAGE_SIZE)) != 0:
-                raise _oserror("mlock(thread stack)")
+                raise oserror("mlock(thread stack)")
     finally:
         _libc.pthread_attr_destroy(attr)
 

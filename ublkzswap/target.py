@@ -51,8 +51,8 @@ from typing import Callable
 import numpy as np
 
 from .memory import populate
+from .uapi import PAGE_SIZE
 
-PAGE_SIZE = 4096
 
 OPTIONAL_OPS = ("discard", "write_zeroes", "flush")
 

@@ -71,7 +71,8 @@ from __future__ import annotations
 
 import numpy as np
 
-PAGE_SIZE = 4096
+from .uapi import PAGE_SIZE
+
 PAGE_WORDS = PAGE_SIZE // 4
 XV_ALIGN = 4
 XV_MIN_ALLOC_SIZE = 32
