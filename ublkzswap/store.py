@@ -1,44 +1,34 @@
 """The ramzswap store: where a swapped-out 4 KiB page goes, and how it comes back.
 
-Owns: the slot table, the per-page write/read/free operations in compcache 0.6.2's order, the
-memory limit and every ``--stats`` counter (../shared/docs/compcache-reference.md sections 1.3,
-1.7, 1.8; zram for same-filled pages, ``mem_used_max`` and the no-backing memory limit). A
+Owns: the slot table, the page write/read/free operations in compcache 0.6.2's order, the
+memory limit and the ``--stats`` counters (../shared/docs/compcache-reference.md 1.3, 1.7, 1.8;
+zram for same-filled pages, ``mem_used_max`` and the no-backing memory limit). A
 :class:`Store` is a target (:mod:`ublkzswap.target`) and trusts its inputs: the queue checked
-the request's shape (and counts ``invalid_io``).
+each request's shape (and counts ``invalid_io``).
 
-Memory comes through two small interfaces (docs/CONTRACTS.md), as zram holds zsmalloc and an
-nbdkit plugin holds its allocator: a *page pool* (:class:`ublkzswap.arena.Arena`: ``take(kind,
-timeout) -> page | -1``, ``give(page)``, ``mem``/``view`` of its bytes) and an *object
-allocator* (:class:`ublkzswap.xvmalloc.XvPool` or any other by name: ``malloc(size, timeout)
--> byte address`` or MemoryError, ``free(addr)``, ``pages_used()``). An incompressible page
-takes a whole pool page; every other page is one allocator object.
+Memory comes through two small interfaces (docs/CONTRACTS.md), as zram holds zsmalloc: a *page
+pool* (:class:`ublkzswap.arena.Arena`: ``take(kind, timeout) -> page | -1``, ``give(page)``,
+``mem``/``view`` of its bytes) and an *object allocator* (:class:`ublkzswap.xvmalloc.XvPool`,
+or another from :data:`ALLOCATORS`: ``malloc(size, timeout) -> address`` or MemoryError,
+``free(address)``, ``pages_used()``). An incompressible page takes a whole pool page.
 
-Slot table: two uint64 words per 4 KiB slot (16 bytes, as zram):
-``entry = address << 16 | length << 2 | kind`` and the fill word of a SAME slot. A slot changes
-in one step, :meth:`Store._set`, which is also the free: the new content is complete before the
-entry word is stored, the old content is released after.
+Slot table: two uint64 words a slot (16 bytes, as zram): ``address << 16 | length << 2 |
+kind`` and the fill word of a SAME slot. A slot changes only in :meth:`Store._set`: the new
+content is complete before its entry word is stored; the old content is released after.
 
-Write of a page (compcache's order): ``num_writes++``; same-filled (every 8-byte word equal):
-no memory, the slot keeps the word; with a backing swap and ``compr_data_size > memlimit -
-4096``: forward to the backing swap; compress; ``clen > 2048`` with backing: forward; ``clen >
-3072`` without: keep it raw in a whole page (``huge_pages``); otherwise an allocator object.
-No memory ready: forward with backing, else ENOSPC. Without backing, a memory limit caps
-``mem_used_total`` (ENOMEM; the old content stays). ``mem_used_max`` is taken after allocating
-and before freeing the old content, as zram does. A forwarded write leaves the slot alone until
-the backing write has succeeded; only then is the RAM copy freed (reads go to the backing swap).
-
-Read: ``num_reads++``; same-filled, raw or decompressed; an empty slot is read from the backing
-swap (counted in ``bd_reads`` instead) or returns zeros. Reads never need memory.
-
-``write`` (an ordinary write: a failure is data lost) waits up to ``alloc_wait`` seconds for
-memory; ``write_swap`` (``UBLK_IO_F_SWAP``: the kernel keeps a page whose write failed) fails at
-once with ENOSPC. DISCARD and WRITE_ZEROES free whole pages (``notify_free`` per page): with
-``swapon --discard`` that is our stand-in for zram's swap-free notify.
+Write (compcache's order): same-filled -> the word, no memory; with backing and
+``compr_data_size > memlimit - 4096`` -> forward; compress; ``clen > 2048`` with backing ->
+forward; ``clen > 3072`` without -> raw, a whole page (``huge_pages``); else an object. No
+memory ready: forward with backing, else ENOSPC. Without backing a memory limit caps
+``mem_used_total`` (ENOMEM, the old content stays). A forwarded page keeps its RAM copy until
+the backing write has succeeded. ``write`` may wait ``alloc_wait`` s for memory (an ordinary
+write that fails is data lost); ``write_swap`` never waits (the kernel keeps the page).
+Read: same-filled, raw or decompressed; an empty slot comes from the backing swap
+(``bd_reads``) or reads as zeros. DISCARD and WRITE_ZEROES free pages (``notify_free``).
 
 Threading: one lock per store (compcache's per-device mutex); the pool's keeper runs apart.
 
-Still naive: counters and table live in private memory; a slot is freed only on overwrite,
-discard or write_zeroes; one lock, so one core per store.
+Still naive: counters and table live in private memory; one lock, so one core per store.
 """
 
 from __future__ import annotations
@@ -53,7 +43,7 @@ from . import arena as _arena
 from . import compress as _compress
 from . import xvmalloc
 from .memory import populate
-from .target import OP_READ, OP_WRITE, BackingIO, run_backing_io
+from .target import OP_READ, OP_WRITE, BackingIO
 from .uapi import PAGE_SHIFT, PAGE_SIZE
 
 MAX_ZPAGE_SIZE_BDEV = PAGE_SIZE // 2          # 2048: above, forward to backing swap
@@ -132,11 +122,6 @@ class Store:
             raise ValueError(f"memlimit must be a non-negative number of bytes, got {memlimit!r}")
         self.memlimit = memlimit
 
-    def reset_mem_used_max(self) -> None:
-        """zram's ``echo 0 > mem_used_max``: restart the watermark from now."""
-        with self._lock:
-            self._c[MEM_USED_MAX] = self.mem_used_total
-
     @property
     def mem_used_total(self) -> int:
         return (self.allocator.pages_used() + self._c[HUGE_PAGES]) << PAGE_SHIFT
@@ -208,33 +193,6 @@ class Store:
 
     def flush(self) -> None:
         """Nothing to make durable: RAM."""
-
-    # ---- page API (tests and tools; checked, backing I/O done synchronously)
-
-    def write_page(self, index: int, page) -> None:
-        self._check_page(index, page)
-        buf = memoryview(mmap.mmap(-1, PAGE_SIZE))   # page-aligned, as O_DIRECT wants
-        buf[:] = page
-        pending = self.write(index << PAGE_SHIFT, buf)
-        if pending is not None:
-            run_backing_io(pending, buf)
-
-    def read_page(self, index: int, out) -> None:
-        self._check_page(index, out)
-        buf = memoryview(mmap.mmap(-1, PAGE_SIZE))
-        pending = self.read(index << PAGE_SHIFT, buf)
-        if pending is not None:
-            run_backing_io(pending, buf)
-        memoryview(out)[:] = buf
-
-    def free_page(self, index: int) -> None:
-        """Swap-free notify for slot ``index``: free it, ``notify_free++``."""
-        self._check_page(index, _ZERO_PAGE)
-        self.discard(index << PAGE_SHIFT, PAGE_SIZE)
-
-    def _check_page(self, index, page) -> None:
-        if type(index) is not int or not 0 <= index < self.npages or len(memoryview(page)) != PAGE_SIZE:
-            raise ValueError(f"page {index!r} of {len(memoryview(page))} bytes: not a slot and one page")
 
     def close(self) -> None:
         """Stop and drop the pool if the store made it."""
@@ -406,30 +364,3 @@ class Store:
 
         return BackingIO(ops, done)
 
-
-def warm_up(compressor="lzo") -> None:
-    """Run every page path of a small throw-away store once and check the data came back, so
-    that what the I/O path needs is resident (and, in a locked process, locked) before a
-    device goes live. Raises AssertionError or OSError on a failure."""
-    s = Store(32 * PAGE_SIZE, compressor=compressor, keeper=False, inline_refill=True, low=4, high=16)
-    try:
-        text = (bytes(range(32, 127)) * 44)[:PAGE_SIZE]
-        seed, rnd = 0x9E3779B97F4A7C15, bytearray()
-        while len(rnd) < PAGE_SIZE:
-            seed = (seed * 6364136223846793005 + 1442695040888963407) & ((1 << 64) - 1)
-            rnd += seed.to_bytes(8, "little")
-        pages = [bytes(PAGE_SIZE), b"\x5a" * PAGE_SIZE, text, text[::-1], bytes(rnd)]
-        data = b"".join(pages)
-        s.write(0, memoryview(data))
-        out, one = bytearray(len(data)), bytearray(PAGE_SIZE)
-        s.read(0, memoryview(out))
-        assert out == data, "store self-test: a multi-page read differs"
-        for i, p in enumerate(pages):
-            s.write_swap((8 + i) * PAGE_SIZE, memoryview(p))
-            s.read((8 + i) * PAGE_SIZE, memoryview(one))
-            assert one == p, f"store self-test: page {i} differs"
-        s.discard(8 * PAGE_SIZE, 2 * PAGE_SIZE)
-        s.write_zeroes(10 * PAGE_SIZE, 2 * PAGE_SIZE)
-        s.stats()
-    finally:
-        s.close()
