@@ -7,9 +7,12 @@
 - ``cleanup_ublk`` (function, autouse here): after each test, stops daemons the test left running
   (SIGTERM, 10 s, SIGKILL): those passed to :func:`register_daemon` and any process whose command
   line names ublkzswap.daemon / ublkzswapd that is a descendant of this pytest or started during
-  the test (never a daemon that was already running, e.g. the host's real swap). Then it reports a
-  test error if /dev/ublkbN or /dev/ublkcN nodes appeared during the test and are still there:
-  deleting devices is the test's (the lead's fixtures') job, this only catches leaks.
+  the test (never a daemon that was already running, e.g. the host's real swap). A daemon that
+  needed the SIGKILL (it did not exit on SIGTERM: a shutdown bug, or a device the test left in
+  use) is a test error naming its pid; so is one that survives the SIGKILL. The SIGKILL still
+  happens, so the next test starts clean. It also reports a test error if /dev/ublkbN or
+  /dev/ublkcN nodes appeared during the test and are still there: deleting devices is the test's
+  (the lead's fixtures') job, this only catches leaks.
 - ``deadline`` (autouse here): every test runs under a watchdog of DEFAULT_DEADLINE seconds
   (``@pytest.mark.deadline(s)`` to change it). On expiry it has the kernel dump blocked tasks and
   CPUs (sysrq w, l) and fails the test naming it, so a hang is a failure with a stack dump in
@@ -17,9 +20,9 @@
 - Every test collected here gets the ``kernel`` marker (registered in pyproject.toml), so
   ``-m 'not kernel'`` deselects them.
 
-Usage from a test module (tests/kernel is on sys.path as pytest's rootdir-relative import)::
+Usage from a test module (this conftest is the module tests.kernel.conftest)::
 
-    from conftest import register_daemon
+    from .conftest import register_daemon
     proc = register_daemon(subprocess.Popen([...]))
 """
 
@@ -30,7 +33,6 @@ import os
 import signal
 import subprocess
 import time
-import warnings
 
 import pytest
 
@@ -195,9 +197,11 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _stop(pids: list[int]) -> list[int]:
-    """SIGTERM, wait up to TERM_GRACE, then SIGKILL. Returns the pids that needed SIGKILL."""
+def _stop(pids: list[int]) -> tuple[list[int], list[int]]:
+    """SIGTERM, wait up to TERM_GRACE, then SIGKILL. Returns (the pids that needed SIGKILL,
+    those still alive after it)."""
     live = [p for p in pids if _alive(p)]
+    stubborn: list[int] = []
     for sig, grace in ((signal.SIGTERM, TERM_GRACE), (signal.SIGKILL, 5.0)):
         for p in live:
             try:
@@ -207,10 +211,10 @@ def _stop(pids: list[int]) -> list[int]:
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(_alive(p) for p in live):
             time.sleep(0.1)
+        live = [p for p in live if _alive(p)]
         if sig == signal.SIGTERM:
-            live = [p for p in live if _alive(p)]
             stubborn = list(live)
-    return stubborn
+    return stubborn, live
 
 
 @pytest.fixture(autouse=True)
@@ -222,7 +226,8 @@ def cleanup_ublk():
     yield
     pids = {p.pid for p in _registered if p.poll() is None}
     pids |= set(_stray_daemons(since))
-    killed = _stop(sorted(pids))
+    cmdlines = {p: _cmdline(p) for p in pids}
+    killed, survivors = _stop(sorted(pids))
     for p in _registered:
         try:
             p.wait(timeout=1)
@@ -234,6 +239,15 @@ def cleanup_ublk():
     while leaked and time.monotonic() < deadline:
         time.sleep(0.2)
         leaked = _ublk_nodes() - before
+    errors = []
     if killed:
-        warnings.warn(f"ublkzswap daemons ignored SIGTERM for {TERM_GRACE:g}s and were killed: {killed}")
-    assert not leaked, f"test left ublk device nodes behind (delete devices in the test's teardown): {sorted(leaked)}"
+        errors.append(f"ublkzswap daemons did not exit within {TERM_GRACE:g}s of SIGTERM (a shutdown bug, "
+                      "or a device the test left in use) and were killed: "
+                      + "; ".join(f"pid {p} ({cmdlines[p].strip()})" for p in killed))
+    if survivors:
+        errors.append(f"ublkzswap daemons still alive after SIGKILL (stuck in the kernel?): {survivors}")
+    if leaked:
+        errors.append(f"test left ublk device nodes behind (delete devices in the test's teardown): "
+                      f"{sorted(leaked)}")
+    if errors:
+        pytest.fail("\n".join(errors), pytrace=False)

@@ -45,6 +45,39 @@ def start(*words: str, timeout: float = 180) -> tuple[int, str]:
     return int(m.group(1)), p.stdout.strip()
 
 
+def start_foreground(*words: str, log: str, timeout: float = 180) -> subprocess.Popen:
+    """Run ``ublkzswapd --foreground WORDS`` as a child of this process, so that its exit status
+    can be read; its output goes to the file ``log``. Returns once it says ready. Raises
+    RuntimeError with the log if it exits or is not ready within ``timeout`` (then it is killed)."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen([PY, "-m", "ublkzswap.daemon", "--foreground", *words],
+                                stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while True:
+        text = open(log).read()
+        if "ublkzswapd: ready" in text:
+            return proc
+        if proc.poll() is not None:
+            raise RuntimeError(f"ublkzswapd --foreground {' '.join(words)} exited "
+                               f"{proc.returncode} during start-up: {text.strip()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"ublkzswapd --foreground {' '.join(words)} not ready after "
+                               f"{timeout:g}s (killed): {text.strip()}")
+        time.sleep(0.1)
+
+
+def exited(pid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` s for ``pid`` (not necessarily our child) to end; True if it did."""
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}") and not _zombie(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def stop(pid: int, timeout: float = 60) -> None:
     try:
         os.kill(pid, signal.SIGTERM)
@@ -77,8 +110,11 @@ def running(*words: str):
         stop(pid)
 
 
-def swapoff_all(prefix: str = "") -> None:
-    """swapoff every active swap area whose name starts with ``prefix``."""
+def swapoff_all(prefix: str) -> None:
+    """swapoff every active swap area whose name starts with ``prefix`` (required and non-empty:
+    a test turns off only its own swap, e.g. "/dev/ublkb", never the host's)."""
+    if not prefix:
+        raise ValueError("swapoff_all needs a prefix such as '/dev/ublkb'")
     for line in open("/proc/swaps").read().splitlines()[1:]:
         name = line.split()[0]
         if name.startswith(prefix):

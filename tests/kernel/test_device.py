@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
+import time
 
 import pytest
 
-from .daemonctl import PY, leftovers, running, start, stop, wait_gone
+from .conftest import register_daemon
+from .daemonctl import PY, leftovers, running, start_foreground, wait_gone
 
 MiB = 1 << 20
 TARGETS = ["ram", "zswap"]
@@ -94,16 +98,45 @@ def test_taken_id_is_a_clear_error_and_first_daemon_unharmed(tmp_path):
     assert wait_gone() == []
 
 
+def _ios_completed(dev: str) -> int:
+    """Reads + writes the block layer has completed on ``dev`` (/sys/block/NAME/stat)."""
+    f = open(f"/sys/block/{os.path.basename(dev)}/stat").read().split()
+    return int(f[0]) + int(f[4])
+
+
 def test_sigterm_while_io_in_flight_leaves_nothing(tmp_path):
-    pid, _ = start("num_devices=3", "disksize_kb=32768", "target=ram", f"socket={tmp_path}/c.sock")
+    """SIGTERM while fio's direct I/O runs on device 0. fio holds no exclusive claim, so the
+    device is not in use (that refusal is for swapon and mounts): the daemon stops and deletes
+    every device and exits 0, saying nothing of errors. fio is neither hung nor killed: the
+    requests that meet the stopped device fail, and it ends with an I/O error (exit status 1,
+    one job with err != 0)."""
+    log = tmp_path / "daemon.log"
+    daemon = register_daemon(start_foreground("num_devices=3", "disksize_kb=32768", "target=ram",
+                                              f"socket={tmp_path}/c.sock", log=str(log)))
+    before = _ios_completed("/dev/ublkb0")
+    load = subprocess.Popen(["fio", "--output-format=normal", "--name=bg", "--filename=/dev/ublkb0",
+                             "--rw=randrw", "--bs=4k", "--ioengine=io_uring", "--iodepth=16",
+                             "--direct=1", "--time_based", "--runtime=60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        load = subprocess.Popen(["fio", "--name=bg", "--filename=/dev/ublkb0", "--rw=randrw",
-                                 "--bs=4k", "--ioengine=io_uring", "--iodepth=16", "--direct=1",
-                                 "--time_based", "--runtime=60"], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        import time
-        time.sleep(3)
+        # signal only once the daemon is really serving fio's I/O
+        deadline = time.monotonic() + 60
+        while _ios_completed("/dev/ublkb0") - before < 200 and load.poll() is None:
+            assert time.monotonic() < deadline, "fio did no I/O on /dev/ublkb0 within 60 s"
+            time.sleep(0.2)
+        assert load.poll() is None, f"fio ended before the SIGTERM: {load.communicate()}"
+        daemon.send_signal(signal.SIGTERM)
+        out, err = load.communicate(timeout=120)
+        rc = daemon.wait(timeout=60)
     finally:
-        stop(pid)
-    load.wait(timeout=120)
+        if load.poll() is None:
+            load.kill()
+            load.wait()
+    text = log.read_text()
+    assert rc == 0, f"ublkzswapd exited {rc}:\n{text[-3000:]}"
+    for bad in ("ublkzswapd: fatal", "ublkzswapd: teardown of device", "Traceback"):
+        assert bad not in text, text[-3000:]
+    assert load.returncode == 1, (load.returncode, out[-3000:], err[-3000:])
+    errs = re.findall(r"^bg: \(groupid=\d+, jobs=\d+\): err=\s*(\d+)", out, re.M)
+    assert len(errs) == 1 and errs[0] != "0", out[-3000:]
     assert wait_gone() == []

@@ -49,6 +49,19 @@ def test_golden_text_with_backing():
     )
 
 
+def test_memlimit_without_backing_prints_no_backing_rows():
+    """compcache prints BackingSwap, MemLimit, BDevNumReads and BDevNumWrites only when a backing
+    swap is set (backing_swap_name[0]); a memory limit alone (ublkzswap's memlimit without backing
+    swap: writes beyond it fail) changes nothing in the text."""
+    s = dict(SAMPLE, mem_limit=8192 * 1024, backing_swap="", bd_reads=7, bd_writes=9)
+    assert stats.render_text(s) == GOLDEN
+    # and the same device with a backing swap shows all four, each in its place
+    lines = stats.render_text(dict(s, backing_swap="/dev/sdb")).splitlines()
+    assert lines[:3] == ["BackingSwap:\t/dev/sdb", "DiskSize:\t  262144 kB", "MemLimit:\t    8192 kB"]
+    assert lines[3:-2] == GOLDEN.splitlines()[1:]
+    assert lines[-2:] == ["BDevNumReads:\t       7", "BDevNumWrites:\t       9"]
+
+
 def test_wide_values_not_truncated():
     out = stats.render_text(dict(SAMPLE, num_reads=123456789012))
     assert "NumReads:\t123456789012\n" in out

@@ -26,3 +26,25 @@ def test_check_chunk_finds_a_single_flipped_bit(capsys):
 
 def test_small_run_passes():
     assert swapload.main(["--mib", "4", "--passes", "2", "--quiet"]) == 0
+
+
+def test_memlimit_workload_verdict_accepts_only_a_clean_end_or_the_tests_own_kill():
+    """The memlimit kernel test's judgement of how its workload ended (tests/kernel/workload.py)."""
+    import signal
+
+    from tests.kernel.workload import workload_verdict as v
+    ok = "swapload: 65536 pages\nswapload: OK: 65536 pages checked after 1 passes, 0 bad, 9.0s\n"
+    partial = "swapload: 65536 pages\n"
+    bad = partial + "swapload: MISMATCH page 17 (kind text, version 0)\n"
+    kill = -signal.SIGKILL
+    assert v(0, ok, killed_by_test=False) is None
+    assert v(0, ok, killed_by_test=True) is None            # finished just as the time ran out
+    assert v(kill, partial, killed_by_test=True) is None     # thrashing, ended by the test
+    assert "OOM" in v(kill, partial, killed_by_test=False)   # a SIGKILL the test did not send
+    assert "wrong page" in v(kill, bad, killed_by_test=True)
+    assert "wrong page" in v(1, bad, killed_by_test=False)
+    assert "SIGSEGV" in v(-signal.SIGSEGV, partial, killed_by_test=True)
+    assert "exit status 1" in v(1, partial, killed_by_test=True)
+    assert "exit status 2" in v(2, "usage", killed_by_test=False)
+    assert "without 'swapload: OK'" in v(0, partial, killed_by_test=False)
+    assert v(-40, partial, killed_by_test=False) == "the workload ended by signal 40"

@@ -1,18 +1,25 @@
-"""The test VM harness without booting: CLI parsing, guest scripts, cache stamp, image pieces."""
+"""The test VM harness without booting: CLI parsing, guest scripts, cache stamp, image pieces,
+and the kernel tests' side of its contract (scratch disk, cleanup policy in tests/kernel)."""
 
 from __future__ import annotations
 
 import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from tests.kernel import conftest as kconftest
+from tests.kernel import daemonctl, scratch
 from tools.vm import __main__ as cli
 from tools.vm import guest, image, run
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # --- CLI ---------------------------------------------------------------------------------------
@@ -83,6 +90,153 @@ def test_job_script_missing_cwd_exits_125(tmp_path):
 def test_job_script_rejects_empty_command():
     with pytest.raises(ValueError):
         guest.job_script({}, "/", [])
+
+
+# --- the scratch disk: named to the job exactly when one is attached ---------------------------
+
+def _job_env(tmp_path, opts: run.RunOptions) -> dict[str, str]:
+    """Run the job.sh that ``run`` would write for ``opts`` (its command replaced by ``env``)
+    under ``env -i /bin/sh`` and return the environment the job sees."""
+    img = image.Image(tmp_path / "vmlinuz", tmp_path / "initrd", "6.12.0-test", "pkg")
+    opts.argv, opts.cwd = ["env"], str(tmp_path)
+    (tmp_path / "job.sh").write_text(run.job_script(img, opts, tty=False))
+    r = subprocess.run(["env", "-i", "/bin/sh", str(tmp_path / "job.sh")], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+
+
+@pytest.mark.parametrize("disk_mib", [0, 64])
+def test_scratch_disk_variable_set_exactly_when_a_disk_is_attached(tmp_path, disk_mib):
+    # the caller's own values of the harness's names never reach the guest: a host's scratch
+    # disk is not the guest's
+    host = {"PATH": "/usr/bin:/bin", guest.SCRATCH_DISK_ENV: "/dev/sdz", guest.VM_ENV: "0"}
+    env = _job_env(tmp_path, run.RunOptions(argv=[], disk_mib=disk_mib, env=host))
+    assert env[guest.VM_ENV] == "1" and env["UBLKZSWAP_VM_KERNEL"] == "6.12.0-test"
+    if disk_mib:
+        assert env[guest.SCRATCH_DISK_ENV] == "/dev/vda" == guest.SCRATCH_DISK
+    else:
+        assert guest.SCRATCH_DISK_ENV not in env
+    img = image.Image(Path("/k"), Path("/i"), "6.12.0", "pkg")
+    argv = run.qemu_argv(img, run.RunOptions(argv=["true"], disk_mib=disk_mib), tmp_path, tmp_path / "m",
+                         tmp_path / "disk.raw" if disk_mib else None)
+    assert argv.count("-drive") == (1 if disk_mib else 0)   # one virtio disk: the guest's vda
+
+
+def test_guest_facts_names_the_disk_only_when_asked():
+    assert guest.SCRATCH_DISK_ENV not in guest.guest_facts("k", scratch_disk=False)
+    assert guest.guest_facts("k", scratch_disk=True)[guest.SCRATCH_DISK_ENV] == "/dev/vda"
+    assert set(guest.guest_facts("k", scratch_disk=True)) <= guest.FACT_NAMES
+
+
+def test_cli_run_disk_reaches_the_job(monkeypatch, tmp_path):
+    """`tools/vm run --disk N` end to end, with the boot replaced by reading the job script."""
+    img = image.Image(tmp_path / "vmlinuz", tmp_path / "initrd", "6.12.0", "pkg")
+    monkeypatch.setattr(image, "ensure", lambda *a, **k: img)
+    seen = []
+    monkeypatch.setattr(run, "run", lambda img, opts: seen.append(run.job_script(img, opts, tty=False)) or 0)
+    monkeypatch.delenv(guest.SCRATCH_DISK_ENV, raising=False)
+    assert cli.main(["run", "--disk", "2048", "--", "true"]) == 0
+    assert cli.main(["run", "--", "true"]) == 0
+    assert f"export {guest.SCRATCH_DISK_ENV}=/dev/vda\n" in seen[0]
+    assert guest.SCRATCH_DISK_ENV not in seen[1]
+
+
+def test_tools_test_boots_the_vm_with_a_scratch_disk():
+    """The kernel suite in the VM must get a scratch disk: tools/test passes --disk."""
+    text = (ROOT / "tools" / "test").read_text()
+    m = re.search(r"-m tools\.vm run (.*?) -- ", text)
+    assert m, "tools/test no longer runs the VM the way this test expects"
+    assert cli.parse(["run", *m.group(1).split(), "--", "true"]).disk > 0
+
+
+def test_kernel_tests_name_no_disk_of_their_own():
+    """Only $UBLKZSWAP_SCRATCH_DISK may be written to; a guessed /dev/vda is a native host's root disk."""
+    literal = re.compile(r"""["'](/dev/(?:vd|sd|hd|xvd|nvme|mmcblk)|/sys/block/(?:vd|sd|hd|xvd|nvme))""")
+    for path in sorted((ROOT / "tests" / "kernel").glob("*.py")):
+        found = literal.findall(path.read_text())
+        assert not found, f"{path.name} names a disk: {found}"
+
+
+@pytest.mark.parametrize("env, verdict", [
+    ({}, "skip"),
+    ({"UBLKZSWAP_REQUIRE_KERNEL": "1"}, "skip"),                     # native host: only its owner can name a disk
+    ({"UBLKZSWAP_VM": "1"}, "skip"),
+    ({"UBLKZSWAP_VM": "1", "UBLKZSWAP_REQUIRE_KERNEL": "1"}, "fail"),  # tools/test in the VM: a harness bug
+    ({"UBLKZSWAP_VM": "0", "UBLKZSWAP_REQUIRE_KERNEL": "1"}, "skip"),
+    ({"UBLKZSWAP_SCRATCH_DISK": "/dev/vdb"}, "use"),
+    ({"UBLKZSWAP_SCRATCH_DISK": "/dev/vdb", "UBLKZSWAP_VM": "1", "UBLKZSWAP_REQUIRE_KERNEL": "1"}, "use"),
+])
+def test_scratch_disk_decision(env, verdict):
+    got, what = scratch.decide(env)
+    assert got == verdict
+    if verdict == "use":
+        assert what == "/dev/vdb"
+    else:
+        assert guest.SCRATCH_DISK_ENV in what
+    raises = {"skip": pytest.skip.Exception, "fail": pytest.fail.Exception}.get(verdict)
+    if raises:
+        with pytest.raises(raises):
+            scratch.require(env)
+
+
+def test_scratch_disk_must_be_an_unused_block_device(tmp_path):
+    f = tmp_path / "file"
+    f.write_bytes(b"x")
+    assert "not a block device" in scratch.unusable(str(f))
+    assert scratch.unusable(str(tmp_path / "missing"))
+    with pytest.raises(pytest.fail.Exception, match="nothing was written"):
+        scratch.require({guest.SCRATCH_DISK_ENV: str(f)})
+    assert f.read_bytes() == b"x"
+
+
+def test_scratch_disk_refuses_the_disk_under_root():
+    """The host's own root filesystem's device, named by mistake, is refused (in use; or, in a
+    container, not even openable)."""
+    if os.geteuid() != 0:
+        pytest.skip("opening a block device needs root")
+    for line in open("/proc/self/mountinfo"):
+        f = line.split()
+        if f[4] == "/":
+            majmin = f[2]
+    name = os.path.basename(os.path.realpath(f"/sys/dev/block/{majmin}"))
+    dev = f"/dev/{name}"
+    if not os.path.exists(f"/sys/dev/block/{majmin}") or not os.path.exists(dev):
+        pytest.skip(f"/ is not on a block device here ({majmin})")
+    why = scratch.unusable(dev)
+    assert why and why.startswith(dev)
+
+
+# --- the kernel tests' cleanup: a daemon that ignores SIGTERM is a test error ------------------
+
+IGNORES_TERM = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                "print('ready', flush=True); time.sleep(120)")
+
+
+@pytest.mark.parametrize("ignore_term", [True, False])
+def test_kernel_cleanup_errors_on_a_daemon_that_needed_sigkill(monkeypatch, ignore_term):
+    monkeypatch.setattr(kconftest, "TERM_GRACE", 0.5)
+    monkeypatch.setattr(kconftest, "NODE_GRACE", 0.1)
+    monkeypatch.setattr(kconftest, "_ublk_nodes", lambda: set())
+    monkeypatch.setattr(kconftest, "_stray_daemons", lambda since: [])   # never touch others' processes
+    teardown = kconftest.cleanup_ublk.__wrapped__()
+    next(teardown)
+    code = IGNORES_TERM if ignore_term else "print('ready', flush=True); import time; time.sleep(120)"
+    proc = kconftest.register_daemon(subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True))
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        if ignore_term:
+            with pytest.raises(pytest.fail.Exception, match=rf"were killed: pid {proc.pid} "):
+                next(teardown)
+        else:
+            with pytest.raises(StopIteration):
+                next(teardown)
+        assert not kconftest._alive(proc.pid)       # killed either way: the next test starts clean
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
 
 
 # --- init script ------------------------------------------------------------------------------
@@ -338,3 +492,28 @@ def test_job_tail_leaves_kernel_messages_out():
     assert vmrun.job_tail(lines) == ["tests/kernel/test_swap.py::test_a PASSED",
                                      "tests/kernel/test_swap.py::test_b ", "  [not kernel]"]
     assert vmrun.job_tail(lines, 1) == ["  [not kernel]"]
+
+
+# --- the kernel tests turn off only their own swap -----------------------------------------------
+
+PROC_SWAPS = """Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority
+/dev/zram0                              partition\t4194300\t\t0\t\t100
+/dev/vda2                               partition\t1048572\t\t0\t\t-2
+/swapfile                               file\t\t524284\t\t0\t\t-3
+/dev/ublkb0                             partition\t65532\t\t0\t\t-4
+/dev/ublkb1                             partition\t65532\t\t0\t\t-5
+"""
+
+
+def test_swapoff_all_touches_only_the_prefix(monkeypatch):
+    import io
+    monkeypatch.setattr(daemonctl, "open", lambda path, *a, **k: io.StringIO(PROC_SWAPS), raising=False)
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda argv, **k: calls.append(argv))
+    daemonctl.swapoff_all("/dev/ublkb")
+    assert calls == [["swapoff", "/dev/ublkb0"], ["swapoff", "/dev/ublkb1"]]
+    with pytest.raises(TypeError):
+        daemonctl.swapoff_all()          # the host's swap is never "all"
+    with pytest.raises(ValueError):
+        daemonctl.swapoff_all("")
+    assert len(calls) == 2

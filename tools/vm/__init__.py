@@ -12,9 +12,11 @@ running one command inside with the caller's root, cwd and environment (run.py),
 
 The guest sees the host's / read-only over 9p, with guest-local tmpfs on /tmp, /run, /var/tmp,
 /dev/shm; ublk_drv, zram (lz4, num_devices=1), virtio_blk, loop and ext4 preloaded; zswap disabled;
-$UBLKZSWAP_VM=1 and $UBLKZSWAP_VM_RESULTS (a writable share) set. `run` exits with the command's
-status, 124 on timeout (after a sysrq blocked-task dump), 125 if the guest died without a status
-(kernel panic, oops=panic, init failure), 130 if interrupted; qemu never outlives the harness.
+$UBLKZSWAP_VM=1 and $UBLKZSWAP_VM_RESULTS (a writable share) set, and with `--disk`
+$UBLKZSWAP_SCRATCH_DISK=/dev/vda, the only disk a job may destroy (guest.py). `run` exits with
+the command's status, 124 on timeout (after a sysrq blocked-task dump), 125 if the guest died
+without a status (kernel panic, oops=panic, init failure), 130 if interrupted; qemu never
+outlives the harness.
 
 Still naive:
 - x86_64 + Debian/apt hosts only (apt-get download of linux-image-6.12.*-amd64-unsigned).

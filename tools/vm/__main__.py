@@ -24,7 +24,8 @@ def parser() -> argparse.ArgumentParser:
         r.add_argument("--mem", type=int, default=2048, metavar="MiB", help="guest RAM (default 2048)")
         r.add_argument("--smp", type=int, default=2, metavar="N", help="guest CPUs (default 2)")
         r.add_argument("--disk", type=int, default=0, metavar="SIZE_MiB",
-                       help="attach a fresh sparse raw image as /dev/vda")
+                       help="attach a fresh sparse raw image as /dev/vda, named to the job as "
+                            "$UBLKZSWAP_SCRATCH_DISK")
         r.add_argument("--results", metavar="DIR",
                        help="host dir shared writable as $UBLKZSWAP_VM_RESULTS (kept; default: a temp dir)")
         r.add_argument("--writable", action="store_true",

@@ -12,6 +12,15 @@ Guest layout (the contract the job sees)::
 
 The job runs as root, chrooted into the host root, in the caller's cwd with the caller's
 environment (see :func:`job_script`), stdin from /dev/null, stdout+stderr on the serial console.
+On top of that environment the harness states facts about the guest (:func:`guest_facts`)::
+
+    UBLKZSWAP_VM=1                    always: the job runs inside this VM
+    UBLKZSWAP_VM_RESULTS / _MODULES / _KERNEL   the results share, extra .ko files, kernel version
+    UBLKZSWAP_SCRATCH_DISK=/dev/vda   exactly when `run --disk MiB` attached a scratch disk: a
+                                      fresh image the job may destroy (mkswap, mkfs)
+
+These names belong to the harness: a caller's own value of any of them is never passed in (a
+host's UBLKZSWAP_SCRATCH_DISK names a *host* disk, which means nothing, or worse, in the guest).
 """
 
 from __future__ import annotations
@@ -68,6 +77,18 @@ KERNEL_CMDLINE = ("console=ttyS0 panic=-1 oops=panic quiet zswap.enabled=0 mitig
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 #: Caller variables that describe the caller's shell, not the job; never passed through.
 ENV_DROP = frozenset({"PWD", "OLDPWD", "SHLVL", "_"})
+
+#: "The job runs inside the test VM" (value "1"). Kernel tests read it to tell a harness bug
+#: (a VM run that lacks something the harness provides) from a host that lacks it.
+VM_ENV = "UBLKZSWAP_VM"
+#: The block device the job may destroy; set exactly when ``run --disk`` attached one. The
+#: kernel tests write to no other disk (tests/kernel/scratch.py).
+SCRATCH_DISK_ENV = "UBLKZSWAP_SCRATCH_DISK"
+#: Where the ``--disk`` image appears: the guest's only virtio disk (qemu -nodefaults, one -drive).
+SCRATCH_DISK = "/dev/vda"
+#: Every variable :func:`guest_facts` may set; a caller's value of these is dropped.
+FACT_NAMES = frozenset({VM_ENV, "UBLKZSWAP_VM_RESULTS", "UBLKZSWAP_VM_MODULES", "UBLKZSWAP_VM_KERNEL",
+                        SCRATCH_DISK_ENV})
 
 
 def init_script(modules: list[tuple[str, str]]) -> str:
@@ -128,11 +149,22 @@ poweroff -f
 """
 
 
+def guest_facts(kernel_version: str, scratch_disk: bool) -> dict[str, str]:
+    """What the harness tells the job about the guest (module docstring): always UBLKZSWAP_VM=1
+    and the share paths, and UBLKZSWAP_SCRATCH_DISK if and only if ``scratch_disk``."""
+    facts = {VM_ENV: "1", "UBLKZSWAP_VM_RESULTS": RESULTS_DIR, "UBLKZSWAP_VM_MODULES": MODULES_DIR,
+             "UBLKZSWAP_VM_KERNEL": kernel_version}
+    if scratch_disk:
+        facts[SCRATCH_DISK_ENV] = SCRATCH_DISK
+    return facts
+
+
 def guest_env(host_env: dict[str, str], python_bindir: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The job's environment: the caller's, minus shell bookkeeping and names a shell cannot
-    export, with ``python_bindir`` first on PATH (pyenv shims do not work in the chroot) and
-    ``extra`` (UBLKZSWAP_VM* facts about the guest) on top."""
-    env = {k: v for k, v in host_env.items() if _ENV_NAME.match(k) and k not in ENV_DROP and "\0" not in v}
+    """The job's environment: the caller's, minus shell bookkeeping, names a shell cannot export
+    and the harness's own :data:`FACT_NAMES`, with ``python_bindir`` first on PATH (pyenv shims do
+    not work in the chroot) and ``extra`` (:func:`guest_facts`, TERM) on top."""
+    env = {k: v for k, v in host_env.items()
+           if _ENV_NAME.match(k) and k not in ENV_DROP and k not in FACT_NAMES and "\0" not in v}
     path = [p for p in env.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin").split(":") if p]
     env["PATH"] = ":".join([python_bindir] + [p for p in path if p != python_bindir])
     env.update(extra or {})

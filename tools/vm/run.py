@@ -74,6 +74,18 @@ def qemu_argv(img: Image, opts: RunOptions, rundir: Path, monitor: Path, disk: P
     return argv
 
 
+def job_script(img: Image, opts: RunOptions, tty: bool) -> str:
+    """job.sh for this run: the caller's environment plus the guest facts (the scratch disk
+    variable exactly when ``opts.disk_mib`` attaches a disk, as :func:`run` does) and, when our
+    output is no tty, TERM=dumb."""
+    extra = guest.guest_facts(img.kernel_version, scratch_disk=bool(opts.disk_mib))
+    if not tty:
+        # the guest's console is a tty; do not let colour codes leak into a host log or pipe
+        extra["TERM"] = "dumb"
+    env = guest.guest_env(opts.env, python_bindir(), extra)
+    return guest.job_script(env, opts.cwd, opts.argv)
+
+
 def _maybe_marker(partial: str) -> bool:
     return (guest.MARK_START.startswith(partial) or guest.MARK_EXIT.startswith(partial)
             or partial.startswith(guest.MARK_EXIT))
@@ -204,15 +216,7 @@ def run(img: Image, opts: RunOptions, out=sys.stdout) -> int:
         disk = private / "disk.raw"
         with open(disk, "wb") as f:
             f.truncate(opts.disk_mib << 20)
-    extra = {"UBLKZSWAP_VM": "1", "UBLKZSWAP_VM_RESULTS": guest.RESULTS_DIR,
-             "UBLKZSWAP_VM_MODULES": guest.MODULES_DIR, "UBLKZSWAP_VM_KERNEL": img.kernel_version}
-    if disk is not None:
-        extra["UBLKZSWAP_VM_DISK"] = "/dev/vda"
-    if not out.isatty():
-        # the guest's console is a tty; do not let colour codes leak into a host log or pipe
-        extra["TERM"] = "dumb"
-    env = guest.guest_env(opts.env, python_bindir(), extra)
-    (rundir / "job.sh").write_text(guest.job_script(env, opts.cwd, opts.argv))
+    (rundir / "job.sh").write_text(job_script(img, opts, out.isatty()))
 
     t0 = time.monotonic()
     proc = subprocess.Popen(qemu_argv(img, opts, rundir, monitor, disk), preexec_fn=_die_with_parent,
