@@ -55,6 +55,7 @@ import time
 import numpy as np
 
 from .libc import check as _check, libc as _libc
+from .memory import name_mapping, resident_array
 from .uapi import PAGE_SIZE
 
 
@@ -132,15 +133,14 @@ class Arena:
         self._locked = False
         if lock:
             self.lock_all()
-        # per-page state and the two stacks (touched now, so later use never faults)
-        self.state = np.zeros(npages, dtype=np.uint8)
-        self.state.fill(UNBACKED)
+        name_mapping(self.base, self.size, "ublkzswap arena")
+        # per-page state (UNBACKED = 0) and the stack of READY pages, resident in mappings of
+        # their own (the I/O path touches them: it must never fault there)
+        self.state = resident_array(npages, np.uint8, "ublkzswap arena state")
         self._st = memoryview(self.state)
-        self._ready = np.zeros(npages, dtype=np.int64)
-        self._ready.fill(0)
+        self._ready = resident_array(npages, np.uint32, "ublkzswap arena state")
         self._rv = memoryview(self._ready)
         self._nready = 0
-        self._unbacked = np.arange(npages - 1, -1, -1, dtype=np.int64)  # top = lowest page
         self._nunbacked = npages
         self._lock = threading.Lock()
         self._refilled = threading.Condition(self._lock)
@@ -242,9 +242,8 @@ class Arena:
             if nr < self.low or (nr == 0 and self.high > 0):
                 want = min(self.high - nr, self._nunbacked)
                 if want > 0:
-                    nu = self._nunbacked
-                    fill = self._unbacked[nu - want:nu].copy()
-                    self._nunbacked = nu - want
+                    fill = np.flatnonzero(self.state == UNBACKED)[:want]   # lowest first
+                    self._nunbacked -= len(fill)
                     self.state[fill] = BUSY
             elif nr > self.high:
                 keep = (self.low + self.high) // 2
@@ -293,11 +292,8 @@ class Arena:
         self._nready = n + k
 
     def _push_unbacked(self, pages: np.ndarray) -> None:
-        n = self._nunbacked
-        k = len(pages)
-        self._unbacked[n:n + k] = pages[::-1]
         self.state[pages] = UNBACKED
-        self._nunbacked = n + k
+        self._nunbacked += len(pages)
 
     def _populate(self, page: int, count: int) -> None:
         addr = self.base + page * PAGE_SIZE

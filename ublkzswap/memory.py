@@ -32,8 +32,11 @@ from __future__ import annotations
 
 import ctypes as C
 import errno
+import mmap
 import os
 import threading
+
+import numpy as np
 
 from . import uapi
 from .libc import libc as _libc, oserror
@@ -65,10 +68,7 @@ def lock_process(heap_headroom: int = HEAP_HEADROOM, oom_protect: bool = True) -
     _libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)  # never give the heap back
     _libc.mallopt(M_ARENA_MAX, 1)            # no mmap'ed per-thread arenas
     _libc.mallopt(M_TOP_PAD, 1 << 20)
-    p = _libc.malloc(heap_headroom)
-    if p:
-        C.memset(p, 1, heap_headroom)
-        _libc.free(C.c_void_p(p))
+    ensure_heap_headroom(heap_headroom)
     threading.stack_size(THREAD_STACK)
     if _libc.mlockall(MCL_FUTURE | MCL_ONFAULT) != 0:
         raise oserror("cannot lock memory (mlockall)")
@@ -148,6 +148,38 @@ def populate(address: int, length: int) -> None:
     buf = (C.c_char * length).from_address(address)
     for off in range(0, length, PAGE_SIZE):
         buf[off] = buf[off]
+
+
+PR_SET_VMA, PR_SET_VMA_ANON_NAME = 0x53564D41, 0
+
+
+def name_mapping(address: int, length: int, name: str) -> None:
+    """Name an anonymous mapping (``[anon:NAME]`` in /proc/PID/smaps), best effort: it costs
+    nothing and makes the daemon's memory readable by mapping (bench/bench_mem.py)."""
+    _libc.prctl(PR_SET_VMA, PR_SET_VMA_ANON_NAME, address, length,
+                C.cast(C.c_char_p(name.encode()), C.c_void_p).value)
+
+
+def resident_array(n: int, dtype, name: str):
+    """A zeroed numpy array of ``n`` items in an anonymous mapping of its own, resident now.
+    Per-device tables live here rather than on the heap: the heap's headroom is for the I/O
+    path's small objects, and a table there would use it up (or grow the heap)."""
+    nbytes = max(n * np.dtype(dtype).itemsize, 1)
+    m = mmap.mmap(-1, (nbytes + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE,
+                  flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    a = np.frombuffer(m, dtype=dtype, count=n)
+    populate(a.ctypes.data, len(m))
+    name_mapping(a.ctypes.data, len(m), name)
+    return a
+
+
+def ensure_heap_headroom(nbytes: int = HEAP_HEADROOM) -> None:
+    """Make sure ``nbytes`` of touched free heap lie ready (glibc never trims it back), e.g. after
+    a device was set up: the I/O path's small allocations then never grow the heap."""
+    p = _libc.malloc(nbytes)
+    if p:
+        C.memset(p, 1, nbytes)
+        _libc.free(C.c_void_p(p))
 
 
 class _sysinfo(C.Structure):

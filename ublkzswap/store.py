@@ -34,7 +34,6 @@ Still naive: counters and table live in private memory; one lock, so one core pe
 from __future__ import annotations
 
 import errno
-import mmap
 import threading
 
 import numpy as np
@@ -42,7 +41,7 @@ import numpy as np
 from . import arena as _arena
 from . import compress as _compress
 from . import xvmalloc
-from .memory import populate
+from .memory import resident_array
 from .target import OP_READ, OP_WRITE, BackingIO
 from .uapi import PAGE_SHIFT, PAGE_SIZE
 
@@ -104,10 +103,8 @@ class Store:
         self.pool = pool
         self.allocator = ALLOCATORS[allocator](pool) if isinstance(allocator, str) else allocator
         # the slot table in a mapping of its own, resident now (the I/O path never faults on it)
-        self._map = mmap.mmap(-1, 16 * self.npages, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self._tab = np.frombuffer(self._map, dtype=np.uint64)
-        populate(self._tab.ctypes.data, len(self._map))
-        self._t = memoryview(self._map).cast("Q")
+        self._tab = resident_array(2 * self.npages, np.uint64, "ublkzswap slot table")
+        self._t = memoryview(self._tab)
         self._counters = np.zeros(len(COUNTERS), dtype=np.int64)
         self._c = memoryview(self._counters)
         self._lock = threading.Lock()

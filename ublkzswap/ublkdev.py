@@ -23,6 +23,7 @@ import os
 import threading
 
 from . import ublkctrl
+from .memory import ensure_heap_headroom
 from .queue import Queue
 from .target import features
 
@@ -142,6 +143,7 @@ class UblkDevice:
                 f.write("none")
         except OSError:
             pass
+        ensure_heap_headroom()     # whatever setting up took from it, the I/O path has it back
 
     def users(self, *, openers: bool = False) -> list[str]:
         """What holds ``/dev/ublkbN`` now (see :func:`block_users`); [] if it does not exist."""
