@@ -22,6 +22,7 @@ info and --list) rather than being replaced.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -60,6 +61,13 @@ def warm_up(storemod, compressor: str) -> None:
         s.discard(8 * PAGE_SIZE, 2 * PAGE_SIZE)
         s.write_zeroes(10 * PAGE_SIZE, 2 * PAGE_SIZE)
         s.stats()
+        s.set_memlimit(PAGE_SIZE)                  # the refusals are paths too
+        for write in (s.write_swap, s.write):
+            try:
+                write(16 * PAGE_SIZE, memoryview(pages[-1]))
+                raise AssertionError("store self-test: a write beyond the memory limit was stored")
+            except OSError as e:
+                assert e.errno in (errno.ENOMEM, errno.ENOSPC), e
     finally:
         s.close()
 
