@@ -3,10 +3,18 @@ built on it, with real stores: the compcache policy tested without a kernel."""
 from __future__ import annotations
 
 import errno
+import functools
+import mmap
+import os
 
+from ublkzswap import devices
+from ublkzswap.backing import Backing, swap_header
 from ublkzswap.devices import Manager
 from ublkzswap.queue import QueueCounters
 from ublkzswap.store import Store
+from ublkzswap.target import run_backing_io
+
+PAGE = 4096
 
 RAM = 64 << 20        # what the policy believes the machine has: 25% is a 16 MiB device
 
@@ -105,3 +113,57 @@ class RecordingManager(Manager):
 
     def store(self, dev):
         return self.devs[dev].target
+
+
+# pages of known kinds, for tests that check counters they caused
+
+def text_page(i: int) -> bytes:
+    """Compresses well (lzo: about 100 bytes): good_compress."""
+    return (f"page {i}: the quick brown fox jumps over the lazy dog. " * 100).encode()[:PAGE]
+
+
+def medium_page() -> bytes:
+    """Compresses, but to more than half a page (lzo: about 2660 bytes): stored, not good."""
+    return os.urandom(2500) + bytes(PAGE - 2500)
+
+
+def random_page() -> bytes:
+    """Incompressible: kept raw (huge_pages), or forwarded to a backing swap."""
+    return os.urandom(PAGE)
+
+
+def same_page(word: int) -> bytes:
+    """Every 8-byte word equal: no memory (zero_pages if 0, else same_pages)."""
+    return word.to_bytes(8, "little") * (PAGE // 8)
+
+
+def write_pages(store, first: int, pages) -> None:
+    """Write ``pages`` to slots ``first``.. through the target API, one request each, doing the
+    backing I/O a write asks for as the queue would."""
+    buf = memoryview(mmap.mmap(-1, PAGE))             # page-aligned, as O_DIRECT wants
+    for i, page in enumerate(pages):
+        buf[:] = page
+        pending = store.write((first + i) * PAGE, buf)
+        if pending is not None:
+            run_backing_io(pending, buf)
+
+
+def read_page(store, index: int) -> bytes:
+    buf = memoryview(mmap.mmap(-1, PAGE))
+    pending = store.read(index * PAGE, buf)
+    if pending is not None:
+        run_backing_io(pending, buf)
+    return bytes(buf)
+
+
+def make_swapfile(path, pages: int) -> str:
+    """A regular file of ``pages`` pages, no holes, mkswap'd (a swap header in page 0)."""
+    with open(path, "wb") as f:
+        f.write(swap_header(pages * PAGE) + bytes((pages - 1) * PAGE))
+    return str(path)
+
+
+def backing_through_the_filesystem(monkeypatch) -> None:
+    """Make the Manager open backing swaps as test_backing.py does (``remap=False``): on ext4
+    the real Backing would write to the block device under the test's temp file."""
+    monkeypatch.setattr(devices, "Backing", functools.partial(Backing, remap=False))

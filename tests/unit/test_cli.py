@@ -1,5 +1,6 @@
 """cli.py (rzscontrol): parsing, fixed order, compcache messages and output, extras, via a real
-ControlServer on a temp socket in front of the fake Manager."""
+ControlServer on a temp socket in front of the real Manager over fake ublk devices
+(fakeublk.RecordingManager) with real stores: the numbers shown are those of pages written."""
 
 import json
 import os
@@ -10,11 +11,13 @@ import tempfile
 
 import pytest
 
-from ublkzswap import cli, stats as statsmod
+from ublkzswap import cli, compress, stats as statsmod
 from ublkzswap.ctlserver import ControlServer
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_control_fake import FakeManager  # noqa: E402
+from fakeublk import (PAGE, RAM, RecordingManager, backing_through_the_filesystem,  # noqa: E402
+                      make_swapfile, medium_page, random_page, read_page, same_page, text_page,
+                      write_pages)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEV = "/dev/ublkb0"
@@ -23,12 +26,13 @@ DEV = "/dev/ublkb0"
 @pytest.fixture
 def env(monkeypatch):
     d = tempfile.mkdtemp(prefix="ublkzswap-cli-", dir="/tmp")
-    m = FakeManager(3)
+    m = RecordingManager(3)
     path = os.path.join(d, "control.sock")
     srv = ControlServer(m, path).start()
     monkeypatch.setenv("UBLKZSWAP_SOCKET", path)
     yield m, path
     srv.close()
+    m.teardown()
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -40,6 +44,18 @@ def run(capsys, *argv):
 
 def ops(m):
     return [c[0] for c in m.calls if c[0] not in ("devices", "info")]
+
+
+def clen(*pages):
+    """Compressed size of pages, as the store compresses them (lzo, the devices' compressor)."""
+    return sum(len(compress.get("lzo").compress(p)) for p in pages)
+
+
+@pytest.fixture
+def swapfile(tmp_path, monkeypatch):
+    """A 4 MiB backing swap file the Manager opens through the filesystem."""
+    backing_through_the_filesystem(monkeypatch)
+    return make_swapfile(tmp_path / "swap", 1024)
 
 
 # ---------------------------------------------------------------- compcache compatibility
@@ -55,13 +71,13 @@ def test_usage_text_is_compcaches_translated():
                          "See rzscontrol manpage for details.\n")
 
 
-def test_fixed_order_whatever_the_order_given(env, capsys):
+def test_fixed_order_whatever_the_order_given(env, capsys, swapfile):
     m, _ = env
-    rc, out, err = run(capsys, DEV, "-s", "-r", "-i", "-d", "10240", "-m", "2048", "-b", "/dev/sda2")
+    rc, out, err = run(capsys, DEV, "-s", "-r", "-i", "-d", "10240", "-m", "2048", "-b", swapfile)
     # reset runs before stats, so stats finds the device uninitialised, as in compcache
     assert (rc, out, err) == (1, "", "stats: Inappropriate ioctl for device\n")
     assert ops(m) == ["set_backing_swap", "set_memlimit_kb", "set_disksize_kb", "init", "reset", "stats"]
-    assert m.calls[0] == ("set_backing_swap", 0, "/dev/sda2")
+    assert m.calls[0] == ("set_backing_swap", 0, swapfile)
     assert ("set_memlimit_kb", 0, 2048) in m.calls and ("set_disksize_kb", 0, 10240) in m.calls
 
 
@@ -101,7 +117,7 @@ def test_memlimit_on_initialised_device_is_forwarded(env, capsys):
     m, _ = env
     run(capsys, DEV, "-i")
     assert run(capsys, DEV, "-m", "4096")[0] == 0
-    assert m.devs[0]["mem_limit"] == 4096 << 10
+    assert m.info(0)["mem_limit"] == 4096 << 10 and m.store(0).memlimit == 4096 << 10
 
 
 @pytest.mark.parametrize("opt,name", [("-m", "memlimit_kb"), ("-d", "disksize_kb"),
@@ -124,7 +140,7 @@ def test_non_decimal_size_one_line(env, capsys, value):
 def test_ten_digit_size_accepted(env, capsys):
     m, _ = env
     assert run(capsys, DEV, "--disksize_kb=9999999999")[0] == 0
-    assert m.devs[0]["disksize"] == 9999999999 << 10
+    assert m.info(0)["disksize"] == 9999999999 << 10
 
 
 @pytest.mark.parametrize("argv", [["/dev/sda", "-s"], ["/dev/ublkb", "-s"], ["/dev/ublkb01", "-s"],
@@ -180,77 +196,140 @@ def test_unreachable_daemon_one_line(capsys, monkeypatch):
 
 # ---------------------------------------------------------------- output
 
-GOLDEN = (
-    "DiskSize:\t   10240 kB\n"
-    "NumReads:\t       0\n"
-    "NumWrites:\t    1100\n"
-    "FailedReads:\t       0\n"
-    "FailedWrites:\t       0\n"
-    "InvalidIO:\t       0\n"
-    "NotifyFree:\t       0\n"
-    "ZeroPages:\t     100\n"
-    "GoodCompress:\t      45 %\n"
-    "NoCompress:\t      10 %\n"
-    "PagesStored:\t    1000\n"
-    "PagesUsed:\t     431\n"
-    "OrigDataSize:\t    4000 kB\n"
-    "ComprDataSize:\t    1718 kB\n"
-    "MemUsedTotal:\t    1726 kB\n"
-)
+def mixed_pages():
+    """Pages of every kind, 67 in all."""
+    text = [text_page(i) for i in range(40)]         # compress to ~100 bytes: good
+    medium = [medium_page() for _ in range(5)]       # compress to > 2048 bytes: stored, not good
+    huge = [random_page() for _ in range(10)]        # incompressible
+    zero = [same_page(0)] * 8                        # ZeroPages, no memory
+    same = [same_page(0x5A5A + i) for i in range(4)]  # same-filled: stored (and good), no memory
+    return text, medium, huge, zero, same
 
 
 def test_stats_golden_text(env, capsys):
     m, _ = env
     run(capsys, DEV, "-d", "10240", "-i")
-    m.store_pages(0, 1000, zero=100, huge=100)
-    assert run(capsys, DEV, "-s") == (0, GOLDEN, "")
+    base = m.stats(0)                    # what init left behind (it wrote the swap header)
+    text, medium, huge, zero, same = mixed_pages()
+    write_pages(m.store(0), 1, text + medium + huge + zero + same)
+    # stored: text, medium, huge, same = 59; good: text, same = 44; kept raw: huge = 10
+    writes, stored = base["num_writes"] + 67, base["pages_stored"] + 59
+    good, raw = base["good_compress"] + 44, base["huge_pages"] + 10
+    compr = base["compr_data_size"] + clen(*text, *medium) + 10 * PAGE
+    st = m.stats(0)
+    assert (st["compr_data_size"], st["pages_stored"]) == (compr, stored)
+    total = st["mem_used_total"]
+    assert total % PAGE == 0 and total >= compr
+    assert run(capsys, DEV, "-s") == (0, (
+        "DiskSize:\t   10240 kB\n"
+        "NumReads:\t       0\n"
+        f"NumWrites:\t{writes:8}\n"
+        "FailedReads:\t       0\n"
+        "FailedWrites:\t       0\n"
+        "InvalidIO:\t       0\n"
+        "NotifyFree:\t       0\n"
+        f"ZeroPages:\t{base['zero_pages'] + 8:8}\n"
+        f"GoodCompress:\t{good * 100 // stored:8} %\n"
+        f"NoCompress:\t{raw * 100 // stored:8} %\n"
+        f"PagesStored:\t{stored:8}\n"
+        f"PagesUsed:\t{total >> 12:8}\n"
+        f"OrigDataSize:\t{(base['orig_data_size'] >> 10) + 59 * 4:8} kB\n"
+        f"ComprDataSize:\t{compr >> 10:8} kB\n"
+        f"MemUsedTotal:\t{total >> 10:8} kB\n"
+    ), "")
 
 
-def test_stats_golden_text_with_backing_swap(env, capsys):
+def test_stats_golden_text_with_backing_swap(env, capsys, swapfile):
     m, _ = env
-    run(capsys, DEV, "-b", "/dev/sda2", "-m", "10240", "-i")
-    m.store_pages(0, 1000, zero=100, huge=100)
-    m.devs[0]["stats"].update(bd_reads=3, bd_writes=42)
+    run(capsys, DEV, "-b", swapfile, "-m", "1024", "-i")
+    s = m.store(0)
+    base = m.stats(0)
+    text, medium, huge, zero, same = mixed_pages()
+    write_pages(s, 1, text + medium + huge + zero + same)
+    # with a backing swap, what compresses to more than 2048 bytes goes there: medium and huge
+    # (15 written there, not stored); three of them read back come from it, a text and a zero
+    # page from RAM. Stored: text, same = 44, all good.
+    for i in range(3):
+        assert read_page(s, 1 + 40 + 5 + i) == huge[i]
+    assert read_page(s, 1) == text[0] and read_page(s, 1 + 55) == zero[0]
+    stored, good = base["pages_stored"] + 44, base["good_compress"] + 44
+    compr = base["compr_data_size"] + clen(*text)
+    st = m.stats(0)
+    assert (st["compr_data_size"], st["pages_stored"]) == (compr, stored)
+    total = st["mem_used_total"]
+    assert total % PAGE == 0 and total >= compr
     rc, out, err = run(capsys, DEV, "--stats")
-    lines = GOLDEN.replace("   10240 kB", "   65536 kB", 1).splitlines(keepends=True)
-    assert out == ("BackingSwap:\t/dev/sda2\n" + lines[0] + "MemLimit:\t   10240 kB\n"
-                   + "".join(lines[1:]) + "BDevNumReads:\t       3\nBDevNumWrites:\t      42\n")
+    assert (rc, err) == (0, "")
+    assert out == (
+        f"BackingSwap:\t{swapfile}\n"
+        "DiskSize:\t    4096 kB\n"
+        "MemLimit:\t    1024 kB\n"
+        f"NumReads:\t{base['num_reads'] + 2:8}\n"
+        f"NumWrites:\t{base['num_writes'] + 67:8}\n"
+        "FailedReads:\t       0\n"
+        "FailedWrites:\t       0\n"
+        "InvalidIO:\t       0\n"
+        "NotifyFree:\t       0\n"
+        f"ZeroPages:\t{base['zero_pages'] + 8:8}\n"
+        f"GoodCompress:\t{good * 100 // stored:8} %\n"
+        f"NoCompress:\t{base['huge_pages'] * 100 // stored:8} %\n"
+        f"PagesStored:\t{stored:8}\n"
+        f"PagesUsed:\t{total >> 12:8}\n"
+        f"OrigDataSize:\t{(base['orig_data_size'] >> 10) + 44 * 4:8} kB\n"
+        f"ComprDataSize:\t{compr >> 10:8} kB\n"
+        f"MemUsedTotal:\t{total >> 10:8} kB\n"
+        f"BDevNumReads:\t{base['bd_reads'] + 3:8}\n"
+        f"BDevNumWrites:\t{base['bd_writes'] + 15:8}\n"
+    )
 
 
 def test_stats_json(env, capsys):
     m, _ = env
     run(capsys, DEV, "-i")
-    m.store_pages(0, 10)
+    before = m.stats(0)
+    write_pages(m.store(0), 1, [text_page(i) for i in range(10)])
     rc, out, err = run(capsys, DEV, "--json")  # device + --json alone implies --stats
     d = json.loads(out)
-    assert rc == 0 and d["pages_stored"] == 10 and d["orig_data_size"] == 40960
+    assert rc == 0 and d["pages_stored"] == before["pages_stored"] + 10
+    assert d["orig_data_size"] == before["orig_data_size"] + 40960 == d["pages_stored"] * PAGE
     assert set(statsmod.RAW_NAMES) <= set(d) and "pages_used" in d
+    st = m.stats(0)
+    assert {k: d[k] for k in statsmod.RAW_NAMES} == {k: st[k] for k in statsmod.RAW_NAMES}
     rc, out2, err = run(capsys, DEV, "-s", "-j")
     assert json.loads(out2) == d
 
 
 def test_list_table(env, capsys):
     m, _ = env
-    run(capsys, DEV, "-d", "262144", "-i")
-    m.store_pages(0, 1000, huge=100)
+    run(capsys, DEV, "-d", "8192", "-i")
+    base = m.info(0)                     # what init left behind (it wrote the swap header)
+    text, huge = [text_page(i) for i in range(900)], [random_page() for _ in range(300)]
+    write_pages(m.store(0), 1, text + huge)
     m.swapon(0)
     run(capsys, "/dev/ublkb2", "-d", "1024")
+    info = m.info(0)
+    data = base["orig_data_size"] + 1200 * PAGE
+    compr = base["compr_data_size"] + clen(*text) + 300 * PAGE
+    assert (info["orig_data_size"], info["compr_data_size"]) == (data, compr)
+    total = info["mem_used_total"]
+    assert total % PAGE == 0 and total >= compr
+    # 4.7M, 1.xM, 1.xM: as wide as their column titles at most
+    hdata, hcompr, htotal = cli.human_size(data), cli.human_size(compr), cli.human_size(total)
     rc, out, err = run(capsys, "--list")
     assert (rc, err) == (0, "")
     assert out == (
         "NAME        DISKSIZE DATA COMPR TOTAL MEM-LIMIT ALGORITHM STATE\n"
-        "/dev/ublkb0     256M 3.9M  1.7M  1.7M        0B lzo       active\n"
+        f"/dev/ublkb0       8M {hdata:>4} {hcompr:>5} {htotal:>5}        0B lzo       active\n"
         "/dev/ublkb1       0B    -     -     -        0B lzo       uninitialised\n"
         "/dev/ublkb2       1M    -     -     -        0B lzo       uninitialised\n"
     )
     rc, out, err = run(capsys, "-l", "--bytes")
-    assert out.splitlines()[1].split() == ["/dev/ublkb0", str(256 << 20), "4096000", "1759600",
-                                           "1767792", "0", "lzo", "active"]
+    assert out.splitlines()[1].split() == ["/dev/ublkb0", str(8 << 20), str(data), str(compr),
+                                           str(total), "0", "lzo", "active"]
     rc, out, err = run(capsys, "--list", "--json")
     d = json.loads(out)
     assert [x["name"] for x in d["devices"]] == ["/dev/ublkb0", "/dev/ublkb1", "/dev/ublkb2"]
     assert d["devices"][0]["state"] == "active"
-
 
 @pytest.mark.parametrize("n,text", [(0, "0B"), (1023, "1023B"), (1024, "1K"), (1536, "1.5K"),
                                     (256 << 20, "256M"), (int(1.25 * (1 << 30)), "1.2G"),
@@ -265,7 +344,9 @@ def test_shim_runs_from_checkout(env):
                        capture_output=True, text=True, timeout=30,
                        env=dict(os.environ, UBLKZSWAP_SOCKET=path))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("DiskSize:\t  262144 kB\n")
+    quarter = (25 * (RAM // 100)) & ~(PAGE - 1)        # no size given: 25% of RAM, page-aligned
+    assert m.stats(1)["disksize"] == quarter
+    assert r.stdout.startswith(f"DiskSize:\t{quarter >> 10:8} kB\n")
     r = subprocess.run([sys.executable, "-m", "ublkzswap.cli", "/dev/ublkb1", "-i"], cwd=REPO,
                        capture_output=True, text=True, timeout=30,
                        env=dict(os.environ, UBLKZSWAP_SOCKET=path))

@@ -1,5 +1,6 @@
 """control.py and ctlserver.py: framing, request checks, permission rules and a real
-ControlServer on a temp socket (the op table itself: test_control_ops.py)."""
+ControlServer on a temp socket, in front of the real Manager over fake ublk devices
+(fakeublk.RecordingManager; the op table itself: test_control_ops.py)."""
 
 import errno
 import json
@@ -22,7 +23,7 @@ from ublkzswap.control import Client, DaemonUnreachable, FrameError
 from ublkzswap.ctlserver import ControlServer
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_control_fake import FakeManager  # noqa: E402
+from fakeublk import RecordingManager  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,10 +38,11 @@ def sockdir():
 
 @pytest.fixture
 def server(sockdir):
-    m = FakeManager()
+    m = RecordingManager()
     srv = ControlServer(m, os.path.join(sockdir, "control.sock"), timeout=1.0).start()
     yield srv
     srv.close()
+    m.teardown()
 
 
 def raw_connect(path, timeout=3.0):
@@ -109,13 +111,15 @@ def test_malformed_bodies(body):
     ({"v": 1, "op": "set_backing_swap", "dev": 0, "path": "/dev/a\0b"}, errno.EINVAL),
 ])
 def test_check_request_refusals(msg, err):
-    srv = ControlServer(FakeManager(), "/nonexistent/x.sock")
+    m = RecordingManager()
+    srv = ControlServer(m, "/nonexistent/x.sock")
     ans = srv.handle(msg, uid=0)
     assert ans["ok"] is False and ans["errno"] == err and ans["error"]
+    assert m.calls == []
 
 
 def test_write_ops_need_root_or_owner():
-    m = FakeManager()
+    m = RecordingManager()
     srv = ControlServer(m, "/nonexistent/x.sock", owner_uid=1000)
     for uid in (0, 1000):
         assert srv.handle({"v": 1, "op": "reset", "dev": 0}, uid)["ok"] is True
@@ -130,7 +134,7 @@ def test_write_ops_need_root_or_owner():
 
 
 def test_manager_exceptions_become_errno_answers(caplog):
-    class Broken(FakeManager):
+    class Broken(RecordingManager):
         def info(self, dev):
             raise RuntimeError("boom")
 
@@ -149,12 +153,15 @@ def test_manager_exceptions_become_errno_answers(caplog):
 
 
 def test_list_skips_devices_removed_meanwhile():
-    m = FakeManager(3)
-    real = m.devices
-    m.devices = lambda: real() + [9]  # 9 raises ENODEV in info()
+    class Vanishing(RecordingManager):
+        def devices(self):
+            return super().devices() + [9]  # gone by the time it is asked: info(9) is ENODEV
+
+    m = Vanishing(3)
     srv = ControlServer(m, "/nonexistent/x.sock")
     ans = srv.handle({"v": 1, "op": "list"}, 0)
     assert [i["dev"] for i in ans["result"]] == [0, 1, 2]
+    assert ("info", 9) in m.calls
 
 
 def test_default_path_env(monkeypatch):
@@ -163,8 +170,8 @@ def test_default_path_env(monkeypatch):
     monkeypatch.setenv("UBLKZSWAP_SOCKET", "/tmp/x.sock")
     assert control.default_path() == "/tmp/x.sock"
     assert Client().path == "/tmp/x.sock"
-    assert ControlServer(FakeManager()).path == "/tmp/x.sock"
-    assert ControlServer(FakeManager(), "/a/b.sock").path == "/a/b.sock"
+    assert ControlServer(RecordingManager()).path == "/tmp/x.sock"
+    assert ControlServer(RecordingManager(), "/a/b.sock").path == "/a/b.sock"
 
 
 # ---------------------------------------------------------------- real server
@@ -180,7 +187,7 @@ def test_client_server_lifecycle(server):
         c.call("init", 0)
         with pytest.raises(OSError) as e:
             c.call("init", 0)
-        assert e.value.errno == errno.EBUSY and e.value.detail == "Device already initialized!"
+        assert e.value.errno == errno.EBUSY and e.value.detail == "Device already initialized"
         assert c.call("stats", 0)["disksize"] == 10240 << 10
         assert c.call("info", 0)["state"] == "initialised"
         with pytest.raises(OSError) as e:
@@ -190,7 +197,7 @@ def test_client_server_lifecycle(server):
 
 def test_socket_mode_and_cleanup(sockdir):
     path = os.path.join(sockdir, "sub", "control.sock")
-    srv = ControlServer(FakeManager(), path).start()
+    srv = ControlServer(RecordingManager(), path).start()
     try:
         st_ = os.stat(path)
         assert stat.S_ISSOCK(st_.st_mode) and stat.S_IMODE(st_.st_mode) == 0o660
@@ -204,14 +211,14 @@ def test_stale_socket_replaced(sockdir):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.bind(path)
     s.close()  # file left behind, nobody listening
-    with ControlServer(FakeManager(), path) as srv:
+    with ControlServer(RecordingManager(), path) as srv:
         assert Client(path).call("devices") == [0, 1]
         assert srv.path == path
 
 
 def test_live_daemon_refuses_second_server(server):
     with pytest.raises(OSError) as e:
-        ControlServer(FakeManager(), server.path).start()
+        ControlServer(RecordingManager(), server.path).start()
     assert e.value.errno == errno.EADDRINUSE and server.path in str(e.value)
     assert Client(server.path).call("devices") == [0, 1]  # first one unharmed
 
@@ -221,7 +228,7 @@ def test_non_socket_file_never_removed(sockdir):
     with open(path, "w") as f:
         f.write("precious")
     with pytest.raises(OSError) as e:
-        ControlServer(FakeManager(), path).start()
+        ControlServer(RecordingManager(), path).start()
     assert e.value.errno == errno.EEXIST
     assert open(path).read() == "precious"
 
@@ -283,7 +290,7 @@ def test_slow_client_does_not_block_others(server):
 
 def test_many_idle_clients_then_a_real_one(sockdir):
     path = os.path.join(sockdir, "control.sock")
-    with ControlServer(FakeManager(), path, max_clients=4, timeout=5) as srv:
+    with ControlServer(RecordingManager(), path, max_clients=4, timeout=5) as srv:
         idle = [raw_connect(path) for _ in range(8)]
         time.sleep(0.2)
         assert len(srv._conns) <= 4
@@ -294,7 +301,7 @@ def test_many_idle_clients_then_a_real_one(sockdir):
 
 
 def test_unencodable_answer_is_eio(sockdir):
-    class Odd(FakeManager):
+    class Odd(RecordingManager):
         def info(self, dev):
             return {"dev": dev, "x": object()}
 
@@ -319,7 +326,7 @@ from ublkzswap.control import Client
 os.setgid(65534); os.setgroups([]); os.setuid(65534)
 out = {}
 c = Client(sys.argv[2])
-for op, kw in [("set_disksize_kb", {"dev": 0, "kb": 4}), ("init", {"dev": 0}),
+for op, kw in [("set_disksize_kb", {"dev": 0, "kb": 64}), ("init", {"dev": 0}),
                ("stats", {"dev": 1}), ("list", {}), ("info", {"dev": 1})]:
     try:
         r = c.call(op, **kw)
@@ -333,30 +340,43 @@ print(json.dumps(out))
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to setuid(65534) in a child process")
 @pytest.mark.parametrize("owner,expect_write", [(0, errno.EPERM), (65534, "ok")])
 def test_unprivileged_peer(sockdir, owner, expect_write):
-    m = FakeManager()
+    m = RecordingManager()
     m.set_disksize_kb(1, 4096)
     m.init(1)
     path = os.path.join(sockdir, "control.sock")
-    with ControlServer(m, path, owner_uid=owner):
-        os.chmod(path, 0o666)  # the test's peer is in no group of ours
-        r = subprocess.run([sys.executable, "-c", UNPRIV, REPO, path],
-                           capture_output=True, text=True, timeout=30)
-        assert r.returncode == 0, r.stderr
-        out = json.loads(r.stdout)
-    assert out["init"] == expect_write
-    assert out["set_disksize_kb"] == expect_write
-    assert out["stats"] == "ok" and out["list"] == "ok" and out["info"] == "ok"
-    assert m.devs[0]["init"] is (expect_write == "ok")
+    try:
+        with ControlServer(m, path, owner_uid=owner):
+            os.chmod(path, 0o666)  # the test's peer is in no group of ours
+            r = subprocess.run([sys.executable, "-c", UNPRIV, REPO, path],
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, r.stderr
+            out = json.loads(r.stdout)
+        assert out["init"] == expect_write
+        assert out["set_disksize_kb"] == expect_write
+        assert out["stats"] == "ok" and out["list"] == "ok" and out["info"] == "ok"
+        assert m.devs[0].initialised is (expect_write == "ok")
+    finally:
+        m.teardown()
 
 
 # ---------------------------------------------------------------- fuzzing
 
+class FuzzManager(RecordingManager):
+    """The real Manager with the disksize capped at 1 MiB: it builds (and populates) a slot table
+    for whatever size it is told, and hypothesis likes sizes of 2**40 kB."""
+
+    def set_disksize_kb(self, dev, kb):
+        return super().set_disksize_kb(dev, min(kb, 1024))
+
+
 @pytest.fixture(scope="module")
 def fuzz_server():
     d = tempfile.mkdtemp(prefix="ublkzswap-fuzz-", dir="/tmp")
-    srv = ControlServer(FakeManager(), os.path.join(d, "control.sock"), timeout=0.5).start()
+    m = FuzzManager()
+    srv = ControlServer(m, os.path.join(d, "control.sock"), timeout=0.5).start()
     yield srv
     srv.close()
+    m.teardown()
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -407,7 +427,7 @@ def test_fuzz_json_requests_always_answered(fuzz_server, extra, op):
 
 def test_idle_connection_dropped_and_client_reconnects(sockdir):
     path = os.path.join(sockdir, "c.sock")
-    with ControlServer(FakeManager(), path, timeout=5, idle_timeout=0.3) as srv:
+    with ControlServer(RecordingManager(), path, timeout=5, idle_timeout=0.3) as srv:
         c = Client(path)
         assert c.call("devices") == [0, 1]
         first = c._sock
@@ -420,7 +440,7 @@ def test_idle_connection_dropped_and_client_reconnects(sockdir):
 
 def test_idle_timeout_longer_than_request_timeout(sockdir):
     path = os.path.join(sockdir, "c.sock")
-    with ControlServer(FakeManager(), path, timeout=0.3, idle_timeout=5) as srv:
+    with ControlServer(RecordingManager(), path, timeout=0.3, idle_timeout=5) as srv:
         c = Client(path)
         assert c.call("devices") == [0, 1]
         time.sleep(0.8)
@@ -432,7 +452,7 @@ def test_idle_timeout_longer_than_request_timeout(sockdir):
 def test_socket_path_too_long(sockdir):
     path = os.path.join(sockdir, "x" * 120)
     with pytest.raises(OSError) as e:
-        ControlServer(FakeManager(), path).start()
+        ControlServer(RecordingManager(), path).start()
     assert e.value.errno == errno.ENAMETOOLONG
     with pytest.raises(DaemonUnreachable) as e:
         Client(path).call("devices")

@@ -1,6 +1,7 @@
 """The control op table (control.OPS) drives the server's checks and dispatch, the docs and
-the owner rule: every op is dispatched and checked by its schema, documented, and an op added
-to the table is served (and refused for non-owners when owner-only) with no other change."""
+the owner rule: every op is dispatched to the real Manager (fakeublk.RecordingManager) and
+checked by its schema, documented, and an op added to the table is served (and refused for
+non-owners when owner-only) with no other change."""
 
 import errno
 import os
@@ -8,11 +9,11 @@ import sys
 
 import pytest
 
-from ublkzswap import control
+from ublkzswap import control, devices
 from ublkzswap.ctlserver import ControlServer
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_control_fake import FakeManager  # noqa: E402
+from fakeublk import RecordingManager  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -20,17 +21,15 @@ SAMPLE = {control.DEVICE: 0, control.KB: 4096, control.PATH: "/dev/sda2"}
 BAD = {control.DEVICE: -1, control.KB: "4096", control.PATH: 7}
 
 
-class Recorder:
-    """A Manager that records every call and answers with something encodable."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __getattr__(self, name):
-        def method(*args):
-            self.calls.append((name, *args))
-            return [0] if name == "devices" else {"dev": args[0]} if args else None
-        return method
+def manager_accepting(op):
+    """A RecordingManager (one small device) in a state where the real Manager accepts ``op``:
+    device 0 uninitialised, with a size, except for stats (ENOTTY before init). No calls yet."""
+    m = RecordingManager(1)
+    m.set_disksize_kb(0, 64)
+    if op.name == "stats":
+        m.init(0)
+    m.calls.clear()
+    return m
 
 
 def request(op, **override):
@@ -41,19 +40,22 @@ def request(op, **override):
 
 @pytest.mark.parametrize("op", list(control.OPS.values()), ids=list(control.OPS))
 def test_every_op_is_dispatched_by_its_schema(op):
-    m = Recorder()
-    srv = ControlServer(m, "/nonexistent/x.sock")
-    ans = srv.handle(request(op), uid=0)
-    assert ans["ok"] is True, ans
-    if op.manager:  # the Manager method of the same name, with the schema's arguments in order
-        assert m.calls == [(op.name, *(SAMPLE[t] for _, t in op.args))]
-    else:
-        assert callable(getattr(srv, "_op_" + op.name))
+    m = manager_accepting(op)
+    try:
+        srv = ControlServer(m, "/nonexistent/x.sock")
+        ans = srv.handle(request(op), uid=0)
+        assert ans["ok"] is True, ans
+        if op.manager:  # the Manager method of the same name, with the schema's arguments in order
+            assert m.calls == [(op.name, *(SAMPLE[t] for _, t in op.args))]
+        else:
+            assert callable(getattr(srv, "_op_" + op.name))
+    finally:
+        m.teardown()
 
 
 @pytest.mark.parametrize("op", list(control.OPS.values()), ids=list(control.OPS))
 def test_every_argument_is_checked_by_its_type(op):
-    srv = ControlServer(Recorder(), "/nonexistent/x.sock")
+    srv = ControlServer(RecordingManager(1), "/nonexistent/x.sock")
     for arg, typ in op.args:
         missing = {k: v for k, v in request(op).items() if k != arg}
         for msg in (request(op, **{arg: BAD[typ]}), missing):
@@ -63,14 +65,14 @@ def test_every_argument_is_checked_by_its_type(op):
     assert srv.manager.calls == []
 
 
-def test_manager_ops_are_in_the_contract_and_the_manager():
-    from ublkzswap.devices import Manager
+def test_manager_ops_are_in_the_contract_the_manager_and_the_recorder():
     with open(os.path.join(REPO, "docs", "CONTRACTS.md"), encoding="utf-8") as f:
         contract = f.read().split("## Manager", 1)[1].split("\n## ", 1)[0]
     for op in control.OPS.values():
         if op.manager:
             assert f"{op.name}(" in contract, op.name
-            assert callable(getattr(Manager, op.name)), op.name
+            assert callable(getattr(devices.Manager, op.name)), op.name
+            assert op.name in RecordingManager.CALLS, op.name
 
 
 def test_every_op_is_documented_in_the_module_docstring():
@@ -90,7 +92,7 @@ def test_an_owner_only_op_added_to_the_table_is_refused_for_others(monkeypatch):
     monkeypatch.setitem(control.OPS, "peek", control.Op(
         "peek", (("dev", control.DEVICE),), False, "look at a device", result="int"))
 
-    class Frobbable(FakeManager):
+    class Frobbable(RecordingManager):
         def frob(self, dev, kb):
             self.calls.append(("frob", dev, kb))
 

@@ -9,7 +9,7 @@ import pytest
 from ublkzswap import devices
 from ublkzswap.backing import SWAP_MAGIC
 
-from fakeublk import RAM, RecordingManager
+from fakeublk import RAM, RecordingManager, backing_through_the_filesystem, make_swapfile
 
 PAGE = 4096
 
@@ -100,6 +100,23 @@ Q, P15 = (25 * (RAM // 100)) & ~4095, (15 * (RAM // 100)) & ~4095   # compcache:
 ])
 def test_sizing_rules(disk_kb, mem_kb, backing, want):
     assert devices.sizes(disk_kb, mem_kb, backing, RAM) == want
+
+
+def test_init_with_a_backing_swap_takes_its_size_and_header(m, tmp_path, monkeypatch):
+    backing_through_the_filesystem(monkeypatch)
+    path = make_swapfile(tmp_path / "swap", 1024)                # 4 MiB
+    m.set_backing_swap(1, path)
+    m.set_disksize_kb(1, 10240)                                  # ignored with a backing swap
+    m.init(1)
+    s = m.stats(1)
+    assert s["backing_swap"] == path and s["disksize"] == 4 << 20
+    assert s["mem_limit"] == min(P15, 4 << 20) and 0 < s["mem_limit"] <= s["disksize"]
+    assert m.info(1)["backing_swap"] == path
+    h = page0(m, 1)
+    assert h[-10:] == SWAP_MAGIC and struct.unpack_from("<I", h, 1028)[0] == 1024 - 1
+    assert m.log[-1] == ("start", 1, 4 << 20)
+    m.reset(1)
+    assert m.info(1)["backing_swap"] == "" and m.devs[1].backing is None
 
 
 def test_set_memlimit_on_a_target_without_one_changes_nothing():
