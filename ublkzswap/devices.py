@@ -30,9 +30,10 @@ import threading
 
 from . import stats as statsmod
 from .backing import Backing, swap_header
-from .target import NullTarget, RamTarget, run_backing_io
+from .target import NullTarget, RamTarget
 from .uapi import PAGE_SIZE
 
+ALREADY = "Device already initialized!"       # compcache's words
 DEFAULT_DISKSIZE_PERC_RAM = 25
 DEFAULT_MEMLIMIT_PERC_RAM = 15
 
@@ -85,7 +86,7 @@ class Device:
 
     def init(self) -> None:
         if self.initialised:
-            raise OSError(errno.EBUSY, "Device already initialized")
+            raise OSError(errno.EBUSY, ALREADY)
         kind = self.cfg["target"]
         if self.backing_swap and kind != "zswap":
             raise OSError(errno.EINVAL, "a backing swap needs target=zswap")
@@ -104,10 +105,12 @@ class Device:
                 target = self.store_factory(disksize, memlimit=memlimit, backing=backing,
                                             compressor=self.cfg["compressor"])
             if kind != "null":
-                page = memoryview(bytearray(backing.header() if backing else swap_header(disksize)))
-                pending = target.write(0, page)
-                if pending is not None:
-                    run_backing_io(pending, page)
+                header = backing.header() if backing is not None else swap_header(disksize)
+                preformat = getattr(target, "preformat", None)
+                if preformat is not None:
+                    preformat(header)           # compcache: page 0 counted nowhere
+                else:
+                    target.write(0, memoryview(bytearray(header)))
             try:
                 self.ublk.start(target, backing_fd=backing.fd if backing is not None else -1)
             except BaseException:
@@ -223,7 +226,7 @@ class Manager:
         with self._lock:
             d = self._dev(dev_id)
             if d.initialised:
-                raise OSError(errno.EBUSY, "device already initialised")
+                raise OSError(errno.EBUSY, ALREADY)
             d.backing_swap = str(path)
 
     def set_memlimit_kb(self, dev_id: int, kb: int) -> None:
@@ -234,7 +237,7 @@ class Manager:
         with self._lock:
             d = self._dev(dev_id)
             if d.initialised:
-                raise OSError(errno.EBUSY, "device already initialised")
+                raise OSError(errno.EBUSY, ALREADY)
             d.disksize_kb = int(kb)
 
     def init(self, dev_id: int) -> None:

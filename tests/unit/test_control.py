@@ -187,7 +187,7 @@ def test_client_server_lifecycle(server):
         c.call("init", 0)
         with pytest.raises(OSError) as e:
             c.call("init", 0)
-        assert e.value.errno == errno.EBUSY and e.value.detail == "Device already initialized"
+        assert e.value.errno == errno.EBUSY and e.value.detail == "Device already initialized!"
         assert c.call("stats", 0)["disksize"] == 10240 << 10
         assert c.call("info", 0)["state"] == "initialised"
         with pytest.raises(OSError) as e:

@@ -531,3 +531,20 @@ def test_keeper_init_runs_in_the_keeper_thread():
         assert seen == ["arena-keeper"]
     finally:
         s.close()
+
+
+def test_preformatted_header_is_counted_nowhere_until_replaced():
+    s = mkstore()
+    header = b"\x11" * 4086 + b"SWAPSPACE2"
+    s.preformat(header)
+    assert rd(s, 0) == header
+    assert all(v == 0 for k, v in s.stats().items() if k not in ("disksize",)), s.stats()
+    check(s)
+    wr(s, 0, compressible(1))          # swapon/mkswap rewrote it: now an ordinary page
+    st_ = s.stats()
+    assert st_["pages_stored"] == 1 and st_["num_writes"] == 1 and st_["huge_pages"] == 0
+    check(s)
+    s.preformat(header)
+    s.discard(0, PAGE)
+    assert s.stats()["pages_stored"] == 0 and s.stats()["notify_free"] == 1
+    check(s)
