@@ -95,13 +95,16 @@ def _runs(pages: np.ndarray, most: int = 0):
 
 
 class Arena:
-    """``npages`` 4 KiB pages of address space, a pool of ready pages, a keeper.
+    """``npages`` 4 KiB pages of address space, handed out ``unit`` pages at a time from a
+    pool of ready units, and a keeper.
 
     Arguments:
       npages: size of the reservation in pages (no memory is used until pages
-        are populated).
-      low, high: watermarks of the ready pool in pages (clamped to ``npages``;
-        defaults 128 and 512).
+        are populated); rounded up to whole units.
+      unit: pages per unit (1 for xvmalloc's pages, a segment for the log allocator).
+        ``take`` and ``give`` deal in unit numbers.
+      low, high: watermarks of the ready pool in pages (in whole units, clamped to the
+        arena; defaults 128 and 512).
       lock: ``mlock2(MLOCK_ONFAULT)`` the mapping now (OSError if refused).
       inline_refill: tests and benchmarks without a keeper thread only — when
         the pool is empty, ``take`` runs :meth:`step` itself (this populates
@@ -111,19 +114,22 @@ class Arena:
         :class:`ublkzswap.memory.GrowthGuard`); False defers growth to a later pass.
     """
 
-    def __init__(self, npages: int, *, low: int | None = None, high: int | None = None,
-                 lock: bool = False, inline_refill: bool = False, prefill: bool = True,
-                 may_grow=None):
-        if npages <= 0:
-            raise ValueError(f"arena needs at least one page, got {npages}")
+    def __init__(self, npages: int, *, unit: int = 1, low: int | None = None,
+                 high: int | None = None, lock: bool = False, inline_refill: bool = False,
+                 prefill: bool = True, may_grow=None):
+        if npages <= 0 or unit <= 0:
+            raise ValueError(f"arena needs at least one page and unit, got {npages}, {unit}")
         low = DEFAULT_LOW if low is None else low
         high = DEFAULT_HIGH if high is None else high
         if low < 0 or high < 1 or low > high:
             raise ValueError(f"watermarks need 0 <= low <= high and high >= 1, got low={low} high={high}")
-        self.npages = npages
+        self.unit = unit
+        self.unit_bytes = unit * PAGE_SIZE
+        self.nunits = nunits = -(-npages // unit)
+        self.npages = npages = nunits * unit
         self.size = npages * PAGE_SIZE
-        self.high = min(high, npages)
-        self.low = min(low, self.high)
+        self.high = min(-(-high // unit), nunits)
+        self.low = min(-(-low // unit), self.high)
         self._map = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
         self.mem = np.frombuffer(self._map, dtype=np.uint8)
         self.base = self.mem.ctypes.data
@@ -136,12 +142,12 @@ class Arena:
         name_mapping(self.base, self.size, "ublkzswap arena")
         # per-page state (UNBACKED = 0) and the stack of READY pages, resident in mappings of
         # their own (the I/O path touches them: it must never fault there)
-        self.state = resident_array(npages, np.uint8, "ublkzswap arena state")
+        self.state = resident_array(nunits, np.uint8, "ublkzswap arena state")
         self._st = memoryview(self.state)
-        self._ready = resident_array(npages, np.uint32, "ublkzswap arena state")
+        self._ready = resident_array(nunits, np.uint32, "ublkzswap arena state")
         self._rv = memoryview(self._ready)
         self._nready = 0
-        self._nunbacked = npages
+        self._nunbacked = nunits
         self._lock = threading.Lock()
         self._refilled = threading.Condition(self._lock)
         self._event = threading.Event()
@@ -162,7 +168,7 @@ class Arena:
     # ---- I/O path
 
     def take(self, kind: int, timeout: float = 0.0) -> int:
-        """Pop a READY page for ``kind`` (OBJECTS or WHOLE); -1 if none is ready.
+        """Pop a READY unit for ``kind`` (OBJECTS or WHOLE); -1 if none is ready.
 
         With ``timeout > 0`` and the keeper running, an empty pool wakes the keeper and waits
         up to ``timeout`` seconds for its next batch (for writes whose failure the kernel
@@ -205,7 +211,7 @@ class Arena:
                 self._refilled.wait(min(left, 0.05))
 
     def give(self, page: int) -> None:
-        """Return a page (content irrelevant) to the READY pool."""
+        """Return a unit (content irrelevant) to the READY pool."""
         with self._lock:
             n = self._nready
             self._rv[n] = page
@@ -218,16 +224,16 @@ class Arena:
 
     @property
     def ready(self) -> int:
-        """Pages in the READY pool."""
+        """Units in the READY pool."""
         return self._nready
 
     @property
     def resident(self) -> int:
         """Pages not given back to the kernel (READY + in use + in transit)."""
-        return self.npages - self._nunbacked
+        return (self.nunits - self._nunbacked) * self.unit
 
     def pages_of(self, kind: int) -> np.ndarray:
-        """Page numbers currently in state ``kind``."""
+        """Unit numbers currently in state ``kind`` (pages when ``unit`` is 1)."""
         return np.flatnonzero(self.state == kind)
 
     def step(self) -> tuple[int, int]:
@@ -254,8 +260,8 @@ class Arena:
         if fill is not None:
             fill.sort()
             refused = False
-            for start, count in _runs(fill, POPULATE_BATCH):
-                if refused or (self.may_grow is not None and not self.may_grow(count * PAGE_SIZE)):
+            for start, count in _runs(fill, max(1, POPULATE_BATCH // self.unit)):
+                if refused or (self.may_grow is not None and not self.may_grow(count * self.unit_bytes)):
                     refused = True      # not now: the rest of this pass goes back unbacked
                     with self._lock:
                         self._push_unbacked(np.arange(start, start + count, dtype=np.int64))
@@ -295,9 +301,9 @@ class Arena:
         self.state[pages] = UNBACKED
         self._nunbacked += len(pages)
 
-    def _populate(self, page: int, count: int) -> None:
-        addr = self.base + page * PAGE_SIZE
-        length = count * PAGE_SIZE
+    def _populate(self, first: int, count: int) -> None:
+        addr = self.base + first * self.unit_bytes
+        length = count * self.unit_bytes
         if self.populate_method == "madvise":
             if _libc.madvise(addr, length, MADV_POPULATE_WRITE) == 0:
                 return
@@ -307,9 +313,9 @@ class Arena:
             self.populate_method = "memset"  # kernel older than 5.14
         ctypes.memset(addr, 0, length)  # pages are fresh zeros; ctypes drops the GIL
 
-    def _release(self, page: int, count: int) -> None:
-        addr = self.base + page * PAGE_SIZE
-        length = count * PAGE_SIZE
+    def _release(self, first: int, count: int) -> None:
+        addr = self.base + first * self.unit_bytes
+        length = count * self.unit_bytes
         if self._locked:
             _check(_libc.munlock(addr, length), "munlock")
         if _libc.madvise(addr, length, MADV_DONTNEED) != 0:

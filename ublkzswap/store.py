@@ -40,7 +40,7 @@ import numpy as np
 
 from . import arena as _arena
 from . import compress as _compress
-from . import xvmalloc
+from . import logalloc, xvmalloc
 from .memory import resident_array
 from .target import OP_READ, OP_WRITE, BackingIO
 from .uapi import PAGE_SHIFT, PAGE_SIZE
@@ -52,7 +52,7 @@ ARENA_SLACK_PAGES = 256                       # > pages of the largest request
 
 EMPTY, SAME, RAW, COMP = 0, 1, 2, 3           # slot kinds (low two bits of an entry)
 KIND_NAMES = ("empty", "same", "raw", "compressed")
-ALLOCATORS = {"xvmalloc": xvmalloc.XvPool}
+ALLOCATORS = {"log": logalloc.LogPool, "xvmalloc": xvmalloc.XvPool}   # default first
 
 #: The store's counters, in the order of its counter record (stats.py names).
 COUNTERS = ("num_reads", "num_writes", "failed_reads", "failed_writes", "notify_free",
@@ -82,7 +82,7 @@ class Store:
     """
 
     def __init__(self, disksize: int, *, memlimit: int = 0, compressor="lzo", backing=None,
-                 pool=None, allocator="xvmalloc", alloc_wait: float = 2.0, keeper: bool = True,
+                 pool=None, allocator="log", alloc_wait: float = 2.0, keeper: bool = True,
                  keeper_init=None, keeper_interval: float = _arena.DEFAULT_INTERVAL,
                  **pool_options):
         if type(disksize) is not int or disksize <= 0 or disksize % PAGE_SIZE:
@@ -97,9 +97,14 @@ class Store:
         self.alloc_wait = alloc_wait
         self._own_pool = pool is None
         if pool is None:
+            cls = ALLOCATORS[allocator]
             high = pool_options.get("high") or _arena.DEFAULT_HIGH
-            pool = _arena.Arena(min(self.npages + high + ARENA_SLACK_PAGES, xvmalloc.MAX_ARENA_PAGES),
-                                **pool_options)
+            # address space only: every slot raw, the ready pool, the pages of the largest
+            # request (an overwrite allocates before it frees); twice that for an allocator
+            # that leaves holes until it compacts
+            pages = (self.npages + high + ARENA_SLACK_PAGES) * (1 if cls is xvmalloc.XvPool else 2)
+            pool = _arena.Arena(min(pages, xvmalloc.MAX_ARENA_PAGES) if cls is xvmalloc.XvPool else pages,
+                                unit=cls.UNIT_PAGES, **pool_options)
         self.pool = pool
         self.allocator = ALLOCATORS[allocator](pool) if isinstance(allocator, str) else allocator
         # the slot table in a mapping of its own, resident now (the I/O path never faults on it)
@@ -122,7 +127,7 @@ class Store:
 
     @property
     def mem_used_total(self) -> int:
-        return (self.allocator.pages_used() + self._c[HUGE_PAGES]) << PAGE_SHIFT
+        return self.allocator.pages_used() << PAGE_SHIFT
 
     def stats(self) -> dict:
         """Every counter, keyed by the names in docs/CONTRACTS.md (sizes in bytes)."""
@@ -197,13 +202,14 @@ class Store:
         counted nowhere (num_writes, pages_stored, compr_data_size, mem_used_total) until it is
         overwritten or discarded. Raises OSError(ENOSPC) if no page is ready in time."""
         with self._lock:
-            p = self.pool.take(_arena.WHOLE, self.alloc_wait)
-            if p < 0:
-                raise OSError(errno.ENOSPC, "preformat: no memory ready")
-            self.pool.view[p << PAGE_SHIFT:(p + 1) << PAGE_SHIFT] = page
+            try:
+                a = self.allocator.malloc(PAGE_SIZE, self.alloc_wait)
+            except MemoryError:
+                raise OSError(errno.ENOSPC, "preformat: no memory ready") from None
+            self.pool.view[a:a + PAGE_SIZE] = page
             if self._t[0] & 3:
                 self._set(0, EMPTY)
-            self._t[0] = (p << 16) | (PAGE_SIZE << 2) | RAW
+            self._t[0] = (a << 16) | (PAGE_SIZE << 2) | RAW
             self.header_slot = 0
 
     def close(self) -> None:
@@ -227,7 +233,7 @@ class Store:
         c = self._c
         cfn, cargs = self.comp.compress_call
         backing, memlimit, max_zpage = self.backing, self.memlimit, self.max_zpage_size
-        alloc, pool, view = self.allocator, self.pool, self.pool.view
+        alloc, view = self.allocator, self.pool.view
         for k in range(n):
             idx = first + k
             c[NUM_WRITES] += 1
@@ -244,35 +250,28 @@ class Store:
             except Exception as e:
                 c[FAILED_WRITES] += 1
                 raise OSError(errno.EIO, f"write: page {idx}: compression failed: {e}") from None
-            clen = len(z)
+            clen, kind = len(z), COMP
             if clen > max_zpage:
                 if backing is not None:
                     fwd.append((OP_WRITE, idx, k))
                     continue
-                addr, kind, clen, z = pool.take(_arena.WHOLE, wait), RAW, PAGE_SIZE, page
-                if addr < 0:
-                    c[FAILED_WRITES] += 1
-                    raise OSError(errno.ENOSPC, f"write: page {idx}: no memory ready (retry later)")
-                used = (alloc.pages_used() + c[HUGE_PAGES] + 1) << PAGE_SHIFT
-                at = addr << PAGE_SHIFT
-            else:
-                try:
-                    addr = at = alloc.malloc(clen, wait)
-                except MemoryError:
-                    c[FAILED_WRITES] += 1
-                    if backing is not None:
-                        fwd.append((OP_WRITE, idx, k))
-                        continue
-                    raise OSError(errno.ENOSPC, f"write: page {idx}: no memory ready (retry later)") from None
-                kind = COMP
-                used = (alloc.pages_used() + c[HUGE_PAGES]) << PAGE_SHIFT
+                kind, clen, z = RAW, PAGE_SIZE, page     # huge page: kept as it is
+            try:
+                addr = alloc.malloc(clen, wait)
+            except MemoryError:
+                c[FAILED_WRITES] += 1
+                if backing is not None:
+                    fwd.append((OP_WRITE, idx, k))
+                    continue
+                raise OSError(errno.ENOSPC, f"write: page {idx}: no memory ready (retry later)") from None
+            used = alloc.pages_used() << PAGE_SHIFT
             if memlimit and backing is None and used > memlimit:
-                pool.give(addr) if kind == RAW else alloc.free(addr)
+                alloc.free(addr, clen)
                 c[FAILED_WRITES] += 1
                 raise OSError(errno.ENOMEM, f"write: page {idx}: memory limit {memlimit} reached")
             if used > c[MEM_USED_MAX]:
                 c[MEM_USED_MAX] = used
-            view[at:at + clen] = z
+            view[addr:addr + clen] = z
             self._set(idx, kind, addr, clen)
 
     def _read_pages(self, first: int, n: int, mv: memoryview, fwd: list) -> None:
@@ -296,7 +295,7 @@ class Store:
                 v = t[2 * idx + 1]
                 mv[o:o + PAGE_SIZE] = v.to_bytes(8, "little") * 512 if v else _ZERO_PAGE
             elif kind == RAW:
-                b = (e >> 16) << PAGE_SHIFT
+                b = e >> 16
                 mv[o:o + PAGE_SIZE] = self.pool.view[b:b + PAGE_SIZE]
             elif self.backing is not None:
                 c[NUM_READS] -= 1                 # counted in bd_reads once it succeeded
@@ -316,10 +315,8 @@ class Store:
             t[i + 1] = value
         t[i] = (addr << 16) | (length << 2) | kind
         if okind:
-            if okind == COMP:
-                self.allocator.free(old >> 16)
-            elif okind == RAW:
-                self.pool.give(old >> 16)
+            if okind != SAME:
+                self.allocator.free(old >> 16, (old >> 2) & 0x1FFF)
             if idx == self.header_slot:
                 self.header_slot = -1          # the preformatted header was never counted
             else:

@@ -119,7 +119,7 @@ def search_index(size: int) -> int:
     return (((size + FL_DELTA - 1) & ~(FL_DELTA - 1)) - XV_MIN_ALLOC_SIZE) >> FL_DELTA_SHIFT
 
 
-OBJECTS = 2   # the page pool's kind for pages the allocator owns (arena.OBJECTS)
+OBJECTS, WHOLE = 2, 3   # the page pool's kinds: pages carved into objects, a page used whole
 
 
 class XvPool:
@@ -146,14 +146,18 @@ class XvPool:
         for i in range(NUM_FREE_LISTS):
             self._head[i] = NIL
         self._w = words
+        self._pool = pool
         self._take = pool.take
         self._give = pool.give
+        self._whole = 0
 
     # ---- public surface (xv_malloc, xv_free, xv_get_object_size, xv_get_total_size_bytes)
 
+    UNIT_PAGES = 1   # the page pool hands out single pages
+
     def pages_used(self) -> int:
-        """Pages currently owned by the pool (zs_get_total_pages)."""
-        return self._total[0]
+        """Pages currently owned: the pool's plus the whole ones (zs_get_total_pages)."""
+        return self._total[0] + self._whole
 
     def object_size(self, handle: int) -> int:
         """Exact size the object at ``handle`` was allocated with."""
@@ -163,8 +167,17 @@ class XvPool:
         """Allocate ``size`` bytes (1..4092); return the handle (byte address).
 
         Raises ValueError for a size out of range, MemoryError when no fitting free block
-        exists and the page pool has no page ready within ``timeout`` seconds.
+        exists and the page pool has no page ready within ``timeout`` seconds. A request
+        of exactly one page (an incompressible page) takes a whole pool page, as ramzswap
+        did with alloc_page: its handle is the page's address (page-aligned, which no
+        object handle is).
         """
+        if size == PAGE_SIZE:
+            page = self._take(WHOLE, timeout)
+            if page < 0:
+                raise MemoryError("xvmalloc: no ready page")
+            self._whole += 1
+            return page * PAGE_SIZE
         if size <= 0 or size > XV_MAX_ALLOC_SIZE:
             raise ValueError(f"xvmalloc: size {size} outside 1..{XV_MAX_ALLOC_SIZE}")
         w = self._w
@@ -237,10 +250,14 @@ class XvPool:
         w[a] = size | ((h & ~_SIZE) & ~_HF)
         return (a << 2) + XV_ALIGN
 
-    def free(self, handle: int) -> None:
-        """Free the object at ``handle``; merge with free neighbours; give the
-        page back when it becomes entirely free. Raises XvError on a double
-        free or a handle that is not 4-aligned."""
+    def free(self, handle: int, size: int | None = None) -> None:
+        """Free the object at ``handle`` (``size`` is not needed: the header has it); merge
+        with free neighbours; give the page back when it becomes entirely free. Raises
+        XvError on a double free or a handle that is not 4-aligned."""
+        if not handle & (PAGE_SIZE - 1):
+            self._whole -= 1
+            self._give(handle >> 12)
+            return
         if handle & 3 or handle < XV_ALIGN:
             raise XvError(f"xvmalloc: bad handle {handle:#x}")
         w = self._w
@@ -330,7 +347,17 @@ class XvPool:
                 raise XvError(f"free list {idx} is cyclic")
         return out
 
-    def check(self, pages) -> dict[int, int]:
+    def check(self, objects: dict[int, int]) -> None:
+        """Assert that ``objects`` ({address: size}: every live object, whole pages included)
+        are exactly what this allocator holds (tests; slow)."""
+        whole = {a for a, n in objects.items() if n == PAGE_SIZE and not a & (PAGE_SIZE - 1)}
+        assert {p * PAGE_SIZE for p in self._pool.pages_of(WHOLE).tolist()} == whole, "whole pages disagree"
+        assert self._whole == len(whole), f"{self._whole} whole pages counted, {len(whole)} held"
+        rest = {a: n for a, n in objects.items() if a not in whole}
+        live = self.walk(self._pool.pages_of(OBJECTS))
+        assert live == rest, f"{len(rest)} objects given, {len(live)} live in the pool"
+
+    def walk(self, pages) -> dict[int, int]:
         """Walk every block of ``pages`` (the pool's pages) and verify every
         invariant of the allocator. Returns {handle: object size} of the
         allocated objects. Raises AssertionError with a description on the

@@ -14,24 +14,18 @@ def check(store) -> None:
     tab = store.table()
     st = store.stats()
     kinds, addr, length, value = tab["kind"], tab["address"], tab["length"], tab["value"]
-    header = []
-    if store.header_slot >= 0:          # preformatted page 0: a WHOLE page, counted nowhere
+    held = np.flatnonzero((kinds == COMP) | (kinds == RAW))
+    objects = {int(addr[i]): int(length[i]) for i in held}
+    assert len(objects) == len(held), "two slots share one allocator object"
+    store.allocator.check(objects)
+    pool = store.pool
+    units = len(pool.pages_of(arena.OBJECTS)) + len(pool.pages_of(arena.WHOLE))
+    assert units * pool.unit == store.allocator.pages_used(), "pool and allocator disagree on pages"
+    if store.header_slot >= 0:          # preformatted page 0: held, counted nowhere
         assert kinds[store.header_slot] == RAW
-        header = [int(addr[store.header_slot])]
         kinds = kinds.copy()
         kinds[store.header_slot] = EMPTY
-        length, addr = length.copy(), addr.copy()
-        length[store.header_slot] = addr[store.header_slot] = 0
-    live = store.allocator.check(store.pool.pages_of(arena.OBJECTS))
-    comp = np.flatnonzero(kinds == COMP)
-    handles = {int(addr[i]): int(length[i]) for i in comp}
-    assert len(handles) == len(comp), "two slots share one allocator object"
-    assert handles == live, (f"table and allocator disagree: {len(handles)} compressed slots, "
-                             f"{len(live)} live objects")
-    raw = np.flatnonzero(kinds == RAW)
-    raw_pages = {int(addr[i]) for i in raw}
-    assert len(raw_pages) == len(raw), "two slots share one raw page"
-    assert raw_pages | set(header) == set(store.pool.pages_of(arena.WHOLE).tolist()), "raw slots and WHOLE pages disagree"
+    comp, raw = np.flatnonzero(kinds == COMP), np.flatnonzero(kinds == RAW)
     assert np.all(length[raw] == PAGE), "raw slot with a length other than a page"
     same = np.flatnonzero(kinds == SAME)
     zero = int(np.count_nonzero(value[same] == 0))
@@ -45,8 +39,8 @@ def check(store) -> None:
     assert st["good_compress"] == good, f"good_compress {st['good_compress']} != {good}"
     compr = int(lens.sum()) + PAGE * len(raw)
     assert st["compr_data_size"] == compr, f"compr_data_size {st['compr_data_size']} != {compr}"
-    objects = len(store.pool.pages_of(arena.OBJECTS))
-    assert st["mem_used_total"] == (objects + len(raw)) * PAGE, "mem_used_total != pages in use"
+    assert st["mem_used_total"] == store.allocator.pages_used() * PAGE
     assert st["mem_used_max"] >= st["mem_used_total"], "mem_used_max below mem_used_total"
-    assert np.all(length[kinds == EMPTY] == 0) and np.all(addr[kinds == EMPTY] == 0), "empty slot with content"
-    assert np.all(addr[kinds == SAME] == 0), "same-filled slot with an address"
+    empty = tab["kind"] == EMPTY
+    assert np.all(length[empty] == 0) and np.all(addr[empty] == 0), "empty slot with content"
+    assert np.all(addr[tab["kind"] == SAME] == 0), "same-filled slot with an address"

@@ -86,7 +86,7 @@ def test_first_malloc_grows_one_page_and_splits():
     # remainder right after the 4-aligned object: offset 104, size 4096-104-4
     assert hdr(pool, p * 4096 + 104) == (3988, 0, xm.BLOCK_FREE)
     assert pool.free_list(xm.insert_index(3988)) == [p * 4096 + 104]
-    pool.check(prov.owned)
+    pool.walk(prov.owned)
 
 
 @pytest.mark.parametrize("size", [1, 31, 32, 33, 2048, 2049, 3072, 3073, 4091])
@@ -97,7 +97,7 @@ def test_object_size_is_exact_and_blocks_4_aligned(size):
     h2 = pool.malloc(20)
     aligned = (size + 3) & ~3
     assert h2 == h + aligned + 4  # next block right after the aligned object and its header
-    live = pool.check(prov.owned)
+    live = pool.walk(prov.owned)
     assert live == {h: size, h2: 20}
 
 
@@ -108,18 +108,18 @@ def test_4092_takes_a_whole_page():
     assert pool.pages_used() == 2
     assert h & 4095 == 4 and (h >> 12) != (a >> 12)
     assert pool.object_size(h) == 4092
-    pool.check(prov.owned)
+    pool.walk(prov.owned)
     pool.free(h)
     assert pool.pages_used() == 1
     assert prov.returned == [h >> 12]
-    pool.check(prov.owned)
+    pool.walk(prov.owned)
 
 
 def test_4089_also_fits_a_fresh_page_exactly():
     prov, pool = make()
     h = pool.malloc(4089)
     assert pool.object_size(h) == 4089 and pool.pages_used() == 1
-    assert pool.check(prov.owned) == {h: 4089}
+    assert pool.walk(prov.owned) == {h: 4089}
 
 
 def test_small_remainder_stays_free_but_unlisted():
@@ -129,14 +129,14 @@ def test_small_remainder_stays_free_but_unlisted():
     assert hdr(pool, p * 4096 + 4064) == (28, 0, xm.BLOCK_FREE)
     assert all(not pool.free_list(i) for i in range(xm.NUM_FREE_LISTS))
     assert pool._fl[0] == 0
-    pool.check(prov.owned)
+    pool.walk(prov.owned)
     # nothing findable: a 20-byte request grows a new page
     h2 = pool.malloc(20)
     assert (h2 >> 12) != p and pool.pages_used() == 2
     # freeing the big object merges the unlisted fragment and returns the page
     pool.free(h)
     assert pool.pages_used() == 1 and prov.returned == [p]
-    pool.check(prov.owned)
+    pool.walk(prov.owned)
 
 
 def test_remainder_of_exactly_32_is_listed():
@@ -147,7 +147,7 @@ def test_remainder_of_exactly_32_is_listed():
     h2 = pool.malloc(32)
     assert h2 == p * 4096 + 4064  # exact fit, same page
     assert pool.pages_used() == 1
-    pool.check(prov.owned)
+    pool.walk(prov.owned)
 
 
 def test_exact_fit_clears_prev_free_of_next_block():
@@ -161,7 +161,7 @@ def test_exact_fit_clears_prev_free_of_next_block():
     a2 = pool.malloc(96)  # search index 8 -> the freed block, exact fit
     assert a2 == a
     assert hdr(pool, b - 4) == (96, 0, 0)
-    pool.check(prov.owned)
+    pool.walk(prov.owned)
 
 
 def test_search_is_approximate_best_fit_rounding_up():
@@ -175,7 +175,7 @@ def test_search_is_approximate_best_fit_rounding_up():
     assert pool.free_list(8) == [a - 4]
     d = pool.malloc(96)  # search index 8 finds it
     assert d == a
-    pool.check(prov.owned)
+    pool.walk(prov.owned)
 
 
 def test_merge_with_both_neighbours():
@@ -184,14 +184,14 @@ def test_merge_with_both_neighbours():
     p = a >> 12
     pool.free(a)
     pool.free(c)
-    pool.check(prov.owned)
+    pool.walk(prov.owned)
     pool.free(b)  # merges a (previous) and c (next)
     merged = 3 * 200 + 2 * 4
     assert hdr(pool, p * 4096) == (merged, 0, xm.BLOCK_FREE)
     assert pool.free_list(xm.insert_index(merged)) == [p * 4096]
     # d now follows the merged block
     assert hdr(pool, d - 4) == (200, 0, xm.PREV_FREE)
-    assert pool.check(prov.owned) == {d: 200}
+    assert pool.walk(prov.owned) == {d: 200}
 
 
 def test_merge_next_only_and_prev_only():
@@ -200,14 +200,14 @@ def test_merge_next_only_and_prev_only():
     pool.free(b)
     pool.free(a)  # merges next (b)
     assert hdr(pool, a - 4) == (64 * 2 + 4, 0, xm.BLOCK_FREE)
-    pool.check(prov.owned)
+    pool.walk(prov.owned)
     prov2, pool2 = make()
     a, b, c = (pool2.malloc(64) for _ in range(3))
     pool2.free(a)
     pool2.free(b)  # merges previous (a)
     assert hdr(pool2, a - 4) == (64 * 2 + 4, 0, xm.BLOCK_FREE)
     assert hdr(pool2, c - 4)[1:] == (0, xm.PREV_FREE)
-    pool2.check(prov2.owned)
+    pool2.walk(prov2.owned)
 
 
 def test_page_returned_when_entirely_free_and_growth_one_page_at_a_time():
@@ -219,7 +219,7 @@ def test_page_returned_when_entirely_free_and_growth_one_page_at_a_time():
     pool.free(hs[0])
     pool.free(hs[1])
     assert pool.pages_used() == 3 - len(prov.returned)
-    pool.check(prov.owned)
+    pool.walk(prov.owned)
     for h in [hs[2], small]:
         pool.free(h)
     assert pool.pages_used() == 0 and not prov.owned
@@ -234,7 +234,7 @@ def test_two_level_search_crosses_bitmap_words():
     assert pool._fl[0] == 1 << 7
     h2 = pool.malloc(40)  # search starts in word 0, must find word 7
     assert h2 == rest + 4 and pool.pages_used() == 1
-    pool.check(prov.owned)
+    pool.walk(prov.owned)
 
 
 def test_grow_failure_is_memory_error_and_changes_nothing():
@@ -243,7 +243,7 @@ def test_grow_failure_is_memory_error_and_changes_nothing():
     with pytest.raises(MemoryError):
         pool.malloc(2000)
     assert pool.pages_used() == 1
-    assert pool.check(prov.owned) == {h: 3000}
+    assert pool.walk(prov.owned) == {h: 3000}
 
 
 def test_double_free_and_bad_handle():
@@ -291,7 +291,7 @@ def test_random_malloc_free_against_model(ops):
             size, fill = live.pop(h)
             assert prov.buf[h:h + size] == bytes([fill]) * size, "object overwritten by another"
             pool.free(h)
-        got = pool.check(prov.owned)
+        got = pool.walk(prov.owned)
         assert got == {h: s for h, (s, _) in live.items()}
         assert pool.pages_used() == len(prov.owned)
         # every page holds at least one live object
@@ -309,4 +309,4 @@ def test_many_small_objects_pack_densely():
     used = sum(((s + 3) & ~3) + 4 for s in sizes)
     # xvmalloc fills pages well on such sizes: within 15% of the ideal
     assert pool.pages_used() * 4096 <= used * 1.15
-    pool.check(prov.owned)
+    pool.walk(prov.owned)
