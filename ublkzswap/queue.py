@@ -58,7 +58,7 @@ import numpy as np
 
 from . import uapi
 from .memory import lock_thread_stack, populate, set_io_flusher
-from .target import OP_READ, OP_WRITE, BackingIO, features, optional_op
+from .target import OP_READ, OP_WRITE, BackingIO, optional_op
 from .uring import Ring
 
 SECTOR_SHIFT = 9
@@ -291,10 +291,6 @@ class Queue:
         base = np.frombuffer(self._bufmap, dtype=np.uint8).ctypes.data
         populate(base, depth * buf_bytes)   # MAP_POPULATE is a no-op under MCL_ONFAULT
         self.buf_addrs = base + np.arange(depth, dtype=np.uint64) * np.uint64(buf_bytes)
-
-    @property
-    def features(self) -> set[str]:
-        return features(self.target)
 
     def _open_cdev(self) -> int:
         path = f"/dev/ublkc{self.dev_id}"

@@ -9,7 +9,7 @@ import pytest
 from fakering import FakeRing
 from ublkzswap import uapi
 from ublkzswap.queue import BACKING_IO, Queue
-from ublkzswap.target import OP_READ, OP_WRITE, BackingIO, RamTarget
+from ublkzswap.target import OP_WRITE, BackingIO, RamTarget
 
 R, W, F, D = (uapi.UBLK_IO_OP_READ, uapi.UBLK_IO_OP_WRITE, uapi.UBLK_IO_OP_FLUSH,
               uapi.UBLK_IO_OP_DISCARD)
