@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 
 from ublkzswap import uapi  # noqa: E402
-from ublkzswap.queue import Queue, request_handler  # noqa: E402
+from ublkzswap.handler import request_handler  # noqa: E402
+from ublkzswap.queue import Queue  # noqa: E402
 from ublkzswap.target import NullTarget  # noqa: E402
 from ublkzswap.uring import Ring  # noqa: E402
 

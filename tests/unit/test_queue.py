@@ -6,7 +6,7 @@ import logging
 import pytest
 
 from ublkzswap import uapi
-from ublkzswap.queue import Boundary, QueueCounters, finish_backing, request_handler
+from ublkzswap.handler import Boundary, QueueCounters, finish_backing, request_handler
 from ublkzswap.target import OP_READ, OP_WRITE, BackingIO, NullTarget, RamTarget, features
 
 
@@ -122,7 +122,7 @@ def test_swap_writes_go_to_write_swap_when_the_target_has_it():
 
 
 def test_describe_names_type_message_and_innermost_line():
-    from ublkzswap.queue import describe
+    from ublkzswap.handler import describe
 
     def inner():
         raise KeyError("tag 7")
