@@ -6,7 +6,9 @@ next SQEs -- the bookkeeping around each request, not the request.
 Two ways of doing that bookkeeping, on the same ring in the same run:
 - ``numpy``: reap() into a structured array, vectorised tag/result arrays, fancy-index the
   descriptor array, claim() + fancy-index copy of template SQE rows (the first loop);
-- ``ints``: reap_pairs() and put_rows() with memoryview word views (the loop now).
+- ``ints``: reap_pairs() and put_rows() with memoryview word views (the loop now);
+and ``queue``: the serving loop itself (``Queue._loop``, with its request handler and
+counters) on the same ring, serving 4 KiB reads on a NullTarget.
 A swap device mostly wakes up for one CQE (each swap-in fault waits for its page), so the
 1-CQE figure is the one that matters; fio at QD32 gives larger batches.
 
@@ -24,6 +26,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 
 from ublkzswap import uapi  # noqa: E402
+from ublkzswap.handler import request_handler  # noqa: E402
+from ublkzswap.queue import Queue  # noqa: E402
+from ublkzswap.target import NullTarget  # noqa: E402
 from ublkzswap.uring import Ring  # noqa: E402
 
 DEPTH = 64
@@ -85,16 +90,49 @@ def ints_way(ring, rows, iod, batch, iters):
     ring.reap_pairs()
 
 
+class _Stop(BaseException):
+    """Ends the serving loop after the requests timed (passes the loop's boundary)."""
+
+
+class _Counting(NullTarget):
+    def __init__(self, size: int, n: int):
+        super().__init__(size)
+        self.left = n
+
+    def read(self, offset, buf):
+        self.left -= 1
+        if self.left < 0:
+            raise _Stop
+
+
+_queue: list[Queue] = []   # one, made on first use: its buffers are set up outside the timing
+
+
+def queue_way(ring, rows, iod, batch, iters):
+    if not _queue:
+        _queue.append(Queue(0, None, depth=DEPTH, buf_bytes=4096))
+    q = _queue[0]
+    target = _Counting(1 << 20, batch * iters)
+    handle = request_handler(target, q.buf_bytes, q.counters)
+    ring.put_rows(memoryview(rows).cast("B"), [(k, 0) for k in range(batch)],
+                  ring.sqes.dtype.fields["io_result"][1])
+    try:
+        q._loop(ring, iod, handle, rows)
+    except _Stop:
+        pass
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=20000)
     args = ap.parse_args(argv)
     ring, rows, iod = setup()
-    print(f"{'CQEs per wake-up':>18}{'numpy us/req':>14}{'ints us/req':>13}{'ratio':>8}")
+    print(f"{'CQEs per wake-up':>18}{'numpy us/req':>14}{'ints us/req':>13}{'ratio':>8}"
+          f"{'queue us/req':>14}")
     for batch in (1, 8, 32):
         iters = max(200, args.iters // batch)
         best = {}
-        for name, fn in (("numpy", numpy_way), ("ints", ints_way)):
+        for name, fn in (("numpy", numpy_way), ("ints", ints_way), ("queue", queue_way)):
             fn(ring, rows, iod, batch, 100)
             t = []
             for _ in range(3):
@@ -102,7 +140,8 @@ def main(argv=None):
                 fn(ring, rows, iod, batch, iters)
                 t.append(time.perf_counter() - t0)
             best[name] = min(t) / (iters * batch) * 1e6
-        print(f"{batch:>18}{best['numpy']:>14.2f}{best['ints']:>13.2f}{best['ints'] / best['numpy']:>8.2f}")
+        print(f"{batch:>18}{best['numpy']:>14.2f}{best['ints']:>13.2f}{best['ints'] / best['numpy']:>8.2f}"
+              f"{best['queue']:>14.2f}")
     ring.close()
 
 

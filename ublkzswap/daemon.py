@@ -32,7 +32,7 @@ from . import memory, ublkctrl
 from .ctlserver import ControlServer
 from .devices import Manager
 from .params import UsageError, help_text, parse_params
-from .queue import describe
+from .handler import describe
 from .uapi import PAGE_SIZE
 from .ublkdev import UblkDevice
 

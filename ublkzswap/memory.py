@@ -33,7 +33,6 @@ from __future__ import annotations
 import ctypes as C
 import errno
 import mmap
-import os
 import threading
 
 import numpy as np
@@ -151,6 +150,7 @@ def populate(address: int, length: int) -> None:
 
 
 PR_SET_VMA, PR_SET_VMA_ANON_NAME = 0x53564D41, 0
+PR_SET_NAME = 15
 
 
 def name_mapping(address: int, length: int, name: str) -> None:
@@ -233,6 +233,12 @@ class GrowthGuard:
             return True
         self.refused += 1
         return False
+
+
+def set_thread_name(name: str) -> None:
+    """The calling thread's kernel name (``comm``, 15 bytes): how ps, tracing and the
+    blocked-task dump tell the queue thread apart."""
+    _libc.prctl(PR_SET_NAME, C.cast(C.c_char_p(name.encode()[:15]), C.c_void_p).value, 0, 0, 0)
 
 
 def set_io_flusher() -> None:

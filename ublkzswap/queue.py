@@ -4,29 +4,38 @@ Owns: opening ``/dev/ublkcN``, mapping the queue's descriptor array, the per-tag
 buffers, FETCH_REQ for every tag, and the serving loop
 
     submit_and_wait -> reap all ready CQEs -> read their descriptors ->
-    handle_request() per tag -> copy in a ready-made COMMIT_AND_FETCH SQE per tag -> repeat
+    handle(request) per tag -> copy in a ready-made COMMIT_AND_FETCH SQE per tag -> repeat
 
-with one ``io_uring_enter`` per batch. Set-up (FETCH for every tag, the COMMIT templates) is
-vectorised with numpy; the loop itself works on Python ints through memoryview word views,
-because a swap device wakes up for one or two CQEs at a time and numpy's fixed cost per call
-was ten times the rest of the loop there (bench/bench_loop.py). :func:`handle_request` is the request handler: a plain
-function of (descriptor fields, buffer, target) returning bytes done or ``-errno``, and the
-single place where exceptions become errno values.
+with one ``io_uring_enter`` per batch (protocol: ../shared/docs/ublk-protocol.md sections 2-3).
+Set-up (FETCH for every tag, the COMMIT templates) is vectorised with numpy; the loop itself
+works on Python ints through memoryview word views, because a swap device wakes up for one or
+two CQEs at a time, where numpy's fixed cost per call dominates (bench/bench_loop.py).
 
-Memory discipline (DESIGN.md "Memory and deadlock", :mod:`ublkzswap.memory`): everything the
-loop touches is made resident before the device starts (buffers populated explicitly, the
-thread's stack locked); the loop itself allocates only small, bounded objects
+Between the loop and the target sits the request handler (:func:`request_handler`), built once
+per queue: it checks each request's shape (alignment, length, range; refusals counted as
+``invalid_io``, as zram's ``valid_io_request`` does) so that targets may trust their inputs,
+calls the target's method for the op (optional ones looked up once), and is, with
+:func:`finish_backing` for backing-I/O callbacks, inside the one exception -> errno boundary
+(:class:`Boundary`): ``OSError`` keeps its errno, anything else is ``-EIO``, counted and logged
+at a bounded rate. A target can fail its requests but cannot stop the queue.
+
+The loop (:meth:`Queue.run`) needs of its ring only what :class:`~ublkzswap.uring.Ring` offers
+and of the descriptor array only its memory, so a unit test runs it on a ring whose kernel
+side it plays (tests/unit/fakering.py); :meth:`Queue.serve` supplies the real ones.
+
+Memory discipline (../shared/DESIGN.md "Memory and deadlock", :mod:`ublkzswap.memory`):
+everything the loop touches is made resident before the device starts (buffers populated
+explicitly, the thread's stack locked); the loop itself allocates only small, bounded objects
 from the pre-grown heap. The queue thread marks itself PR_SET_IO_FLUSHER.
 
 Backing I/O (a target's :class:`~ublkzswap.target.BackingIO`) runs as READ/WRITE SQEs on the
 same ring, at most ``backing_inflight`` at a time (more wait in a FIFO). io_uring allocates a
 request and an ``io_async_rw`` per READ/WRITE with GFP_KERNEL unless its per-ring caches hold
-one; the first backing I/O happens when memory is short (memlimit reached), so an allocation
-then enters direct reclaim that only our own swap-out could satisfy: the machine freezes
-(seen in CI: ``io_prep_rw -> io_alloc_async_data -> kmalloc -> try_to_free_pages``). So
-:meth:`serve`, with every FETCH live, prewarms those caches with ``backing_inflight`` +
-PREWARM_SPARE concurrent reads of the backing device before arming, and the bound keeps the
-loop inside what was prewarmed.
+one; the first backing I/O happens when memory is short (memlimit reached), when such an
+allocation can enter direct reclaim that only our own swap-out could satisfy, and the machine
+freezes. So :meth:`Queue.run`, with every FETCH live, prewarms those caches with
+``backing_inflight`` + PREWARM_SPARE concurrent reads of the backing device before arming, and
+the bound keeps the loop inside what was prewarmed.
 
 Still naive: one queue per device; no USER_COPY or zero-copy; requests of a batch are
 handled one after another in this thread.
@@ -35,7 +44,6 @@ handled one after another in this thread.
 from __future__ import annotations
 
 import collections
-import ctypes
 import errno
 import mmap
 import os
@@ -47,93 +55,15 @@ import traceback
 import numpy as np
 
 from . import uapi
-from .memory import lock_thread_stack, populate, set_io_flusher
-from .target import features
+from .handler import Boundary, QueueCounters, describe, finish_backing, request_handler
+from .memory import lock_thread_stack, populate, set_io_flusher, set_thread_name
 from .uring import Ring
 
 SECTOR_SHIFT = 9
+PAGE_MASK = 4095       # requests start and end on a 4 KiB boundary (logical block size 4096)
 BACKING_IO = 1 << 40   # user_data bit of a backing-swap read/write (FETCH/COMMIT carry the tag only)
 PREWARM_IO = 1 << 41   # user_data bit of the start-up reads that fill io_uring's caches
 PREWARM_SPARE = 8      # prewarmed beyond the backing bound: io_uring refills requests 8 at a time
-PR_SET_NAME = 15
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def describe(e: BaseException) -> str:
-    """``Type: message (file:line)`` of ``e``'s innermost frame: the one line of a failure
-    that must survive the kernel log's rate limit (10 lines per 5 s from user space)."""
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    at = f" ({os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno})" if tb else ""
-    return f"{type(e).__name__}: {e}{at}"
-
-
-def set_thread_name(name: str) -> None:
-    """The calling thread's kernel name (``comm``, 15 bytes): how ps, tracing and the
-    blocked-task dump tell the queue thread apart."""
-    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
-
-
-def handle_request(op_flags: int, nr_sectors: int, start_sector: int, buf: memoryview,
-                   target) -> int:
-    """Serve one block request on ``target``; return bytes done (>= 0) or ``-errno``, or the
-    target's :class:`~ublkzswap.target.BackingIO` when it needs I/O done first.
-
-    ``buf`` is the tag's whole I/O buffer. This is the one exception -> errno boundary:
-    ``OSError`` keeps its errno, anything else becomes ``-EIO``.
-    """
-    op = op_flags & 0xFF
-    offset = start_sector << SECTOR_SHIFT
-    length = nr_sectors << SECTOR_SHIFT
-    try:
-        if op == uapi.UBLK_IO_OP_FLUSH:
-            flush = getattr(target, "flush", None)
-            if flush is not None:
-                flush()
-            return 0
-        if offset + length > target.size:
-            return -errno.EIO
-        if op == uapi.UBLK_IO_OP_READ:
-            if length > len(buf):
-                return -errno.EINVAL
-            pending = target.read(offset, buf[:length])
-            return length if pending is None else pending
-        if op == uapi.UBLK_IO_OP_WRITE:
-            if length > len(buf):
-                return -errno.EINVAL
-            if op_flags & uapi.UBLK_IO_F_SWAP:
-                write_swap = getattr(target, "write_swap", None)
-                if write_swap is not None:
-                    pending = write_swap(offset, buf[:length])
-                    return length if pending is None else pending
-            pending = target.write(offset, buf[:length])
-            return length if pending is None else pending
-        if op == uapi.UBLK_IO_OP_DISCARD:
-            target.discard(offset, length)
-            return 0
-        if op == uapi.UBLK_IO_OP_WRITE_ZEROES:
-            target.write_zeroes(offset, length)
-            return 0
-        return -errno.EOPNOTSUPP
-    except OSError as e:
-        return -(e.errno or errno.EIO)
-    except AttributeError:
-        return -errno.EOPNOTSUPP
-    except Exception:
-        return -errno.EIO
-
-
-class QueueCounters:
-    """Plain request counters kept by the loop (for targets without their own stats)."""
-    __slots__ = ("reads", "writes", "discards", "flushes", "errors", "batches", "requests")
-
-    def __init__(self):
-        for name in self.__slots__:
-            setattr(self, name, 0)
-
-    def as_dict(self) -> dict:
-        return {name: getattr(self, name) for name in self.__slots__}
 
 
 class Queue:
@@ -142,7 +72,11 @@ class Queue:
     Life: construct (allocates and populates buffers; no kernel contact) -> run :meth:`serve`
     in the queue thread -> :attr:`armed` is set once every tag has its FETCH (then the
     controller may issue START_DEV) -> STOP_DEV makes every command come back with -ENODEV,
-    :meth:`serve` returns and closes everything.
+    :meth:`serve` returns and closes everything. :meth:`serve` is the kernel plumbing around
+    :meth:`run`, which serves on any ring and descriptor memory it is given.
+
+    :attr:`counters` (:class:`QueueCounters`) are written by the queue thread only; readers
+    elsewhere see plain ints, possibly a batch behind.
     """
 
     def __init__(self, dev_id: int, target, *, q_id: int = 0, depth: int = 64,
@@ -159,6 +93,7 @@ class Queue:
         self.buf_bytes = buf_bytes
         self.target = target
         self.counters = QueueCounters()
+        self._boundary = Boundary(self.counters, f"queue {q_id} of device {dev_id}")
         self.armed = threading.Event()
         self.error: BaseException | None = None
         self._bufmap = mmap.mmap(-1, depth * buf_bytes,
@@ -168,10 +103,6 @@ class Queue:
         base = np.frombuffer(self._bufmap, dtype=np.uint8).ctypes.data
         populate(base, depth * buf_bytes)   # MAP_POPULATE is a no-op under MCL_ONFAULT
         self.buf_addrs = base + np.arange(depth, dtype=np.uint64) * np.uint64(buf_bytes)
-
-    @property
-    def features(self) -> set[str]:
-        return features(self.target)
 
     def _open_cdev(self) -> int:
         path = f"/dev/ublkc{self.dev_id}"
@@ -197,7 +128,8 @@ class Queue:
         s["io_addr"][idx] = self.buf_addrs[tags]
 
     def serve(self) -> None:
-        """The queue thread's body. Returns when the device is stopped (or on a fatal error,
+        """The queue thread's body: open ``/dev/ublkcN``, map the descriptor array, create the
+        ring and :meth:`run` on them. Returns when the device is stopped (or on a fatal error,
         kept in :attr:`error`)."""
         cdev = -1
         ring = iod_map = None
@@ -211,24 +143,7 @@ class Queue:
                                 offset=uapi.ublk_desc_offset(self.q_id))
             iod = np.frombuffer(iod_map, dtype=uapi.IO_DESC_DTYPE, count=self.depth)
             ring = Ring(2 * self.depth, cq_entries=8 * self.depth)
-            all_tags = np.arange(self.depth, dtype=np.uint16)
-            self._fill(ring, uapi.UBLK_U_IO_FETCH_REQ, cdev, all_tags, 0)
-            # one ready COMMIT_AND_FETCH SQE per tag: committing is then a row copy + result
-            self._commit_rows = np.zeros((self.depth, ring.sqe_size), dtype=np.uint8)
-            c = self._commit_rows.view(ring.sqes.dtype).reshape(self.depth)
-            c["opcode"] = uapi.IORING_OP_URING_CMD
-            c["fd"] = cdev
-            c["cmd_op"] = uapi.UBLK_U_IO_COMMIT_AND_FETCH_REQ
-            c["user_data"] = all_tags
-            c["io_q_id"] = self.q_id
-            c["io_tag"] = all_tags
-            c["io_addr"] = self.buf_addrs
-            ring.submit()
-            if self.backing_fd >= 0:
-                # with every FETCH live, so that the requests prewarmed are spare ones
-                self._prewarm(ring, self.backing_fd, min(self.depth, self.backing_inflight + PREWARM_SPARE))
-            self.armed.set()
-            self._loop(ring, iod, cdev)
+            self.run(ring, iod, cdev)
         except BaseException as e:  # reported to the controller, never silently lost
             self.error = e
             if self.armed.is_set():   # serving had begun: nobody is waiting to hear of it
@@ -248,24 +163,54 @@ class Queue:
             if cdev >= 0:
                 os.close(cdev)
 
-    def _loop(self, ring: Ring, iod: np.ndarray, cdev: int) -> None:
-        """Serve until every tag's command has come back with an error (-ENODEV on STOP_DEV).
+    def run(self, ring: Ring, iod: np.ndarray, cdev: int) -> None:
+        """Serve on ``ring``: FETCH every tag, prewarm (with a backing fd), set :attr:`armed`,
+        then loop until every tag's command has come back with an error (-ENODEV on STOP_DEV).
+
+        ``ring`` is a :class:`~ublkzswap.uring.Ring` (of at least ``2 * depth`` SQEs) or one
+        built the same way over memory a test owns; ``iod`` the queue's descriptor array
+        (``depth`` entries of ``uapi.IO_DESC_DTYPE``, or anything with that memory layout);
+        ``cdev`` the fd the io commands name. Raises what the ring raises; a target's
+        exceptions end at the request handler's boundary."""
+        handle = request_handler(self.target, self.buf_bytes, self.counters, self._boundary)
+        all_tags = np.arange(self.depth, dtype=np.uint16)
+        self._fill(ring, uapi.UBLK_U_IO_FETCH_REQ, cdev, all_tags, 0)
+        # one ready COMMIT_AND_FETCH SQE per tag: committing is then a row copy + result
+        self._commit_rows = np.zeros((self.depth, ring.sqe_size), dtype=np.uint8)
+        c = self._commit_rows.view(ring.sqes.dtype).reshape(self.depth)
+        c["opcode"] = uapi.IORING_OP_URING_CMD
+        c["fd"] = cdev
+        c["cmd_op"] = uapi.UBLK_U_IO_COMMIT_AND_FETCH_REQ
+        c["user_data"] = all_tags
+        c["io_q_id"] = self.q_id
+        c["io_tag"] = all_tags
+        c["io_addr"] = self.buf_addrs
+        ring.submit()
+        if self.backing_fd >= 0:
+            # with every FETCH live, so that the requests prewarmed are spare ones
+            self._prewarm(ring, self.backing_fd, min(self.depth, self.backing_inflight + PREWARM_SPARE))
+        self.armed.set()
+        self._loop(ring, iod, handle, self._commit_rows)
+
+    def _loop(self, ring: Ring, iod: np.ndarray, handle, commit_rows: np.ndarray) -> None:
+        """Serve until every tag's command has come back with an error.
 
         Per wake-up: every ready CQE as Python ints (:meth:`Ring.reap_pairs`), each request's
-        descriptor read through word views of the descriptor array, the handler, then one
-        ready-made COMMIT_AND_FETCH row copied per completed tag (:meth:`Ring.put_rows`).
-        Plain ints and memoryviews rather than numpy here: a swap device wakes for one or two
-        CQEs at a time, where numpy's per-call overhead was 10x the rest of the loop."""
+        descriptor read through word views of the descriptor array, ``handle``, then row ``tag``
+        of ``commit_rows`` (a ready-made COMMIT_AND_FETCH SQE) copied in per completed tag with
+        its result (:meth:`Ring.put_rows`). Plain ints and memoryviews rather than numpy: a swap
+        device wakes for one or two CQEs at a time. A completion carrying BACKING_IO is one op
+        of a request's BackingIO; the last one finishes that request."""
         live = self.depth
-        target = self.target
         bufs = self.bufs
         counters = self.counters
+        boundary = self._boundary
         desc = memoryview(iod).cast("B")
         d32, d64 = desc.cast("I"), desc.cast("Q")
-        rows = memoryview(self._commit_rows).cast("B")
+        rows = memoryview(commit_rows).cast("B")
         result_at = ring.sqes.dtype.fields["io_result"][1]
         OK, ABORT = uapi.UBLK_IO_RES_OK, uapi.UBLK_IO_RES_ABORT
-        pending: dict[int, list] = {}
+        pending: dict[int, list] = {}   # tag -> [BackingIO, results, ops left, length]
         while live > 0:
             ring.submit_and_wait(1)
             cqes = ring.reap_pairs()
@@ -282,13 +227,10 @@ class Queue:
                     p[2] -= 1
                     if p[2] == 0:
                         del pending[tag]
-                        try:
-                            p[0].done(p[1])
-                            rr = p[3]
-                        except OSError as e:
-                            rr = -(e.errno or errno.EIO)
+                        r = finish_backing(p[0], p[1], p[3], boundary)
+                        if r < 0:
                             counters.errors += 1
-                        done.append((tag, rr))
+                        done.append((tag, r))
                     continue
                 tag = ud & 0xFFFF
                 if res != OK:
@@ -298,7 +240,7 @@ class Queue:
                     continue
                 requests += 1
                 opf, nr = d32[tag * 6], d32[tag * 6 + 1]
-                r = handle_request(opf, nr, d64[tag * 3 + 1], bufs[tag], target)
+                r = handle(opf, nr, d64[tag * 3 + 1], bufs[tag])
                 op = opf & 0xFF
                 if op == 0:
                     counters.reads += 1
@@ -362,8 +304,7 @@ class Queue:
         allocates a request and async rw state for each and keeps them in its per-ring caches,
         so that later backing I/O (fewer than ``n`` in flight) takes them from there instead of
         allocating under memory pressure. The requests must be allocated while every FETCH is
-        live: prewarmed before the FETCHes, they were all taken by them (the allocation trace
-        caught ``alloc_slab_obj_exts`` under io_uring's request refill)."""
+        live: allocated before them, they are what the FETCHes take from the cache."""
         idx = ring.claim(n)
         s = ring.sqes
         s["opcode"][idx] = uapi.IORING_OP_READ

@@ -306,7 +306,7 @@ class Store:
     def _set(self, idx: int, kind: int, addr: int = 0, length: int = 0, value: int = 0) -> None:
         """Slot ``idx`` holds (kind, addr, length, value) from now on (EMPTY: nothing); what it
         held before is released after the switch. The one place counters follow content."""
-        t, c = self._t, self._c
+        t = self._t
         i = idx << 1
         old = t[i]
         okind = old & 3

@@ -24,12 +24,16 @@ file first (the store's backing swap) returns a :class:`BackingIO` instead: the 
 its operations through its own io_uring, so that other requests keep being served
 meanwhile, and completes the request with what ``BackingIO.done`` says.
 
-A missing optional method means the feature is not advertised to the kernel
-(:func:`features`). Offsets and lengths arrive in bytes, already bounds-checked
-against ``size`` by the queue's request handler; a target reports failure by
-raising ``OSError(errno, ...)`` (``ENOSPC`` for "full, try later", ``EIO``, ...).
-Any other exception becomes ``-EIO`` at the one exception -> errno boundary
-in :mod:`ublkzswap.queue`. Targets never see descriptors, tags or rings.
+A missing optional method (:func:`optional_op`: absent, or not callable) means the feature
+is not advertised to the kernel (:func:`features`) and the queue answers the op itself
+(``-EOPNOTSUPP``; FLUSH: done). Offsets and lengths arrive in bytes, checked once by the
+queue's request handler: page-aligned (4096), not empty, within ``size``, and for
+``read``/``write`` no longer than the tag's buffer, so a target need not check them again. A
+target reports failure by raising ``OSError(errno, ...)`` (``ENOSPC`` for "full, try later",
+``EIO``, ...). Any other exception (``AttributeError`` included) is a bug: it becomes ``-EIO``
+and a rate-limited log record at the one exception -> errno boundary in
+:mod:`ublkzswap.queue`, which also guards ``BackingIO.done``. Targets never see descriptors,
+tags or rings.
 
 The compressed store (:class:`ublkzswap.store.Store`) implements the same
 contract. ``RamTarget`` keeps plain bytes in one locked numpy array sized up
@@ -54,7 +58,7 @@ from .memory import populate
 from .uapi import PAGE_SIZE
 
 
-OPTIONAL_OPS = ("discard", "write_zeroes", "flush")
+OPTIONAL_OPS = ("discard", "write_zeroes", "flush")   # advertised as features
 
 
 OP_READ, OP_WRITE = 0, 1
@@ -65,9 +69,10 @@ class BackingIO:
     """I/O a target needs done before its request completes.
 
     ``ops``: (OP_READ or OP_WRITE, fd, offset of the data in the request's buffer, length,
-    file offset). ``done(results)`` gets each op's result (bytes or -errno) in order and
-    returns None on success or raises OSError; the request then completes with its full
-    length (or that errno)."""
+    file offset); each op lies within the request's data (checked by the queue). ``done(results)``
+    gets each op's result (bytes or -errno) in order and returns None on success or raises
+    OSError; the request then completes with its full length (or that errno). ``done`` runs
+    inside the queue's exception boundary like the target's methods."""
     ops: list[tuple[int, int, int, int, int]] = field(default_factory=list)
     done: Callable[[list[int]], None] = lambda results: None
 
@@ -88,9 +93,16 @@ def run_backing_io(pending: BackingIO, buf: memoryview) -> None:
     pending.done(results)
 
 
+def optional_op(target, name: str) -> Callable | None:
+    """``target``'s optional method ``name`` (one of OPTIONAL_OPS or ``write_swap``), or None
+    when it has none: looked up once, never by catching AttributeError from a call."""
+    fn = getattr(target, name, None)
+    return fn if callable(fn) else None
+
+
 def features(target) -> set[str]:
     """Names of the optional operations ``target`` implements."""
-    return {name for name in OPTIONAL_OPS if callable(getattr(target, name, None))}
+    return {name for name in OPTIONAL_OPS if optional_op(target, name) is not None}
 
 
 class RamTarget:

@@ -2,8 +2,9 @@
 (Linux 6.12) and liburing 2.3's ``struct io_uring``, with the kernel's names verbatim.
 
 Owns: struct layouts (ctypes), constants and ioctl encodings. Data only: no syscalls.
-Offsets are commented and pinned by ``tests/unit/test_uapi.py``. Matching numpy dtypes
-(``IO_DESC_DTYPE``, ``CQE_DTYPE``, ``SQE_DTYPE``) let hot paths read and fill many entries at once.
+Offsets are commented and pinned by ``tests/unit/test_uapi.py``. The numpy dtypes
+(``IO_DESC_DTYPE``, ``CQE_DTYPE``, :func:`sqe_dtype`) are derived from the ctypes structs and
+let set-up and bulk paths read and fill many entries at once.
 
 Still naive: only x86_64 is covered (liburing's struct io_uring layout is per-ABI).
 """
@@ -394,26 +395,31 @@ PR_SET_IO_FLUSHER = 57
 PR_GET_IO_FLUSHER = 58
 
 # --------------------------------------------------------------------------- numpy views
-IO_DESC_DTYPE = np.dtype({"names": ["op_flags", "nr_sectors", "start_sector", "addr"],
-                          "formats": ["<u4", "<u4", "<u8", "<u8"],
-                          "offsets": [0, 4, 8, 16], "itemsize": 24})
-CQE_DTYPE = np.dtype({"names": ["user_data", "res", "flags"], "formats": ["<u8", "<i4", "<u4"],
-                      "offsets": [0, 8, 12], "itemsize": 16})
+# Derived from the ctypes structs above, so that each layout is written down once.
+IO_DESC_DTYPE = np.dtype(ublksrv_io_desc)
+CQE_DTYPE = np.dtype(io_uring_cqe)
+
+
+def _np_fields(struct, prefix: str = "", base: int = 0, skip=()) -> list[tuple[str, np.dtype, int]]:
+    """(name, dtype, offset) of each field of ctypes ``struct``, offsets shifted by ``base``."""
+    return [(prefix + name, np.dtype(ctype), base + getattr(struct, name).offset)
+            for name, ctype in struct._fields_ if name not in skip]
 
 
 def sqe_dtype(entry_size: int) -> np.dtype:
-    """A structured dtype for one SQE slot of ``entry_size`` (64 or 128) bytes, with the
-    fields a uring_cmd needs and the ublksrv_io_cmd payload at ``cmd`` (offset 48)."""
-    return np.dtype({
-        "names": ["opcode", "flags", "ioprio", "fd", "cmd_op", "pad1", "addr", "len",
-                  "rw_flags", "user_data", "buf_index", "personality", "file_index",
-                  "io_q_id", "io_tag", "io_result", "io_addr"],
-        "formats": ["u1", "u1", "<u2", "<i4", "<u4", "<u4", "<u8", "<u4",
-                    "<u4", "<u8", "<u2", "<u2", "<u4",
-                    "<u2", "<u2", "<i4", "<u8"],
-        "offsets": [0, 1, 2, 4, 8, 12, 16, 24, 28, 32, 40, 42, 44, 48, 50, 52, 56],
-        "itemsize": entry_size,
-    })
+    """A structured dtype for one SQE slot of ``entry_size`` (64 or 128) bytes: the fields of
+    ``io_uring_sqe`` with its ``off`` union seen as ``cmd_op`` / ``pad1`` (a READ/WRITE's file
+    offset is ``cmd_op | pad1 << 32``) and the ``ublksrv_io_cmd`` payload at ``cmd`` (offset
+    48) as ``io_q_id``, ``io_tag``, ``io_result``, ``io_addr``."""
+    fields = []
+    for name, dt, off in _np_fields(io_uring_sqe, skip=("addr3", "__pad2")):
+        if name == "off":
+            fields += [("cmd_op", np.dtype("<u4"), off), ("pad1", np.dtype("<u4"), off + 4)]
+        else:
+            fields.append((name, dt, off))
+    fields += _np_fields(ublksrv_io_cmd, prefix="io_", base=SQE_CMD_OFFSET)
+    return np.dtype({"names": [f[0] for f in fields], "formats": [f[1] for f in fields],
+                     "offsets": [f[2] for f in fields], "itemsize": entry_size})
 
 
 UBLKSRV_IO_BUF_OFFSET = 0x80000000

@@ -16,7 +16,6 @@ Still naive: one command in flight per ``Control``; no unprivileged devices.
 from __future__ import annotations
 
 import ctypes as C
-import errno
 import os
 import threading
 from dataclasses import dataclass
@@ -79,12 +78,6 @@ def prepare_add_dev(dev_id: int, nr_hw_queues: int, queue_depth: int,
 def prepare_set_params(dev_id: int, params: uapi.ublk_params) -> CtrlCmd:
     params.len = C.sizeof(uapi.ublk_params)
     return CtrlCmd("SET_PARAMS", uapi.UBLK_U_CMD_SET_PARAMS, _header(dev_id, params), params)
-
-
-def prepare_get_params(dev_id: int) -> CtrlCmd:
-    params = uapi.ublk_params()
-    params.len = C.sizeof(uapi.ublk_params)
-    return CtrlCmd("GET_PARAMS", uapi.UBLK_U_CMD_GET_PARAMS, _header(dev_id, params), params)
 
 
 def prepare_get_dev_info(dev_id: int) -> CtrlCmd:
@@ -188,11 +181,6 @@ class Control:
     def set_params(self, dev_id: int, params: uapi.ublk_params) -> None:
         self.run(prepare_set_params(dev_id, params))
 
-    def get_params(self, dev_id: int) -> uapi.ublk_params:
-        cmd = prepare_get_params(dev_id)
-        self.run(cmd)
-        return cmd.buf
-
     def get_dev_info(self, dev_id: int) -> uapi.ublksrv_ctrl_dev_info:
         cmd = prepare_get_dev_info(dev_id)
         self.run(cmd)
@@ -221,7 +209,3 @@ def ublk_available() -> tuple[bool, str]:
             return True, ""
         return False, f"{CONTROL_PATH} exists but is not accessible (need root)"
     return False, f"this kernel has no ublk driver ({CONTROL_PATH} missing; modprobe ublk_drv)"
-
-
-def errno_name(err: int) -> str:
-    return errno.errorcode.get(err, str(err))

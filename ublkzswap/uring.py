@@ -88,6 +88,13 @@ class Ring:
         if ret < 0:
             raise OSError(-ret, f"io_uring_queue_init({entries}, flags={flags:#x}): {os.strerror(-ret)}")
         self._open = True
+        self._map()
+
+    def _map(self) -> None:
+        """Views of the ring memory that ``self._ring`` (liburing's ``struct io_uring``)
+        describes. Every method works through these and the liburing calls in ``self._lib``
+        alone, so a ``struct io_uring`` over plain memory and stand-ins for those calls give a
+        ring whose kernel side a test plays (tests/unit/fakering.py)."""
         self._pring = C.byref(self._ring)
         self.flags = self._ring.flags
         self.sqe_size = uapi.SQE128_SIZE if self.flags & uapi.IORING_SETUP_SQE128 else uapi.SQE_SIZE
@@ -101,8 +108,8 @@ class Ring:
         self.sqe_rows = self._sqe_bytes.reshape(self.sq_entries, self.sqe_size)
         self.cqes = _u8_view(cq.cqes, self.cq_entries * 16).view(uapi.CQE_DTYPE)
         # ring words and the rings themselves also as memoryviews: indexing one yields a
-        # Python int, an order of magnitude cheaper than a numpy scalar for the
-        # one-or-two-CQE wake-ups of a swap device (measured: see reap_pairs)
+        # Python int, far cheaper than a numpy scalar for the one-or-two-CQE wake-ups of a
+        # swap device (see reap_pairs)
         self._sq_khead = _u32_word(sq.khead)
         self._cq_khead = _u32_word(cq.khead)
         self._cq_ktail = _u32_word(cq.ktail)
@@ -201,9 +208,9 @@ class Ring:
     def reap_pairs(self) -> list[tuple[int, int]]:
         """Every ready CQE as a ``(user_data, res)`` pair of Python ints, marked seen.
 
-        The serving loop's form of :meth:`reap`: measured natively with one CQE per wake-up
-        (a swap-in waits for each fault), reap + numpy bookkeeping cost about 50 us a batch,
-        this about 5 us (bench/bench_loop.py)."""
+        The serving loop's form of :meth:`reap`: a swap device mostly wakes for one CQE (a
+        swap-in waits for each fault), where numpy's fixed cost per call outweighs the rest of
+        the loop (bench/bench_loop.py compares the two)."""
         if self._sq_kflags[0] & uapi.IORING_SQ_CQ_OVERFLOW:
             self._lib.io_uring_get_events(self._pring)
         head = self._cq_khead[0]

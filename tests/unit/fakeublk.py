@@ -10,7 +10,7 @@ import os
 from ublkzswap import devices
 from ublkzswap.backing import Backing, swap_header
 from ublkzswap.devices import Manager
-from ublkzswap.queue import QueueCounters
+from ublkzswap.handler import QueueCounters
 from ublkzswap.store import Store
 from ublkzswap.target import run_backing_io
 

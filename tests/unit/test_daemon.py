@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from ublkzswap import backing, daemon, params
+from ublkzswap import backing, params
 
 
 def test_compcache_words_and_dashed_form():

@@ -6,14 +6,13 @@ import errno
 import os
 import random
 
-import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from ublkzswap import compress as cz
 from ublkzswap.arena import Arena
 from ublkzswap.store import Store
-from ublkzswap.target import BackingIO, features, run_backing_io
+from ublkzswap.target import features, run_backing_io
 
 from invariants import check
 

@@ -1,6 +1,7 @@
 """Layouts of the kernel structs we mirror, pinned to the 6.12 uapi / liburing 2.3 values."""
 import ctypes as C
 
+import numpy as np
 import pytest
 
 from ublkzswap import uapi
@@ -57,6 +58,30 @@ def test_ioctl_encodings_match_kernel_values():
     assert uapi.UBLK_U_IO_FETCH_REQ == 0xC0107520
     assert uapi.UBLK_U_IO_COMMIT_AND_FETCH_REQ == 0xC0107521
     assert uapi._IOC_NR(uapi.UBLK_U_CMD_START_DEV) == uapi.UBLK_CMD_START_DEV
+
+
+def test_numpy_dtypes_derived_from_ctypes_keep_the_kernel_layout():
+    # np.dtype(ctypes struct) must give exactly the layout the ring and descriptor memory have
+    assert uapi.IO_DESC_DTYPE == np.dtype({"names": ["op_flags", "nr_sectors", "start_sector", "addr"],
+                                           "formats": ["<u4", "<u4", "<u8", "<u8"],
+                                           "offsets": [0, 4, 8, 16], "itemsize": 24})
+    assert uapi.CQE_DTYPE == np.dtype({"names": ["user_data", "res", "flags"],
+                                       "formats": ["<u8", "<i4", "<u4"],
+                                       "offsets": [0, 8, 12], "itemsize": 16})
+    for size in (64, 128):
+        assert uapi.sqe_dtype(size) == np.dtype({
+            "names": ["opcode", "flags", "ioprio", "fd", "cmd_op", "pad1", "addr", "len",
+                      "rw_flags", "user_data", "buf_index", "personality", "file_index",
+                      "io_q_id", "io_tag", "io_result", "io_addr"],
+            "formats": ["u1", "u1", "<u2", "<i4", "<u4", "<u4", "<u8", "<u4",
+                        "<u4", "<u8", "<u2", "<u2", "<u4", "<u2", "<u2", "<i4", "<u8"],
+            "offsets": [0, 1, 2, 4, 8, 12, 16, 24, 28, 32, 40, 42, 44, 48, 50, 52, 56],
+            "itemsize": size})
+    # and a record written through the dtype reads back through the ctypes struct
+    d = np.zeros(2, dtype=uapi.IO_DESC_DTYPE)
+    d[1] = (0x10001, 8, 1 << 33, 0xABC)
+    s = uapi.ublksrv_io_desc.from_buffer(d, 24)
+    assert (s.op_flags, s.nr_sectors, s.start_sector, s.addr) == (0x10001, 8, 1 << 33, 0xABC)
 
 
 def test_numpy_dtypes_match_ctypes():
