@@ -341,11 +341,12 @@ class Arena:
     def locked(self) -> bool:
         return self._locked
 
-    def start(self, interval: float = DEFAULT_INTERVAL, thread_init=None) -> None:
+    def start(self, interval: float = DEFAULT_INTERVAL, thread_init=None, idle=None) -> None:
         """Start the keeper thread: it runs :meth:`step` every ``interval``
         seconds and whenever the I/O path wakes it (pool under ``low`` or over
         ``high``). ``thread_init`` (e.g. a prctl(PR_SET_IO_FLUSHER) call) runs
-        first in the new thread."""
+        first in the new thread; ``idle`` (the store's background compaction) after every
+        pass."""
         if self._thread is not None:
             return
         self._stop = False
@@ -367,6 +368,11 @@ class Arena:
                             break
                 except OSError as e:  # the I/O path sees ENOSPC meanwhile
                     self._keeper_error(e)
+                if idle is not None:
+                    try:
+                        idle()
+                    except Exception as e:   # a bug there must not end the keeper
+                        self._keeper_error(e)
 
         self._thread = threading.Thread(target=run, name="arena-keeper", daemon=True)
         self._thread.start()

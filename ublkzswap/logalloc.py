@@ -97,14 +97,14 @@ class LogPool:
         """Bytes of the objects allocated and not freed."""
         return self._live_total
 
-    def victims(self, max_fill: float = 0.9, limit: int = 64) -> list[tuple[int, int]]:
-        """Address ranges of up to ``limit`` segments worth emptying, emptiest first: live bytes
-        at most ``max_fill`` of a segment, heads excluded; none unless moving their live bytes
-        into fresh segments frees at least one segment net."""
+    def victims(self, max_fill: float = 0.9, limit: int = 64) -> tuple[int, list[int]]:
+        """(SEGMENT, the numbers of up to ``limit`` segments worth emptying, emptiest first):
+        live bytes at most ``max_fill`` of a segment, heads excluded; none unless moving their
+        live bytes into fresh segments frees at least one segment net."""
         heads = {h[0] for h in self._heads}
         used = np.flatnonzero(self._live)
         if len(used) == 0:
-            return []
+            return SEGMENT, []
         live = self._live[used].astype(np.int64)
         ok = live <= max_fill * SEGMENT
         used, live = used[ok], live[ok]
@@ -115,10 +115,10 @@ class LogPool:
             if seg in heads:
                 continue
             moved += int(live[i])
-            out.append((seg * SEGMENT, (seg + 1) * SEGMENT))
+            out.append(seg)
             if len(out) >= limit:
                 break
-        return out if len(out) * SEGMENT - moved >= SEGMENT else []
+        return SEGMENT, (out if len(out) * SEGMENT - moved >= SEGMENT else [])
 
     def check(self, objects: dict[int, int]) -> None:
         """Assert that ``objects`` ({address: size}, every live object) are what this pool
@@ -138,4 +138,4 @@ class LogPool:
         assert self._segments == len(in_use), f"{self._segments} segments counted, {len(in_use)} in use"
         for seg, off in self._heads:
             if seg >= 0:
-                assert last_end.get(seg, 0) <= off, f"an object of head segment {seg} lies past its fill"
+                assert last_end.get(seg, 0) <= seg * SEGMENT + off, f"an object of head segment {seg} lies past its fill"

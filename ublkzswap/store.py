@@ -57,10 +57,12 @@ ALLOCATORS = {"log": logalloc.LogPool, "xvmalloc": xvmalloc.XvPool}   # default 
 #: The store's counters, in the order of its counter record (stats.py names).
 COUNTERS = ("num_reads", "num_writes", "failed_reads", "failed_writes", "notify_free",
             "zero_pages", "same_pages", "good_compress", "huge_pages", "pages_stored",
-            "compr_data_size", "mem_used_max", "bd_reads", "bd_writes")
+            "compr_data_size", "mem_used_max", "bd_reads", "bd_writes", "pages_compacted")
 (NUM_READS, NUM_WRITES, FAILED_READS, FAILED_WRITES, NOTIFY_FREE, ZERO_PAGES, SAME_PAGES,
  GOOD_COMPRESS_N, HUGE_PAGES, PAGES_STORED, COMPR_DATA_SIZE, MEM_USED_MAX, BD_READS,
- BD_WRITES) = range(len(COUNTERS))
+ BD_WRITES, PAGES_COMPACTED) = range(len(COUNTERS))
+COMPACT_BATCH = 64            # objects moved per hold of the store lock
+BACKGROUND_WASTE = 0.10       # background compaction starts above this share of unused memory
 
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
@@ -113,9 +115,10 @@ class Store:
         self._counters = np.zeros(len(COUNTERS), dtype=np.int64)
         self._c = memoryview(self._counters)
         self._lock = threading.Lock()
-        self.header_slot = -1                  # the slot :meth:`preformat` filled, uncounted
+        self._header = _ZERO_PAGE              # page 0 as preformat() left it
         if keeper and self._own_pool:
-            pool.start(interval=keeper_interval, thread_init=keeper_init)
+            pool.start(interval=keeper_interval, thread_init=keeper_init,
+                       idle=self.compact_if_wasteful)
 
     # ---- configuration and numbers
 
@@ -200,17 +203,67 @@ class Store:
     def preformat(self, page) -> None:
         """Page 0 as compcache's setup_swap_header leaves it (reference 1.6): kept raw and
         counted nowhere (num_writes, pages_stored, compr_data_size, mem_used_total) until it is
-        overwritten or discarded. Raises OSError(ENOSPC) if no page is ready in time."""
+        overwritten or discarded."""
         with self._lock:
-            try:
-                a = self.allocator.malloc(PAGE_SIZE, self.alloc_wait)
-            except MemoryError:
-                raise OSError(errno.ENOSPC, "preformat: no memory ready") from None
-            self.pool.view[a:a + PAGE_SIZE] = page
             if self._t[0] & 3:
                 self._set(0, EMPTY)
-            self._t[0] = (a << 16) | (PAGE_SIZE << 2) | RAW
-            self.header_slot = 0
+            self._header = bytes(page)
+            self._t[0] = RAW                    # raw, length 0: the header, kept apart
+
+    # ---- compaction (zram's compact)
+
+    def compact(self, max_fill: float = 0.95) -> int:
+        """Move objects out of the emptiest units of memory (those at most ``max_fill`` full)
+        into fresh ones, so that the emptied units go back to the pool: zram's ``compact``.
+        In batches of COMPACT_BATCH objects per hold of the lock; it never waits for memory
+        (it stops where none is ready) and never takes more than it frees. Returns the pages
+        given back (also counted in ``pages_compacted``). An allocator that cannot move
+        (xvmalloc) compacts nothing."""
+        victims = getattr(self.allocator, "victims", None)
+        if victims is None or self.pool is None:
+            return 0
+        unit, segs = victims(max_fill)
+        if not segs:
+            return 0
+        e = self._tab[0::2]                          # entries, read without the lock: each
+        held = ((e & 3) >= RAW) & ((e & 0x7FFC) != 0)   # move re-checks its entry under it
+        owners = np.flatnonzero(held & np.isin((e >> np.uint64(16)) // np.uint64(unit), segs))
+        t, view, alloc = self._t, self.pool.view, self.allocator
+        victim, short, freed = set(segs), False, 0
+        for first in range(0, len(owners), COMPACT_BATCH):
+            with self._lock:
+                before = alloc.pages_used()
+                for idx in owners[first:first + COMPACT_BATCH].tolist():
+                    old = t[2 * idx]
+                    a, n = old >> 16, (old >> 2) & 0x1FFF
+                    if old & 3 < RAW or not n or a // unit not in victim:
+                        continue                     # rewritten or freed meanwhile
+                    try:
+                        new = alloc.malloc(n, 0.0)
+                    except MemoryError:
+                        short = True                 # nothing ready: stop, never wait
+                        break
+                    view[new:new + n] = view[a:a + n]
+                    t[2 * idx] = (new << 16) | (old & 0xFFFF)     # the commit
+                    alloc.free(a, n)
+                gone = before - alloc.pages_used()       # given back net of what moves took
+                if gone > 0:
+                    freed += gone
+                    self._c[PAGES_COMPACTED] += gone
+            if short:
+                break
+        return freed
+
+    def compact_if_wasteful(self) -> int:
+        """Background compaction, for the pool's keeper between its passes: only when more than
+        BACKGROUND_WASTE of the memory held is unused, and then only the sparsest units."""
+        live = getattr(self.allocator, "live_bytes", None)
+        if live is None:
+            return 0
+        held = self.allocator.pages_used() << PAGE_SHIFT
+        if held - live() <= BACKGROUND_WASTE * held + (4 << 16):
+            return 0
+        return self.compact(max_fill=0.75)
 
     def close(self) -> None:
         """Stop and drop the pool if the store made it."""
@@ -296,7 +349,7 @@ class Store:
                 mv[o:o + PAGE_SIZE] = v.to_bytes(8, "little") * 512 if v else _ZERO_PAGE
             elif kind == RAW:
                 b = e >> 16
-                mv[o:o + PAGE_SIZE] = self.pool.view[b:b + PAGE_SIZE]
+                mv[o:o + PAGE_SIZE] = self.pool.view[b:b + PAGE_SIZE] if e & 0x7FFC else self._header
             elif self.backing is not None:
                 c[NUM_READS] -= 1                 # counted in bd_reads once it succeeded
                 fwd.append((OP_READ, idx, k))
@@ -315,12 +368,12 @@ class Store:
             t[i + 1] = value
         t[i] = (addr << 16) | (length << 2) | kind
         if okind:
-            if okind != SAME:
-                self.allocator.free(old >> 16, (old >> 2) & 0x1FFF)
-            if idx == self.header_slot:
-                self.header_slot = -1          # the preformatted header was never counted
-            else:
-                self._count(okind, (old >> 2) & 0x1FFF, oval, -1)
+            olen = (old >> 2) & 0x1FFF
+            if okind == SAME:
+                self._count(SAME, 0, oval, -1)
+            elif olen:                           # (raw with length 0: the header, uncounted)
+                self.allocator.free(old >> 16, olen)
+                self._count(okind, olen, 0, -1)
         if kind:
             self._count(kind, length, value, 1)
 

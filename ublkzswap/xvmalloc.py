@@ -364,7 +364,7 @@ class XvPool:
         first violation. Slow; for tests."""
         w = self._w
         pages = sorted(int(p) for p in pages)
-        assert self.pages_used() == len(pages), f"pages_used {self.pages_used()} != {len(pages)} pages"
+        assert self._total[0] == len(pages), f"{self._total[0]} object pages counted, {len(pages)} given"
         live: dict[int, int] = {}
         free_listed: set[int] = set()
         for p in pages:

@@ -188,7 +188,7 @@ def test_high_word_fill_value_round_trips():
 
 
 def test_incompressible_page_stored_raw_without_backing():
-    s = mkstore()
+    s = mkstore(allocator="xvmalloc")
     p = os.urandom(PAGE)
     wr(s, 7, p)
     kind, handle, length, _ = s.slot(7)
@@ -202,7 +202,7 @@ def test_incompressible_page_stored_raw_without_backing():
 
 
 def test_compressed_page_counters():
-    s = mkstore()
+    s = mkstore(allocator="xvmalloc")
     p = compressible(3)
     clen = len(cz.get("lzo").compress(p))
     wr(s, 0, p)
@@ -222,7 +222,7 @@ def test_compressed_page_counters():
 ])
 def test_compressed_length_boundaries_without_backing(clen, kind, good):
     lc = LenCompressor()
-    s = mkstore(compressor=lc.comp)
+    s = mkstore(compressor=lc.comp, allocator="xvmalloc")
     p = lc.page(clen)
     wr(s, 0, p)
     assert s.slot(0)[0] == kind
@@ -321,7 +321,7 @@ def test_page_returned_to_pool_when_last_object_freed():
 # ---------------------------------------------------------------- memory limit, ENOSPC
 
 def test_memlimit_without_backing_fails_write_and_keeps_old_content():
-    s = mkstore(memlimit=2 * PAGE)
+    s = mkstore(memlimit=2 * PAGE, allocator="xvmalloc")
     a, b = os.urandom(PAGE), os.urandom(PAGE)
     wr(s, 0, a)
     wr(s, 1, b)
@@ -375,7 +375,7 @@ def test_backing_write_failure_is_eio_and_keeps_slot():
 
 
 def test_empty_pool_gives_enospc_and_reads_still_work():
-    s = mkstore(inline_refill=False, low=0, high=2)
+    s = mkstore(inline_refill=False, low=0, high=2, allocator="xvmalloc")
     assert s.pool.ready == 2
     wr(s, 0, os.urandom(PAGE))
     wr(s, 1, os.urandom(PAGE))
@@ -449,7 +449,7 @@ def test_keeper_thread_default_and_close():
 
 
 def test_shared_arena_is_not_closed_by_store():
-    a = Arena(32, low=2, high=8, inline_refill=True)
+    a = Arena(64, unit=16, low=16, high=32, inline_refill=True)
     s = Store(32 * PAGE, pool=a)
     wr(s, 0, compressible(1))
     s.close()

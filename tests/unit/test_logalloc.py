@@ -1,0 +1,165 @@
+"""The log allocator: bump allocation in segments, whole pages apart, emptied segments back to
+the pool, victims for compaction; and the store compacting through it."""
+import os
+import random
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from ublkzswap.arena import Arena
+from ublkzswap.logalloc import SEGMENT, SEGMENT_PAGES, LogPool
+from ublkzswap.store import Store
+
+from invariants import check
+
+PAGE = 4096
+EXAMPLES = int(os.environ.get("UBLKZSWAP_EXAMPLES", 40))
+
+
+def pool(nseg=8, **kw):
+    kw.setdefault("inline_refill", True)
+    a = Arena(nseg * SEGMENT_PAGES, unit=SEGMENT_PAGES, low=0, high=nseg * SEGMENT_PAGES, **kw)
+    return a, LogPool(a)
+
+
+def test_objects_pack_back_to_back_and_cross_page_boundaries():
+    a, lp = pool()
+    addrs = [lp.malloc(1400) for _ in range(46)]
+    assert [x - addrs[0] for x in addrs] == [1400 * i for i in range(46)]   # no gaps, no headers
+    assert lp.pages_used() == SEGMENT_PAGES and lp.live_bytes() == 46 * 1400
+    nxt = lp.malloc(1400)                      # 47 * 1400 > 64 KiB: a new segment
+    assert nxt // SEGMENT != addrs[0] // SEGMENT and lp.pages_used() == 2 * SEGMENT_PAGES
+    lp.check({**{x: 1400 for x in addrs}, nxt: 1400})
+    a.close()
+
+
+def test_whole_pages_have_a_head_of_their_own():
+    a, lp = pool()
+    small = lp.malloc(100)
+    whole = [lp.malloc(PAGE) for _ in range(16)]
+    assert all(w % PAGE == 0 for w in whole) and len({w // SEGMENT for w in whole}) == 1
+    assert small // SEGMENT != whole[0] // SEGMENT
+    a.close()
+
+
+def test_an_emptied_segment_goes_back_at_once_and_a_full_pool_says_memoryerror():
+    a, lp = pool(nseg=2, inline_refill=False, prefill=True)
+    x = lp.malloc(3000)
+    y = lp.malloc(PAGE)
+    with pytest.raises(MemoryError):
+        lp.malloc(4000) if False else [lp.malloc(PAGE) for _ in range(17)]
+    assert a.ready == 0
+    lp.free(x, 3000)
+    assert a.ready == 1 and lp.pages_used() == SEGMENT_PAGES    # head or not, empty goes back
+    lp.free(y, PAGE)
+    a.close()
+
+
+def test_victims_are_the_emptiest_and_only_when_a_segment_is_freed_net():
+    a, lp = pool(nseg=8)
+    objs = [lp.malloc(1000) for _ in range(65 * 4)]          # 4 segments of 65 objects
+    assert SEGMENT // 1000 == 65
+    for i, x in enumerate(objs[:65 * 3]):                      # empty 3 of them partly
+        if i % 65 >= [10, 30, 50][i // 65]:
+            lp.free(x, 1000)
+    unit, segs = lp.victims(max_fill=0.9)
+    assert unit == SEGMENT
+    assert segs == sorted(segs, key=lambda s: lp._live[s]) and len(segs) >= 2
+    # the head (last segment) is never a victim
+    assert objs[-1] // SEGMENT not in segs
+    a.close()
+
+
+def make_page(rng, kind):
+    if kind == 0:
+        return bytes(PAGE)
+    if kind == 1:
+        return rng.randbytes(PAGE)
+    words = [b"swap", b"page", b"ramzswap", b"compcache", b"lzo", b"segment", b"log"]
+    text = b" ".join(rng.choice(words) for _ in range(rng.randint(200, 1400)))
+    return (text * (PAGE // len(text) + 2))[:PAGE]
+
+
+def test_sequential_fill_wastes_almost_nothing_and_compaction_closes_holes():
+    rng = random.Random(5)
+    n = 2048
+    s = Store(n * PAGE, keeper=False, inline_refill=True, low=16, high=64)
+    try:
+        pages = [make_page(rng, 2) for _ in range(n)]
+        for i, p in enumerate(pages):
+            s.write(i * PAGE, memoryview(p))
+        st = s.stats()
+        assert st["mem_used_total"] / st["compr_data_size"] <= 1.05, st
+        for _ in range(2):                      # overwrite a random half, twice: holes everywhere
+            for i in rng.sample(range(n), n // 2):
+                pages[i] = make_page(rng, 2)
+                s.write(i * PAGE, memoryview(pages[i]))
+        st = s.stats()
+        before = st["mem_used_total"] / st["compr_data_size"]
+        assert before > 1.2
+        freed = s.compact()
+        st = s.stats()
+        after = st["mem_used_total"] / st["compr_data_size"]
+        assert after <= 1.10 and after < before, (before, after)
+        assert freed > 0 and st["pages_compacted"] == freed
+        check(s)
+        out = bytearray(PAGE)
+        for i in range(n):
+            s.read(i * PAGE, memoryview(out))
+            assert out == pages[i], i
+    finally:
+        s.close()
+
+
+def test_compaction_without_ready_memory_stops_and_loses_nothing():
+    rng = random.Random(7)
+    s = Store(512 * PAGE, keeper=False, inline_refill=False, low=0, high=1024)
+    try:
+        pages = {i: make_page(rng, 2) for i in range(512)}
+        for i, p in pages.items():
+            s.write(i * PAGE, memoryview(p))
+        for i in range(0, 512, 3):
+            s.discard(i * PAGE, PAGE)
+            del pages[i]
+        while s.pool.take(4) >= 0:                  # nothing ready any more (BUSY: nobody's)
+            pass
+        assert s.compact() == 0
+        check(s)
+        out = bytearray(PAGE)
+        for i, p in pages.items():
+            s.read(i * PAGE, memoryview(out))
+            assert out == p
+    finally:
+        s.close()
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["write", "write", "write", "read", "discard",
+                                           "compact"]),
+                          st.integers(0, 63), st.integers(0, 2), st.integers(0, 2**32)),
+                min_size=1, max_size=80))
+def test_compaction_interleaved_with_everything_keeps_every_page(ops):
+    s = Store(64 * PAGE, keeper=False, inline_refill=True, low=16, high=32)
+    model = {}
+    try:
+        for op, idx, kind, seed in ops:
+            if op == "write":
+                p = make_page(random.Random(seed), kind)
+                s.write(idx * PAGE, memoryview(p))
+                model[idx] = p
+            elif op == "read":
+                out = bytearray(PAGE)
+                s.read(idx * PAGE, memoryview(out))
+                assert out == model.get(idx, bytes(PAGE))
+            elif op == "discard":
+                s.discard(idx * PAGE, PAGE)
+                model.pop(idx, None)
+            else:
+                s.compact(max_fill=1.0)
+            check(s)
+        out = bytearray(PAGE)
+        for i in range(64):
+            s.read(i * PAGE, memoryview(out))
+            assert out == model.get(i, bytes(PAGE))
+    finally:
+        s.close()
