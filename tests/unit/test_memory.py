@@ -62,6 +62,8 @@ LOCK_TOUCHED = textwrap.dedent("""
     a = np.frombuffer(big, dtype=np.uint8)
     a[:16 * 4096] = 7                           # touched before locking: 16 pages
     base = a.ctypes.data
+    small = mmap.mmap(-1, 256 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    sbase = np.frombuffer(small, dtype=np.uint8).ctypes.data
 
     def locked_kb():
         for line in open("/proc/self/smaps"):
@@ -82,6 +84,9 @@ LOCK_TOUCHED = textwrap.dedent("""
     vec = (C.c_ubyte * n)()
     libc.mincore(C.c_void_p(base), n * 4096, vec)
     print("resident", sum(v & 1 for v in vec))
+    svec = (C.c_ubyte * 256)()
+    libc.mincore(C.c_void_p(sbase), 256 * 4096, svec)
+    print("small resident", sum(v & 1 for v in svec))
 """)
 
 
@@ -94,3 +99,5 @@ def test_lock_touched_locks_what_was_touched_not_what_is_mapped():
     assert lines[0] == "locked after lock 64"      # the 16 touched pages, not the 32 MiB
     assert lines[1] == "locked after touch 68"     # one more page, locked as it came in
     assert lines[2] == "resident 17"
+    # a small private writable mapping is populated whole (copy-on-write broken up front)
+    assert lines[3] == "small resident 256"
