@@ -117,8 +117,8 @@ def lock_touched(big_anon: int = BIG_ANON) -> None:
     its file, pages shared with a parent we forked from, the shared zero page) is broken
     here, not by a later first write -- an allocation in whatever thread does it, with the
     GIL held or on the I/O path. The one exception: an anonymous mapping of ``big_anon``
-    bytes or more that is not the heap or a stack (a library's reserved buffer, such as
-    OpenBLAS's) gets only its present pages written; the daemon never touches the rest.
+    bytes or more of which nothing is present yet (a library's reserved buffer that nothing
+    has used, such as OpenBLAS's) is left to lock-on-fault.
     Raises OSError if the kernel refuses to lock."""
     for start, end, perms, name in list(_mappings()):
         if name in ("[vsyscall]", "[vvar]", "[vdso]") or perms.startswith("---"):
@@ -130,13 +130,10 @@ def lock_touched(big_anon: int = BIG_ANON) -> None:
             continue                      # ENOMEM: the mapping went away meanwhile
         if perms[1] != "w" or perms[3] != "p":
             continue
-        if not name and end - start >= big_anon:
-            runs = list(_present_runs(start, end))
-        else:
-            runs = [(start, end - start)]
-        for addr, length in runs:
-            if _libc.mlock(C.c_void_p(addr), C.c_size_t(length)) != 0:
-                raise oserror("cannot lock memory (mlock)")
+        if not name and end - start >= big_anon and not any(_present_runs(start, end)):
+            continue
+        if _libc.mlock(C.c_void_p(start), C.c_size_t(end - start)) != 0:
+            raise oserror("cannot lock memory (mlock)")
 
 
 def locked_bytes() -> int:
