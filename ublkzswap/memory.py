@@ -42,6 +42,7 @@ from .libc import libc as _libc, oserror
 from .uapi import PAGE_SIZE
 
 HEAP_HEADROOM = 8 << 20
+BIG_ANON = 4 << 20          # anonymous reservations this big are locked only where touched
 MLOCK_ONFAULT = 1
 THREAD_STACK = 512 << 10
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -4, -8
@@ -109,12 +110,16 @@ def _present_runs(start: int, end: int):
         i = j
 
 
-def lock_touched() -> None:
+def lock_touched(big_anon: int = BIG_ANON) -> None:
     """Give every current mapping lock-on-fault (``mlock2(MLOCK_ONFAULT)``: its mapped pages are
-    locked now, others when first touched), and for private writable ones also ``mlock`` the
-    pages present now, which writes through them: copy-on-write (with a parent we forked
-    from, or the shared zero page) is broken here, not by a later first write -- in whatever
-    thread, the I/O path included. Raises OSError if the kernel refuses to lock."""
+    locked now, others when first touched), and ``mlock`` every private writable one whole,
+    which writes through its pages: copy-on-write (a library's data page still shared with
+    its file, pages shared with a parent we forked from, the shared zero page) is broken
+    here, not by a later first write -- an allocation in whatever thread does it, with the
+    GIL held or on the I/O path. The one exception: an anonymous mapping of ``big_anon``
+    bytes or more of which nothing is present yet (a library's reserved buffer that nothing
+    has used, such as OpenBLAS's) is left to lock-on-fault.
+    Raises OSError if the kernel refuses to lock."""
     for start, end, perms, name in list(_mappings()):
         if name in ("[vsyscall]", "[vvar]", "[vdso]") or perms.startswith("---"):
             continue
@@ -123,10 +128,12 @@ def lock_touched() -> None:
             if err in (errno.EPERM, errno.EAGAIN):
                 raise oserror("cannot lock memory (mlock2)")
             continue                      # ENOMEM: the mapping went away meanwhile
-        if perms[1] == "w" and perms[3] == "p":
-            for addr, length in _present_runs(start, end):
-                if _libc.mlock(C.c_void_p(addr), C.c_size_t(length)) != 0:
-                    raise oserror("cannot lock memory (mlock)")
+        if perms[1] != "w" or perms[3] != "p":
+            continue
+        if not name and end - start >= big_anon and not any(_present_runs(start, end)):
+            continue
+        if _libc.mlock(C.c_void_p(start), C.c_size_t(end - start)) != 0:
+            raise oserror("cannot lock memory (mlock)")
 
 
 def locked_bytes() -> int:
