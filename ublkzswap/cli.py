@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-h", "--help", action="store_true",
                    help="print this help (and carry on with any other option)")
     x = p.add_argument_group("extras (not in compcache)")
+    x.add_argument("--compact", action="store_true",
+                   help="move stored pages together and give the memory emptied back "
+                        "(zram's compact); prints the pages given back with -v")
     x.add_argument("-l", "--list", action="store_true",
                    help="list all devices, zramctl style: " + " ".join(LIST_COLUMNS))
     x.add_argument("-j", "--json", action="store_true",
@@ -281,6 +284,8 @@ def _run(client: Client, args, dev, requests) -> int:
                 sys.stdout.write(statsmod.render_json(result) + "\n")
             else:
                 sys.stdout.write(statsmod.render_text(result))
+        elif op == "compact" and args.verbose:
+            print(f"compact: {result} pages given back")
     if args.list:
         try:
             infos = client.call("list")

@@ -111,7 +111,8 @@ class Op(NamedTuple):
 _DEV = ("dev", DEVICE)
 
 # Table order is compcache 0.6.2's ioctl order for the ops rzscontrol sends (backing_swap,
-# memlimit_kb, disksize_kb, init, reset, stats; ../shared/docs/compcache-reference.md).
+# memlimit_kb, disksize_kb, init, reset, stats; ../shared/docs/compcache-reference.md), with
+# zram's compact before stats, so that --compact --stats shows its effect.
 OPS: dict[str, Op] = {op.name: op for op in (
     Op("set_backing_swap", (_DEV, ("path", PATH)), True,
        "set the swap device or file behind the device (uninitialised device only)",
@@ -125,6 +126,8 @@ OPS: dict[str, Op] = {op.name: op for op in (
        option="init"),
     Op("reset", (_DEV,), True, "free all stored pages and metadata (not while in use)",
        option="reset"),
+    Op("compact", (_DEV,), True, "move stored pages together so that emptied memory goes back "
+       "(zram's compact; initialised device only)", result="pages given back", option="compact"),
     Op("stats", (_DEV,), False, "the device's counters (initialised device only)",
        result="stats dict (names in stats.py)", option="stats"),
     Op("info", (_DEV,), False, "state, sizes and algorithm of one device, in any state",

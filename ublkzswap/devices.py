@@ -156,6 +156,14 @@ class Device:
             setter(kb * 1024)
         self.memlimit_kb = kb
 
+    def compact(self) -> int:
+        if not self.initialised:
+            raise OSError(errno.ENOTTY, "device not initialised")
+        compact = getattr(self.target, "compact", None)
+        if compact is None:
+            raise OSError(errno.EOPNOTSUPP, "this target does not compact")
+        return compact()
+
     def stats(self) -> dict:
         if not self.initialised:
             raise OSError(errno.ENOTTY, "device not initialised")
@@ -247,6 +255,10 @@ class Manager:
     def reset(self, dev_id: int) -> None:
         with self._lock:
             self._dev(dev_id).reset()
+
+    def compact(self, dev_id: int) -> int:
+        with self._lock:
+            return self._dev(dev_id).compact()
 
     def stats(self, dev_id: int) -> dict:
         with self._lock:

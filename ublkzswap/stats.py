@@ -103,6 +103,9 @@ COUNTERS: tuple[Counter, ...] = (
             "Stored pages that compressed to 2048 bytes or less (GoodCompress as a count)."),
     Counter("huge_pages", None, "pages",
             "Stored pages kept uncompressed (zram huge_pages; NoCompress as a count)."),
+    Counter("pages_compacted", None, "pages",
+            "Pages given back by compaction since the device was initialised (zram "
+            "pages_compacted; rzscontrol --compact, or in the background)."),
     Counter("mem_used_max", None, "bytes",
             "Highest MemUsedTotal seen since the device was initialised (zram mem_used_max)."),
 )

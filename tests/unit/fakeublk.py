@@ -77,7 +77,7 @@ class RecordingManager(Manager):
     """The real Manager, recording the calls the control socket makes."""
 
     CALLS = ("devices", "set_backing_swap", "set_memlimit_kb", "set_disksize_kb", "init",
-             "reset", "stats", "info")
+             "reset", "compact", "stats", "info")
 
     def __init__(self, num_devices=2, *, ram=RAM, target="zswap"):
         self.log: list = []

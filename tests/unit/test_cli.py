@@ -387,10 +387,11 @@ def test_fuzz_argv_never_crashes(argv):
 
 def test_request_order_is_the_op_tables():
     from ublkzswap import control
-    _, _, requests = cli.plan([DEV, "-s", "-r", "-i", "-d", "1", "-m", "2", "-b", "/x"])
+    _, _, requests = cli.plan([DEV, "-s", "--compact", "-r", "-i", "-d", "1", "-m", "2", "-b", "/x"])
     table = [op.option for op in control.OPS.values() if op.option]
     assert [name for name, _, _ in requests] == table
-    assert table == ["backing_swap", "memlimit_kb", "disksize_kb", "init", "reset", "stats"]
+    assert table == ["backing_swap", "memlimit_kb", "disksize_kb", "init", "reset", "compact",
+                     "stats"]
     assert [op for _, op, _ in requests] == [op.name for op in cli.REQUESTS]
     assert ", ".join(table) in " ".join(cli.build_parser().description.split())
 
@@ -416,3 +417,14 @@ def test_cli_does_not_load_the_daemon_or_its_memory_machinery():
     assert "ublkzswap.cli" in loaded
     for mod in ("ublkzswap.memory", "ublkzswap.daemon", "ublkzswap.ctlserver"):
         assert mod not in loaded
+
+
+def test_compact_through_the_cli(env, capsys):
+    m, _ = env
+    m.set_disksize_kb(0, 4096)
+    m.init(0)
+    rc, out, err = run(capsys, DEV, "--compact", "-v")
+    assert rc == 0 and "compact: 0 pages given back" in out, (out, err)
+    assert ("compact", 0) in m.calls
+    rc, out, err = run(capsys, "/dev/ublkb1", "--compact")
+    assert rc == 1 and err.strip() == "compact: Inappropriate ioctl for device"

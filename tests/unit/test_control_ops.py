@@ -23,10 +23,11 @@ BAD = {control.DEVICE: -1, control.KB: "4096", control.PATH: 7}
 
 def manager_accepting(op):
     """A RecordingManager (one small device) in a state where the real Manager accepts ``op``:
-    device 0 uninitialised, with a size, except for stats (ENOTTY before init). No calls yet."""
+    device 0 uninitialised, with a size, except for stats and compact (ENOTTY before init). No
+    calls yet."""
     m = RecordingManager(1)
     m.set_disksize_kb(0, 64)
-    if op.name == "stats":
+    if op.name in ("stats", "compact"):
         m.init(0)
     m.calls.clear()
     return m
@@ -113,4 +114,5 @@ def test_an_owner_only_op_added_to_the_table_is_refused_for_others(monkeypatch):
 
 def test_owner_only_is_exactly_the_ops_that_change_state():
     owner = {n for n, op in control.OPS.items() if op.owner_only}
-    assert owner == {"set_backing_swap", "set_memlimit_kb", "set_disksize_kb", "init", "reset"}
+    assert owner == {"set_backing_swap", "set_memlimit_kb", "set_disksize_kb", "init", "reset",
+                     "compact"}
