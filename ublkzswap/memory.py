@@ -163,8 +163,8 @@ PR_SET_NAME = 15
 def name_mapping(address: int, length: int, name: str) -> None:
     """Name an anonymous mapping (``[anon:NAME]`` in /proc/PID/smaps), best effort: it costs
     nothing and makes the daemon's memory readable by mapping (bench/bench_mem.py)."""
-    _libc.prctl(PR_SET_VMA, PR_SET_VMA_ANON_NAME, address, length,
-                C.cast(C.c_char_p(name.encode()), C.c_void_p).value)
+    buf = C.create_string_buffer(name.encode())
+    _libc.prctl(PR_SET_VMA, PR_SET_VMA_ANON_NAME, address, length, C.addressof(buf))
 
 
 def resident_array(n: int, dtype, name: str):
@@ -245,7 +245,8 @@ class GrowthGuard:
 def set_thread_name(name: str) -> None:
     """The calling thread's kernel name (``comm``, 15 bytes): how ps, tracing and the
     blocked-task dump tell the queue thread apart."""
-    _libc.prctl(PR_SET_NAME, C.cast(C.c_char_p(name.encode()[:15]), C.c_void_p).value, 0, 0, 0)
+    buf = C.create_string_buffer(name.encode()[:15])
+    _libc.prctl(PR_SET_NAME, C.addressof(buf), 0, 0, 0)
 
 
 def set_io_flusher() -> None:

@@ -32,6 +32,7 @@ open("/proc/self/oom_score_adj", "w").write("-1000")
 m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
 import ctypes
 libc = ctypes.CDLL(None, use_errno=True)
+libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 buf = (ctypes.c_char * n).from_buffer(m)
 assert libc.mlock(ctypes.addressof(buf), ctypes.c_size_t(n)) == 0, ctypes.get_errno()
 print("locked", flush=True)

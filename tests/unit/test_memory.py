@@ -103,3 +103,18 @@ def test_lock_touched_locks_what_was_touched_not_what_is_mapped():
     assert lines[0] == "big 0 used 2048 small 256"
     assert lines[1] == "big after touch 1"
     assert lines[2] == "big locked kB 4"            # locked as it came in
+
+
+def test_set_thread_name_names_the_calling_thread_for_ps_and_the_tests():
+    import threading
+    from ublkzswap import memory
+    seen = []
+
+    def t():
+        memory.set_thread_name("ublkq7:0-and-too-long")
+        seen.append(open(f"/proc/self/task/{threading.get_native_id()}/comm").read().strip())
+
+    th = threading.Thread(target=t)
+    th.start()
+    th.join()
+    assert seen == ["ublkq7:0-and-t"[:15]] or seen == ["ublkq7:0-and-to"]
