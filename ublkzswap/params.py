@@ -17,6 +17,7 @@ from .uapi import PAGE_SIZE
 
 MAX_NUM_DEVICES = 32
 TARGETS = ("zswap", "ram", "null")
+ALLOCATORS = ("log", "xvmalloc")
 
 Param = namedtuple("Param", "name metavar default help")
 
@@ -34,6 +35,9 @@ PARAMETERS = (
           "null (no data, for measuring the I/O round trip)"),
     Param("compressor", "NAME", compress.names()[0],
           "compression algorithm of the zswap target: " + ", ".join(compress.names())),
+    Param("allocator", "|".join(ALLOCATORS), ALLOCATORS[0],
+          "how the zswap target places compressed pages: log (segments, compacted; the "
+          "default) or xvmalloc (compcache's allocator, never compacted)"),
     Param("socket", "PATH", default_path(),
           f"control socket for rzscontrol (environment: {ENV_SOCKET})"),
     Param("foreground", None, "off", "stay in the foreground (default: return once the devices are ready)"),
@@ -52,7 +56,7 @@ class UsageError(Exception):
 def parse_params(argv: list[str]) -> dict:
     """``key=value`` words (``--key=value`` too) -> dict of typed values. Raises UsageError."""
     out: dict = {"num_devices": 1, "target": TARGETS[0], "compressor": compress.names()[0],
-                 "foreground": False, "socket": default_path()}
+                 "allocator": ALLOCATORS[0], "foreground": False, "socket": default_path()}
     for word in argv:
         if word in ("-h", "--help"):
             raise UsageError("help")
@@ -77,6 +81,8 @@ def parse_params(argv: list[str]) -> dict:
         raise UsageError(f"num_devices={out['num_devices']}: must be 1..{MAX_NUM_DEVICES}")
     if out["target"] not in TARGETS:
         raise UsageError(f"target={out['target']}: must be {', '.join(TARGETS[:-1])} or {TARGETS[-1]}")
+    if out["allocator"] not in ALLOCATORS:
+        raise UsageError(f"allocator={out['allocator']}: must be {' or '.join(ALLOCATORS)}")
     if out["compressor"] not in compress.names():
         raise UsageError(f"compressor={out['compressor']}: must be one of {', '.join(compress.names())}")
     if "disksize_kb" in out and out["disksize_kb"] * 1024 < PAGE_SIZE:

@@ -84,3 +84,11 @@ def test_parameters_table_drives_help():
     assert p.returncode == 0
     for param in params.PARAMETERS:
         assert param.name in p.stdout
+
+
+def test_allocator_words_are_the_stores():
+    from ublkzswap import store
+    assert params.ALLOCATORS == tuple(store.ALLOCATORS)
+    assert params.parse_params(["allocator=xvmalloc"])["allocator"] == "xvmalloc"
+    with pytest.raises(params.UsageError):
+        params.parse_params(["allocator=slab"])
