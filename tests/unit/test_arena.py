@@ -241,3 +241,21 @@ def test_growth_guard_counts_free_memory_against_the_min_watermark(tmp_path):
     assert free > 0
     assert g(0) is (free >= g.floor)
     assert g(free) is False and g.refused >= 1   # never down past the watermark
+
+
+def test_keeper_failures_are_logged_not_only_counted(caplog):
+    import logging
+    a = ar.Arena(256, low=16, high=64, prefill=False)
+
+    def refuse(first, count):
+        raise OSError(errno.ENOMEM, "madvise(MADV_POPULATE_WRITE): Cannot allocate memory")
+
+    a._populate = refuse
+    try:
+        with caplog.at_level(logging.WARNING, logger="ublkzswap.arena"):
+            a.step()
+            a.step()
+        assert a.keeper_errors == 2
+        assert len(caplog.records) == 1 and "Cannot allocate memory" in caplog.records[0].getMessage()
+    finally:
+        a.close()

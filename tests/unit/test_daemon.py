@@ -92,3 +92,11 @@ def test_allocator_words_are_the_stores():
     assert params.parse_params(["allocator=xvmalloc"])["allocator"] == "xvmalloc"
     with pytest.raises(params.UsageError):
         params.parse_params(["allocator=slab"])
+
+
+def test_the_daemon_cannot_run_without_its_control_socket_module():
+    """No silent fallback: if the control server does not import, the daemon does not start."""
+    code = ("import sys; sys.modules['ublkzswap.ctlserver'] = None\n"
+            "try:\n    import ublkzswap.daemon\nexcept ImportError:\n    print('refused')\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.stdout.strip() == "refused", p.stderr
