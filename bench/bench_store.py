@@ -99,6 +99,7 @@ def main(argv=None):
     ap.add_argument("--same", type=float, default=2.0, help="percent of same-filled non-zero pages")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--compressor", default="lzo")
+    ap.add_argument("--allocator", default="log", help="log (default) or xvmalloc")
     ap.add_argument("--repeat", type=int, default=3, help="timed passes; the best is reported")
     args = ap.parse_args(argv)
 
@@ -132,7 +133,7 @@ def main(argv=None):
     out = bytearray(PAGE)
     outv = memoryview(out)
     for rep in range(args.repeat):
-        store = Store(n * PAGE, compressor=args.compressor)
+        store = Store(n * PAGE, compressor=args.compressor, allocator=args.allocator)
         t = time.perf_counter()
         for i, v in enumerate(views):
             off = i * PAGE
@@ -177,7 +178,7 @@ def main(argv=None):
               f"(all {n} pages: mem_used_total/({n}*4096) = {used / (n * PAGE):.3f})")
         print(f"  mem_used_total/compr_data_size = {used / compr:.3f}   (goal <= 1.05 after fill; zram ~1.017)")
         print(f"  mem_used_total {used / 2**20:.1f} MiB, mem_used_max {s['mem_used_max'] / 2**20:.1f} MiB, "
-              f"arena resident {store.arena.resident * PAGE / 2**20:.1f} MiB")
+              f"arena resident {store.pool.resident * PAGE / 2**20:.1f} MiB")
 
     report("after fill")
     rng = random.Random(args.seed + 1)
@@ -185,7 +186,9 @@ def main(argv=None):
         store.discard(i * PAGE, PAGE)
     time.sleep(0.1)  # let the keeper give surplus pages back
     report("after discarding a random half")
-    store.check()
+    freed = store.compact()
+    time.sleep(0.1)
+    report(f"after compaction ({freed} pages given back)")
     store.close()
 
 

@@ -23,6 +23,7 @@ info and --list) rather than being replaced.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 import sys
@@ -173,8 +174,22 @@ def fail(msg: str) -> int:
     return 1
 
 
+class _StderrHandler(logging.Handler):
+    """Log records as ``ublkzswapd: message`` lines on whatever sys.stderr is now (the kernel
+    log once a background daemon has detached)."""
+
+    def emit(self, record):
+        try:
+            print(f"ublkzswapd: {self.format(record)}", file=sys.stderr, flush=True)
+        except Exception:
+            self.handleError(record)
+
+
 def run(cfg: dict) -> int:
     """Bring everything up, serve until SIGTERM/SIGINT, tear down. Returns exit status."""
+    root = logging.getLogger("ublkzswap")
+    root.addHandler(_StderrHandler())
+    root.setLevel(logging.INFO)
     from . import store as storemod           # before locking: no imports on the I/O path
     try:
         memory.lock_process()

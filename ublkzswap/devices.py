@@ -25,6 +25,7 @@ Still naive: "in use" can change right after it was checked.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 
@@ -34,8 +35,24 @@ from .target import NullTarget, RamTarget
 from .uapi import PAGE_SIZE
 
 ALREADY = "Device already initialized!"       # compcache's words
+TABLE_BYTES_PER_PAGE = 17          # slot table (16) + arena and allocator state, per 4 KiB
+TABLE_SHARE_OF_RAM = 8             # a device's tables may lock at most 1/8 of RAM
+log = logging.getLogger("ublkzswap.devices")
 DEFAULT_DISKSIZE_PERC_RAM = 25
 DEFAULT_MEMLIMIT_PERC_RAM = 15
+
+
+def check_disksize(disksize: int, ram: int) -> None:
+    """Refuse (ENOMEM) a disksize whose tables would lock more than 1/8 of RAM; warn above
+    twice RAM, as compcache did ("usually a misconfiguration")."""
+    need = disksize // PAGE_SIZE * TABLE_BYTES_PER_PAGE
+    if need > ram // TABLE_SHARE_OF_RAM:
+        raise OSError(errno.ENOMEM, f"disksize {disksize >> 10} kB is too large for this machine: "
+                      f"its tables alone would lock {need >> 20} MiB (at most 1/"
+                      f"{TABLE_SHARE_OF_RAM} of RAM, {ram // TABLE_SHARE_OF_RAM >> 20} MiB)")
+    if disksize > 2 * ram:
+        log.warning("disksize %d kB is more than twice RAM (%d kB): this is usually a "
+                    "misconfiguration", disksize >> 10, ram >> 10)
 
 
 def total_ram_bytes() -> int:
@@ -97,6 +114,7 @@ class Device:
                                        backing.size if backing is not None else None, self.ram)
             if disksize < PAGE_SIZE * 2:
                 raise OSError(errno.EINVAL, "disksize too small")
+            check_disksize(disksize, self.ram)
             if kind == "ram":
                 target = RamTarget(disksize)
             elif kind == "null":

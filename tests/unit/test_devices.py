@@ -174,3 +174,20 @@ def test_busy_lists_held_devices_and_teardown_deletes_all(m):
     m.swapoff(0)
     assert m.teardown() == []
     assert [e for e in m.log if e[0] == "delete"] == [("delete", 0), ("delete", 1), ("delete", 2)]
+
+
+@pytest.mark.parametrize("kb", [(RAM // 8 // 17 * 4096 >> 10) + 64, 18446744073709551615 >> 10, 9999999999])
+def test_a_disksize_whose_tables_the_machine_cannot_hold_is_refused(m, kb):
+    m.set_disksize_kb(0, kb)
+    with pytest.raises(OSError) as e:
+        m.init(0)
+    assert e.value.errno == errno.ENOMEM and "too large for this machine" in e.value.strerror
+    assert m.info(0)["state"] == "uninitialised" and m.log == [("add", 0), ("add", 1), ("add", 2)]
+
+
+def test_more_than_twice_ram_is_a_warning(m, caplog):
+    import logging
+    m.set_disksize_kb(0, 3 * RAM >> 10)
+    with caplog.at_level(logging.WARNING, logger="ublkzswap.devices"):
+        m.init(0)
+    assert "more than twice RAM" in caplog.text
