@@ -33,12 +33,25 @@ TARGETS = ("zram", "zswap-lzo", "zswap-lz4")
 MIX = "zero=50,same=15,text=32,random=3"
 
 
-def fio(dev: str, rw: str, runtime: int, data: str) -> float:
+def fill(dev: str) -> None:
+    """The whole device written once with 3:1 data, sequentially."""
+    subprocess.run(["fio", "--name=fill", f"--filename={dev}", "--rw=write", "--bs=256k",
+                    "--iodepth=8", "--ioengine=io_uring", "--direct=1", f"--size={FIO_MB}M",
+                    "--buffer_compress_percentage=67", "--buffer_compress_chunk=4096",
+                    "--refill_buffers", "--output-format=terse"],
+                   check=True, capture_output=True, timeout=3600)
+
+
+def fio(dev: str, rw: str, runtime: int, data: str, partial: bool = False) -> float:
+    """IOPS of a 4k QD32 run; ``partial``: random overwrites of about half the device with
+    repeats (no random map), which leaves holes everywhere, unlike one full pass."""
     extra = (["--buffer_compress_percentage=67", "--buffer_compress_chunk=4096", "--refill_buffers"]
              if data == "3:1" else ["--zero_buffers"])
     cmd = ["fio", "--name=b", f"--filename={dev}", f"--rw={rw}", "--bs=4k", "--iodepth=32",
            "--ioengine=io_uring", "--direct=1", f"--size={FIO_MB}M", "--randrepeat=0",
            "--output-format=json", *extra]
+    if partial:
+        cmd += ["--norandommap", f"--io_size={FIO_MB // 2}M"]
     cmd += ["--time_based", f"--runtime={runtime}"] if rw == "randread" else []
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime * 20 + 600)
     if p.returncode != 0:
@@ -69,7 +82,11 @@ class Zram:
     def mem(self) -> dict:
         f = open("/sys/block/zram0/mm_stat").read().split()
         return {"orig_data_size": int(f[0]), "compr_data_size": int(f[1]),
-                "mem_used_total": int(f[2])}
+                "mem_used_total": int(f[2]), "same_pages": int(f[5]),
+                "pages_stored": int(f[0]) // 4096}
+
+    def compact(self):
+        self._w("compact", "1")
 
     def down(self):
         self._w("reset", "1")
@@ -91,6 +108,10 @@ class Ublk:
                            capture_output=True, text=True, check=True)
         return json.loads(p.stdout)
 
+    def compact(self):
+        subprocess.run([PY, "-m", "ublkzswap.cli", "/dev/ublkb0", "--compact", "--socket", SOCK],
+                       capture_output=True, text=True, check=True)
+
     def down(self):
         from tests.kernel.daemonctl import stop, wait_gone
         stop(self.pid)
@@ -102,20 +123,40 @@ def mem_total_mib() -> int:
     return m()
 
 
-def swap_run(t, mib: int) -> tuple[float, dict, bool]:
+def kernel_used_pages(dev: str) -> int:
+    """Swap slots the kernel holds on ``dev`` (/proc/swaps Used, in pages)."""
+    for line in open("/proc/swaps").read().splitlines()[1:]:
+        f = line.split()
+        if os.path.realpath(f[0]) == os.path.realpath(dev):
+            return int(f[3]) // 4
+    return 0
+
+
+def swap_run(t, mib: int) -> tuple[float, dict, bool, float]:
+    """(wall s, memory stats, verified, stale share): the stale share is the largest fraction
+    of what the device stores that belongs to slots the kernel has already freed, sampled
+    while the workload runs (a lower bound: slots of zero pages hold no data)."""
     dev = t.up(3 * mib)
     try:
         if t.name == "zram":
             subprocess.run(["mkswap", dev], check=True, capture_output=True)
         subprocess.run(["swapon", "--discard", dev], check=True)
         t0 = time.monotonic()
-        p = subprocess.run([PY, os.path.join(ROOT, "tools", "swapload.py"), "--mib", str(mib),
-                            "--passes", "1", "--mix", MIX, "--quiet"],
-                           capture_output=True, text=True, timeout=3600)
+        load = subprocess.Popen([PY, os.path.join(ROOT, "tools", "swapload.py"), "--mib", str(mib),
+                                 "--passes", "2", "--mix", MIX, "--quiet"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stale = 0.0
+        while load.poll() is None:
+            time.sleep(5)
+            m = t.mem()
+            stored = m["pages_stored"] + m.get("zero_pages", 0)
+            if stored > 1000:
+                stale = max(stale, (stored - kernel_used_pages(dev)) / stored)
+        load.communicate(timeout=3600)
         secs = time.monotonic() - t0
         m = t.mem()
         subprocess.run(["swapoff", dev], check=True, timeout=1800)
-        return secs, m, p.returncode == 0
+        return secs, m, load.returncode == 0, stale
     finally:
         if dev in open("/proc/swaps").read():
             subprocess.run(["swapoff", dev], timeout=1800)
@@ -128,14 +169,20 @@ def inside(args) -> int:
     for name in args.targets:
         t = Zram(name) if name == "zram" else Ublk(name)
         r = res[name] = {"w31": [], "r31": [], "w0": [], "r0": [], "swap_s": [], "swap_mem": [],
-                         "fio_mem": [], "ok": True}
+                         "fio_mem": [], "fio_mem_c": [], "stale": [], "ok": True}
         for rep in range(args.reps):
             dev = t.up(FIO_MB)
             try:
+                fill(dev)
                 r["w31"].append(fio(dev, "randwrite", args.runtime, "3:1"))
+                fio(dev, "randwrite", args.runtime, "3:1", partial=True)
                 m = t.mem()
                 if m["compr_data_size"]:
                     r["fio_mem"].append(m["mem_used_total"] / m["compr_data_size"])
+                t.compact()
+                m = t.mem()
+                if m["compr_data_size"]:
+                    r["fio_mem_c"].append(m["mem_used_total"] / m["compr_data_size"])
                 r["r31"].append(fio(dev, "randread", args.runtime, "3:1"))
             finally:
                 t.down()
@@ -145,8 +192,9 @@ def inside(args) -> int:
                 r["r0"].append(fio(dev, "randread", args.runtime, "zero"))
             finally:
                 t.down()
-            secs, m, ok = swap_run(t, mib)
+            secs, m, ok, stale = swap_run(t, mib)
             r["swap_s"].append(secs)
+            r["stale"].append(stale)
             r["swap_mem"].append(m["mem_used_total"] / max(m["orig_data_size"], 1))
             r["ok"] &= ok
             print(f"  {name:10s} rep {rep + 1}: fio3:1 w {r['w31'][-1]:.0f} r {r['r31'][-1]:.0f}  "
@@ -166,10 +214,11 @@ def inside(args) -> int:
           f"{args.reps} reps, kernel {os.uname().release}; median (min-max)")
     cols = [("w31", "4k randwrite 3:1"), ("r31", "4k randread 3:1"), ("w0", "4k randwrite zero"),
             ("r0", "4k randread zero"), ("swap_s", "swap wall s"), ("swap_mem", "swap mem/orig"),
-            ("fio_mem", "fio mem/compr")]
+            ("stale", "stale share"), ("fio_mem", "overwritten mem/compr"),
+            ("fio_mem_c", "  after compaction")]
     ref = res.get("zram")
     for key, label in cols:
-        fmt = "{:.3f}" if "mem" in key else "{:.0f}"
+        fmt = "{:.3f}" if "mem" in key or key == "stale" else "{:.0f}"
         line = f"{label:18s}"
         for name in res:
             line += f" {name}: {cell(res[name][key], fmt):>24s}"
