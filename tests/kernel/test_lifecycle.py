@@ -141,8 +141,9 @@ def _block(i: int, version: int) -> bytes:
 
 
 def test_compact_gives_memory_back_and_loses_nothing(tmp_path):
-    """Random overwrites of half the blocks leave holes; --compact moves pages together (zram's
-    compact): memory held falls, pages_compacted counts it, and every block reads back."""
+    """Random overwrites of half the blocks leave holes; compaction (in the background, and
+    --compact, zram's) moves pages together: at most 10% of the memory held is unused after,
+    pages_compacted counts what went back, and every block reads back."""
     import json
     import mmap
     import random
@@ -166,8 +167,9 @@ def test_compact_gives_memory_back_and_loses_nothing(tmp_path):
             p = rzs(sock, "/dev/ublkb0", "--compact", "-v", check_rc=0)
             after = json.loads(rzs(sock, "/dev/ublkb0", "--json", check_rc=0).stdout)
             freed = int(p.stdout.split("compact: ")[1].split()[0])
-            assert freed > 0 and after["pages_compacted"] >= freed
-            assert after["mem_used_total"] < before["mem_used_total"], (before, after)
+            # the keeper may have compacted some in the background already: together they did
+            assert after["pages_compacted"] >= freed and after["pages_compacted"] > 0, after
+            assert after["mem_used_total"] <= before["mem_used_total"], (before, after)
             assert after["mem_used_total"] / after["compr_data_size"] <= 1.10, after
             bad = []
             for first in range(0, n, 256):
