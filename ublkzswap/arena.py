@@ -372,10 +372,16 @@ class Arena:
                     try:
                         idle()
                     except Exception as e:   # a bug there must not end the keeper
-                        self._keeper_error(e)
+                        self._idle_error(e)
 
         self._thread = threading.Thread(target=run, name="arena-keeper", daemon=True)
         self._thread.start()
+
+    def _idle_error(self, e: Exception) -> None:
+        now = time.monotonic()
+        if now - self._logged_at >= 60.0:
+            log.error("arena keeper: background work failed: %s: %s", type(e).__name__, e)
+            self._logged_at = now
 
     def _keeper_error(self, e: OSError) -> None:
         """Count and log (at most one record a minute) a failure to bring memory in."""

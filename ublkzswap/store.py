@@ -225,7 +225,7 @@ class Store:
         unit, segs = victims(max_fill)
         if not segs:
             return 0
-        e = self._tab[0::2]                          # entries, read without the lock: each
+        e = self._tab[0::2].copy()                   # entries, copied without the lock: each
         held = ((e & 3) >= RAW) & ((e & 0x7FFC) != 0)   # move re-checks its entry under it
         owners = np.flatnonzero(held & np.isin((e >> np.uint64(16)) // np.uint64(unit), segs))
         t, view, alloc = self._t, self.pool.view, self.allocator
