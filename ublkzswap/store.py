@@ -212,13 +212,14 @@ class Store:
 
     # ---- compaction (zram's compact)
 
-    def compact(self, max_fill: float = 0.95) -> int:
+    def compact(self, max_fill: float = 0.95, batches: int | None = None, reserve: int = 0) -> int:
         """Move objects out of the emptiest units of memory (those at most ``max_fill`` full)
         into fresh ones, so that the emptied units go back to the pool: zram's ``compact``.
-        In batches of COMPACT_BATCH objects per hold of the lock; it never waits for memory
-        (it stops where none is ready) and never takes more than it frees. Returns the pages
-        given back (also counted in ``pages_compacted``). An allocator that cannot move
-        (xvmalloc) compacts nothing."""
+        In batches of COMPACT_BATCH objects per hold of the lock (at most ``batches``); it never
+        waits for memory and stops before the pool's ready units fall to ``reserve`` (they
+        are for writes), and never takes more than it frees. Returns the pages given back
+        (also counted in ``pages_compacted``). An allocator that cannot move (xvmalloc)
+        compacts nothing."""
         victims = getattr(self.allocator, "victims", None)
         if victims is None or self.pool is None:
             return 0
@@ -230,7 +231,9 @@ class Store:
         owners = np.flatnonzero(held & np.isin((e >> np.uint64(16)) // np.uint64(unit), segs))
         t, view, alloc = self._t, self.pool.view, self.allocator
         victim, short, freed = set(segs), False, 0
-        for first in range(0, len(owners), COMPACT_BATCH):
+        for n, first in enumerate(range(0, len(owners), COMPACT_BATCH)):
+            if (batches is not None and n >= batches) or self.pool.ready <= reserve:
+                break
             with self._lock:
                 before = alloc.pages_used()
                 for idx in owners[first:first + COMPACT_BATCH].tolist():
@@ -256,14 +259,16 @@ class Store:
 
     def compact_if_wasteful(self) -> int:
         """Background compaction, for the pool's keeper between its passes: only when more than
-        BACKGROUND_WASTE of the memory held is unused, and then only the sparsest units."""
+        BACKGROUND_WASTE of the memory held is unused, only the sparsest units, a few batches
+        at a time (the keeper must get back to refilling), and never eating into the ready
+        units writes need."""
         live = getattr(self.allocator, "live_bytes", None)
-        if live is None:
+        if live is None or self.pool is None or self.pool.ready <= self.pool.low:
             return 0
         held = self.allocator.pages_used() << PAGE_SHIFT
         if held - live() <= BACKGROUND_WASTE * held + (4 << 16):
             return 0
-        return self.compact(max_fill=0.75)
+        return self.compact(max_fill=0.75, batches=4, reserve=self.pool.low)
 
     def close(self) -> None:
         """Stop and drop the pool if the store made it."""

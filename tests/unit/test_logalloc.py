@@ -163,3 +163,24 @@ def test_compaction_interleaved_with_everything_keeps_every_page(ops):
             assert out == model.get(i, bytes(PAGE))
     finally:
         s.close()
+
+
+def test_background_compaction_leaves_the_writes_their_ready_units():
+    rng = random.Random(11)
+    s = Store(1024 * PAGE, keeper=False, inline_refill=False, low=64, high=1024)
+    try:
+        for i in range(1024):
+            s.write(i * PAGE, memoryview(make_page(rng, 2)))
+        for i in range(0, 1024, 2):
+            s.discard(i * PAGE, PAGE)
+        assert s.stats()["mem_used_total"] > 1.5 * s.stats()["compr_data_size"]
+        pages = s.pool.ready
+        while s.pool.ready > s.pool.low:          # down to the reserve: no background work
+            s.pool.take(4)
+        assert s.compact_if_wasteful() == 0
+        assert s.pool.ready == s.pool.low
+        for _ in range(pages - s.pool.low):       # ready units back: it works, a bounded step
+            s.pool.give(int(s.pool.pages_of(4)[0]))
+        assert s.compact_if_wasteful() > 0 and s.pool.ready >= s.pool.low
+    finally:
+        s.close()
