@@ -225,20 +225,22 @@ def min_watermark_bytes(zoneinfo: str = "/proc/zoneinfo") -> int:
 
 
 class GrowthGuard:
-    """Whether the store may take ``nbytes`` more from the kernel now: only while the memory
-    the kernel could give without swapping (``MemAvailable``: free pages plus page cache and
-    slab it can drop) stays above every zone's ``min`` watermark plus ``margin`` afterwards.
-    Free pages above ``min`` come without direct reclaim; clean page cache comes by a reclaim
-    that needs no I/O, which a PR_SET_IO_FLUSHER allocation may do. Below the line the
-    allocation would have to wait for swap-out -- possibly our own. Stopping short instead
-    makes swap writes fail with ENOSPC (the kernel keeps those pages, kswapd reclaims
-    elsewhere, and if nothing helps the kernel's OOM killer decides); an ordinary write waits
-    for it a while. Counting page cache matters: writeback of a filesystem on this device must
-    not be refused because the dirty data it is cleaning fills RAM."""
+    """Whether the store may take ``nbytes`` more from the kernel now: only while what the
+    kernel can give without swapping stays ``margin`` above zero afterwards. That is the larger
+    of the free pages above every zone's ``min`` watermark (the allocator hands those out
+    without direct reclaim) and ``MemAvailable`` (free pages beyond the reserves plus page
+    cache and slab the kernel can drop: clean cache comes by a reclaim that needs no I/O,
+    which a PR_SET_IO_FLUSHER allocation may do). Beyond that the allocation would have to
+    wait for swap-out -- possibly our own. Stopping short makes swap writes fail with ENOSPC
+    (the kernel keeps those pages, kswapd reclaims elsewhere, and if nothing helps the
+    kernel's OOM killer decides); an ordinary write waits a while. Page cache must count:
+    writeback of a filesystem on this device must not be refused because the dirty data it is
+    cleaning fills RAM."""
 
     def __init__(self, margin: int = 1 << 20, zoneinfo: str = "/proc/zoneinfo",
                  meminfo: str = "/proc/meminfo"):
-        self.floor = min_watermark_bytes(zoneinfo) + margin
+        self.floor = min_watermark_bytes(zoneinfo)
+        self.margin = margin
         self.refused = 0   # times growth was deferred
         try:
             self._fd = os.open(meminfo, os.O_RDONLY | os.O_CLOEXEC)
@@ -246,18 +248,19 @@ class GrowthGuard:
             self._fd = -1
 
     def available(self) -> int:
-        """MemAvailable in bytes (MemFree from sysinfo if /proc/meminfo cannot be read)."""
+        """Bytes the kernel can give without swapping (see the class docstring)."""
+        free = free_bytes() - self.floor
         if self._fd >= 0:
             try:
                 text = os.pread(self._fd, 4096, 0)
                 i = text.index(b"MemAvailable:")
-                return int(text[i + 13:text.index(b"kB", i)]) * 1024
+                return max(free, int(text[i + 13:text.index(b"kB", i)]) * 1024)
             except (OSError, ValueError):
                 pass
-        return free_bytes()
+        return free
 
     def __call__(self, nbytes: int) -> bool:
-        if self.available() - nbytes >= self.floor:
+        if self.available() - nbytes >= self.margin:
             return True
         self.refused += 1
         return False

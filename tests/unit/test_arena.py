@@ -230,17 +230,21 @@ def test_growth_waits_while_the_guard_says_no():
         a.close()
 
 
-def test_growth_guard_counts_available_memory_against_the_min_watermark(tmp_path):
+def test_growth_guard_counts_available_memory_against_the_min_watermark(tmp_path, monkeypatch):
     from ublkzswap import memory
     zi = tmp_path / "zoneinfo"
     zi.write_text("Node 0, zone   Normal\n  pages free 1\n        min      100\n        low 125\n"
                   "Node 0, zone    DMA32\n        min      20\n")
     mi = tmp_path / "meminfo"
     mi.write_text("MemTotal:        8000 kB\nMemFree:          900 kB\nMemAvailable:    2000 kB\n")
-    g = memory.GrowthGuard(margin=0, zoneinfo=str(zi), meminfo=str(mi))
-    assert g.floor == 120 * 4096 and g.available() == 2000 * 1024
-    assert g(2000 * 1024 - 120 * 4096) is True          # down to the watermark, page cache counted
-    assert g(2000 * 1024 - 120 * 4096 + 1) is False and g.refused == 1
+    g = memory.GrowthGuard(margin=4096, zoneinfo=str(zi), meminfo=str(mi))
+    assert g.floor == 120 * 4096
+    monkeypatch.setattr(memory, "free_bytes", lambda: 900 * 1024)
+    assert g.available() == 2000 * 1024              # MemAvailable: page cache counted
+    assert g(2000 * 1024 - 4096) is True and g(2000 * 1024 - 4095) is False and g.refused == 1
+    monkeypatch.setattr(memory, "free_bytes", lambda: 8000 * 1024)
+    assert g.available() == 8000 * 1024 - 120 * 4096   # free pages above the min watermark
+    monkeypatch.undo()
     real = memory.GrowthGuard()
     assert 0 < real.available() <= memory.os.sysconf("SC_PHYS_PAGES") * 4096
 
