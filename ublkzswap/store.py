@@ -67,6 +67,17 @@ BACKGROUND_WASTE = 0.10       # background compaction starts above this share of
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
 
+def arena_pages(disksize: int, allocator: str = "log", high: int | None = None) -> int:
+    """Pages of address space a store's arena reserves: every slot raw, the ready pool, the pages
+    of the largest request (an overwrite allocates before it frees); twice that for an
+    allocator that leaves holes until it compacts."""
+    pages = disksize // PAGE_SIZE + (high or _arena.DEFAULT_HIGH) + ARENA_SLACK_PAGES
+    if ALLOCATORS[allocator] is xvmalloc.XvPool:
+        return min(pages, xvmalloc.MAX_ARENA_PAGES)
+    unit = logalloc.SEGMENT_PAGES
+    return -(-2 * pages // unit) * unit
+
+
 class Store:
     """A ramzswap device's contents: ``disksize`` bytes in 4 KiB slots.
 
@@ -86,7 +97,7 @@ class Store:
     def __init__(self, disksize: int, *, memlimit: int = 0, compressor="lzo", backing=None,
                  pool=None, allocator="log", alloc_wait: float = 2.0, keeper: bool = True,
                  keeper_init=None, keeper_interval: float = _arena.DEFAULT_INTERVAL,
-                 **pool_options):
+                 state=None, adopt: bool = False, **pool_options):
         if type(disksize) is not int or disksize <= 0 or disksize % PAGE_SIZE:
             raise ValueError(f"disksize must be a positive multiple of {PAGE_SIZE} bytes, got {disksize!r}")
         self.size = self.disksize = disksize
@@ -100,22 +111,25 @@ class Store:
         self._own_pool = pool is None
         if pool is None:
             cls = ALLOCATORS[allocator]
-            high = pool_options.get("high") or _arena.DEFAULT_HIGH
-            # address space only: every slot raw, the ready pool, the pages of the largest
-            # request (an overwrite allocates before it frees); twice that for an allocator
-            # that leaves holes until it compacts
-            pages = (self.npages + high + ARENA_SLACK_PAGES) * (1 if cls is xvmalloc.XvPool else 2)
-            pool = _arena.Arena(min(pages, xvmalloc.MAX_ARENA_PAGES) if cls is xvmalloc.XvPool else pages,
-                                unit=cls.UNIT_PAGES, **pool_options)
+            pages = arena_pages(disksize, allocator, pool_options.get("high"))
+            if state is not None:
+                pool_options.update(segment=state.arena, prefill=not adopt)
+            pool = _arena.Arena(pages, unit=cls.UNIT_PAGES, **pool_options)
         self.pool = pool
         self.allocator = ALLOCATORS[allocator](pool) if isinstance(allocator, str) else allocator
-        # the slot table in a mapping of its own, resident now (the I/O path never faults on it)
-        self._tab = resident_array(2 * self.npages, np.uint64, "ublkzswap slot table")
+        if state is None:
+            # the slot table in a mapping of its own, resident now (the I/O path never faults on it)
+            self._tab = resident_array(2 * self.npages, np.uint64, "ublkzswap slot table")
+            self._counters = np.zeros(len(COUNTERS), dtype=np.int64)
+            self._header = _ZERO_PAGE          # page 0 as preformat() left it
+        else:                                  # in memory that outlives us (shmstate)
+            self._tab, self._counters = state.table, state.counters[:len(COUNTERS)]
+            self._header = memoryview(state.page0)
         self._t = memoryview(self._tab)
-        self._counters = np.zeros(len(COUNTERS), dtype=np.int64)
         self._c = memoryview(self._counters)
         self._lock = threading.Lock()
-        self._header = _ZERO_PAGE              # page 0 as preformat() left it
+        if adopt:
+            self._adopt()
         if keeper and self._own_pool:
             pool.start(interval=keeper_interval, thread_init=keeper_init,
                        idle=self.compact_if_wasteful)
@@ -207,7 +221,10 @@ class Store:
         with self._lock:
             if self._t[0] & 3:
                 self._set(0, EMPTY)
-            self._header = bytes(page)
+            if isinstance(self._header, memoryview):
+                self._header[:] = page           # shared: it outlives us like the rest
+            else:
+                self._header = bytes(page)
             self._t[0] = RAW                    # raw, length 0: the header, kept apart
 
     # ---- compaction (zram's compact)
@@ -249,7 +266,10 @@ class Store:
                     view[new:new + n] = view[a:a + n]
                     t[2 * idx] = (new << 16) | (old & 0xFFFF)     # the commit
                     alloc.free(a, n)
-                gone = before - alloc.pages_used()       # given back net of what moves took
+                used = alloc.pages_used()
+                if used << PAGE_SHIFT > self._c[MEM_USED_MAX]:   # moves take before they free
+                    self._c[MEM_USED_MAX] = used << PAGE_SHIFT
+                gone = before - used                     # given back net of what moves took
                 if gone > 0:
                     freed += gone
                     self._c[PAGES_COMPACTED] += gone
@@ -269,6 +289,32 @@ class Store:
         if held - live() <= BACKGROUND_WASTE * held + (4 << 16):
             return 0
         return self.compact(max_fill=0.75, batches=4, reserve=self.pool.low)
+
+    def _adopt(self) -> None:
+        """Take over a table a previous process left (crash, kill -9, restart): rebuild the
+        allocator's and the pool's bookkeeping from it and recount the counters that follow
+        content. A write interrupted before its entry was stored left only an unreferenced
+        object: not counted here, its room is reused or compacted away."""
+        adopt = getattr(self.allocator, "adopt", None)
+        if adopt is None:
+            raise OSError(errno.EOPNOTSUPP, "this allocator's state cannot be taken over")
+        e, v = self._tab[0::2], self._tab[1::2]
+        kind, length = e & 3, ((e >> np.uint64(2)) & np.uint64(0x1FFF)).astype(np.int64)
+        held = (kind >= RAW) & (length > 0)
+        unit = self.pool.unit_bytes
+        units = ((e[held] >> np.uint64(16)) // np.uint64(unit)).astype(np.int64)
+        live = np.bincount(units, weights=length[held], minlength=self.pool.nunits)
+        adopt(live.astype(np.int64))
+        self.pool.adopt(live > 0, _arena.OBJECTS)
+        same, comp, raw = kind == SAME, kind == COMP, (kind == RAW) & (length > 0)
+        zero = int(np.count_nonzero(same & (v == 0)))
+        nsame, ncomp, nraw = (int(np.count_nonzero(x)) for x in (same, comp, raw))
+        c = self._c
+        c[SAME_PAGES], c[ZERO_PAGES], c[HUGE_PAGES] = nsame, zero, nraw
+        c[PAGES_STORED] = ncomp + nraw + nsame - zero
+        c[GOOD_COMPRESS_N] = int(np.count_nonzero(comp & (length <= GOOD_COMPRESS))) + nsame - zero
+        c[COMPR_DATA_SIZE] = int(length[comp].sum()) + PAGE_SIZE * nraw
+        c[MEM_USED_MAX] = max(c[MEM_USED_MAX], self.mem_used_total)
 
     def close(self) -> None:
         """Stop and drop the pool if the store made it."""
