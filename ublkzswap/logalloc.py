@@ -110,10 +110,11 @@ class LogPool:
         live bytes at most ``max_fill`` of a segment, heads excluded; none unless moving their
         live bytes into fresh segments frees at least one segment net."""
         heads = {h[0] for h in self._heads}
-        used = np.flatnonzero(self._live)
+        snapshot = self._live.astype(np.int64)       # a copy: writers change it meanwhile
+        used = np.flatnonzero(snapshot)
         if len(used) == 0:
             return SEGMENT, []
-        live = self._live[used].astype(np.int64)
+        live = snapshot[used]
         ok = live <= max_fill * SEGMENT
         used, live = used[ok], live[ok]
         order = np.argsort(live, kind="stable")

@@ -229,14 +229,16 @@ class Store:
 
     # ---- compaction (zram's compact)
 
-    def compact(self, max_fill: float = 0.95, batches: int | None = None, reserve: int = 0) -> int:
+    def compact(self, max_fill: float = 0.95, batches: int | None = None, reserve: int = 0,
+                wait: bool = True) -> int:
         """Move objects out of the emptiest units of memory (those at most ``max_fill`` full)
         into fresh ones, so that the emptied units go back to the pool: zram's ``compact``.
         In batches of COMPACT_BATCH objects per hold of the lock (at most ``batches``); it never
         waits for memory and stops before the pool's ready units fall to ``reserve`` (they
-        are for writes), and never takes more than it frees. Returns the pages given back
-        (also counted in ``pages_compacted``). An allocator that cannot move (xvmalloc)
-        compacts nothing."""
+        are for writes), and never takes more than it frees. With ``wait`` false it stops
+        rather than wait for the lock: the pool's keeper must never wait on a writer that
+        waits for the keeper. Returns the pages given back (also counted in
+        ``pages_compacted``). An allocator that cannot move (xvmalloc) compacts nothing."""
         victims = getattr(self.allocator, "victims", None)
         if victims is None or self.pool is None:
             return 0
@@ -248,24 +250,26 @@ class Store:
         owners = np.flatnonzero(held & np.isin((e >> np.uint64(16)) // np.uint64(unit), segs))
         t, view, alloc = self._t, self.pool.view, self.allocator
         victim, short, freed = set(segs), False, 0
-        for n, first in enumerate(range(0, len(owners), COMPACT_BATCH)):
-            if (batches is not None and n >= batches) or self.pool.ready <= reserve:
+        for batch, first in enumerate(range(0, len(owners), COMPACT_BATCH)):
+            if (batches is not None and batch >= batches) or self.pool.ready <= reserve:
                 break
-            with self._lock:
+            if not self._lock.acquire(blocking=wait):
+                break
+            try:
                 before = alloc.pages_used()
                 for idx in owners[first:first + COMPACT_BATCH].tolist():
                     old = t[2 * idx]
-                    a, n = old >> 16, (old >> 2) & 0x1FFF
-                    if old & 3 < RAW or not n or a // unit not in victim:
+                    a, ln = old >> 16, (old >> 2) & 0x1FFF
+                    if old & 3 < RAW or not ln or a // unit not in victim:
                         continue                     # rewritten or freed meanwhile
                     try:
-                        new = alloc.malloc(n, 0.0)
+                        new = alloc.malloc(ln, 0.0)
                     except MemoryError:
                         short = True                 # nothing ready: stop, never wait
                         break
-                    view[new:new + n] = view[a:a + n]
+                    view[new:new + ln] = view[a:a + ln]
                     t[2 * idx] = (new << 16) | (old & 0xFFFF)     # the commit
-                    alloc.free(a, n)
+                    alloc.free(a, ln)
                 used = alloc.pages_used()
                 if used << PAGE_SHIFT > self._c[MEM_USED_MAX]:   # moves take before they free
                     self._c[MEM_USED_MAX] = used << PAGE_SHIFT
@@ -273,6 +277,8 @@ class Store:
                 if gone > 0:
                     freed += gone
                     self._c[PAGES_COMPACTED] += gone
+            finally:
+                self._lock.release()
             if short:
                 break
         return freed
@@ -288,7 +294,7 @@ class Store:
         held = self.allocator.pages_used() << PAGE_SHIFT
         if held - live() <= BACKGROUND_WASTE * held + (4 << 16):
             return 0
-        return self.compact(max_fill=0.75, batches=4, reserve=self.pool.low)
+        return self.compact(max_fill=0.75, batches=4, reserve=self.pool.low, wait=False)
 
     def _adopt(self) -> None:
         """Take over a table a previous process left (crash, kill -9, restart): rebuild the

@@ -184,3 +184,25 @@ def test_background_compaction_leaves_the_writes_their_ready_units():
         assert s.compact_if_wasteful() > 0 and s.pool.ready >= s.pool.low
     finally:
         s.close()
+
+
+def test_background_compaction_never_waits_for_the_store_lock():
+    """A writer holding the store lock may be waiting for the keeper to refill the pool; the
+    keeper's compaction must not wait for that writer in turn."""
+    rng = random.Random(12)
+    s = Store(1024 * PAGE, keeper=False, inline_refill=False, low=16, high=1024)
+    try:
+        for i in range(1024):
+            s.write(i * PAGE, memoryview(make_page(rng, 2)))
+        for i in range(0, 1024, 2):
+            s.discard(i * PAGE, PAGE)
+        import threading
+        done = threading.Event()
+        with s._lock:                                 # a writer, waiting for memory
+            t = threading.Thread(target=lambda: (s.compact_if_wasteful(), done.set()))
+            t.start()
+            assert done.wait(5), "background compaction waited for the store lock"
+        t.join()
+        assert s.compact_if_wasteful() > 0            # and works once the lock is free
+    finally:
+        s.close()
