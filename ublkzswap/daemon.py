@@ -148,22 +148,26 @@ def _notify(text: str) -> None:
         os.write(_ready_fd, text.encode() + b"\n")
         os.close(_ready_fd)
         _ready_fd = -1
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1):
-            os.dup2(devnull, fd)
-        os.close(devnull)
-        # what a background daemon still has to say goes to the kernel log (dmesg), as a
-        # kernel driver's messages would
-        try:
-            log = os.open("/dev/kmsg", os.O_WRONLY | os.O_CLOEXEC)
-        except OSError:
-            log = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(log, 2)
-        os.close(log)
-        sys.stderr = _KmsgLines()
-        sys.excepthook = _log_exception
+        _detach_output()
     else:
         print(f"ublkzswapd: {text}", file=sys.stderr, flush=True)
+
+
+def _detach_output() -> None:
+    """A background daemon's stdin/stdout go to /dev/null, its stderr to the kernel log (as a
+    kernel driver's messages would)."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    try:
+        log = os.open("/dev/kmsg", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        log = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(log, 2)
+    os.close(log)
+    sys.stderr = _KmsgLines()
+    sys.excepthook = _log_exception
 
 
 def fail(msg: str) -> int:
@@ -186,7 +190,8 @@ class _StderrHandler(logging.Handler):
 
 
 def run(cfg: dict) -> int:
-    """Bring everything up, serve until SIGTERM/SIGINT, tear down. Returns exit status."""
+    """Prepare (imports, locked memory, a self-test through the store), then supervise workers
+    until one ends cleanly. Returns the exit status."""
     root = logging.getLogger("ublkzswap")
     root.addHandler(_StderrHandler())
     root.setLevel(logging.INFO)
@@ -200,6 +205,103 @@ def run(cfg: dict) -> int:
             warm_up(storemod, cfg["compressor"])   # what the I/O path runs: resident and locked
         except Exception as e:
             return fail(f"store self-test failed: {describe(e)}")
+    return supervise(cfg, storemod)
+
+
+RESPAWN_TRIES = 3
+
+
+def supervise(cfg: dict, storemod) -> int:
+    """The supervisor: fork a worker to serve the devices; when one dies (crash, kill -9), fork
+    the next at once, which takes every device over from the shared state the dead one left
+    (its stored pages intact; the kernel holds and re-issues requests meanwhile). SIGTERM and
+    SIGINT go to the worker; its clean exit ends the supervisor. The supervisor stays
+    prepared and locked, runs no Python while it waits, and is what the worker is forked
+    from: every worker starts warm."""
+    global _ready_fd
+    worker = [0]
+
+    def forward(sig, _frame):
+        if worker[0]:
+            try:
+                os.kill(worker[0], sig)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    generation = failures = 0
+    while True:
+        okr, okw = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                         # the worker
+            os.close(okr)
+            rc = 1
+            try:
+                rc = serve(cfg, storemod, ok_fd=okw, first=generation == 0)
+            except BaseException as e:
+                print(f"ublkzswapd: worker failed: {describe(e)}", file=sys.stderr, flush=True)
+            finally:
+                os._exit(rc)
+        worker[0] = pid
+        os.close(okw)
+        if _ready_fd >= 0:                # the worker tells the waiting parent; we hold no copy
+            os.close(_ready_fd)
+            _ready_fd = -1
+            detach = True
+        else:
+            detach = False
+        ok = _read_retrying(okr)
+        os.close(okr)
+        if ok and detach and not cfg["foreground"]:
+            _detach_output()
+        code = _wait_exit(pid)
+        worker[0] = 0
+        if code == 0:
+            return 0
+        if not ok:
+            failures += 1
+            if generation == 0 or failures >= RESPAWN_TRIES:
+                return code if code > 0 else 1
+        else:
+            failures = 0
+        print(f"ublkzswapd: worker {pid} ended ({_how(code)}); a new worker takes the devices "
+              "over", file=sys.stderr, flush=True)
+        generation += 1
+
+
+def _read_retrying(fd: int) -> bytes:
+    while True:
+        try:
+            return os.read(fd, 1)
+        except InterruptedError:
+            continue
+
+
+def _wait_exit(pid: int) -> int:
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            return os.waitstatus_to_exitcode(status)
+        except InterruptedError:
+            continue
+
+
+def _how(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit status {code}"
+
+
+def serve(cfg: dict, storemod, *, ok_fd: int, first: bool) -> int:
+    """The worker: lock what the fork left unlocked, take over or reserve the devices, serve
+    the control socket, serve I/O until SIGTERM/SIGINT, tear down. Writes one byte to ``ok_fd``
+    once serving. Returns the exit status."""
+    from . import shmstate
+    memory.relock()                               # locks are not inherited across fork
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -207,15 +309,43 @@ def run(cfg: dict) -> int:
         control = ublkctrl.Control()
     except OSError as e:
         return fail(f"cannot open {ublkctrl.CONTROL_PATH}: {e.strerror}")
-    def make_store(disksize, **kw):
-        return storemod.Store(disksize, keeper_init=memory.keeper_thread_init,
-                              may_grow=memory.GrowthGuard(), allocator=cfg["allocator"], **kw)
+    alloc = cfg["allocator"]
+    alloc_ids = list(storemod.ALLOCATORS)
 
-    manager = Manager(cfg, lambda i: UblkDevice(control, i), make_store)
+    def make_store(dev_id, disksize, *, adopt=False, open_backing=None, **kw):
+        common = dict(keeper_init=memory.keeper_thread_init, may_grow=memory.GrowthGuard())
+        if adopt:
+            state = shmstate.DeviceState.attach(dev_id)
+            try:
+                backing = open_backing(state.backing) if state.backing else None
+                return storemod.Store(state.disksize, state=state, adopt=True,
+                                      memlimit=state.memlimit, backing=backing,
+                                      compressor=state.compressor,
+                                      allocator=alloc_ids[state.allocator], **common)
+            except BaseException:
+                state.detach()
+                raise
+        backing = kw.get("backing")
+        state = shmstate.DeviceState.create(
+            dev_id, disksize=disksize, arena_pages=storemod.arena_pages(disksize, alloc),
+            unit=storemod.ALLOCATORS[alloc].UNIT_PAGES, allocator=alloc_ids.index(alloc),
+            compressor=kw["compressor"], memlimit=kw.get("memlimit", 0),
+            backing=backing.name if backing is not None else "")
+        try:
+            return storemod.Store(disksize, state=state, allocator=alloc, **common, **kw)
+        except BaseException:
+            state.remove()
+            state.detach()
+            raise
+
+    owner = os.getppid()
+    manager = Manager(cfg, lambda i: UblkDevice(control, i, owner=owner), make_store)
     server = None
     try:
-        manager.reserve_all()
-        if "disksize_kb" in cfg or "backing_swap" in cfg:
+        for line in manager.reserve_all(adopt=True):
+            print(f"ublkzswapd: {line}", file=sys.stderr, flush=True)
+        if first and ("disksize_kb" in cfg or "backing_swap" in cfg) and \
+                manager.info(0)["state"] == "uninitialised":
             manager.set_disksize_kb(0, cfg.get("disksize_kb", 0))
             manager.set_backing_swap(0, cfg.get("backing_swap", ""))
             manager.set_memlimit_kb(0, cfg.get("memlimit_kb", 0))
@@ -228,9 +358,16 @@ def run(cfg: dict) -> int:
             print(f"ublkzswapd: {line}", file=sys.stderr)
         control.close()
         return fail(e.strerror or str(e))
+    os.write(ok_fd, b"!")
+    os.close(ok_fd)
     n = cfg["num_devices"]
-    init = " /dev/ublkb0 initialised" if manager.info(0)["state"] != "uninitialised" else ""
-    _notify(f"ready {n} device{'s' if n > 1 else ''} reserved{init}")
+    adopted = [i for i in manager.devices() if manager.info(i)["state"] != "uninitialised"]
+    if first:
+        init = f" {', '.join(f'/dev/ublkb{i}' for i in adopted)} initialised" if adopted else ""
+        _notify(f"ready {n} device{'s' if n > 1 else ''} reserved{init}")
+    else:
+        print(f"ublkzswapd: worker {os.getpid()} took over {len(adopted)} device(s)",
+              file=sys.stderr, flush=True)
     while True:
         while not stop.wait(1.0):
             pass
@@ -239,8 +376,8 @@ def run(cfg: dict) -> int:
             break
         # zram cannot be unloaded under an active swap either: stopping now would fail every
         # swap-in from these devices (and kill whatever owns those pages)
-        print(f"ublkzswapd: not stopping: {', '.join(busy)} in use (swapoff first); "
-              "SIGKILL would lose the pages stored there", file=sys.stderr, flush=True)
+        print(f"ublkzswapd: not stopping: {', '.join(busy)} in use (swapoff first)",
+              file=sys.stderr, flush=True)
         stop.clear()
     if server is not None:
         server.close()

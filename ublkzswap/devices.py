@@ -101,6 +101,24 @@ class Device:
             return "failed"
         return "active" if self.ublk.users() else "initialised"
 
+    def adopt(self) -> None:
+        """Take over this started device from a server that died: its store from the state it
+        left, its backing swap reopened, the kernel's requests flowing to us again."""
+        target = self.store_factory(self.dev_id, 0, adopt=True,
+                                    open_backing=lambda path: Backing(path, adopt=True))
+        backing = target.backing
+        try:
+            self.ublk.recover(target, backing_fd=backing.fd if backing is not None else -1)
+        except BaseException:
+            _close(target)
+            if backing is not None:
+                backing.close()
+            raise
+        self.target, self.backing = target, backing
+        self.backing_swap = backing.name if backing is not None else ""
+        self.disksize_kb = target.size // 1024
+        self.memlimit_kb = target.memlimit // 1024
+
     def init(self) -> None:
         if self.initialised:
             raise OSError(errno.EBUSY, ALREADY)
@@ -120,8 +138,8 @@ class Device:
             elif kind == "null":
                 target = NullTarget(disksize)
             else:
-                target = self.store_factory(disksize, memlimit=memlimit, backing=backing,
-                                            compressor=self.cfg["compressor"])
+                target = self.store_factory(self.dev_id, disksize, memlimit=memlimit,
+                                            backing=backing, compressor=self.cfg["compressor"])
             if kind != "null":
                 header = backing.header() if backing is not None else swap_header(disksize)
                 preformat = getattr(target, "preformat", None)
@@ -160,6 +178,9 @@ class Device:
         self._drop()
 
     def _drop(self) -> None:
+        destroy = getattr(self.target, "destroy", None)
+        if destroy is not None:
+            destroy()                # its state outlives processes, not a reset
         _close(self.target)
         self.target = None
         if self.backing is not None:
@@ -232,12 +253,26 @@ class Manager:
         self.devs: dict[int, Device] = {}
         self._lock = threading.RLock()
 
-    def reserve_all(self) -> None:
-        """ADD_DEV ids 0..num_devices-1."""
+    def reserve_all(self, adopt: bool = False) -> list[str]:
+        """ADD_DEV ids 0..num_devices-1. With ``adopt``, ids our own or a dead ublkzswapd left
+        are taken over instead: reserved ones as reserved, started ones with their stored
+        pages. Returns one line per device that could not be taken over (it is deleted and
+        added afresh: its pages are lost)."""
+        problems = []
         for i in range(self.cfg["num_devices"]):
             ublk = self.make_ublk(i)
-            ublk.add()
-            self.devs[i] = Device(ublk, self.cfg, store_factory=self.store_factory, ram=self.ram)
+            state = ublk.acquire() if adopt else (ublk.add() or "new")
+            dev = Device(ublk, self.cfg, store_factory=self.store_factory, ram=self.ram)
+            if state == "started":
+                try:
+                    dev.adopt()
+                except OSError as e:
+                    problems.append(f"device {i}: cannot take it over ({e.strerror or e}): "
+                                    "its pages are lost")
+                    ublk.delete()
+                    ublk.add()
+            self.devs[i] = dev
+        return problems
 
     def _dev(self, dev_id) -> Device:
         try:

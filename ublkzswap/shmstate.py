@@ -96,6 +96,43 @@ class Segment:
             self._buf = None
 
 
+CLAIM_BASE = KEY_BASE + 0x10000
+
+
+def claim(dev_id: int, pid: int) -> None:
+    """Record that the ublkzswapd with supervisor ``pid`` owns ublk id ``dev_id``: a server
+    that dies leaves its ids to whoever finds the claim's pid gone."""
+    key = CLAIM_BASE + dev_id
+    shmid = libc.shmget(key, PAGE_SIZE, IPC_CREAT | 0o600)
+    if shmid < 0:
+        raise oserror(f"shmget({key:#x})")
+    addr = libc.shmat(shmid, None, 0)
+    if addr in (None, C.c_void_p(-1).value):
+        raise oserror(f"shmat({key:#x})")
+    C.c_int64.from_address(addr).value = pid
+    libc.shmdt(C.c_void_p(addr))
+
+
+def claimant(dev_id: int) -> int | None:
+    """The supervisor pid that claimed ``dev_id``, or None."""
+    shmid = libc.shmget(CLAIM_BASE + dev_id, 0, 0)
+    if shmid < 0:
+        return None
+    addr = libc.shmat(shmid, None, 0o10000)         # SHM_RDONLY
+    if addr in (None, C.c_void_p(-1).value):
+        return None
+    try:
+        return C.c_int64.from_address(addr).value
+    finally:
+        libc.shmdt(C.c_void_p(addr))
+
+
+def unclaim(dev_id: int) -> None:
+    shmid = libc.shmget(CLAIM_BASE + dev_id, 0, 0)
+    if shmid >= 0:
+        libc.shmctl(shmid, IPC_RMID, None)
+
+
 def exists(dev_id: int) -> bool:
     """True if device ``dev_id`` left state behind."""
     return libc.shmget(keys(dev_id)[0], 0, 0) >= 0

@@ -125,6 +125,7 @@ class Store:
         else:                                  # in memory that outlives us (shmstate)
             self._tab, self._counters = state.table, state.counters[:len(COUNTERS)]
             self._header = memoryview(state.page0)
+        self._state = state
         self._t = memoryview(self._tab)
         self._c = memoryview(self._counters)
         self._lock = threading.Lock()
@@ -141,6 +142,8 @@ class Store:
         if type(memlimit) is not int or memlimit < 0:
             raise ValueError(f"memlimit must be a non-negative number of bytes, got {memlimit!r}")
         self.memlimit = memlimit
+        if getattr(self, "_state", None) is not None:
+            self._state.set_memlimit(memlimit)
 
     @property
     def mem_used_total(self) -> int:
@@ -323,10 +326,21 @@ class Store:
         c[MEM_USED_MAX] = max(c[MEM_USED_MAX], self.mem_used_total)
 
     def close(self) -> None:
-        """Stop and drop the pool if the store made it."""
+        """Stop and drop the pool if the store made it (shared state stays for the next)."""
         if self._own_pool and self.pool is not None:
             self.pool.close()
         self.pool = None
+        if self._state is not None:
+            self._tab = self._counters = self._t = self._c = None
+            self._header = _ZERO_PAGE
+            self._state.detach()
+            self._state = None
+
+    def destroy(self) -> None:
+        """Close, and remove the shared state too (a reset or a clean unload)."""
+        if self._state is not None:
+            self._state.remove()
+        self.close()
 
     # ---- the page operations (the store lock is held)
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 
-from . import ublkctrl
+from . import shmstate, uapi, ublkctrl
 from .memory import ensure_heap_headroom
 from .queue import Queue
 from .target import features
@@ -30,6 +31,10 @@ from .target import features
 QUEUE_DEPTH = 64
 IO_BUF_BYTES = 64 * 1024     # per tag, populated and locked: 4 MiB for depth 64
 ARM_TIMEOUT = 30.0
+RECOVERY_WAIT = 30.0         # seconds for a dead server's device to be quiesced
+RECOVERY_FLAGS = uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE
+STATES = {uapi.UBLK_S_DEV_DEAD: "dead", uapi.UBLK_S_DEV_LIVE: "live",
+          uapi.UBLK_S_DEV_QUIESCED: "quiesced"}
 
 
 def block_users(bdev: str, *, openers: bool = False) -> list[str]:
@@ -86,13 +91,25 @@ def _openers(rdev: int) -> list[int]:
     return pids
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class UblkDevice:
     """Device ``dev_id`` on the ublk control device ``ctrl`` (a :class:`ublkctrl.Control`)."""
 
     def __init__(self, ctrl: ublkctrl.Control, dev_id: int, *, depth: int = QUEUE_DEPTH,
-                 buf_bytes: int = IO_BUF_BYTES):
+                 buf_bytes: int = IO_BUF_BYTES, owner: int | None = None):
+        """``owner``: the pid that claims the id (the supervisor: ids outlive workers)."""
         self.ctrl = ctrl
         self.dev_id = dev_id
+        self.owner = os.getpid() if owner is None else owner
         self.depth = depth
         self.buf_bytes = buf_bytes
         self.added = False
@@ -108,22 +125,69 @@ class UblkDevice:
         return self._thread is not None
 
     def add(self) -> None:
-        """ADD_DEV: reserve the id. OSError(EEXIST) if another server owns it."""
+        """ADD_DEV: reserve the id, recoverable (a device whose server dies is quiesced and its
+        in-flight requests re-issued to the next one). OSError(EEXIST) if the id is taken."""
         try:
-            self.ctrl.add_dev(self.dev_id, 1, self.depth, self.buf_bytes)
+            self.ctrl.add_dev(self.dev_id, 1, self.depth, self.buf_bytes, RECOVERY_FLAGS)
         except ublkctrl.UblkCtrlError as e:
             if e.errno == errno.EEXIST:
                 raise OSError(errno.EEXIST, f"ublk device id {self.dev_id} is taken "
                               f"(another ublk server owns /dev/ublkc{self.dev_id})") from None
             raise
         self.added = True
+        shmstate.claim(self.dev_id, self.owner)
 
-    def start(self, target, *, backing_fd: int = -1) -> None:
-        """SET_PARAMS for ``target``, serve its queue, START_DEV: ``/dev/ublkbN`` exists after.
-        On failure everything started is stopped again (the id stays added) and OSError raised."""
-        params = ublkctrl.basic_params(target.size >> 9, self.buf_bytes,
-                                       discard="discard" in features(target))
-        self.ctrl.set_params(self.dev_id, params)
+    def acquire(self) -> str:
+        """Reserve the id, or take over one our own or a dead ublkzswapd left: "new" (ADD_DEV
+        done), "reserved" (added, never started) or "started" (it has a store to take over:
+        :meth:`recover`). OSError(EEXIST) if a live server or a stranger owns it."""
+        state = self.probe()
+        if state is None:
+            self.add()
+            return "new"
+        self.added = False
+        who = shmstate.claimant(self.dev_id)
+        if who is None or (who != self.owner and _alive(who)):
+            raise OSError(errno.EEXIST, f"ublk device id {self.dev_id} is taken "
+                          f"(another ublk server owns /dev/ublkc{self.dev_id})")
+        self.added = True
+        shmstate.claim(self.dev_id, self.owner)
+        return "reserved" if state == "dead" else "started"
+
+    def probe(self) -> str | None:
+        """The kernel's state of this id: None (no such device), "dead" (added, not started:
+        reserved), "live" or "quiesced" (started; its server died)."""
+        try:
+            info = self.ctrl.get_dev_info(self.dev_id)
+        except OSError as e:
+            if e.errno == errno.ENODEV:
+                return None
+            raise
+        return STATES.get(info.state, str(info.state))
+
+    def recover(self, target, *, backing_fd: int = -1) -> None:
+        """Take over a started device whose server died: START_USER_RECOVERY (retried while the
+        kernel is still quiescing it), a new queue thread FETCHing every tag, then
+        END_USER_RECOVERY: held and re-issued requests flow to ``target``."""
+        deadline = time.monotonic() + RECOVERY_WAIT
+        while True:
+            try:
+                self.ctrl.start_user_recovery(self.dev_id)
+                break
+            except OSError as e:
+                if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        self._serve(target, backing_fd)
+        try:
+            self.ctrl.end_user_recovery(self.dev_id)
+        except BaseException:
+            self.stop()
+            raise
+        ensure_heap_headroom()
+
+    def _serve(self, target, backing_fd: int) -> None:
+        """Start the queue thread and wait until every tag has its FETCH."""
         self.queue = Queue(self.dev_id, target, depth=self.depth, buf_bytes=self.buf_bytes,
                            backing_fd=backing_fd)
         self._thread = threading.Thread(target=self.queue.serve, name=f"ublkq{self.dev_id}",
@@ -134,6 +198,18 @@ class UblkDevice:
                 raise OSError(errno.ETIMEDOUT, f"queue of {self.bdev} not armed in {ARM_TIMEOUT:g} s")
             if self.queue.error is not None:
                 raise self.queue.error
+        except BaseException:
+            self.stop()
+            raise
+
+    def start(self, target, *, backing_fd: int = -1) -> None:
+        """SET_PARAMS for ``target``, serve its queue, START_DEV: ``/dev/ublkbN`` exists after.
+        On failure everything started is stopped again (the id stays added) and OSError raised."""
+        params = ublkctrl.basic_params(target.size >> 9, self.buf_bytes,
+                                       discard="discard" in features(target))
+        self.ctrl.set_params(self.dev_id, params)
+        self._serve(target, backing_fd)
+        try:
             self.ctrl.start_dev(self.dev_id)
         except BaseException:
             self.stop()
@@ -181,3 +257,4 @@ class UblkDevice:
         if self.added:
             self.ctrl.del_dev(self.dev_id)
             self.added = False
+            shmstate.unclaim(self.dev_id)

@@ -28,15 +28,28 @@ RECLAIM_FLAGS = {"GFP_KERNEL", "GFP_KERNEL_ACCOUNT", "GFP_NOIO", "GFP_NOFS", "GF
                  "__GFP_RECLAIM"}
 
 
-def threads(pid: int, prefix: str) -> list[int]:
-    """Thread ids of ``pid`` whose kernel name starts with ``prefix``."""
-    out = []
-    for d in glob.glob(f"/proc/{pid}/task/*"):
+def family(pid: int) -> list[int]:
+    """``pid`` and its child processes (the daemon's supervisor and its worker)."""
+    out = [pid]
+    for d in glob.glob("/proc/[0-9]*/stat"):
         try:
-            if open(f"{d}/comm").read().startswith(prefix):
-                out.append(int(os.path.basename(d)))
-        except OSError:
+            if int(open(d).read().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.split("/")[2]))
+        except (OSError, ValueError, IndexError):
             pass
+    return out
+
+
+def threads(pid: int, prefix: str) -> list[int]:
+    """Thread ids of ``pid`` or its children whose kernel name starts with ``prefix``."""
+    out = []
+    for p in family(pid):
+        for d in glob.glob(f"/proc/{p}/task/*"):
+            try:
+                if open(f"{d}/comm").read().startswith(prefix):
+                    out.append(int(os.path.basename(d)))
+            except OSError:
+                pass
     return sorted(out)
 
 
@@ -47,7 +60,7 @@ def major_faults(pid: int, tids: list[int]) -> dict[int, int]:
     out = {}
     for tid in tids:
         try:
-            fields = open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+            fields = open(f"/proc/{tid}/stat").read().rsplit(")", 1)[1].split()
         except OSError:
             continue
         out[tid] = int(fields[9])
@@ -55,13 +68,18 @@ def major_faults(pid: int, tids: list[int]) -> dict[int, int]:
 
 
 def heap_size(pid: int) -> int:
-    """Bytes of the daemon's [heap] mapping: if it grows while serving, the pre-grown headroom
-    was too small and the I/O path may have taken new pages from the kernel (brk)."""
-    for line in open(f"/proc/{pid}/maps"):
-        if line.rstrip().endswith("[heap]"):
-            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
-            return hi - lo
-    return 0
+    """Bytes of the [heap] mappings of the daemon's processes: if they grow while serving, the
+    pre-grown headroom was too small and the I/O path may have taken new pages (brk)."""
+    total = 0
+    for p in family(pid):
+        try:
+            for line in open(f"/proc/{p}/maps"):
+                if line.rstrip().endswith("[heap]"):
+                    lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                    total += hi - lo
+        except OSError:
+            pass
+    return total
 
 
 def available() -> bool:

@@ -96,10 +96,16 @@ def vm_swap() -> tuple[int, int]:
 
 
 def daemon_swap_kb(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmSwap:"):
-            return int(line.split()[1])
-    return 0
+    """Swap used by the daemon's processes (supervisor and worker): always 0."""
+    total = 0
+    for p in alloctrace.family(pid):
+        try:
+            for line in open(f"/proc/{p}/status"):
+                if line.startswith("VmSwap:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
 
 
 @pytest.fixture(autouse=True)
@@ -207,7 +213,8 @@ def test_backing_swap_takes_what_memlimit_refuses(tmp_path, backing_swap, scratc
         # disksize comes from the backing device
         assert int(open("/sys/block/ublkb0/size").read()) * 512 == size
         # a file's pages are reached on its block device, and the file is pinned meanwhile
-        fds = {os.path.realpath(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        fds = {os.path.realpath(f"/proc/{p}/fd/{fd}") for p in alloctrace.family(pid)
+               for fd in os.listdir(f"/proc/{p}/fd")}
         assert os.path.realpath(scratch_disk) in fds
         if os.path.isfile(path):
             assert "i" in lsattr(path)

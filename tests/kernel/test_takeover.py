@@ -1,0 +1,168 @@
+"""A daemon that dies loses no page: the worker is SIGKILLed under fio and under swap, and the
+next worker takes the devices over from the shared state the dead one left; a killed
+supervisor's devices are adopted by a ublkzswapd started by hand."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from tools.swapload import mem_total_mib
+
+from . import alloctrace
+from .daemonctl import PY, leftovers, running, start, stop, swapoff_all, wait_gone
+from .test_swap import SWAPLOAD, daemon_swap_kb, rzs, stats
+from .workload import kernel_log_oom_lines, workload_verdict
+
+MiB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def clean():
+    assert leftovers() == []
+    yield
+    swapoff_all("/dev/ublkb")
+    assert wait_gone() == []
+
+
+def worker_of(pid: int, old: int | None = None, timeout: float = 60) -> int:
+    """The supervisor's worker (a new one, if ``old`` is given)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kids = [p for p in alloctrace.family(pid) if p != pid and p != old]
+        if kids:
+            return kids[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no worker under supervisor {pid}")
+
+
+class Prober(threading.Thread):
+    """Reads block 0 of the device (O_DIRECT) every 50 ms and records the longest time one
+    read took: across a takeover, that is kill -> first completed request."""
+
+    def __init__(self, dev: str):
+        super().__init__(daemon=True)
+        self.dev, self.longest, self.errors = dev, 0.0, []
+        self.halt = threading.Event()
+
+    def run(self):
+        import mmap
+        buf = mmap.mmap(-1, 4096)
+        fd = os.open(self.dev, os.O_RDONLY | os.O_DIRECT)
+        try:
+            while not self.halt.is_set():
+                t0 = time.monotonic()
+                try:
+                    os.preadv(fd, [buf], 0)
+                except OSError as e:
+                    self.errors.append(e)
+                self.longest = max(self.longest, time.monotonic() - t0)
+                time.sleep(0.05)
+        finally:
+            os.close(fd)
+
+
+def kill_worker(pid: int) -> int:
+    w = worker_of(pid)
+    os.kill(w, signal.SIGKILL)
+    return w
+
+
+@pytest.mark.deadline(1200)
+def test_fio_verifies_across_three_kills_of_the_worker(tmp_path):
+    sock = tmp_path / "ctl.sock"
+    with running("num_devices=1", f"socket={sock}") as (pid, _):
+        rzs(sock, "/dev/ublkb0", "--disksize_kb=262144", "--init")
+        fio = subprocess.Popen(
+            ["fio", "--name=v", "--filename=/dev/ublkb0", "--ioengine=io_uring", "--direct=1",
+             "--iodepth=16", "--rw=randwrite", "--bsrange=4k-64k", "--size=256M",
+             "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+             "--buffer_compress_percentage=67", "--refill_buffers", "--output-format=normal"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        prober = Prober("/dev/ublkb0")
+        prober.start()
+        kills, stored = [], []
+        try:
+            for _ in range(3):
+                time.sleep(12)
+                if fio.poll() is not None:
+                    break
+                kills.append(kill_worker(pid))
+                worker_of(pid, old=kills[-1])
+                st = stats(sock)                       # answers after the takeover
+                stored.append(st["pages_stored"])
+            out, err = fio.communicate(timeout=900)
+        finally:
+            prober.halt.set()
+            prober.join(30)
+        assert len(kills) == 3, "fio finished before three kills: make the job longer"
+        assert fio.returncode == 0, out[-3000:] + err[-3000:]
+        assert "verify:" not in err and "bad magic" not in err and "err= 0" in out, err[-3000:]
+        assert all(n > 0 for n in stored), stored            # not reset by a takeover
+        assert not prober.errors, prober.errors[:3]
+        print(f"\ntakeover: longest read across three kills {prober.longest:.2f} s")
+        rzs(sock, "/dev/ublkb0", "--reset")
+
+
+@pytest.mark.deadline(1500)
+def test_swap_survives_two_kills_of_the_worker(tmp_path):
+    sock = tmp_path / "ctl.sock"
+    mib = int(mem_total_mib() * 1.5)
+    with running("num_devices=1", f"socket={sock}") as (pid, _):
+        rzs(sock, "/dev/ublkb0", f"--disksize_kb={3 * mib * 1024}", "--init")
+        subprocess.run(["swapon", "--discard", "/dev/ublkb0"], check=True, timeout=300)
+        load = subprocess.Popen([PY, SWAPLOAD, "--mib", str(mib), "--passes", "2", "--quiet",
+                                 "--mix", "zero=25,same=10,text=50,random=15"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stored = []
+        for delay in (60, 90):
+            time.sleep(delay)
+            if load.poll() is not None:
+                break
+            old = kill_worker(pid)
+            worker_of(pid, old=old)
+            stored.append(stats(sock)["pages_stored"])
+        out, _ = load.communicate(timeout=1200)
+        assert len(stored) == 2, "the workload ended before two kills"
+        why = workload_verdict(load.returncode, out, killed_by_test=False)
+        assert why is None, f"{why}\n{out[-3000:]}\n{kernel_log_oom_lines()}"
+        assert all(n > 0 for n in stored), stored
+        assert stats(sock)["failed_reads"] == 0 and daemon_swap_kb(pid) == 0
+        subprocess.run(["swapoff", "/dev/ublkb0"], check=True, timeout=900)
+        rzs(sock, "/dev/ublkb0", "--reset")
+
+
+@pytest.mark.deadline(600)
+def test_a_killed_supervisor_leaves_its_devices_to_the_next_ublkzswapd(tmp_path):
+    sock = tmp_path / "ctl.sock"
+    data = os.urandom(1 * MiB) + b"ublkzswap " * (MiB // 10)
+    pid, _ = start("num_devices=2", f"socket={sock}")
+    try:
+        rzs(sock, "/dev/ublkb0", "--disksize_kb=65536", "--init")
+        with open("/dev/ublkb0", "r+b", buffering=0) as f:
+            f.seek(8 * MiB)
+            f.write(data)
+            os.fsync(f.fileno())
+        worker = worker_of(pid)
+        os.kill(pid, signal.SIGKILL)                  # the supervisor first, then its worker
+        os.kill(worker, signal.SIGKILL)
+        for p in (pid, worker):
+            deadline = time.monotonic() + 30
+            while os.path.exists(f"/proc/{p}") and time.monotonic() < deadline:
+                time.sleep(0.1)
+        assert os.path.exists("/dev/ublkb0") and os.path.exists("/dev/ublkc1")   # held, not lost
+        pid, line = start("num_devices=2", f"socket={sock}")
+        assert "/dev/ublkb0 initialised" in line, line
+        with open("/dev/ublkb0", "rb", buffering=0) as f:
+            f.seek(8 * MiB)
+            assert f.read(len(data)) == data
+        st = json.loads(rzs(sock, "/dev/ublkb0", "--json"))
+        assert st["pages_stored"] > 0
+        rzs(sock, "/dev/ublkb0", "--reset")
+    finally:
+        stop(pid)
