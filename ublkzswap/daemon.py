@@ -28,6 +28,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from . import memory, ublkctrl
 from .ctlserver import ControlServer
@@ -189,7 +190,39 @@ class _StderrHandler(logging.Handler):
             self.handleError(record)
 
 
-def run(cfg: dict) -> int:
+def pidfile(cfg: dict) -> str:
+    """Where the supervisor's pid is kept: next to its control socket."""
+    return cfg["socket"] + ".pid"
+
+
+def request_restart(cfg: dict) -> int:
+    """``ublkzswapd --restart``: ask the supervisor of the daemon on ``socket=`` to hand its
+    devices to a fresh daemon running the installed code, and wait until that one answers."""
+    from .control import Client
+    try:
+        with open(pidfile(cfg)) as f:
+            pid = int(f.read())
+        before = Client(cfg["socket"], timeout=5).call("ping")["pid"]
+    except (OSError, ValueError) as e:
+        print(f"ublkzswapd: no running daemon to restart on {cfg['socket']}: "
+              f"{getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        return 1
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + RESTART_WAIT
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        try:
+            now = Client(cfg["socket"], timeout=5).call("ping")["pid"]
+        except OSError:
+            continue
+        if now != before:
+            print(f"ublkzswapd: restarted (worker {before} -> {now})")
+            return 0
+    print(f"ublkzswapd: the daemon did not come back within {RESTART_WAIT:g} s", file=sys.stderr)
+    return 1
+
+
+def run(cfg: dict, argv: list[str]) -> int:
     """Prepare (imports, locked memory, a self-test through the store), then supervise workers
     until one ends cleanly. Returns the exit status."""
     root = logging.getLogger("ublkzswap")
@@ -205,31 +238,45 @@ def run(cfg: dict) -> int:
             warm_up(storemod, cfg["compressor"])   # what the I/O path runs: resident and locked
         except Exception as e:
             return fail(f"store self-test failed: {describe(e)}")
-    return supervise(cfg, storemod)
+    return supervise(cfg, storemod, argv)
 
 
 RESPAWN_TRIES = 3
+RESTART_WAIT = 300.0
+EXIT_HANDOVER = 75            # a worker that left its devices to the next one on purpose
+ENV_REEXEC = "UBLKZSWAPD_REEXEC"
 
 
-def supervise(cfg: dict, storemod) -> int:
+def supervise(cfg: dict, storemod, argv: list[str]) -> int:
     """The supervisor: fork a worker to serve the devices; when one dies (crash, kill -9), fork
     the next at once, which takes every device over from the shared state the dead one left
     (its stored pages intact; the kernel holds and re-issues requests meanwhile). SIGTERM and
-    SIGINT go to the worker; its clean exit ends the supervisor. The supervisor stays
-    prepared and locked, runs no Python while it waits, and is what the worker is forked
-    from: every worker starts warm."""
+    SIGINT go to the worker; its clean exit ends the supervisor. SIGHUP (``--restart``): the
+    worker hands its devices over and exits, and the supervisor re-executes itself -- the
+    installed code -- whose first worker takes them over. The supervisor stays prepared and
+    locked, runs no Python while it waits, and is what the worker is forked from: every
+    worker starts warm."""
     global _ready_fd
     worker = [0]
+    restart = [False]
 
     def forward(sig, _frame):
+        if sig == signal.SIGHUP:
+            restart[0] = True
+            sig = signal.SIGUSR1
         if worker[0]:
             try:
                 os.kill(worker[0], sig)
             except ProcessLookupError:
                 pass
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    try:
+        with open(pidfile(cfg), "w") as f:
+            f.write(f"{os.getpid()}\n")
+    except OSError:
+        pass
     generation = failures = 0
     while True:
         okr, okw = os.pipe()
@@ -257,7 +304,15 @@ def supervise(cfg: dict, storemod) -> int:
             _detach_output()
         code = _wait_exit(pid)
         worker[0] = 0
+        if code == EXIT_HANDOVER and restart[0]:
+            print("ublkzswapd: restarting with the installed code", file=sys.stderr, flush=True)
+            env = dict(os.environ, **{ENV_REEXEC: "1"})
+            os.execve(sys.executable, [sys.executable, "-m", "ublkzswap.daemon", *argv], env)
         if code == 0:
+            try:
+                os.unlink(pidfile(cfg))
+            except OSError:
+                pass
             return 0
         if not ok:
             failures += 1
@@ -303,8 +358,11 @@ def serve(cfg: dict, storemod, *, ok_fd: int, first: bool) -> int:
     from . import shmstate
     memory.relock()                               # locks are not inherited across fork
     stop = threading.Event()
+    handover = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, lambda *_: (handover.set(), stop.set()))
     try:
         control = ublkctrl.Control()
     except OSError as e:
@@ -371,6 +429,12 @@ def serve(cfg: dict, storemod, *, ok_fd: int, first: bool) -> int:
     while True:
         while not stop.wait(1.0):
             pass
+        if handover.is_set():
+            # leave everything as a crash would, but on purpose: the kernel quiesces the
+            # devices and holds their requests; the next worker takes them over
+            if server is not None:
+                server.close()
+            os._exit(EXIT_HANDOVER)
         busy = manager.busy()
         if not busy:
             break
@@ -409,12 +473,14 @@ def main(argv: list[str] | None = None) -> int:
         if not ok:
             print(f"ublkzswapd: {why}", file=sys.stderr)
             return 1
+    if cfg["restart"]:
+        return request_restart(cfg)
     _reexec_with_malloc(argv)
-    if not cfg["foreground"]:
+    if not cfg["foreground"] and os.environ.get(ENV_REEXEC) != "1":
         rc = _daemonize()
         if rc >= 0:
             return rc
-    return run(cfg)
+    return run(cfg, argv)
 
 
 if __name__ == "__main__":

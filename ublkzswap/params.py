@@ -41,6 +41,9 @@ PARAMETERS = (
     Param("socket", "PATH", default_path(),
           f"control socket for rzscontrol (environment: {ENV_SOCKET})"),
     Param("foreground", None, "off", "stay in the foreground (default: return once the devices are ready)"),
+    Param("restart", None, "off",
+          "hand the running daemon's devices to a fresh one running the installed code, losing "
+          "nothing (with the socket= of the daemon to restart), then exit"),
 )
 _NAMES = {p.name for p in PARAMETERS}
 _NUMERIC = {"num_devices", "disksize_kb", "memlimit_kb"}
@@ -56,18 +59,19 @@ class UsageError(Exception):
 def parse_params(argv: list[str]) -> dict:
     """``key=value`` words (``--key=value`` too) -> dict of typed values. Raises UsageError."""
     out: dict = {"num_devices": 1, "target": TARGETS[0], "compressor": compress.names()[0],
-                 "allocator": ALLOCATORS[0], "foreground": False, "socket": default_path()}
+                 "allocator": ALLOCATORS[0], "foreground": False, "restart": False,
+                 "socket": default_path()}
     for word in argv:
         if word in ("-h", "--help"):
             raise UsageError("help")
         w = word[2:] if word.startswith("--") else word
-        if w == "foreground":
-            out["foreground"] = True
+        if w in ("foreground", "restart"):
+            out[w] = True
             continue
         key, sep, value = w.partition("=")
         if not sep:
             raise UsageError(f"'{word}' is not key=value")
-        if key not in _NAMES or key == "foreground":
+        if key not in _NAMES or key in ("foreground", "restart"):
             raise UsageError(f"unknown parameter '{key}'")
         if key in _NUMERIC:
             if not value.isascii() or not value.isdigit() or len(value) > 19:

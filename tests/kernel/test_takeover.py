@@ -166,3 +166,27 @@ def test_a_killed_supervisor_leaves_its_devices_to_the_next_ublkzswapd(tmp_path)
         rzs(sock, "/dev/ublkb0", "--reset")
     finally:
         stop(pid)
+
+
+@pytest.mark.deadline(900)
+def test_a_planned_restart_under_load_loses_nothing(tmp_path):
+    sock = tmp_path / "ctl.sock"
+    with running("num_devices=1", f"socket={sock}") as (pid, _):
+        rzs(sock, "/dev/ublkb0", "--disksize_kb=131072", "--init")
+        before = worker_of(pid)
+        fio = subprocess.Popen(
+            ["fio", "--name=v", "--filename=/dev/ublkb0", "--ioengine=io_uring", "--direct=1",
+             "--iodepth=8", "--rw=randwrite", "--bs=4k", "--size=128M", "--verify=crc32c",
+             "--do_verify=1", "--verify_fatal=1", "--buffer_compress_percentage=67",
+             "--refill_buffers", "--output-format=normal"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(10)
+        r = subprocess.run([PY, "-m", "ublkzswap.daemon", "--restart", f"socket={sock}"],
+                           capture_output=True, text=True, timeout=400)
+        assert r.returncode == 0 and "restarted" in r.stdout, r.stdout + r.stderr
+        assert fio.poll() is None, "fio finished before the restart: make the job longer"
+        out, err = fio.communicate(timeout=900)
+        assert fio.returncode == 0, out[-3000:] + err[-3000:]
+        assert "verify:" not in err and "err= 0" in out, err[-3000:]
+        assert worker_of(pid) != before                  # same supervisor pid, new code
+        rzs(sock, "/dev/ublkb0", "--reset")
