@@ -334,6 +334,23 @@ def ublkzswapd_page() -> str:
     out.append(para(
         "Only device 0 can be initialised from parameters (disksize_kb= takes precedence over "
         "backing_swap=); the others, and device 0 after a reset, are set up with rzscontrol(1)."))
+    out.append(".SH CRASH SURVIVAL\n")
+    out.append(para(
+        "ublkzswapd runs as a supervisor and a worker forked from it. The stored pages, the slot "
+        "table and the counters live in locked SysV shared memory, one pair of segments per "
+        "device, and the devices are created recoverable. If the worker dies (a bug, kill -9, "
+        "an out-of-memory kill), the kernel holds the devices' requests, and the supervisor "
+        "forks a new worker at once that takes every device over: nothing stored is lost, "
+        "requests in flight are re-issued, rzscontrol --stats carries on. "
+        "ublkzswapd --restart socket=PATH has the daemon on that socket hand its devices to a "
+        "fresh one running the installed code (an upgrade). If the supervisor itself is killed, "
+        "the devices stay held; the next ublkzswapd started with the same num_devices takes "
+        "them over."))
+    out.append(para(
+        "What does not survive: a reboot or a kernel crash (the pages were in RAM), rzscontrol "
+        "--reset, and an unload with SIGTERM (both free everything on purpose). Shared state a "
+        "dead daemon left and nobody took over can be removed with ipcrm(1) (keys 0x75627a00 "
+        "and up)."))
     out.append(".SH PARAMETERS\n")
     for p in PARAMETERS:
         if p.metavar is None:
@@ -363,10 +380,13 @@ def ublkzswapd_page() -> str:
     out.append(para(
         "A userspace swap device must never need new memory to serve I/O: if the daemon had to "
         "fault in a page while the kernel waits for swap to free memory, the machine would "
-        "deadlock. ublkzswapd locks all its memory (mlockall), grows its heap and reserves its "
-        "buffers at start, sets its oom_score_adj to -1000, and refuses to start if it cannot. "
-        "When it has no ready memory for a write, the write fails and the kernel keeps the "
-        "page in RAM and retries later."))
+        "deadlock. ublkzswapd runs a self-test through its store, then locks what it has touched "
+        "(not every library it maps), grows its heap and reserves its buffers at start, sets its "
+        "oom_score_adj to -1000, and refuses to start if it cannot. It grows its memory only "
+        "while the kernel can spare it without swapping and never makes the kernel OOM-kill for "
+        "it; when it has no ready memory for a swap write, the write fails and the kernel keeps "
+        "the page in RAM and retries later. Stored pages are compacted in the background "
+        "(rzscontrol --compact on demand)."))
     out.append(para(RZS_NOTES[1]))
     out.append(".SH SEE ALSO\n.BR rzscontrol (1),\n.BR swapon (8),\n.BR swapoff (8),\n"
                ".BR zramctl (8)\n")
