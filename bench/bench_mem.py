@@ -10,7 +10,8 @@ and zram's (b) and (c) in the same boot. For each: the system's ``used`` delta (
 total - free - buffers - cache), the drop of MemAvailable (which, unlike ``used``, also counts
 locked file pages such as libraries under mlockall), and for the daemon its RSS split by mapping
 from /proc/PID/smaps, plus VmLck. Goal (issue: footprint): (b) <= 32 MiB, and
-(c) <= 1.05 x compr_data_size + (b).
+(c) <= 1.05 x compr_data_size + (b). ``used`` counts shared memory as used (free(1) counts it
+as cache): the daemon keeps its stored pages in locked shared memory.
 
     python3 bench/bench_mem.py [--mem 512]
 """
@@ -54,7 +55,10 @@ def settle() -> dict[str, int]:
 
 
 def used(m: dict[str, int]) -> int:
-    return m["MemTotal"] - m["MemFree"] - m["Buffers"] - m["Cached"] - m["SReclaimable"]
+    """free(1)'s used, but with shared memory counted as used: it is not cache here (the
+    daemon's arena and tables live in locked SysV shared memory)."""
+    return (m["MemTotal"] - m["MemFree"] - m["Buffers"] - m["Cached"] + m["Shmem"]
+            - m["SReclaimable"])
 
 
 def group_of(name: str, size: int) -> str:
