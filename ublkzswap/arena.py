@@ -261,22 +261,27 @@ class Arena:
             fill.sort()
             refused = False
             for start, count in _runs(fill, max(1, POPULATE_BATCH // self.unit)):
-                if refused or (self.may_grow is not None and not self.may_grow(count * self.unit_bytes)):
-                    refused = True      # not now: the rest of this pass goes back unbacked
-                    with self._lock:
-                        self._push_unbacked(np.arange(start, start + count, dtype=np.int64))
+                n = 0 if refused else count
+                if self.may_grow is not None:
+                    while n and not self.may_grow(n * self.unit_bytes):
+                        n //= 2                 # short of memory: as much as can be had
+                    if n < count:
+                        refused = True          # the rest of this pass goes back unbacked
+                        with self._lock:
+                            self._push_unbacked(np.arange(start + n, start + count, dtype=np.int64))
+                if not n:
                     continue
                 try:
-                    self._populate(start, count)
+                    self._populate(start, n)
                 except OSError as e:
                     self._keeper_error(e)
                     with self._lock:
-                        self._push_unbacked(np.arange(start, start + count, dtype=np.int64))
+                        self._push_unbacked(np.arange(start, start + n, dtype=np.int64))
                     continue
                 with self._refilled:   # each batch usable at once, waiters woken
-                    self._push_ready(np.arange(start, start + count, dtype=np.int64))
+                    self._push_ready(np.arange(start, start + n, dtype=np.int64))
                     self._refilled.notify_all()
-                populated += count
+                populated += n
             self.populated += populated
             if refused:
                 self.growth_deferred += 1

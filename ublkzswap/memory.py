@@ -237,7 +237,7 @@ class GrowthGuard:
     writeback of a filesystem on this device must not be refused because the dirty data it is
     cleaning fills RAM."""
 
-    def __init__(self, margin: int = 1 << 20, zoneinfo: str = "/proc/zoneinfo",
+    def __init__(self, margin: int = 0, zoneinfo: str = "/proc/zoneinfo",
                  meminfo: str = "/proc/meminfo"):
         self.floor = min_watermark_bytes(zoneinfo)
         self.margin = margin
