@@ -69,8 +69,8 @@ MADV_NOHUGEPAGE = 15
 MADV_POPULATE_WRITE = 23
 MLOCK_ONFAULT = 1
 
-DEFAULT_LOW = 128     # pages (512 KiB)
-DEFAULT_HIGH = 512    # pages (2 MiB)
+DEFAULT_LOW = 64      # pages (256 KiB)
+DEFAULT_HIGH = 256    # pages (1 MiB)
 DEFAULT_INTERVAL = 0.02
 POPULATE_BATCH = 256  # pages the keeper brings in before handing them out (1 MiB)
 
@@ -104,7 +104,7 @@ class Arena:
       unit: pages per unit (1 for xvmalloc's pages, a segment for the log allocator).
         ``take`` and ``give`` deal in unit numbers.
       low, high: watermarks of the ready pool in pages (in whole units, clamped to the
-        arena; defaults 128 and 512).
+        arena; defaults 64 and 256).
       lock: ``mlock2(MLOCK_ONFAULT)`` the mapping now (OSError if refused).
       inline_refill: tests and benchmarks without a keeper thread only — when
         the pool is empty, ``take`` runs :meth:`step` itself (this populates

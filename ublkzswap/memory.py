@@ -42,7 +42,7 @@ from . import uapi
 from .libc import libc as _libc, oserror
 from .uapi import PAGE_SIZE
 
-HEAP_HEADROOM = 8 << 20
+HEAP_HEADROOM = 2 << 20
 BIG_ANON = 4 << 20          # anonymous reservations this big are locked only where touched
 MLOCK_ONFAULT = 1
 THREAD_STACK = 512 << 10
