@@ -34,6 +34,8 @@ SOCK = "/run/ublkzswap-benchmem.sock"
 DISK_KB = 1 << 20
 FILL_MB = 256
 MIB = 1 << 20
+KERNEL_FIELDS = ("PageTables", "SUnreclaim", "KernelStack", "Shmem", "Unevictable", "Mlocked",
+                 "AnonPages", "Cached", "Percpu")
 
 
 def meminfo() -> dict[str, int]:
@@ -144,12 +146,14 @@ def inside(args) -> int:
         m = settle()
         rows.append(("(a) loaded", used(m) - used(base), base["MemAvailable"] - m["MemAvailable"],
                      status(pid)))
+        mi_a = m
         details["a"] = smaps(pid)
         rzs("/dev/ublkb0", f"--disksize_kb={DISK_KB}", "--init")
         time.sleep(2)
         m = settle()
         rows.append(("(b) 1 GiB empty", used(m) - used(base),
                      base["MemAvailable"] - m["MemAvailable"], status(pid)))
+        mi_b = m
         details["b"] = smaps(pid)
         fill("/dev/ublkb0")
         time.sleep(2)
@@ -192,6 +196,8 @@ def inside(args) -> int:
     print(f"\nublkzswap (c): compr_data_size {ublk_c['compr_data_size'] / MIB:.1f} MiB, "
           f"mem_used_total {ublk_c['mem_used_total'] / MIB:.1f} MiB; "
           f"zram (c): compr {int(mm[1]) / MIB:.1f} MiB, mem_used_total {int(mm[2]) / MIB:.1f} MiB")
+    print("\nkernel-side deltas (b)-(a), MiB: " + ", ".join(
+        f"{k} {(mi_b[k] - mi_a[k]) / MIB:.1f}" for k in KERNEL_FIELDS if k in mi_a))
     fixed = rows[1][1]
     grow = rows[2][1] - fixed
     print(f"fixed cost (b) used delta: {fixed / MIB:.1f} MiB = {fixed / max(zrows[0][1], 1):.1f}x zram's "

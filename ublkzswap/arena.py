@@ -70,8 +70,8 @@ MADV_NOHUGEPAGE = 15
 MADV_POPULATE_WRITE = 23
 MLOCK_ONFAULT = 1
 
-DEFAULT_LOW = 128     # pages (512 KiB)
-DEFAULT_HIGH = 512    # pages (2 MiB)
+DEFAULT_LOW = 64      # pages (256 KiB)
+DEFAULT_HIGH = 256    # pages (1 MiB)
 DEFAULT_INTERVAL = 0.02
 POPULATE_BATCH = 256  # pages the keeper brings in before handing them out (1 MiB)
 
@@ -105,7 +105,7 @@ class Arena:
       unit: pages per unit (1 for xvmalloc's pages, a segment for the log allocator).
         ``take`` and ``give`` deal in unit numbers.
       low, high: watermarks of the ready pool in pages (in whole units, clamped to the
-        arena; defaults 128 and 512).
+        arena; defaults 64 and 256).
       lock: ``mlock2(MLOCK_ONFAULT)`` the mapping now (OSError if refused).
       inline_refill: tests and benchmarks without a keeper thread only — when
         the pool is empty, ``take`` runs :meth:`step` itself (this populates
@@ -274,22 +274,27 @@ class Arena:
             fill.sort()
             refused = False
             for start, count in _runs(fill, max(1, POPULATE_BATCH // self.unit)):
-                if refused or (self.may_grow is not None and not self.may_grow(count * self.unit_bytes)):
-                    refused = True      # not now: the rest of this pass goes back unbacked
-                    with self._lock:
-                        self._push_unbacked(np.arange(start, start + count, dtype=np.int64))
+                n = 0 if refused else count
+                if self.may_grow is not None:
+                    while n and not self.may_grow(n * self.unit_bytes):
+                        n //= 2                 # short of memory: as much as can be had
+                    if n < count:
+                        refused = True          # the rest of this pass goes back unbacked
+                        with self._lock:
+                            self._push_unbacked(np.arange(start + n, start + count, dtype=np.int64))
+                if not n:
                     continue
                 try:
-                    self._populate(start, count)
+                    self._populate(start, n)
                 except OSError as e:
                     self._keeper_error(e)
                     with self._lock:
-                        self._push_unbacked(np.arange(start, start + count, dtype=np.int64))
+                        self._push_unbacked(np.arange(start, start + n, dtype=np.int64))
                     continue
                 with self._refilled:   # each batch usable at once, waiters woken
-                    self._push_ready(np.arange(start, start + count, dtype=np.int64))
+                    self._push_ready(np.arange(start, start + n, dtype=np.int64))
                     self._refilled.notify_all()
-                populated += count
+                populated += n
             self.populated += populated
             if refused:
                 self.growth_deferred += 1

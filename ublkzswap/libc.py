@@ -25,6 +25,7 @@ _PROTOTYPES = {
     "mallopt": (C.c_int, [C.c_int, C.c_int]),
     "malloc": (C.c_void_p, [C.c_size_t]),
     "free": (None, [C.c_void_p]),
+    "sbrk": (C.c_void_p, [C.c_ssize_t]),
     "sysinfo": (C.c_int, [C.c_void_p]),
     "fstatfs": (C.c_int, [C.c_int, C.c_void_p]),
     "pthread_self": (C.c_ulong, []),

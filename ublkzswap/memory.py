@@ -42,7 +42,7 @@ from . import uapi
 from .libc import libc as _libc, oserror
 from .uapi import PAGE_SIZE
 
-HEAP_HEADROOM = 8 << 20
+HEAP_HEADROOM = 2 << 20
 BIG_ANON = 4 << 20          # anonymous reservations this big are locked only where touched
 MLOCK_ONFAULT = 1
 THREAD_STACK = 512 << 10
@@ -190,12 +190,30 @@ def resident_array(n: int, dtype, name: str):
 
 
 def ensure_heap_headroom(nbytes: int = HEAP_HEADROOM) -> None:
-    """Make sure ``nbytes`` of touched free heap lie ready (glibc never trims it back), e.g. after
-    a device was set up: the I/O path's small allocations then never grow the heap."""
+    """Make sure ``nbytes`` of free heap lie ready (glibc never trims it back), e.g. after a
+    device was set up, and that the whole heap up to the program break is resident and locked:
+    glibc grows the heap by more than it was asked (``M_TOP_PAD``), and under
+    ``MCL_ONFAULT`` that untouched tail would be faulted in -- a new page -- by the first
+    allocation that reaches it, on the I/O path as like as not. Raises OSError if the kernel
+    refuses to lock."""
     p = _libc.malloc(nbytes)
     if p:
         C.memset(p, 1, nbytes)
         _libc.free(C.c_void_p(p))
+    start = heap_start()
+    if start is None:
+        return
+    end = _libc.sbrk(0) or 0
+    if end > start and _libc.mlock(C.c_void_p(start), C.c_size_t(end - start)) != 0:
+        raise oserror("cannot lock the heap (mlock)")
+
+
+def heap_start() -> int | None:
+    """Where this process's ``[heap]`` begins, or None if it has none."""
+    for start, _end, _perms, name in _mappings():
+        if name == "[heap]":
+            return start
+    return None
 
 
 class _sysinfo(C.Structure):
@@ -245,7 +263,7 @@ class GrowthGuard:
     writeback of a filesystem on this device must not be refused because the dirty data it is
     cleaning fills RAM."""
 
-    def __init__(self, margin: int = 1 << 20, zoneinfo: str = "/proc/zoneinfo",
+    def __init__(self, margin: int = 0, zoneinfo: str = "/proc/zoneinfo",
                  meminfo: str = "/proc/meminfo"):
         self.floor = min_watermark_bytes(zoneinfo)
         self.margin = margin

@@ -29,7 +29,8 @@ from .queue import Queue
 from .target import features
 
 QUEUE_DEPTH = 64
-IO_BUF_BYTES = 64 * 1024     # per tag, populated and locked: 4 MiB for depth 64
+IO_BUF_BYTES = 32 * 1024     # per tag, populated and locked: 2 MiB for depth 64; swap-in
+                             # reads up to 8 pages (vm.page-cluster 3), longer writes split
 ARM_TIMEOUT = 30.0
 RECOVERY_WAIT = 30.0         # seconds for a dead server's device to be quiesced
 RECOVERY_FLAGS = uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE

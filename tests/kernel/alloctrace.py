@@ -82,6 +82,27 @@ def heap_size(pid: int) -> int:
     return total
 
 
+def rss_by_mapping(pid: int) -> dict[str, int]:
+    """{"start-end name": Rss kB} of every mapping of ``pid`` and its children."""
+    out = {}
+    for p in [pid]:
+        key = None
+        try:
+            for line in open(f"/proc/{p}/smaps"):
+                first = line.split()[0]
+                if "-" in first and not first.endswith(":"):
+                    key = f"{p} {first} {line.split(None, 5)[5].strip() if len(line.split()) > 5 else ''}"
+                elif first == "Rss:" and key:
+                    out[key] = int(line.split()[1])
+        except OSError:
+            pass
+    return out
+
+
+def grown(before: dict[str, int], after: dict[str, int]) -> list[str]:
+    return [f"{k}: {before.get(k, 0)} -> {v} kB" for k, v in after.items() if v > before.get(k, 0)]
+
+
 def available() -> bool:
     if not os.path.exists(f"{TRACEFS}/events"):
         subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS], capture_output=True)
@@ -116,6 +137,11 @@ def trace(tids: list[int]):
         _write(f"events/{e}/filter", flt)
     for e in switched:
         _write(f"events/{e}/enable", "1")
+    stacks = os.environ.get("UBLKZSWAP_TRACE_STACKS") == "1"
+    if stacks:                                    # options only: no tracepoint is toggled
+        _write("options/stacktrace", "1")
+        _write("options/userstacktrace", "1")
+        _write("options/sym-userobj", "1")
     _write("tracing_on", "1")
     found: list[tuple[str, str, str]] = []
     try:
@@ -124,10 +150,27 @@ def trace(tids: list[int]):
         _write("tracing_on", "0")
         for e in switched:
             _write(f"events/{e}/enable", "0")
-        found.extend(parse(open(f"{TRACEFS}/trace").read()))
+        text = open(f"{TRACEFS}/trace").read()
+        found.extend(parse(text))
+        if stacks:
+            for opt in ("stacktrace", "userstacktrace", "sym-userobj"):
+                _write(f"options/{opt}", "0")
+            print("\n".join(_with_stacks(text, RECLAIM_FLAGS)[:200]))
         for e in EVENTS:
             _write(f"events/{e}/filter", "0")
         _write("trace", "")
+
+
+def _with_stacks(text: str, flags) -> list[str]:
+    """The trace lines of reclaim-capable allocations, each with the stack lines after it."""
+    out, keep = [], False
+    for line in text.splitlines():
+        m = LINE.search(line)
+        if m:
+            keep = any(f in m.group(2) for f in flags) and "__GFP_NORETRY" not in m.group(2)
+        if keep:
+            out.append(line)
+    return out
 
 
 LINE = re.compile(r"\s(kmalloc|kmem_cache_alloc|mm_page_alloc):\s(.*)$")

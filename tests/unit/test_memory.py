@@ -118,3 +118,37 @@ def test_set_thread_name_names_the_calling_thread_for_ps_and_the_tests():
     th.start()
     th.join()
     assert seen == ["ublkq7:0-and-t"[:15]] or seen == ["ublkq7:0-and-to"]
+
+
+HEAP_TAIL = textwrap.dedent("""
+    import ctypes as C
+    from ublkzswap import memory
+    libc = C.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [C.c_void_p, C.c_size_t, C.c_void_p]
+    libc.sbrk.restype, libc.sbrk.argtypes = C.c_void_p, [C.c_ssize_t]
+    libc.malloc.restype, libc.malloc.argtypes = C.c_void_p, [C.c_size_t]
+
+    def absent():
+        start, end = memory.heap_start(), libc.sbrk(0)
+        n = (end - start) // 4096
+        vec = (C.c_ubyte * n)()
+        assert libc.mincore(C.c_void_p(start), n * 4096, vec) == 0
+        return sum(1 for v in vec if not v & 1)
+
+    memory.lock_process(heap_headroom=1 << 20, oom_protect=False)
+    print("after lock", absent())
+    libc.malloc(3 << 20)        # set-up grows the heap (by more than it asked: the top pad) ...
+    print("grown, untouched", absent() > 0)
+    memory.ensure_heap_headroom(1 << 20)
+    print("after headroom", absent())
+""")
+
+
+@needs_root
+def test_heap_is_resident_up_to_the_break_after_headroom_is_restored():
+    # an untouched heap tail is a new page for whichever allocation first reaches it: the I/O
+    # path's, under memory pressure
+    p = subprocess.run([sys.executable, "-c", HEAP_TAIL], capture_output=True, text=True,
+                       timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == ["after lock 0", "grown, untouched True", "after headroom 0"]
