@@ -115,6 +115,25 @@ def status(pid: int) -> dict[str, int]:
     return out
 
 
+def processes(pid: int) -> list[tuple[int, str, dict[str, int]]]:
+    """(pid, role, {Rss, Pss, USS}) for the daemon's supervisor ``pid`` and its children. USS
+    (Private_Clean + Private_Dirty) is what the process alone costs: what its death would free."""
+    from tests.kernel.alloctrace import family
+    out = []
+    for i, p in enumerate(family(pid)):
+        roll = {}
+        try:
+            for line in open(f"/proc/{p}/smaps_rollup"):
+                k, _, v = line.partition(":")
+                if k in ("Rss", "Pss", "Private_Clean", "Private_Dirty"):
+                    roll[k] = int(v.split()[0]) * 1024
+        except OSError:
+            continue
+        roll["USS"] = roll.pop("Private_Clean", 0) + roll.pop("Private_Dirty", 0)
+        out.append((p, "supervisor" if i == 0 else "worker", roll))
+    return out
+
+
 def rzs(*args) -> str:
     p = subprocess.run([PY, "-m", "ublkzswap.cli", *args, "--socket", SOCK],
                        capture_output=True, text=True, timeout=600)
@@ -141,27 +160,34 @@ def inside(args) -> int:
     base = settle()
     pid, _ = start("num_devices=1", f"socket={SOCK}")
     details = {}
+    from tests.kernel.alloctrace import family
+
+    def worker() -> int:
+        """The process serving I/O: the supervisor's worker."""
+        fam = family(pid)
+        return fam[-1]
     try:
         time.sleep(2)
         m = settle()
         rows.append(("(a) loaded", used(m) - used(base), base["MemAvailable"] - m["MemAvailable"],
-                     status(pid)))
+                     status(worker())))
         mi_a = m
-        details["a"] = smaps(pid)
+        details["a"] = smaps(worker())
         rzs("/dev/ublkb0", f"--disksize_kb={DISK_KB}", "--init")
         time.sleep(2)
         m = settle()
         rows.append(("(b) 1 GiB empty", used(m) - used(base),
-                     base["MemAvailable"] - m["MemAvailable"], status(pid)))
+                     base["MemAvailable"] - m["MemAvailable"], status(worker())))
         mi_b = m
-        details["b"] = smaps(pid)
+        details["b"] = smaps(worker())
+        procs_b = processes(pid)
         fill("/dev/ublkb0")
         time.sleep(2)
         m = settle()
         st = json.loads(rzs("/dev/ublkb0", "--json"))
         rows.append(("(c) +256 MiB 3:1", used(m) - used(base),
-                     base["MemAvailable"] - m["MemAvailable"], status(pid)))
-        details["c"] = smaps(pid)
+                     base["MemAvailable"] - m["MemAvailable"], status(worker())))
+        details["c"] = smaps(worker())
         ublk_c = st
         rzs("/dev/ublkb0", "--reset")
     finally:
@@ -204,6 +230,10 @@ def inside(args) -> int:
           f"{zrows[0][1] / MIB:.1f} MiB (goal <= 32 MiB)")
     print(f"growth (c)-(b): {grow / MIB:.1f} MiB = {grow / max(ublk_c['compr_data_size'], 1):.3f} x "
           f"compr_data_size (goal <= 1.05)")
+    print("\nprocesses at (b), MiB (USS: what the process alone costs, Private_Clean+Dirty):")
+    for p, role, roll in procs_b:
+        print(f"  {role:10s} pid {p:6d}  RSS {fmt_mib(roll.get('Rss', 0))}  PSS "
+              f"{fmt_mib(roll.get('Pss', 0))}  USS {fmt_mib(roll['USS'])}")
     print("\ndaemon RSS / locked by mapping, MiB (a | b | c):")
     groups = sorted(set().union(*details.values()), key=lambda g: -details["c"].get(g, {}).get("rss", 0))
     for g in groups:
