@@ -9,15 +9,19 @@ words), :mod:`devices` (compcache's policy), :mod:`ublkdev` (one ublk device), t
       |  parse; re-exec with PYTHONMALLOC=malloc; fork to the background (unless --foreground;
       |  the parent waits for "ready" or an error and exits 0 / 1)
       v
-    lock memory (memory.lock_process: refuse to start if not), warm the store's paths
+    supervisor: lock memory (memory.lock_process: refuse to start if not), warm the store's
+      |  paths, then fork a worker -- and, whenever one dies, the next (a warm copy of itself)
       v
-    ADD_DEV ids 0..N-1 --- control socket up --- device 0 initialised if disksize_kb= or
-      v                                          backing_swap= was given
+    worker: take over every device a dead worker left (shared state: shmstate), else ADD_DEV
+      |  ids 0..N-1 --- control socket up --- device 0 initialised if disksize_kb= or
+      v  backing_swap= was given
     serve until SIGTERM / SIGINT: then STOP_DEV + DEL_DEV every device and exit 0 -- refused
-    (logged, the daemon keeps serving) while a device is swapped on, mounted or held
+    (logged, the worker keeps serving) while a device is swapped on, mounted or held.
+    SIGHUP to the supervisor (``ublkzswapd --restart``): the worker leaves its devices to the
+    next, and the supervisor re-executes the installed code first.
 
-Still naive: one process; a queue thread that fails leaves its device "failed" (shown by
-info and --list) rather than being replaced.
+A worker that finds a device's queue thread ended exits on purpose (the reason logged) and
+the supervisor's next worker takes the devices over.
 """
 
 from __future__ import annotations
@@ -244,6 +248,7 @@ def run(cfg: dict, argv: list[str]) -> int:
 RESPAWN_TRIES = 3
 RESTART_WAIT = 300.0
 EXIT_HANDOVER = 75            # a worker that left its devices to the next one on purpose
+EXIT_FAILED = 70              # a worker that found a device it could no longer serve
 ENV_REEXEC = "UBLKZSWAPD_REEXEC"
 
 
@@ -428,7 +433,15 @@ def serve(cfg: dict, storemod, *, ok_fd: int, first: bool) -> int:
               file=sys.stderr, flush=True)
     while True:
         while not stop.wait(1.0):
-            pass
+            failed = manager.failures()
+            if failed:
+                # fail fast: a device whose queue has ended serves nothing; leave the devices
+                # as a crash would and let the next worker take them over
+                print(f"ublkzswapd: worker {os.getpid()} ending on purpose: "
+                      f"{'; '.join(failed)}", file=sys.stderr, flush=True)
+                if server is not None:
+                    server.close()
+                os._exit(EXIT_FAILED)
         if handover.is_set():
             # leave everything as a crash would, but on purpose: the kernel quiesces the
             # devices and holds their requests; the next worker takes them over

@@ -326,6 +326,12 @@ class Manager:
         with self._lock:
             return [d.bdev for d in self.devs.values() if d.initialised and d.ublk.users()]
 
+    def failures(self) -> list[str]:
+        """One line per started device whose queue thread has ended (it serves no more)."""
+        with self._lock:
+            return [f"{d.bdev}: {d.ublk.failure}" for d in self.devs.values()
+                    if d.initialised and d.ublk.failure is not None]
+
     def teardown(self) -> list[str]:
         """Stop and delete every device; returns the errors met (one line each)."""
         errors = []
