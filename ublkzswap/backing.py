@@ -295,6 +295,23 @@ class Backing:
             return int(self._phys[index])
         return index * PAGE_SIZE
 
+    def runs(self, pages) -> tuple[list[tuple], list[list[int]]]:
+        """The ops that move ``pages`` -- (op, slot index, page number in the request buffer)
+        -- between a request's buffer and this backing swap, contiguous runs merged: (ops as
+        :class:`ublkzswap.target.BackingIO` takes them, the slot indexes of each op)."""
+        fd, where = self.fd, self.offset
+        ops, idxs = [], []
+        for op, idx, k in pages:
+            foff = where(idx)
+            last = ops[-1] if ops else None
+            if last and last[0] == op and last[2] + last[3] == k * PAGE_SIZE and last[4] + last[3] == foff:
+                ops[-1] = (op, fd, last[2], last[3] + PAGE_SIZE, last[4])
+                idxs[-1].append(idx)
+            else:
+                ops.append((op, fd, k * PAGE_SIZE, PAGE_SIZE, foff))
+                idxs.append([idx])
+        return ops, idxs
+
     def close(self) -> None:
         if self._immutable_set and self._file_fd >= 0:
             try:

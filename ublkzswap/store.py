@@ -12,9 +12,9 @@ pool* (:class:`ublkzswap.arena.Arena`: ``take(kind, timeout) -> page | -1``, ``g
 or another from :data:`ALLOCATORS`: ``malloc(size, timeout) -> address`` or MemoryError,
 ``free(address)``, ``pages_used()``). An incompressible page takes a whole pool page.
 
-Slot table: two uint64 words a slot (16 bytes, as zram): ``address << 16 | length << 2 |
-kind`` and the fill word of a SAME slot. A slot changes only in :meth:`Store._set`: the new
-content is complete before its entry word is stored; the old content is released after.
+Slot table: :mod:`ublkzswap.slots` (16 bytes a slot, as zram). A slot changes only in
+:meth:`Store._set`: the new content is complete before its entry word is stored; the old
+content is released after, and the counters follow (:func:`ublkzswap.slots.count`).
 
 Write (compcache's order): same-filled -> the word, no memory; with backing and
 ``compr_data_size > memlimit - 4096`` -> forward; compress; ``clen > 2048`` with backing ->
@@ -42,25 +42,16 @@ from . import arena as _arena
 from . import compress as _compress
 from . import logalloc, xvmalloc
 from .memory import resident_array
+from .slots import (BD_READS, BD_WRITES, COMP, COMPR_DATA_SIZE, COUNTERS, EMPTY,
+                    FAILED_READS, FAILED_WRITES, MEM_USED_MAX, NOTIFY_FREE, NUM_READS,
+                    NUM_WRITES, PAGES_COMPACTED, RAW, SAME, count, decode, decode_all)
 from .target import OP_READ, OP_WRITE, BackingIO
 from .uapi import PAGE_SHIFT, PAGE_SIZE
 
 MAX_ZPAGE_SIZE_BDEV = PAGE_SIZE // 2          # 2048: above, forward to backing swap
 MAX_ZPAGE_SIZE_NOBDEV = PAGE_SIZE // 4 * 3    # 3072: above, store raw
-GOOD_COMPRESS = PAGE_SIZE // 2                # clen <= 2048 counts as good_compress
 ARENA_SLACK_PAGES = 256                       # > pages of the largest request
-
-EMPTY, SAME, RAW, COMP = 0, 1, 2, 3           # slot kinds (low two bits of an entry)
-KIND_NAMES = ("empty", "same", "raw", "compressed")
 ALLOCATORS = {"log": logalloc.LogPool, "xvmalloc": xvmalloc.XvPool}   # default first
-
-#: The store's counters, in the order of its counter record (stats.py names).
-COUNTERS = ("num_reads", "num_writes", "failed_reads", "failed_writes", "notify_free",
-            "zero_pages", "same_pages", "good_compress", "huge_pages", "pages_stored",
-            "compr_data_size", "mem_used_max", "bd_reads", "bd_writes", "pages_compacted")
-(NUM_READS, NUM_WRITES, FAILED_READS, FAILED_WRITES, NOTIFY_FREE, ZERO_PAGES, SAME_PAGES,
- GOOD_COMPRESS_N, HUGE_PAGES, PAGES_STORED, COMPR_DATA_SIZE, MEM_USED_MAX, BD_READS,
- BD_WRITES, PAGES_COMPACTED) = range(len(COUNTERS))
 COMPACT_BATCH = 64            # objects moved per hold of the store lock
 BACKGROUND_WASTE = 0.10       # background compaction starts above this share of unused memory
 
@@ -161,16 +152,12 @@ class Store:
 
     def slot(self, index: int) -> tuple[str, int, int, int]:
         """(kind name, address, length, fill word) of slot ``index``, for tests and tools."""
-        e, v = self._t[2 * index], self._t[2 * index + 1]
-        return KIND_NAMES[e & 3], e >> 16, (e >> 2) & 0x1FFF, v if e & 3 == SAME else 0
+        return decode(self._t[2 * index], self._t[2 * index + 1])
 
     def table(self) -> dict[str, np.ndarray]:
         """The whole slot table decoded (copies): kind, address, length, value per slot."""
         with self._lock:
-            t = self._tab.reshape(-1, 2).copy()
-        return {"kind": (t[:, 0] & 3).astype(np.uint8), "address": t[:, 0] >> np.uint64(16),
-                "length": ((t[:, 0] >> np.uint64(2)) & np.uint64(0x1FFF)).astype(np.int64),
-                "value": np.where((t[:, 0] & 3) == SAME, t[:, 1], 0).astype(np.uint64)}
+            return decode_all(self._tab.copy())
 
     # ---- the target contract
 
@@ -441,44 +428,17 @@ class Store:
         if okind:
             olen = (old >> 2) & 0x1FFF
             if okind == SAME:
-                self._count(SAME, 0, oval, -1)
+                count(self._c, SAME, 0, oval, -1)
             elif olen:                           # (raw with length 0: the header, uncounted)
                 self.allocator.free(old >> 16, olen)
-                self._count(okind, olen, 0, -1)
+                count(self._c, okind, olen, 0, -1)
         if kind:
-            self._count(kind, length, value, 1)
-
-    def _count(self, kind: int, length: int, value: int, d: int) -> None:
-        c = self._c
-        if kind == SAME:
-            c[SAME_PAGES] += d
-            if value:
-                c[PAGES_STORED] += d
-                c[GOOD_COMPRESS_N] += d
-            else:
-                c[ZERO_PAGES] += d
-            return
-        c[PAGES_STORED] += d
-        c[COMPR_DATA_SIZE] += d * length
-        if kind == RAW:
-            c[HUGE_PAGES] += d
-        elif length <= GOOD_COMPRESS:
-            c[GOOD_COMPRESS_N] += d
+            count(self._c, kind, length, value, 1)
 
     def _backing_io(self, fwd: list) -> BackingIO:
         """The forwarded pages of a request as a BackingIO (contiguous runs merged); its done()
         frees the RAM copy of every page written, and counts what succeeded and failed."""
-        fd, where = self.backing.fd, self.backing.offset
-        ops, pages = [], []
-        for op, idx, k in fwd:
-            foff = where(idx)
-            last = ops[-1] if ops else None
-            if last and last[0] == op and last[2] + last[3] == k << PAGE_SHIFT and last[4] + last[3] == foff:
-                ops[-1] = (op, fd, last[2], last[3] + PAGE_SIZE, last[4])
-                pages[-1].append(idx)
-            else:
-                ops.append((op, fd, k << PAGE_SHIFT, PAGE_SIZE, foff))
-                pages.append([idx])
+        ops, pages = self.backing.runs(fwd)
 
         def done(results):
             bad = 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ublkzswap import arena
-from ublkzswap.store import COMP, EMPTY, GOOD_COMPRESS, RAW, SAME
+from ublkzswap.slots import COMP, EMPTY, GOOD_COMPRESS, RAW, SAME
 
 PAGE = 4096
 

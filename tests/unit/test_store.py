@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from ublkzswap import compress as cz
 from ublkzswap.arena import Arena
+from ublkzswap.backing import Backing
 from ublkzswap.store import Store
 from ublkzswap.target import features, run_backing_io
 
@@ -60,8 +61,9 @@ class LenCompressor:
 
 
 class FakeBacking:
-    """A backing swap in a memfd: what the store needs of one (fd, offset, name)."""
+    """A backing swap in a memfd: what the store needs of one (fd, offset, runs, name)."""
     name = "/dev/fake"
+    runs = Backing.runs              # the real batching, over this fd and offset()
 
     def __init__(self, npages):
         self.npages = npages
