@@ -44,7 +44,8 @@ from . import logalloc, xvmalloc
 from .memory import resident_array
 from .slots import (BD_READS, BD_WRITES, COMP, COMPR_DATA_SIZE, COUNTERS, EMPTY,
                     FAILED_READS, FAILED_WRITES, MEM_USED_MAX, NOTIFY_FREE, NUM_READS,
-                    NUM_WRITES, PAGES_COMPACTED, RAW, SAME, count, decode, decode_all)
+                    NUM_WRITES, PAGES_COMPACTED, RAW, SAME, count, decode, decode_all,
+                    recount)
 from .target import OP_READ, OP_WRITE, BackingIO
 from .uapi import PAGE_SHIFT, PAGE_SIZE
 
@@ -294,7 +295,7 @@ class Store:
         adopt = getattr(self.allocator, "adopt", None)
         if adopt is None:
             raise OSError(errno.EOPNOTSUPP, "this allocator's state cannot be taken over")
-        e, v = self._tab[0::2], self._tab[1::2]
+        e = self._tab[0::2]
         kind, length = e & 3, ((e >> np.uint64(2)) & np.uint64(0x1FFF)).astype(np.int64)
         held = (kind >= RAW) & (length > 0)
         unit = self.pool.unit_bytes
@@ -302,14 +303,8 @@ class Store:
         live = np.bincount(units, weights=length[held], minlength=self.pool.nunits)
         adopt(live.astype(np.int64))
         self.pool.adopt(live > 0, _arena.OBJECTS)
-        same, comp, raw = kind == SAME, kind == COMP, (kind == RAW) & (length > 0)
-        zero = int(np.count_nonzero(same & (v == 0)))
-        nsame, ncomp, nraw = (int(np.count_nonzero(x)) for x in (same, comp, raw))
+        recount(self._c, self._tab)
         c = self._c
-        c[SAME_PAGES], c[ZERO_PAGES], c[HUGE_PAGES] = nsame, zero, nraw
-        c[PAGES_STORED] = ncomp + nraw + nsame - zero
-        c[GOOD_COMPRESS_N] = int(np.count_nonzero(comp & (length <= GOOD_COMPRESS))) + nsame - zero
-        c[COMPR_DATA_SIZE] = int(length[comp].sum()) + PAGE_SIZE * nraw
         c[MEM_USED_MAX] = max(c[MEM_USED_MAX], self.mem_used_total)
 
     def close(self) -> None:
