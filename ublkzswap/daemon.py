@@ -209,6 +209,7 @@ def run(cfg: dict) -> int:
         return fail(f"cannot open {ublkctrl.CONTROL_PATH}: {e.strerror}")
     def make_store(disksize, **kw):
         return storemod.Store(disksize, keeper_init=memory.keeper_thread_init,
+                              keeper_idle=memory.lock_heap_tail,
                               may_grow=memory.GrowthGuard(), allocator=cfg["allocator"], **kw)
 
     manager = Manager(cfg, lambda i: UblkDevice(control, i), make_store)

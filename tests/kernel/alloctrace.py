@@ -55,13 +55,15 @@ def major_faults(pid: int, tids: list[int]) -> dict[int, int]:
 
 
 def heap_size(pid: int) -> int:
-    """Bytes of the daemon's [heap] mapping: if it grows while serving, the pre-grown headroom
-    was too small and the I/O path may have taken new pages from the kernel (brk)."""
+    """Bytes the daemon's heap spans (its [heap] may be several mappings, split where locking
+    differs): if it grows while serving, the pre-grown headroom was too small and the I/O path
+    may have taken new pages from the kernel (brk)."""
+    lo = hi = None
     for line in open(f"/proc/{pid}/maps"):
         if line.rstrip().endswith("[heap]"):
-            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
-            return hi - lo
-    return 0
+            a, b = (int(x, 16) for x in line.split()[0].split("-"))
+            lo, hi = a if lo is None else min(lo, a), b if hi is None else max(hi, b)
+    return 0 if lo is None else hi - lo
 
 
 def rss_by_mapping(pid: int) -> dict[str, int]:
