@@ -376,7 +376,8 @@ def serve(cfg: dict, storemod, *, ok_fd: int, first: bool) -> int:
     alloc_ids = list(storemod.ALLOCATORS)
 
     def make_store(dev_id, disksize, *, adopt=False, open_backing=None, **kw):
-        common = dict(keeper_init=memory.keeper_thread_init, may_grow=memory.GrowthGuard())
+        common = dict(keeper_init=memory.keeper_thread_init, keeper_idle=memory.lock_heap_tail,
+                      may_grow=memory.GrowthGuard())
         if adopt:
             state = shmstate.DeviceState.attach(dev_id)
             try:

@@ -200,12 +200,27 @@ def ensure_heap_headroom(nbytes: int = HEAP_HEADROOM) -> None:
     if p:
         C.memset(p, 1, nbytes)
         _libc.free(C.c_void_p(p))
+    lock_heap_tail(force=True)
+
+
+_heap_locked_to = 0
+
+
+def lock_heap_tail(force: bool = False) -> None:
+    """If the heap has grown since it was last locked (a big allocation outside the I/O path,
+    say), make the new part resident and locked now, so that the I/O path never is the first
+    to touch it. Cheap when nothing changed (one ``sbrk(0)``): the arena keeper calls it after
+    every pass. Raises OSError if the kernel refuses to lock."""
+    global _heap_locked_to
+    end = _libc.sbrk(0) or 0
+    if end == _heap_locked_to and not force:
+        return
     start = heap_start()
     if start is None:
         return
-    end = _libc.sbrk(0) or 0
     if end > start and _libc.mlock(C.c_void_p(start), C.c_size_t(end - start)) != 0:
         raise oserror("cannot lock the heap (mlock)")
+    _heap_locked_to = end
 
 
 def heap_start() -> int | None:

@@ -54,6 +54,7 @@ MAX_ZPAGE_SIZE_NOBDEV = PAGE_SIZE // 4 * 3    # 3072: above, store raw
 ARENA_SLACK_PAGES = 256                       # > pages of the largest request
 ALLOCATORS = {"log": logalloc.LogPool, "xvmalloc": xvmalloc.XvPool}   # default first
 COMPACT_BATCH = 64            # objects moved per hold of the store lock
+COMPACT_SCAN = 8192           # slots of the table scanned at a time
 BACKGROUND_WASTE = 0.10       # background compaction starts above this share of unused memory
 
 _ZERO_PAGE = bytes(PAGE_SIZE)
@@ -81,14 +82,16 @@ class Store:
     :class:`~ublkzswap.arena.Arena` sized for the device (every slot raw, plus the ready pool and
     ``ARENA_SLACK_PAGES``: an overwrite allocates before it frees), passing it ``pool_options``
     (low, high, lock, inline_refill, may_grow) and starting its keeper unless ``keeper=False``
-    (``keeper_init``, ``keeper_interval`` go to :meth:`Arena.start`). allocator: an object
+    (``keeper_init``, ``keeper_interval`` go to :meth:`Arena.start`; ``keeper_idle`` runs in
+    the keeper after each pass, after background compaction). allocator: an object
     allocator or a name from :data:`ALLOCATORS`. alloc_wait: seconds :meth:`write` may wait for
     memory. Raises ValueError for bad arguments.
     """
 
     def __init__(self, disksize: int, *, memlimit: int = 0, compressor="lzo", backing=None,
                  pool=None, allocator="log", alloc_wait: float = 2.0, keeper: bool = True,
-                 keeper_init=None, keeper_interval: float = _arena.DEFAULT_INTERVAL,
+                 keeper_init=None, keeper_idle=None,
+                 keeper_interval: float = _arena.DEFAULT_INTERVAL,
                  state=None, adopt: bool = False, **pool_options):
         if type(disksize) is not int or disksize <= 0 or disksize % PAGE_SIZE:
             raise ValueError(f"disksize must be a positive multiple of {PAGE_SIZE} bytes, got {disksize!r}")
@@ -124,8 +127,11 @@ class Store:
         if adopt:
             self._adopt()
         if keeper and self._own_pool:
-            pool.start(interval=keeper_interval, thread_init=keeper_init,
-                       idle=self.compact_if_wasteful)
+            def idle():
+                self.compact_if_wasteful()
+                if keeper_idle is not None:
+                    keeper_idle()
+            pool.start(interval=keeper_interval, thread_init=keeper_init, idle=idle)
 
     # ---- configuration and numbers
 
@@ -236,42 +242,49 @@ class Store:
         unit, segs = victims(max_fill)
         if not segs:
             return 0
-        e = self._tab[0::2].copy()                   # entries, copied without the lock: each
-        held = ((e & 3) >= RAW) & ((e & 0x7FFC) != 0)   # move re-checks its entry under it
-        owners = np.flatnonzero(held & np.isin((e >> np.uint64(16)) // np.uint64(unit), segs))
+        segs = np.asarray(segs, dtype=np.uint64)
         t, view, alloc = self._t, self.pool.view, self.allocator
-        victim, short, freed = set(segs), False, 0
-        for batch, first in enumerate(range(0, len(owners), COMPACT_BATCH)):
-            if (batches is not None and batch >= batches) or self.pool.ready <= reserve:
-                break
-            if not self._lock.acquire(blocking=wait):
-                break
-            try:
-                before = alloc.pages_used()
-                for idx in owners[first:first + COMPACT_BATCH].tolist():
-                    old = t[2 * idx]
-                    a, ln = old >> 16, (old >> 2) & 0x1FFF
-                    if old & 3 < RAW or not ln or a // unit not in victim:
-                        continue                     # rewritten or freed meanwhile
-                    try:
-                        new = alloc.malloc(ln, 0.0)
-                    except MemoryError:
-                        short = True                 # nothing ready: stop, never wait
-                        break
-                    view[new:new + ln] = view[a:a + ln]
-                    t[2 * idx] = (new << 16) | (old & 0xFFFF)     # the commit
-                    alloc.free(a, ln)
-                used = alloc.pages_used()
-                if used << PAGE_SHIFT > self._c[MEM_USED_MAX]:   # moves take before they free
-                    self._c[MEM_USED_MAX] = used << PAGE_SHIFT
-                gone = before - used                     # given back net of what moves took
-                if gone > 0:
-                    freed += gone
-                    self._c[PAGES_COMPACTED] += gone
-            finally:
-                self._lock.release()
-            if short:
-                break
+        victim, freed, batch = set(segs.tolist()), 0, 0
+        for lo in range(0, self.npages, COMPACT_SCAN):
+            # the table is scanned a slice at a time, without the lock (each move re-checks
+            # its entry under it): numpy's temporaries stay small enough for the heap's
+            # headroom, which the I/O path relies on never having to grow
+            e = self._tab[2 * lo:2 * min(lo + COMPACT_SCAN, self.npages):2]
+            held = ((e & np.uint64(3)) >= RAW) & ((e & np.uint64(0x7FFC)) != 0)
+            owners = np.flatnonzero(held & np.isin((e >> np.uint64(16)) // np.uint64(unit), segs))
+            for first in range(0, len(owners), COMPACT_BATCH):
+                if (batches is not None and batch >= batches) or self.pool.ready <= reserve:
+                    return freed
+                if not self._lock.acquire(blocking=wait):
+                    return freed
+                batch += 1
+                short = False
+                try:
+                    before = alloc.pages_used()
+                    for idx in (owners[first:first + COMPACT_BATCH] + lo).tolist():
+                        old = t[2 * idx]
+                        a, ln = old >> 16, (old >> 2) & 0x1FFF
+                        if old & 3 < RAW or not ln or a // unit not in victim:
+                            continue                     # rewritten or freed meanwhile
+                        try:
+                            new = alloc.malloc(ln, 0.0)
+                        except MemoryError:
+                            short = True                 # nothing ready: stop, never wait
+                            break
+                        view[new:new + ln] = view[a:a + ln]
+                        t[2 * idx] = (new << 16) | (old & 0xFFFF)     # the commit
+                        alloc.free(a, ln)
+                    used = alloc.pages_used()
+                    if used << PAGE_SHIFT > self._c[MEM_USED_MAX]:   # moves take before they free
+                        self._c[MEM_USED_MAX] = used << PAGE_SHIFT
+                    gone = before - used                 # given back net of what moves took
+                    if gone > 0:
+                        freed += gone
+                        self._c[PAGES_COMPACTED] += gone
+                finally:
+                    self._lock.release()
+                if short:
+                    return freed
         return freed
 
     def compact_if_wasteful(self) -> int:

@@ -139,6 +139,9 @@ HEAP_TAIL = textwrap.dedent("""
     print("after lock", absent())
     libc.malloc(3 << 20)        # set-up grows the heap (by more than it asked: the top pad) ...
     print("grown, untouched", absent() > 0)
+    memory.lock_heap_tail()     # what the arena keeper runs after every pass
+    print("after keeper", absent())
+    libc.malloc(3 << 20)
     memory.ensure_heap_headroom(1 << 20)
     print("after headroom", absent())
 """)
@@ -151,4 +154,5 @@ def test_heap_is_resident_up_to_the_break_after_headroom_is_restored():
     p = subprocess.run([sys.executable, "-c", HEAP_TAIL], capture_output=True, text=True,
                        timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert p.returncode == 0, p.stderr
-    assert p.stdout.splitlines() == ["after lock 0", "grown, untouched True", "after headroom 0"]
+    assert p.stdout.splitlines() == ["after lock 0", "grown, untouched True", "after keeper 0",
+                                     "after headroom 0"]
