@@ -308,13 +308,15 @@ class Store:
         adopt = getattr(self.allocator, "adopt", None)
         if adopt is None:
             raise OSError(errno.EOPNOTSUPP, "this allocator's state cannot be taken over")
-        e = self._tab[0::2]
-        kind, length = e & 3, ((e >> np.uint64(2)) & np.uint64(0x1FFF)).astype(np.int64)
-        held = (kind >= RAW) & (length > 0)
-        unit = self.pool.unit_bytes
-        units = ((e[held] >> np.uint64(16)) // np.uint64(unit)).astype(np.int64)
-        live = np.bincount(units, weights=length[held], minlength=self.pool.nunits)
-        adopt(live.astype(np.int64))
+        unit = np.uint64(self.pool.unit_bytes)
+        live = np.zeros(self.pool.nunits, dtype=np.int64)
+        for lo in range(0, self.npages, COMPACT_SCAN):   # small temporaries: see compact()
+            e = self._tab[2 * lo:2 * min(lo + COMPACT_SCAN, self.npages):2]
+            length = ((e >> np.uint64(2)) & np.uint64(0x1FFF)).astype(np.int64)
+            held = ((e & np.uint64(3)) >= RAW) & (length > 0)
+            units = ((e[held] >> np.uint64(16)) // unit).astype(np.int64)
+            np.add.at(live, units, length[held])
+        adopt(live)
         self.pool.adopt(live > 0, _arena.OBJECTS)
         recount(self._c, self._tab)
         c = self._c
