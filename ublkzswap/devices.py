@@ -110,9 +110,7 @@ class Device:
         try:
             self.ublk.recover(target, backing_fd=backing.fd if backing is not None else -1)
         except BaseException:
-            _close(target)
-            if backing is not None:
-                backing.close()
+            _close(target, backing)
             raise
         self.target, self.backing = target, backing
         self.backing_swap = backing.name if backing is not None else ""
@@ -154,9 +152,7 @@ class Device:
                 self.ublk.add()
                 raise
         except BaseException:
-            _close(target)
-            if backing is not None:
-                backing.close()
+            _close(target, backing)
             raise
         self.target, self.backing = target, backing
         self.disksize_kb, self.memlimit_kb = disksize // 1024, memlimit // 1024
@@ -232,10 +228,13 @@ class Device:
         return d
 
 
-def _close(target) -> None:
+def _close(target, backing=None) -> None:
+    """Close a target (if it has anything to close) and a backing swap (if any)."""
     close = getattr(target, "close", None)
     if close is not None:
         close()
+    if backing is not None:
+        backing.close()
 
 
 class Manager:
