@@ -94,6 +94,7 @@ def test_features_follow_implemented_methods(ram):
 
 
 class Recording:
+    """A target that records reads, writes and swap writes."""
     size = 1 << 20
 
     def __init__(self):
@@ -134,18 +135,8 @@ def test_describe_names_type_message_and_innermost_line():
     assert describe(ValueError("x")) == "ValueError: x"
 
 
-class Calls:
+class Calls(Recording):
     """A target that records what reaches it (and has every optional method)."""
-    size = 1 << 20
-
-    def __init__(self):
-        self.calls = []
-
-    def read(self, offset, buf):
-        self.calls.append(("read", offset, len(buf)))
-
-    def write(self, offset, buf):
-        self.calls.append(("write", offset, len(buf)))
 
     def discard(self, offset, length):
         self.calls.append(("discard", offset, length))
@@ -181,7 +172,7 @@ def test_good_shapes_reach_the_target_in_bytes():
     assert handle_request(W | uapi.UBLK_IO_F_SWAP, 8, 8, buf, t, c) == 4096
     assert handle_request(D, 2048, 0, buf, t, c) == 0                 # no buffer bound for discard
     assert handle_request(WZ, 8, 16, buf, t, c) == 0
-    assert t.calls == [("read", last << 9, 16384), ("write", 4096, 4096), ("discard", 0, 1 << 20),
+    assert t.calls == [("read", last << 9, 16384), ("write_swap", 4096, 4096), ("discard", 0, 1 << 20),
                        ("write_zeroes", 8192, 4096)]
     assert c.invalid_io == 0
 
