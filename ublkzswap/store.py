@@ -214,7 +214,18 @@ class Store:
         are for writes), and never takes more than it frees. With ``wait`` false it stops
         rather than wait for the lock: the pool's keeper must never wait on a writer that
         waits for the keeper. Returns the pages given back (also counted in
-        ``pages_compacted``). An allocator that cannot move (xvmalloc) compacts nothing."""
+        ``pages_compacted``). An allocator that cannot move (xvmalloc) compacts nothing.
+        Without a ``batches`` bound it goes round after round (each over the allocator's
+        sparsest units then) until a round gives nothing back."""
+        total = 0
+        while True:
+            got = self._compact_round(max_fill, batches, reserve, wait)
+            total += got
+            if got == 0 or batches is not None:
+                return total
+
+    def _compact_round(self, max_fill: float, batches: int | None, reserve: int,
+                       wait: bool) -> int:
         victims = getattr(self.allocator, "victims", None)
         if victims is None or self.pool is None:
             return 0
