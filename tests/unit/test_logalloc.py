@@ -81,14 +81,20 @@ def make_page(rng, kind):
     return (text * (PAGE // len(text) + 2))[:PAGE]
 
 
+def filled_store(rng, n):
+    """A store of ``n`` pages (no keeper), every page written once with ~2:1 text."""
+    s = Store(n * PAGE, keeper=False, inline_refill=True, low=16, high=64)
+    pages = [make_page(rng, 2) for _ in range(n)]
+    for i, p in enumerate(pages):
+        s.write(i * PAGE, memoryview(p))
+    return s, pages
+
+
 def test_sequential_fill_wastes_almost_nothing_and_compaction_closes_holes():
     rng = random.Random(5)
     n = 2048
-    s = Store(n * PAGE, keeper=False, inline_refill=True, low=16, high=64)
+    s, pages = filled_store(rng, n)
     try:
-        pages = [make_page(rng, 2) for _ in range(n)]
-        for i, p in enumerate(pages):
-            s.write(i * PAGE, memoryview(p))
         st = s.stats()
         assert st["mem_used_total"] / st["compr_data_size"] <= 1.05, st
         for _ in range(2):                      # overwrite a random half, twice: holes everywhere
@@ -251,11 +257,8 @@ def test_compaction_on_demand_goes_on_past_one_round_of_victims():
     # 256 MiB device once gave back only the first few MiB
     rng = random.Random(11)
     n = 16384
-    s = Store(n * PAGE, keeper=False, inline_refill=True, low=16, high=64)
+    s, pages = filled_store(rng, n)
     try:
-        pages = [make_page(rng, 2) for _ in range(n)]
-        for i, p in enumerate(pages):
-            s.write(i * PAGE, memoryview(p))
         for i in rng.sample(range(n), n // 2):
             s.discard(i * PAGE, PAGE)
         st = s.stats()
