@@ -215,41 +215,30 @@ def test_background_compaction_never_waits_for_the_store_lock():
         s.close()
 
 
-COMPACT_HEAP = """
-import ctypes as C, os, random, sys
-libc = C.CDLL(None)
-libc.mallopt(-4, 0)                     # as the daemon: every malloc from the heap (M_MMAP_MAX 0)
-libc.sbrk.restype, libc.sbrk.argtypes = C.c_void_p, [C.c_ssize_t]
-sys.path.insert(0, os.getcwd())
-from ublkzswap.store import Store
-n_slots, n = 1 << 20, 4096              # a 4 GiB device, 16 MiB of it written
-s = Store(n_slots * 4096, keeper=False, inline_refill=True, low=16, high=64)
-rng = random.Random(3)
-page = lambda: bytes(rng.getrandbits(8) for _ in range(1200)) + bytes(2896)
-for i in range(n):
-    s.write(i * 4096 * 256, memoryview(page()))        # spread over the whole table
-for i in range(0, n, 2):
-    s.discard(i * 4096 * 256, 4096)
-import tracemalloc
-tracemalloc.start()                     # numpy reports its buffers to tracemalloc too
-freed = s.compact()
-print(freed > 0, tracemalloc.get_traced_memory()[1])
-"""
-
-
 def test_compaction_scans_in_slices_and_holds_little_memory_at_once():
     # the I/O path relies on a small pre-grown heap; the keeper's background compaction runs
     # in the same process, and a table-sized numpy temporary (8 MiB here) would grow the heap
-    import subprocess
-    import sys
-    p = subprocess.run([sys.executable, "-c", COMPACT_HEAP], capture_output=True, text=True,
-                       timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
-                       env=dict(os.environ, PYTHONMALLOC="malloc"))
-    assert p.returncode == 0, p.stderr
-    moved, peak = p.stdout.split()
-    assert moved == "True"
-    # (a table-sized copy alone was 8 MiB; the allocator's per-segment counts are 1 MiB here)
-    assert int(peak) < HEAP_HEADROOM, f"compaction held {int(peak) >> 10} KiB at its peak"
+    import tracemalloc
+    n_slots, n = 1 << 20, 4096              # a 4 GiB device, 16 MiB of it written
+    s = Store(n_slots * PAGE, keeper=False, inline_refill=True, low=16, high=64)
+    try:
+        rng = random.Random(3)
+        for i in range(n):                  # spread over the whole table
+            page = bytes(rng.getrandbits(8) for _ in range(1200)) + bytes(2896)
+            s.write(i * PAGE * 256, memoryview(page))
+        for i in range(0, n, 2):
+            s.discard(i * PAGE * 256, PAGE)
+        tracemalloc.start()                 # numpy reports its buffers to tracemalloc too
+        try:
+            freed = s.compact()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert freed > 0
+        # (a table-sized copy alone was 8 MiB; the allocator's per-segment counts are 1 MiB here)
+        assert peak < HEAP_HEADROOM, f"compaction held {peak >> 10} KiB at its peak"
+    finally:
+        s.close()
 
 
 def test_compaction_on_demand_goes_on_past_one_round_of_victims():
