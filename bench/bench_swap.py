@@ -199,7 +199,11 @@ def inside(args) -> int:
             r["ok"] &= ok
             print(f"  {name:10s} rep {rep + 1}: fio3:1 w {r['w31'][-1]:.0f} r {r['r31'][-1]:.0f}  "
                   f"zero w {r['w0'][-1]:.0f} r {r['r0'][-1]:.0f} IOPS; swap {secs:.0f}s "
-                  f"({'verified' if ok else 'FAILED'}), mem/orig {r['swap_mem'][-1]:.3f}", flush=True)
+                  f"({'verified' if ok else 'FAILED'}), mem/orig {r['swap_mem'][-1]:.3f}, "
+                  f"stale {stale:.3f}; fio overwritten mem/compr "
+                  f"{r['fio_mem'][-1] if r['fio_mem'] else float('nan'):.3f} -> "
+                  f"{r['fio_mem_c'][-1] if r['fio_mem_c'] else float('nan'):.3f} compacted",
+                  flush=True)
 
     def med(v):
         return statistics.median(v) if v else float("nan")
@@ -222,7 +226,7 @@ def inside(args) -> int:
         line = f"{label:18s}"
         for name in res:
             line += f" {name}: {cell(res[name][key], fmt):>24s}"
-            if ref and name != "zram" and res[name][key] and ref[key]:
+            if ref and name != "zram" and res[name][key] and ref[key] and med(ref[key]):
                 line += f" [{med(res[name][key]) / med(ref[key]):.2f}x]"
         print(line)
     print("all swap runs verified" if all(r["ok"] for r in res.values()) else "SOME SWAP RUN FAILED")

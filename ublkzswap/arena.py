@@ -223,6 +223,22 @@ class Arena:
                 self._event.set()
                 self._refilled.wait(min(left, 0.05))
 
+    def wait_ready(self, n: int, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds, waking the keeper, until at least ``n`` units are
+        ready; True if they are. For callers off the I/O path that may wait for memory
+        (on-demand compaction); without a keeper, an inline-refill pool refills once."""
+        if self._nready < n and self._thread is None and self.inline_refill:
+            self.step()
+        deadline = time.monotonic() + timeout
+        with self._refilled:
+            while self._nready < n:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._thread is None:
+                    break
+                self._event.set()
+                self._refilled.wait(min(left, 0.05))
+            return self._nready >= n
+
     def give(self, page: int) -> None:
         """Return a unit (content irrelevant) to the READY pool."""
         with self._lock:

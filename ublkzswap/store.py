@@ -55,6 +55,7 @@ ARENA_SLACK_PAGES = 256                       # > pages of the largest request
 ALLOCATORS = {"log": logalloc.LogPool, "xvmalloc": xvmalloc.XvPool}   # default first
 COMPACT_BATCH = 64            # objects moved per hold of the store lock
 COMPACT_SCAN = 8192           # slots of the table scanned at a time
+COMPACT_WAIT = 1.0            # seconds on-demand compaction waits for the keeper's next units
 BACKGROUND_WASTE = 0.10       # background compaction starts above this share of unused memory
 
 _ZERO_PAGE = bytes(PAGE_SIZE)
@@ -230,12 +231,26 @@ class Store:
                 wait: bool = True) -> int:
         """Move objects out of the emptiest units of memory (those at most ``max_fill`` full)
         into fresh ones, so that the emptied units go back to the pool: zram's ``compact``.
-        In batches of COMPACT_BATCH objects per hold of the lock (at most ``batches``); it never
-        waits for memory and stops before the pool's ready units fall to ``reserve`` (they
-        are for writes), and never takes more than it frees. With ``wait`` false it stops
-        rather than wait for the lock: the pool's keeper must never wait on a writer that
+        In batches of COMPACT_BATCH objects per hold of the lock (at most ``batches``); it
+        never waits for memory while holding the lock, and does not take the pool's ready
+        units below ``reserve`` (they are for writes). A round's moves take units before its
+        victims give any back, often more than the ready pool holds: with ``wait`` (on
+        demand) it then waits, the lock released, up to COMPACT_WAIT s for the keeper's next
+        units and goes on. With ``wait`` false (the keeper itself) it stops instead, and
+        stops rather than wait for the lock: the keeper must never wait on a writer that
         waits for the keeper. Returns the pages given back (also counted in
-        ``pages_compacted``). An allocator that cannot move (xvmalloc) compacts nothing."""
+        ``pages_compacted``). An allocator that cannot move (xvmalloc) compacts nothing.
+        Without a ``batches`` bound it goes round after round (each over the allocator's
+        sparsest units then) until a round gives nothing back."""
+        total = 0
+        while True:
+            got = self._compact_round(max_fill, batches, reserve, wait)
+            total += got
+            if got == 0 or batches is not None:
+                return total
+
+    def _compact_round(self, max_fill: float, batches: int | None, reserve: int,
+                       wait: bool) -> int:
         victims = getattr(self.allocator, "victims", None)
         if victims is None or self.pool is None:
             return 0
@@ -252,8 +267,11 @@ class Store:
             e = self._tab[2 * lo:2 * min(lo + COMPACT_SCAN, self.npages):2]
             held = ((e & np.uint64(3)) >= RAW) & ((e & np.uint64(0x7FFC)) != 0)
             owners = np.flatnonzero(held & np.isin((e >> np.uint64(16)) // np.uint64(unit), segs))
-            for first in range(0, len(owners), COMPACT_BATCH):
-                if (batches is not None and batch >= batches) or self.pool.ready <= reserve:
+            first = 0
+            while first < len(owners):
+                if batches is not None and batch >= batches:
+                    return freed
+                if self.pool.ready <= reserve and not (wait and self._pool_refilled(reserve)):
                     return freed
                 if not self._lock.acquire(blocking=wait):
                     return freed
@@ -265,15 +283,17 @@ class Store:
                         old = t[2 * idx]
                         a, ln = old >> 16, (old >> 2) & 0x1FFF
                         if old & 3 < RAW or not ln or a // unit not in victim:
+                            first += 1
                             continue                     # rewritten or freed meanwhile
                         try:
                             new = alloc.malloc(ln, 0.0)
                         except MemoryError:
-                            short = True                 # nothing ready: stop, never wait
+                            short = True                 # nothing ready: never wait here
                             break
                         view[new:new + ln] = view[a:a + ln]
                         t[2 * idx] = (new << 16) | (old & 0xFFFF)     # the commit
                         alloc.free(a, ln)
+                        first += 1
                     used = alloc.pages_used()
                     if used << PAGE_SHIFT > self._c[MEM_USED_MAX]:   # moves take before they free
                         self._c[MEM_USED_MAX] = used << PAGE_SHIFT
@@ -283,9 +303,17 @@ class Store:
                         self._c[PAGES_COMPACTED] += gone
                 finally:
                     self._lock.release()
-                if short:
+                # out of ready units mid-batch: on demand, wait (the lock released) for the
+                # keeper to bring more and go on; a round's moves take units before its
+                # victims free any, more than the ready pool holds
+                if short and not (wait and self._pool_refilled(reserve)):
                     return freed
         return freed
+
+    def _pool_refilled(self, reserve: int) -> bool:
+        """Wait up to COMPACT_WAIT s, holding no lock, for more than ``reserve`` ready units."""
+        wait_ready = getattr(self.pool, "wait_ready", None)
+        return wait_ready is not None and wait_ready(reserve + 1, COMPACT_WAIT)
 
     def compact_if_wasteful(self) -> int:
         """Background compaction, for the pool's keeper between its passes: only when more than

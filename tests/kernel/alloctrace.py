@@ -82,27 +82,6 @@ def heap_size(pid: int) -> int:
     return total
 
 
-def rss_by_mapping(pid: int) -> dict[str, int]:
-    """{"start-end name": Rss kB} of every mapping of ``pid`` and its children."""
-    out = {}
-    for p in [pid]:
-        key = None
-        try:
-            for line in open(f"/proc/{p}/smaps"):
-                first = line.split()[0]
-                if "-" in first and not first.endswith(":"):
-                    key = f"{p} {first} {line.split(None, 5)[5].strip() if len(line.split()) > 5 else ''}"
-                elif first == "Rss:" and key:
-                    out[key] = int(line.split()[1])
-        except OSError:
-            pass
-    return out
-
-
-def grown(before: dict[str, int], after: dict[str, int]) -> list[str]:
-    return [f"{k}: {before.get(k, 0)} -> {v} kB" for k, v in after.items() if v > before.get(k, 0)]
-
-
 def available() -> bool:
     if not os.path.exists(f"{TRACEFS}/events"):
         subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS], capture_output=True)
@@ -127,7 +106,9 @@ def trace(tids: list[int]):
     test VM enables them on the kernel command line): turning a tracepoint on or off patches
     kernel text, which under qemu's TCG can oops the guest. Elsewhere they are turned on for
     the block and off after it. Threads the given ones create later (io-wq workers) are not
-    followed (``set_event_pid``'s fork tracking would patch the sched tracepoints)."""
+    followed (``set_event_pid``'s fork tracking would patch the sched tracepoints).
+    With ``UBLKZSWAP_TRACE_STACKS=1`` the kernel and user stacks of the allocations
+    :func:`may_reclaim` picks are printed too (trace options only, no tracepoint toggled)."""
     assert tids
     flt = " || ".join(f"common_pid == {t}" for t in tids)
     _write("tracing_on", "0")
@@ -155,19 +136,20 @@ def trace(tids: list[int]):
         if stacks:
             for opt in ("stacktrace", "userstacktrace", "sym-userobj"):
                 _write(f"options/{opt}", "0")
-            print("\n".join(_with_stacks(text, RECLAIM_FLAGS)[:200]))
+            print("\n".join(_with_stacks(text)[:200]))
         for e in EVENTS:
             _write(f"events/{e}/filter", "0")
         _write("trace", "")
 
 
-def _with_stacks(text: str, flags) -> list[str]:
-    """The trace lines of reclaim-capable allocations, each with the stack lines after it."""
+def _with_stacks(text: str) -> list[str]:
+    """The trace lines of the allocations :func:`may_reclaim` picks, each with the stack lines
+    after it."""
     out, keep = [], False
     for line in text.splitlines():
         m = LINE.search(line)
         if m:
-            keep = any(f in m.group(2) for f in flags) and "__GFP_NORETRY" not in m.group(2)
+            keep = bool(may_reclaim(parse(line)))
         if keep:
             out.append(line)
     return out

@@ -17,10 +17,10 @@ import time
 
 import pytest
 
-from tools.swapload import mem_total_mib, remove_cgroups
+from tools.swapload import mem_total_mib
 
-from .daemonctl import PY, leftovers, running, swapoff_all, wait_gone
-from .test_swap import SWAPLOAD, daemon_swap_kb, rzs, stats
+from .daemonctl import PY, running
+from .test_swap import SWAPLOAD, clean, daemon_swap_kb, rzs, stats  # noqa: F401 (clean: autouse)
 from .workload import kernel_log_oom_lines, workload_verdict
 
 MIX = "zero=25,same=10,text=50,random=15"
@@ -68,15 +68,6 @@ def machine_of(mib: int):
     finally:
         p.kill()
         p.wait()
-
-
-@pytest.fixture(autouse=True)
-def clean():
-    assert leftovers() == []
-    yield
-    swapoff_all("/dev/ublkb")
-    remove_cgroups()
-    assert wait_gone() == []
 
 
 def swap_on_1gib(sock):

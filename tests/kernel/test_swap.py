@@ -76,12 +76,8 @@ def io_path_allocations_checked(pid: int):
     tids = alloctrace.threads(pid, "ublkq")
     assert tids, "no ublkq* thread in the daemon"
     faults0, heap0 = alloctrace.major_faults(pid, tids), alloctrace.heap_size(pid)
-    rss0 = alloctrace.rss_by_mapping(pid)
     with alloctrace.trace(tids) as events:
         yield events
-    if os.environ.get("UBLKZSWAP_TRACE_STACKS") == "1":
-        print("\nmappings that grew while serving:\n" +
-              "\n".join(alloctrace.grown(rss0, alloctrace.rss_by_mapping(pid))))
     faults = {t: n - faults0.get(t, 0) for t, n in alloctrace.major_faults(pid, tids).items()}
     assert not any(faults.values()), f"major page faults on the I/O path (tid: count): {faults}"
     assert alloctrace.heap_size(pid) == heap0, "the daemon's heap grew while serving"

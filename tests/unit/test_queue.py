@@ -93,7 +93,8 @@ def test_features_follow_implemented_methods(ram):
     assert features(NullTarget(4096)) == {"discard", "write_zeroes", "flush"}
 
 
-class Recording:
+class Reads:
+    """A target that records its reads and writes."""
     size = 1 << 20
 
     def __init__(self):
@@ -104,6 +105,10 @@ class Recording:
 
     def write(self, offset, buf):
         self.calls.append(("write", offset, len(buf)))
+
+
+class Recording(Reads):
+    """... and its swap writes."""
 
     def write_swap(self, offset, buf):
         self.calls.append(("write_swap", offset, len(buf)))
@@ -134,18 +139,8 @@ def test_describe_names_type_message_and_innermost_line():
     assert describe(ValueError("x")) == "ValueError: x"
 
 
-class Calls:
-    """A target that records what reaches it (and has every optional method)."""
-    size = 1 << 20
-
-    def __init__(self):
-        self.calls = []
-
-    def read(self, offset, buf):
-        self.calls.append(("read", offset, len(buf)))
-
-    def write(self, offset, buf):
-        self.calls.append(("write", offset, len(buf)))
+class Calls(Reads):
+    """A target that records what reaches it (and has every optional method but write_swap)."""
 
     def discard(self, offset, length):
         self.calls.append(("discard", offset, length))
