@@ -116,7 +116,7 @@ def status(pid: int) -> dict[str, int]:
 
 
 def processes(pid: int) -> list[tuple[int, str, dict[str, int]]]:
-    """(pid, role, {Rss, Pss, USS}) for the daemon's supervisor ``pid`` and its children. USS
+    """(pid, role, {Rss, Pss, USS}) for the daemon's server ``pid`` and its standby. USS
     (Private_Clean + Private_Dirty) is what the process alone costs: what its death would free."""
     from tests.kernel.alloctrace import family
     out = []
@@ -130,7 +130,7 @@ def processes(pid: int) -> list[tuple[int, str, dict[str, int]]]:
         except OSError:
             continue
         roll["USS"] = roll.pop("Private_Clean", 0) + roll.pop("Private_Dirty", 0)
-        out.append((p, "supervisor" if i == 0 else "worker", roll))
+        out.append((p, "server" if i == 0 else "standby", roll))
     return out
 
 
@@ -160,34 +160,32 @@ def inside(args) -> int:
     base = settle()
     pid, _ = start("num_devices=1", f"socket={SOCK}")
     details = {}
-    from tests.kernel.alloctrace import family
 
-    def worker() -> int:
-        """The process serving I/O: the supervisor's worker."""
-        fam = family(pid)
-        return fam[-1]
+    def server() -> int:
+        """The process serving I/O: the server."""
+        return pid
     try:
         time.sleep(2)
         m = settle()
         rows.append(("(a) loaded", used(m) - used(base), base["MemAvailable"] - m["MemAvailable"],
-                     status(worker())))
+                     status(server())))
         mi_a = m
-        details["a"] = smaps(worker())
+        details["a"] = smaps(server())
         rzs("/dev/ublkb0", f"--disksize_kb={DISK_KB}", "--init")
         time.sleep(2)
         m = settle()
         rows.append(("(b) 1 GiB empty", used(m) - used(base),
-                     base["MemAvailable"] - m["MemAvailable"], status(worker())))
+                     base["MemAvailable"] - m["MemAvailable"], status(server())))
         mi_b = m
-        details["b"] = smaps(worker())
+        details["b"] = smaps(server())
         procs_b = processes(pid)
         fill("/dev/ublkb0")
         time.sleep(2)
         m = settle()
         st = json.loads(rzs("/dev/ublkb0", "--json"))
         rows.append(("(c) +256 MiB 3:1", used(m) - used(base),
-                     base["MemAvailable"] - m["MemAvailable"], status(worker())))
-        details["c"] = smaps(worker())
+                     base["MemAvailable"] - m["MemAvailable"], status(server())))
+        details["c"] = smaps(server())
         ublk_c = st
         rzs("/dev/ublkb0", "--reset")
     finally:

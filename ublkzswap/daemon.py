@@ -9,19 +9,20 @@ words), :mod:`devices` (compcache's policy), :mod:`ublkdev` (one ublk device), t
       |  parse; re-exec with PYTHONMALLOC=malloc; fork to the background (unless --foreground;
       |  the parent waits for "ready" or an error and exits 0 / 1)
       v
-    supervisor: lock memory (memory.lock_process: refuse to start if not), warm the store's
-      |  paths, then fork a worker -- and, whenever one dies, the next (a warm copy of itself)
+    lock memory (memory.lock_process: refuse to start if not), warm the store's paths
       v
-    worker: take over every device a dead worker left (shared state: shmstate), else ADD_DEV
+    server: take over every device a dead server left (shared state: shmstate), else ADD_DEV
       |  ids 0..N-1 --- control socket up --- device 0 initialised if disksize_kb= or
-      v  backing_swap= was given
-    serve until SIGTERM / SIGINT: then STOP_DEV + DEL_DEV every device and exit 0 -- refused
-    (logged, the worker keeps serving) while a device is swapped on, mounted or held.
-    SIGHUP to the supervisor (``ublkzswapd --restart``): the worker leaves its devices to the
-    next, and the supervisor re-executes the installed code first.
+      |  backing_swap= was given --- start a standby (posix_spawn: the same command, prepared
+      v  the same way, then waiting on a pidfd of the server; see Standby)
+    serve until SIGTERM / SIGINT: then end the standby, STOP_DEV + DEL_DEV every device and
+    exit 0 -- refused (logged, the server keeps serving) while a device is swapped on,
+    mounted or held. SIGHUP (``ublkzswapd --restart``): a fresh standby (the installed code)
+    is prepared, then the server leaves its devices to it.
 
-A worker that finds a device's queue thread ended exits on purpose (the reason logged) and
-the supervisor's next worker takes the devices over.
+When the server dies -- kill -9, a crash, or on purpose because a device's queue thread
+ended -- the kernel holds the devices' requests and the standby takes them over and becomes
+the server (with a standby of its own). The server's pid is in ``SOCKET.pid``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -40,7 +42,8 @@ from .devices import Manager
 from .params import UsageError, help_text, parse_params
 from .handler import describe
 from .uapi import PAGE_SIZE
-from .ublkdev import UblkDevice
+from .queue import prepare_buffers
+from .ublkdev import IO_BUF_BYTES, QUEUE_DEPTH, UblkDevice
 
 
 def warm_up(storemod, compressor: str) -> None:
@@ -195,13 +198,13 @@ class _StderrHandler(logging.Handler):
 
 
 def pidfile(cfg: dict) -> str:
-    """Where the supervisor's pid is kept: next to its control socket."""
+    """Where the server's pid is kept: next to its control socket."""
     return cfg["socket"] + ".pid"
 
 
 def request_restart(cfg: dict) -> int:
-    """``ublkzswapd --restart``: ask the supervisor of the daemon on ``socket=`` to hand its
-    devices to a fresh daemon running the installed code, and wait until that one answers."""
+    """``ublkzswapd --restart``: ask the server on ``socket=`` to hand its devices to a fresh
+    standby running the installed code, and wait until that one answers."""
     from .control import Client
     try:
         with open(pidfile(cfg)) as f:
@@ -220,15 +223,22 @@ def request_restart(cfg: dict) -> int:
         except OSError:
             continue
         if now != before:
-            print(f"ublkzswapd: restarted (worker {before} -> {now})")
+            print(f"ublkzswapd: restarted (server {before} -> {now})")
             return 0
     print(f"ublkzswapd: the daemon did not come back within {RESTART_WAIT:g} s", file=sys.stderr)
     return 1
 
 
 def run(cfg: dict, argv: list[str]) -> int:
-    """Prepare (imports, locked memory, a self-test through the store), then supervise workers
-    until one ends cleanly. Returns the exit status."""
+    """Prepare (imports, locked memory, a self-test through the store), then serve -- or, in a
+    standby, wait for the server to die and take its devices over. Returns the exit status."""
+    server_fd = None
+    if os.environ.get(ENV_STANDBY):
+        # a standby: hold on to the server first thing (a pid cannot be mistaken later)
+        try:
+            server_fd = os.pidfd_open(int(os.environ[ENV_STANDBY]))
+        except ProcessLookupError:
+            server_fd = -1                        # gone already: take over once prepared
     root = logging.getLogger("ublkzswap")
     root.addHandler(_StderrHandler())
     root.setLevel(logging.INFO)
@@ -242,92 +252,141 @@ def run(cfg: dict, argv: list[str]) -> int:
             warm_up(storemod, cfg["compressor"])   # what the I/O path runs: resident and locked
         except Exception as e:
             return fail(f"store self-test failed: {describe(e)}")
-    return supervise(cfg, storemod, argv)
+    if server_fd is not None:
+        return standby(cfg, storemod, argv, server_fd)
+    return serve(cfg, storemod, argv, first=True)
 
 
-RESPAWN_TRIES = 3
 RESTART_WAIT = 300.0
-EXIT_HANDOVER = 75            # a worker that left its devices to the next one on purpose
-EXIT_FAILED = 70              # a worker that found a device it could no longer serve
+STANDBY_READY_WAIT = 300.0    # seconds a standby may take to prepare (imports, locking, self-test)
+STANDBY_BACKOFF = (1.0, 30.0)  # respawn delay after a standby died: first, most
+EXIT_HANDOVER = 75            # a server that left its devices to its standby on purpose
+EXIT_FAILED = 70              # a server that found a device it could no longer serve
 ENV_REEXEC = "UBLKZSWAPD_REEXEC"
+ENV_STANDBY = "UBLKZSWAPD_STANDBY_FOR"       # the pid of the server a standby is for
+ENV_READY_FD = "UBLKZSWAPD_READY_FD"         # where a standby says it is prepared
 
 
-def supervise(cfg: dict, storemod, argv: list[str]) -> int:
-    """The supervisor: fork a worker to serve the devices; when one dies (crash, kill -9), fork
-    the next at once, which takes every device over from the shared state the dead one left
-    (its stored pages intact; the kernel holds and re-issues requests meanwhile). SIGTERM and
-    SIGINT go to the worker; its clean exit ends the supervisor. SIGHUP (``--restart``): the
-    worker hands its devices over and exits, and the supervisor re-executes itself -- the
-    installed code -- whose first worker takes them over. The supervisor stays prepared and
-    locked, runs no Python while it waits, and is what the worker is forked from: every
-    worker starts warm."""
-    global _ready_fd
-    worker = [0]
-    restart = [False]
+class Standby:
+    """The server's standby: the next server, started and prepared before it is needed.
 
-    def forward(sig, _frame):
-        if sig == signal.SIGHUP:
-            restart[0] = True
-            sig = signal.SIGUSR1
-        if worker[0]:
+    It is a fresh process (``posix_spawn``: the kernel's vfork, so nothing is shared
+    copy-on-write with the server, whose I/O path must never fault), running the installed
+    code: imports done, memory locked, heap pre-grown, the store self-tested. It then waits,
+    running no Python, on a pidfd of the server; when the server dies (crash, kill -9, a
+    failure it ended itself for, a planned hand-over) it takes every device over from the
+    shared state, without the cold start whose allocations could wait on the very swap that
+    is held, and starts a standby of its own. A thread here keeps one standby ready and starts
+    another if it dies (with back-off)."""
+
+    def __init__(self, argv: list[str]):
+        self.argv = argv
+        self.pid = 0
+        self._ready = threading.Event()
+        self._closing = False
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._keep, name="standby", daemon=True)
+        self._thread.start()
+
+    def _spawn(self) -> tuple[int, int]:
+        r, w = os.pipe()
+        os.set_inheritable(w, True)
+        env = dict(os.environ, **{ENV_STANDBY: str(os.getpid()), ENV_READY_FD: str(w),
+                                  ENV_REEXEC: "1"})
+        try:
+            pid = os.posix_spawn(sys.executable,
+                                 [sys.executable, "-m", "ublkzswap.daemon", *self.argv], env)
+        finally:
+            os.close(w)
+        return pid, r
+
+    def _keep(self) -> None:
+        memory.daemon_thread_init()
+        delay = STANDBY_BACKOFF[0]
+        while not self._closing:
+            with self._lock:
+                if self._closing:
+                    return
+                try:
+                    self.pid, r = self._spawn()
+                except OSError as e:
+                    print(f"ublkzswapd: cannot start a standby: {e.strerror}", file=sys.stderr,
+                          flush=True)
+                    self.pid, r = 0, -1
+            if self.pid:
+                ok = _read_retrying(r) == b"!"
+                os.close(r)
+                if ok:
+                    self._ready.set()
+                    delay = STANDBY_BACKOFF[0]
+                code = _wait_exit(self.pid)
+                self._ready.clear()
+                if self._closing:
+                    return
+                print(f"ublkzswapd: standby {self.pid} ended ({_how(code)}); starting another",
+                      file=sys.stderr, flush=True)
+            time.sleep(delay)
+            delay = min(delay * 2, STANDBY_BACKOFF[1])
+
+    def ready(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for a prepared standby; True if there is one."""
+        return self._ready.wait(timeout)
+
+    def replace(self) -> None:
+        """End the standby (the keeper starts a fresh one: the installed code)."""
+        self._ready.clear()
+        self._signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        """End the standby for good (a clean stop: the devices go with the server)."""
+        with self._lock:
+            self._closing = True
+        self._signal(signal.SIGTERM)
+        if self._thread is not None:
+            self._thread.join(30)
+
+    def _signal(self, sig) -> None:
+        if self.pid:
             try:
-                os.kill(worker[0], sig)
+                os.kill(self.pid, sig)
             except ProcessLookupError:
                 pass
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
-    try:
-        with open(pidfile(cfg), "w") as f:
-            f.write(f"{os.getpid()}\n")
-    except OSError:
-        pass
-    generation = failures = 0
-    while True:
-        okr, okw = os.pipe()
-        pid = os.fork()
-        if pid == 0:                                         # the worker
-            os.close(okr)
-            rc = 1
-            try:
-                rc = serve(cfg, storemod, ok_fd=okw, first=generation == 0)
-            except BaseException as e:
-                print(f"ublkzswapd: worker failed: {describe(e)}", file=sys.stderr, flush=True)
-            finally:
-                os._exit(rc)
-        worker[0] = pid
-        os.close(okw)
-        if _ready_fd >= 0:                # the worker tells the waiting parent; we hold no copy
-            os.close(_ready_fd)
-            _ready_fd = -1
-            detach = True
-        else:
-            detach = False
-        ok = _read_retrying(okr)
-        os.close(okr)
-        if ok and detach and not cfg["foreground"]:
-            _detach_output()
-        code = _wait_exit(pid)
-        worker[0] = 0
-        if code == EXIT_HANDOVER and restart[0]:
-            print("ublkzswapd: restarting with the installed code", file=sys.stderr, flush=True)
-            env = dict(os.environ, **{ENV_REEXEC: "1"})
-            os.execve(sys.executable, [sys.executable, "-m", "ublkzswap.daemon", *argv], env)
-        if code == 0:
-            try:
-                os.unlink(pidfile(cfg))
-            except OSError:
-                pass
-            return 0
-        if not ok:
-            failures += 1
-            if generation == 0 or failures >= RESPAWN_TRIES:
-                return code if code > 0 else 1
-        else:
-            failures = 0
-        print(f"ublkzswapd: worker {pid} ended ({_how(code)}); a new worker takes the devices "
-              "over", file=sys.stderr, flush=True)
-        generation += 1
+
+STANDBY_NAME = "ublkzswapd-stby"   # a prepared standby's name (ps, /proc/PID/comm)
+SERVER_NAME = "ublkzswapd"
+
+
+def standby(cfg: dict, storemod, argv: list[str], fd: int) -> int:
+    """A prepared standby (see :class:`Standby`): say so, wait for the server (pidfd ``fd``,
+    -1 if it is gone already) to end, then serve in its place. SIGTERM before then ends it
+    quietly."""
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    if os.path.realpath("/proc/self/fd/2") == "/dev/kmsg":     # the server's log, inherited
+        sys.stderr = _KmsgLines()
+        sys.excepthook = _log_exception
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    ready = int(os.environ.pop(ENV_READY_FD, "-1"))
+    os.environ.pop(ENV_STANDBY, None)
+    prepare_buffers(cfg["num_devices"], QUEUE_DEPTH * IO_BUF_BYTES)
+    memory.set_thread_name(STANDBY_NAME)
+    if ready >= 0:
+        try:
+            os.write(ready, b"!")
+        finally:
+            os.close(ready)
+    if fd >= 0:
+        p = select.poll()
+        p.register(fd, select.POLLIN)
+        while not p.poll():
+            pass
+        os.close(fd)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return serve(cfg, storemod, argv, first=False)
 
 
 def _read_retrying(fd: int) -> bytes:
@@ -345,6 +404,8 @@ def _wait_exit(pid: int) -> int:
             return os.waitstatus_to_exitcode(status)
         except InterruptedError:
             continue
+        except ChildProcessError:
+            return 0
 
 
 def _how(code: int) -> str:
@@ -356,18 +417,16 @@ def _how(code: int) -> str:
     return f"exit status {code}"
 
 
-def serve(cfg: dict, storemod, *, ok_fd: int, first: bool) -> int:
-    """The worker: lock what the fork left unlocked, take over or reserve the devices, serve
-    the control socket, serve I/O until SIGTERM/SIGINT, tear down. Writes one byte to ``ok_fd``
-    once serving. Returns the exit status."""
+def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
+    """The server: take over or reserve the devices, serve the control socket, keep a standby,
+    serve I/O until SIGTERM/SIGINT, tear down. Returns the exit status."""
     from . import shmstate
-    memory.relock()                               # locks are not inherited across fork
+    memory.set_thread_name(SERVER_NAME)
     stop = threading.Event()
     handover = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, lambda *_: (handover.set(), stop.set()))
+    signal.signal(signal.SIGHUP, lambda *_: (handover.set(), stop.set()))
     try:
         control = ublkctrl.Control()
     except OSError as e:
@@ -402,8 +461,7 @@ def serve(cfg: dict, storemod, *, ok_fd: int, first: bool) -> int:
             state.detach()
             raise
 
-    owner = os.getppid()
-    manager = Manager(cfg, lambda i: UblkDevice(control, i, owner=owner), make_store)
+    manager = Manager(cfg, lambda i: UblkDevice(control, i), make_store)
     server = None
     try:
         for line in manager.reserve_all(adopt=True):
@@ -422,32 +480,44 @@ def serve(cfg: dict, storemod, *, ok_fd: int, first: bool) -> int:
             print(f"ublkzswapd: {line}", file=sys.stderr)
         control.close()
         return fail(e.strerror or str(e))
-    os.write(ok_fd, b"!")
-    os.close(ok_fd)
+    try:
+        with open(pidfile(cfg), "w") as f:
+            f.write(f"{os.getpid()}\n")
+    except OSError:
+        pass
     n = cfg["num_devices"]
     adopted = [i for i in manager.devices() if manager.info(i)["state"] != "uninitialised"]
     if first:
         init = f" {', '.join(f'/dev/ublkb{i}' for i in adopted)} initialised" if adopted else ""
         _notify(f"ready {n} device{'s' if n > 1 else ''} reserved{init}")
     else:
-        print(f"ublkzswapd: worker {os.getpid()} took over {len(adopted)} device(s)",
+        print(f"ublkzswapd: {os.getpid()} took over {len(adopted)} device(s)",
               file=sys.stderr, flush=True)
+    standby_ = Standby(argv)
+    standby_.start()
     while True:
         while not stop.wait(1.0):
             failed = manager.failures()
             if failed:
                 # fail fast: a device whose queue has ended serves nothing; leave the devices
-                # as a crash would and let the next worker take them over
-                print(f"ublkzswapd: worker {os.getpid()} ending on purpose: "
-                      f"{'; '.join(failed)}", file=sys.stderr, flush=True)
-                if server is not None:
-                    server.close()
+                # as a crash would and let the standby take them over
+                print(f"ublkzswapd: {os.getpid()} ending on purpose: {'; '.join(failed)}",
+                      file=sys.stderr, flush=True)
+                server.close()
                 os._exit(EXIT_FAILED)
         if handover.is_set():
-            # leave everything as a crash would, but on purpose: the kernel quiesces the
-            # devices and holds their requests; the next worker takes them over
-            if server is not None:
-                server.close()
+            # a planned restart: a standby running the installed code, prepared, then leave
+            # everything as a crash would, on purpose; it takes the devices over
+            handover.clear()
+            standby_.replace()
+            if not standby_.ready(STANDBY_READY_WAIT):
+                print("ublkzswapd: not restarting: no standby got ready", file=sys.stderr,
+                      flush=True)
+                stop.clear()
+                continue
+            print(f"ublkzswapd: {os.getpid()} handing its devices to standby {standby_.pid}",
+                  file=sys.stderr, flush=True)
+            server.close()
             os._exit(EXIT_HANDOVER)
         busy = manager.busy()
         if not busy:
@@ -457,12 +527,16 @@ def serve(cfg: dict, storemod, *, ok_fd: int, first: bool) -> int:
         print(f"ublkzswapd: not stopping: {', '.join(busy)} in use (swapoff first)",
               file=sys.stderr, flush=True)
         stop.clear()
-    if server is not None:
-        server.close()
+    standby_.stop()
+    server.close()
     errors = manager.teardown()
     for line in errors:
         print(f"ublkzswapd: {line}", file=sys.stderr)
     control.close()
+    try:
+        os.unlink(pidfile(cfg))
+    except OSError:
+        pass
     return 1 if errors else 0
 
 

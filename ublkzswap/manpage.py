@@ -336,16 +336,18 @@ def ublkzswapd_page() -> str:
         "backing_swap=); the others, and device 0 after a reset, are set up with rzscontrol(1)."))
     out.append(".SH CRASH SURVIVAL\n")
     out.append(para(
-        "ublkzswapd runs as a supervisor and a worker forked from it. The stored pages, the slot "
-        "table and the counters live in locked SysV shared memory, one pair of segments per "
-        "device, and the devices are created recoverable. If the worker dies (a bug, kill -9, "
-        "an out-of-memory kill), the kernel holds the devices' requests, and the supervisor "
-        "forks a new worker at once that takes every device over: nothing stored is lost, "
-        "requests in flight are re-issued, rzscontrol --stats carries on. "
-        "ublkzswapd --restart socket=PATH has the daemon on that socket hand its devices to a "
-        "fresh one running the installed code (an upgrade). If the supervisor itself is killed, "
-        "the devices stay held; the next ublkzswapd started with the same num_devices takes "
-        "them over."))
+        "ublkzswapd runs as two processes: the server and a standby (ps shows "
+        "ublkzswapd-stby), a second copy started ahead of need, its memory locked and its "
+        "code warmed, waiting for the server to end. The stored pages, the slot table and the "
+        "counters live in locked SysV shared memory, one pair of segments per device, and the "
+        "devices are created recoverable. If the server dies (a bug, kill -9, or on purpose "
+        "when a device's queue thread has ended), the kernel holds the devices' requests and "
+        "the standby takes every device over and becomes the server, then starts a standby of "
+        "its own: nothing stored is lost, requests in flight are re-issued, rzscontrol --stats "
+        "carries on. The server's pid is in SOCKET.pid. ublkzswapd --restart socket=PATH has "
+        "the server on that socket start a fresh standby (the installed code: an upgrade) and "
+        "hand its devices to it. If server and standby are both killed, the devices stay "
+        "held; the next ublkzswapd started with the same num_devices takes them over."))
     out.append(para(
         "What does not survive: a reboot or a kernel crash (the pages were in RAM), rzscontrol "
         "--reset, and an unload with SIGTERM (both free everything on purpose). Shared state a "

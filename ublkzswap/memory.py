@@ -83,14 +83,6 @@ def lock_process(heap_headroom: int = HEAP_HEADROOM, oom_protect: bool = True) -
         raise OSError(e.errno, f"cannot set oom_score_adj: {e.strerror}") from None
 
 
-def relock() -> None:
-    """In a process forked from a locked one: memory locks are not inherited, so lock again
-    (what the fork shares is written now: copy-on-write broken here, not on the I/O path)."""
-    if _libc.mlockall(MCL_FUTURE | MCL_ONFAULT) != 0:
-        raise oserror("cannot lock memory (mlockall)")
-    lock_touched()
-
-
 def _mappings():
     """(start, end, perms, name) of every mapping of this process."""
     with open("/proc/self/maps") as f:

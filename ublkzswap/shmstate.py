@@ -100,8 +100,9 @@ CLAIM_BASE = KEY_BASE + 0x10000
 
 
 def claim(dev_id: int, pid: int) -> None:
-    """Record that the ublkzswapd with supervisor ``pid`` owns ublk id ``dev_id``: a server
-    that dies leaves its ids to whoever finds the claim's pid gone."""
+    """Record that the ublkzswapd server ``pid`` owns ublk id ``dev_id``: a server that dies
+    leaves its ids to whoever finds the claim's pid gone (its standby, or a ublkzswapd
+    started by hand)."""
     key = CLAIM_BASE + dev_id
     shmid = libc.shmget(key, PAGE_SIZE, IPC_CREAT | 0o600)
     if shmid < 0:
@@ -114,7 +115,7 @@ def claim(dev_id: int, pid: int) -> None:
 
 
 def claimant(dev_id: int) -> int | None:
-    """The supervisor pid that claimed ``dev_id``, or None."""
+    """The server pid that claimed ``dev_id``, or None."""
     shmid = libc.shmget(CLAIM_BASE + dev_id, 0, 0)
     if shmid < 0:
         return None

@@ -93,13 +93,12 @@ def _openers(rdev: int) -> list[int]:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not: a dead server waiting to be reaped)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 class UblkDevice:
@@ -107,7 +106,7 @@ class UblkDevice:
 
     def __init__(self, ctrl: ublkctrl.Control, dev_id: int, *, depth: int = QUEUE_DEPTH,
                  buf_bytes: int = IO_BUF_BYTES, owner: int | None = None):
-        """``owner``: the pid that claims the id (the supervisor: ids outlive workers)."""
+        """``owner``: the pid that claims the id (default: this process, the server)."""
         self.ctrl = ctrl
         self.dev_id = dev_id
         self.owner = os.getpid() if owner is None else owner

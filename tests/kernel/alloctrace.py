@@ -29,7 +29,7 @@ RECLAIM_FLAGS = {"GFP_KERNEL", "GFP_KERNEL_ACCOUNT", "GFP_NOIO", "GFP_NOFS", "GF
 
 
 def family(pid: int) -> list[int]:
-    """``pid`` and its child processes (the daemon's supervisor and its worker)."""
+    """``pid`` and its child processes (the daemon's server and its standby)."""
     out = [pid]
     for d in glob.glob("/proc/[0-9]*/stat"):
         try:
@@ -68,10 +68,11 @@ def major_faults(pid: int, tids: list[int]) -> dict[int, int]:
 
 
 def heap_size(pid: int) -> int:
-    """Bytes of the [heap] mappings of the daemon's processes: if they grow while serving, the
-    pre-grown headroom was too small and the I/O path may have taken new pages (brk)."""
+    """Bytes of the [heap] mappings of the server ``pid``: if they grow while serving, the
+    pre-grown headroom was too small and the I/O path may have taken new pages (brk). (Its
+    standby is a process of its own, whose heap grows while it prepares.)"""
     total = 0
-    for p in family(pid):
+    for p in (pid,):
         try:
             for line in open(f"/proc/{p}/maps"):
                 if line.rstrip().endswith("[heap]"):

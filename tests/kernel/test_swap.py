@@ -96,7 +96,7 @@ def vm_swap() -> tuple[int, int]:
 
 
 def daemon_swap_kb(pid: int) -> int:
-    """Swap used by the daemon's processes (supervisor and worker): always 0."""
+    """Swap used by the daemon's processes (server and standby): always 0."""
     total = 0
     for p in alloctrace.family(pid):
         try:

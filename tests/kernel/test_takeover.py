@@ -1,6 +1,7 @@
-"""A daemon that dies loses no page: the worker is SIGKILLed under fio and under swap, and the
-next worker takes the devices over from the shared state the dead one left; a killed
-supervisor's devices are adopted by a ublkzswapd started by hand."""
+"""A daemon that dies loses no page: the server is SIGKILLed under fio and under swap, and its
+standby takes the devices over from the shared state the dead one left; devices whose server
+and standby were both killed are adopted by a ublkzswapd started by hand; a planned restart
+hands them to the installed code under load."""
 from __future__ import annotations
 
 import json
@@ -14,8 +15,8 @@ import pytest
 
 from tools.swapload import mem_total_mib
 
-from . import alloctrace
-from .daemonctl import PY, leftovers, running, start, stop, swapoff_all, wait_gone
+from .daemonctl import (PY, current_server, leftovers, running, standby_of, start, stop,
+                        swapoff_all, wait_gone)
 from .test_swap import SWAPLOAD, daemon_swap_kb, rzs, stats
 from .workload import kernel_log_oom_lines, workload_verdict
 
@@ -30,15 +31,12 @@ def clean():
     assert wait_gone() == []
 
 
-def worker_of(pid: int, old: int | None = None, timeout: float = 60) -> int:
-    """The supervisor's worker (a new one, if ``old`` is given)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        kids = [p for p in alloctrace.family(pid) if p != pid and p != old]
-        if kids:
-            return kids[0]
-        time.sleep(0.1)
-    raise AssertionError(f"no worker under supervisor {pid}")
+def kill_server(sock) -> int:
+    """SIGKILL the daemon's server once its standby is prepared; returns the killed pid."""
+    pid = current_server(sock)
+    standby_of(pid)
+    os.kill(pid, signal.SIGKILL)
+    return pid
 
 
 class Prober(threading.Thread):
@@ -67,14 +65,8 @@ class Prober(threading.Thread):
             os.close(fd)
 
 
-def kill_worker(pid: int) -> int:
-    w = worker_of(pid)
-    os.kill(w, signal.SIGKILL)
-    return w
-
-
 @pytest.mark.deadline(1200)
-def test_fio_verifies_across_three_kills_of_the_worker(tmp_path):
+def test_fio_verifies_across_three_kills_of_the_server(tmp_path):
     sock = tmp_path / "ctl.sock"
     with running("num_devices=1", f"socket={sock}") as (pid, _):
         rzs(sock, "/dev/ublkb0", "--disksize_kb=262144", "--init")
@@ -92,8 +84,8 @@ def test_fio_verifies_across_three_kills_of_the_worker(tmp_path):
                 time.sleep(12)
                 if fio.poll() is not None:
                     break
-                kills.append(kill_worker(pid))
-                worker_of(pid, old=kills[-1])
+                kills.append(kill_server(sock))
+                current_server(sock, old=kills[-1])
                 st = stats(sock)                       # answers after the takeover
                 stored.append(st["pages_stored"])
             out, err = fio.communicate(timeout=900)
@@ -110,7 +102,7 @@ def test_fio_verifies_across_three_kills_of_the_worker(tmp_path):
 
 
 @pytest.mark.deadline(1500)
-def test_swap_survives_two_kills_of_the_worker(tmp_path):
+def test_swap_survives_two_kills_of_the_server(tmp_path):
     sock = tmp_path / "ctl.sock"
     mib = int(mem_total_mib() * 1.5)
     with running("num_devices=1", f"socket={sock}") as (pid, _):
@@ -124,21 +116,21 @@ def test_swap_survives_two_kills_of_the_worker(tmp_path):
             time.sleep(delay)
             if load.poll() is not None:
                 break
-            old = kill_worker(pid)
-            worker_of(pid, old=old)
+            old = kill_server(sock)
+            current_server(sock, old=old)
             stored.append(stats(sock)["pages_stored"])
         out, _ = load.communicate(timeout=1200)
         assert len(stored) == 2, "the workload ended before two kills"
         why = workload_verdict(load.returncode, out, killed_by_test=False)
         assert why is None, f"{why}\n{out[-3000:]}\n{kernel_log_oom_lines()}"
         assert all(n > 0 for n in stored), stored
-        assert stats(sock)["failed_reads"] == 0 and daemon_swap_kb(pid) == 0
+        assert stats(sock)["failed_reads"] == 0 and daemon_swap_kb(current_server(sock)) == 0
         subprocess.run(["swapoff", "/dev/ublkb0"], check=True, timeout=900)
         rzs(sock, "/dev/ublkb0", "--reset")
 
 
 @pytest.mark.deadline(600)
-def test_a_killed_supervisor_leaves_its_devices_to_the_next_ublkzswapd(tmp_path):
+def test_devices_whose_server_and_standby_were_killed_go_to_the_next_ublkzswapd(tmp_path):
     sock = tmp_path / "ctl.sock"
     data = os.urandom(1 * MiB) + b"ublkzswap " * (MiB // 10)
     pid, _ = start("num_devices=2", f"socket={sock}")
@@ -148,10 +140,10 @@ def test_a_killed_supervisor_leaves_its_devices_to_the_next_ublkzswapd(tmp_path)
             f.seek(8 * MiB)
             f.write(data)
             os.fsync(f.fileno())
-        worker = worker_of(pid)
-        os.kill(pid, signal.SIGKILL)                  # the supervisor first, then its worker
-        os.kill(worker, signal.SIGKILL)
-        for p in (pid, worker):
+        standby = standby_of(pid)
+        os.kill(standby, signal.SIGKILL)              # the standby first, then the server
+        os.kill(pid, signal.SIGKILL)
+        for p in (pid, standby):
             deadline = time.monotonic() + 30
             while os.path.exists(f"/proc/{p}") and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -173,7 +165,8 @@ def test_a_planned_restart_under_load_loses_nothing(tmp_path):
     sock = tmp_path / "ctl.sock"
     with running("num_devices=1", f"socket={sock}") as (pid, _):
         rzs(sock, "/dev/ublkb0", "--disksize_kb=131072", "--init")
-        before = worker_of(pid)
+        before = current_server(sock)
+        standby_of(before)
         fio = subprocess.Popen(
             ["fio", "--name=v", "--filename=/dev/ublkb0", "--ioengine=io_uring", "--direct=1",
              "--iodepth=8", "--rw=randwrite", "--bs=4k", "--size=128M", "--verify=crc32c",
@@ -188,5 +181,5 @@ def test_a_planned_restart_under_load_loses_nothing(tmp_path):
         out, err = fio.communicate(timeout=900)
         assert fio.returncode == 0, out[-3000:] + err[-3000:]
         assert "verify:" not in err and "err= 0" in out, err[-3000:]
-        assert worker_of(pid) != before                  # same supervisor pid, new code
+        assert current_server(sock) != before
         rzs(sock, "/dev/ublkb0", "--reset")
