@@ -42,6 +42,7 @@ from .devices import Manager
 from .params import UsageError, help_text, parse_params
 from .handler import describe
 from .uapi import PAGE_SIZE
+from .libc import spawn
 from .queue import prepare_buffers
 from .ublkdev import IO_BUF_BYTES, QUEUE_DEPTH, UblkDevice
 
@@ -297,8 +298,8 @@ class Standby:
         env = dict(os.environ, **{ENV_STANDBY: str(os.getpid()), ENV_READY_FD: str(w),
                                   ENV_REEXEC: "1"})
         try:
-            pid = os.posix_spawn(sys.executable,
-                                 [sys.executable, "-m", "ublkzswap.daemon", *self.argv], env)
+            pid = spawn(sys.executable, [sys.executable, "-m", "ublkzswap.daemon", *self.argv],
+                        env)
         finally:
             os.close(w)
         return pid, r
