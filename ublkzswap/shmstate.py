@@ -102,11 +102,15 @@ CLAIM_BASE = KEY_BASE + 0x10000
 def claim(dev_id: int, pid: int) -> None:
     """Record that the ublkzswapd server ``pid`` owns ublk id ``dev_id``: a server that dies
     leaves its ids to whoever finds the claim's pid gone (its standby, or a ublkzswapd
-    started by hand)."""
+    started by hand). The segment is locked like the state: a standby reads it while the
+    kernel holds the device's I/O, and a claim swapped out to that device would never come
+    back."""
     key = CLAIM_BASE + dev_id
     shmid = libc.shmget(key, PAGE_SIZE, IPC_CREAT | 0o600)
     if shmid < 0:
         raise oserror(f"shmget({key:#x})")
+    if libc.shmctl(shmid, SHM_LOCK, None) != 0:
+        raise oserror(f"shmctl({key:#x}, SHM_LOCK)")
     addr = libc.shmat(shmid, None, 0)
     if addr in (None, C.c_void_p(-1).value):
         raise oserror(f"shmat({key:#x})")

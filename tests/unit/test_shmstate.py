@@ -137,3 +137,26 @@ def test_no_state_is_enoent_and_foreign_state_is_refused():
     finally:
         seg.remove()
         seg.detach()
+
+
+def _shm_mode(key: int) -> int:
+    """shm_perm.mode of the segment with ``key`` (SHM_LOCKED = 0o2000 when locked)."""
+    import ctypes as C
+    import struct
+    shmid = shmstate.libc.shmget(key, 0, 0)
+    assert shmid >= 0
+    ds = (C.c_uint8 * 128)()
+    assert shmstate.libc.shmctl(shmid, shmstate.IPC_STAT, ds) == 0
+    return struct.unpack_from("<H", bytes(ds), 20)[0]     # struct ipc64_perm.mode
+
+
+def test_the_claim_of_an_id_is_locked_like_the_state():
+    # a standby reads the claim while the kernel holds the device's I/O: swapped out to that
+    # very device, it would never come back (seen in the VM: the takeover hung in shmem_fault)
+    shmstate.claim(DEV, os.getpid())
+    try:
+        assert shmstate.claimant(DEV) == os.getpid()
+        assert _shm_mode(shmstate.CLAIM_BASE + DEV) & 0o2000
+    finally:
+        shmstate.unclaim(DEV)
+    assert shmstate.claimant(DEV) is None
