@@ -111,6 +111,34 @@ def _present_runs(start: int, end: int):
         i = j
 
 
+PM_PRESENT, PM_SWAPPED = 1 << 63, 1 << 62
+
+
+def _touched_runs(start: int, end: int):
+    """(address, length) of the runs of pages of [start, end) this process has touched: in
+    memory or swapped out (``/proc/self/pagemap``). mincore misses the swapped-out ones; a
+    process prepared under memory pressure (a standby) may have had some swapped out -- to
+    the very device it will serve -- before it locked them."""
+    n = (end - start) // PAGE_SIZE
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(start // PAGE_SIZE * 8)
+            words = memoryview(f.read(n * 8)).cast("Q")
+    except OSError:
+        yield from _present_runs(start, end)
+        return
+    i, n = 0, len(words)
+    while i < n:
+        if not words[i] & (PM_PRESENT | PM_SWAPPED):
+            i += 1
+            continue
+        j = i
+        while j < n and words[j] & (PM_PRESENT | PM_SWAPPED):
+            j += 1
+        yield start + i * PAGE_SIZE, (j - i) * PAGE_SIZE
+        i = j
+
+
 def lock_touched(big_anon: int = BIG_ANON) -> None:
     """Give every current mapping lock-on-fault (``mlock2(MLOCK_ONFAULT)``: its mapped pages are
     locked now, others when first touched), and ``mlock`` every private writable one whole,
@@ -118,8 +146,9 @@ def lock_touched(big_anon: int = BIG_ANON) -> None:
     its file, pages shared with a parent we forked from, the shared zero page) is broken
     here, not by a later first write -- an allocation in whatever thread does it, with the
     GIL held or on the I/O path. The one exception: an anonymous mapping of ``big_anon``
-    bytes or more of which nothing is present yet (a library's reserved buffer that nothing
-    has used, such as OpenBLAS's) is left to lock-on-fault.
+    bytes or more of which nothing has been touched yet (a library's reserved buffer that
+    nothing has used, such as OpenBLAS's) is left to lock-on-fault. Touched includes
+    swapped out (:func:`_touched_runs`): locking brings those pages back.
     Raises OSError if the kernel refuses to lock."""
     for start, end, perms, name in list(_mappings()):
         if name in ("[vsyscall]", "[vvar]", "[vdso]") or perms.startswith("---"):
@@ -131,7 +160,7 @@ def lock_touched(big_anon: int = BIG_ANON) -> None:
             continue                      # ENOMEM: the mapping went away meanwhile
         if perms[1] != "w" or perms[3] != "p":
             continue
-        if not name and end - start >= big_anon and not any(_present_runs(start, end)):
+        if not name and end - start >= big_anon and not any(_touched_runs(start, end)):
             continue
         if _libc.mlock(C.c_void_p(start), C.c_size_t(end - start)) != 0:
             raise oserror("cannot lock memory (mlock)")
