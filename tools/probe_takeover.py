@@ -1,7 +1,7 @@
 """VM probe (diagnostic, not a test): two kills of the server under swap pressure, as test_swap_survives_two_kills; prints the standby's thread stacks until it has taken over."""
 import ctypes, glob, os, signal, subprocess, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tests.kernel.daemonctl import PY, start, current_server, standby_of   # stdlib only
+from tests.kernel.daemonctl import PY, start, standby_of   # stdlib only
 libc = ctypes.CDLL(None, use_errno=True)
 assert libc.mlockall(3) == 0
 open("/proc/sys/kernel/printk", "w").write("8")
@@ -15,9 +15,10 @@ subprocess.run([PY, "-m", "ublkzswap.cli", "/dev/ublkb0", f"--disksize_kb={3 * m
 subprocess.run(["swapon", "--discard", "/dev/ublkb0"], check=True)
 load = subprocess.Popen([PY, SWAPLOAD, "--mib", str(mib), "--passes", "2", "--quiet", "--mix", "zero=25,same=10,text=50,random=15"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 t0 = time.monotonic()
+sb = pid                                  # the server to kill next
 for delay in (60, 90):
     time.sleep(delay)
-    server = sb if delay != 60 else pid
+    server = sb
     print(f"t={time.monotonic()-t0:.0f} waiting for the standby of {server}", flush=True)
     sb = standby_of(server)
     print(f"t={time.monotonic()-t0:.0f} killing {server}, standby {sb}", flush=True)
