@@ -61,8 +61,9 @@ def fio(dev: str, rw: str, runtime: int, data: str, partial: bool = False) -> fl
 
 
 class Zram:
-    def __init__(self, name):
+    def __init__(self, name, algorithm: str = "lz4"):
         self.name = name
+        self.algorithm = algorithm
 
     def up(self, size_mb: int) -> str:
         if not os.path.exists("/sys/block/zram0"):
@@ -71,7 +72,7 @@ class Zram:
             else:
                 subprocess.run(["modprobe", "zram", "num_devices=1"], check=True)
         self._w("reset", "1")
-        self._w("comp_algorithm", "lz4")
+        self._w("comp_algorithm", self.algorithm)
         self._w("disksize", f"{size_mb}M")
         return "/dev/zram0"
 
