@@ -61,8 +61,12 @@ def fio(dev: str, rw: str, runtime: int, data: str, partial: bool = False) -> fl
 
 
 class Zram:
-    def __init__(self, name):
+    def __init__(self, name, algorithm: str = "lz4"):
+        """``algorithm``: zram's compressor, or a comma-separated preference list (the first
+        this kernel offers wins; none offered: its default). :attr:`used` says which."""
         self.name = name
+        self.algorithm = algorithm
+        self.used = ""
 
     def up(self, size_mb: int) -> str:
         if not os.path.exists("/sys/block/zram0"):
@@ -71,7 +75,12 @@ class Zram:
             else:
                 subprocess.run(["modprobe", "zram", "num_devices=1"], check=True)
         self._w("reset", "1")
-        self._w("comp_algorithm", "lz4")
+        text = open("/sys/block/zram0/comp_algorithm").read()
+        offered = text.replace("[", " ").replace("]", " ").split()
+        pick = next((a for a in self.algorithm.split(",") if a in offered), None)
+        if pick:
+            self._w("comp_algorithm", pick)
+        self.used = pick or text[text.index("[") + 1:text.index("]")]
         self._w("disksize", f"{size_mb}M")
         return "/dev/zram0"
 
