@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from bench.bench_swap import PY, Ublk, Zram  # noqa: E402
+from bench.bench_swap import Ublk, Zram, swapload, swapped_on  # noqa: E402
 from tools.swapload import parse_mix  # noqa: E402
 
 WORKLOAD_MIB = 512
@@ -33,17 +33,11 @@ NONZERO_MIB = WORKLOAD_MIB * (100 - parse_mix(MIX)["zero"]) // 100
 
 def run_one(t, mib: int) -> dict:
     from tests.kernel.test_memory import machine_of
-    dev = t.up(DISK_MB)
-    try:
-        if t.name == "zram":
-            subprocess.run(["mkswap", dev], check=True, capture_output=True)
-        subprocess.run(["swapon", "--discard", dev], check=True)
+    with swapped_on(t, DISK_MB):
         peak = {"stored": 0, "mem": 0}
         with machine_of(mib):
             t0 = time.monotonic()
-            load = subprocess.Popen([PY, os.path.join(ROOT, "tools", "swapload.py"), "--mib",
-                                     str(WORKLOAD_MIB), "--passes", "1", "--mix", MIX, "--quiet"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            load = swapload(WORKLOAD_MIB, 1, MIX)
             while load.poll() is None:
                 time.sleep(3)
                 try:
@@ -59,13 +53,9 @@ def run_one(t, mib: int) -> dict:
                       f"mem_used_total {m['mem_used_total'] >> 20:4d} MiB", flush=True)
             out = load.communicate()[0]
             secs = time.monotonic() - t0
-        verdict = ("verified" if load.returncode == 0 and "MISMATCH" not in out
-                   else "OOM-killed" if load.returncode == -9 else f"failed ({load.returncode})")
-        return dict(secs=secs, verdict=verdict, algorithm=getattr(t, "used", ""), **peak)
-    finally:
-        if dev in open("/proc/swaps").read():
-            subprocess.run(["swapoff", dev], timeout=1800)
-        t.down()
+    verdict = ("verified" if load.returncode == 0 and "MISMATCH" not in out
+               else "OOM-killed" if load.returncode == -9 else f"failed ({load.returncode})")
+    return dict(secs=secs, verdict=verdict, algorithm=getattr(t, "used", ""), **peak)
 
 
 def inside(args) -> int:
