@@ -21,28 +21,23 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from bench.bench_swap import PY, Ublk, Zram  # noqa: E402
+from bench.bench_swap import Ublk, Zram, swapload, swapped_on  # noqa: E402
+from tools.swapload import parse_mix  # noqa: E402
 
 WORKLOAD_MIB = 512
 MIX = "zero=25,same=10,text=50,random=15"
 DISK_MB = 1024
+# the workload's pages that are not all zero (the kernel keeps those out of the device)
+NONZERO_MIB = WORKLOAD_MIB * (100 - parse_mix(MIX)["zero"]) // 100
 
 
 def run_one(t, mib: int) -> dict:
     from tests.kernel.test_memory import machine_of
-    dev = t.up(DISK_MB)
-    try:
-        if t.name == "zram":
-            subprocess.run(["mkswap", dev], check=True, capture_output=True)
-        subprocess.run(["swapon", "--discard", dev], check=True)
-        # the workload's pages that are not all zero (the kernel keeps those out of the device)
-        live_max = WORKLOAD_MIB * (100 - int(MIX.split(",")[0].split("=")[1])) // 100
+    with swapped_on(t, DISK_MB):
         peak = {"stored": 0, "mem": 0}
         with machine_of(mib):
             t0 = time.monotonic()
-            load = subprocess.Popen([PY, os.path.join(ROOT, "tools", "swapload.py"), "--mib",
-                                     str(WORKLOAD_MIB), "--passes", "1", "--mix", MIX, "--quiet"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            load = swapload(WORKLOAD_MIB, 1, MIX)
             while load.poll() is None:
                 time.sleep(3)
                 try:
@@ -58,14 +53,9 @@ def run_one(t, mib: int) -> dict:
                       f"mem_used_total {m['mem_used_total'] >> 20:4d} MiB", flush=True)
             out = load.communicate()[0]
             secs = time.monotonic() - t0
-        verdict = ("verified" if load.returncode == 0 and "MISMATCH" not in out
-                   else "OOM-killed" if load.returncode == -9 else f"failed ({load.returncode})")
-        return dict(secs=secs, verdict=verdict, live=live_max, algorithm=getattr(t, "used", ""),
-                    **peak)
-    finally:
-        if dev in open("/proc/swaps").read():
-            subprocess.run(["swapoff", dev], timeout=1800)
-        t.down()
+    verdict = ("verified" if load.returncode == 0 and "MISMATCH" not in out
+               else "OOM-killed" if load.returncode == -9 else f"failed ({load.returncode})")
+    return dict(secs=secs, verdict=verdict, algorithm=getattr(t, "used", ""), **peak)
 
 
 def inside(args) -> int:
@@ -85,8 +75,8 @@ def inside(args) -> int:
             print(f"  {name} / zram: peak stored {r['stored'] / z['stored']:.2f}x, peak "
                   f"mem_used_total {r['mem'] / z['mem']:.2f}x (the surplus stored is data of "
                   "slots the kernel freed)")
-    print(f"  (the workload has {res and next(iter(res.values()))['live']} MiB of non-zero pages; "
-          "other processes' pages swap out too)")
+    print(f"  (the workload has {NONZERO_MIB} MiB of non-zero pages; other processes' pages swap "
+          "out too)")
     return 0
 
 

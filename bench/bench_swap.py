@@ -15,6 +15,7 @@ to zram. Printed, not asserted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -141,19 +142,36 @@ def kernel_used_pages(dev: str) -> int:
     return 0
 
 
-def swap_run(t, mib: int) -> tuple[float, dict, bool, float]:
-    """(wall s, memory stats, verified, stale share): the stale share is the largest fraction
-    of what the device stores that belongs to slots the kernel has already freed, sampled
-    while the workload runs (a lower bound: slots of zero pages hold no data)."""
-    dev = t.up(3 * mib)
+@contextlib.contextmanager
+def swapped_on(t, size_mb: int):
+    """Target ``t``'s device of ``size_mb`` MiB up and swapped on (with discard); swapped off
+    and taken down again after, whatever happened."""
+    dev = t.up(size_mb)
     try:
         if t.name == "zram":
             subprocess.run(["mkswap", dev], check=True, capture_output=True)
         subprocess.run(["swapon", "--discard", dev], check=True)
+        yield dev
+    finally:
+        if dev in open("/proc/swaps").read():
+            subprocess.run(["swapoff", dev], timeout=1800)
+        t.down()
+
+
+def swapload(mib: int, passes: int, mix: str) -> subprocess.Popen:
+    """tools/swapload.py started quietly (every page it reads back is verified)."""
+    return subprocess.Popen([PY, os.path.join(ROOT, "tools", "swapload.py"), "--mib", str(mib),
+                             "--passes", str(passes), "--mix", mix, "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def swap_run(t, mib: int) -> tuple[float, dict, bool, float]:
+    """(wall s, memory stats, verified, stale share): the stale share is the largest fraction
+    of what the device stores that belongs to slots the kernel has already freed, sampled
+    while the workload runs (a lower bound: slots of zero pages hold no data)."""
+    with swapped_on(t, 3 * mib) as dev:
         t0 = time.monotonic()
-        load = subprocess.Popen([PY, os.path.join(ROOT, "tools", "swapload.py"), "--mib", str(mib),
-                                 "--passes", "2", "--mix", MIX, "--quiet"],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        load = swapload(mib, 2, MIX)
         stale = 0.0
         while load.poll() is None:
             time.sleep(5)
@@ -166,10 +184,6 @@ def swap_run(t, mib: int) -> tuple[float, dict, bool, float]:
         m = t.mem()
         subprocess.run(["swapoff", dev], check=True, timeout=1800)
         return secs, m, load.returncode == 0, stale
-    finally:
-        if dev in open("/proc/swaps").read():
-            subprocess.run(["swapoff", dev], timeout=1800)
-        t.down()
 
 
 def inside(args) -> int:

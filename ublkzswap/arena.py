@@ -215,13 +215,18 @@ class Arena:
         with self._refilled:
             while True:
                 p = self._pop(kind)
-                if p >= 0:
+                if p >= 0 or not self._await_batch(deadline):
                     return p
-                left = deadline - time.monotonic()
-                if left <= 0 or self._thread is None:
-                    return -1
-                self._event.set()
-                self._refilled.wait(min(left, 0.05))
+
+    def _await_batch(self, deadline: float) -> bool:
+        """Wake the keeper and wait a little for its next batch (caller holds ``_refilled``);
+        False, without waiting, once ``deadline`` has passed or if there is no keeper."""
+        left = deadline - time.monotonic()
+        if left <= 0 or self._thread is None:
+            return False
+        self._event.set()
+        self._refilled.wait(min(left, 0.05))
+        return True
 
     def wait_ready(self, n: int, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds, waking the keeper, until at least ``n`` units are
@@ -231,12 +236,8 @@ class Arena:
             self.step()
         deadline = time.monotonic() + timeout
         with self._refilled:
-            while self._nready < n:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._thread is None:
-                    break
-                self._event.set()
-                self._refilled.wait(min(left, 0.05))
+            while self._nready < n and self._await_batch(deadline):
+                pass
             return self._nready >= n
 
     def give(self, page: int) -> None:
