@@ -23,13 +23,13 @@ for delay in (60, 90):
     sb = standby_of(server)
     print(f"t={time.monotonic()-t0:.0f} killing {server}, standby {sb}", flush=True)
     os.kill(server, signal.SIGKILL)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 150
     ok = False
     while time.monotonic() < deadline and not ok:
         time.sleep(5)
         ok = f"{sb} took over" in subprocess.run(["dmesg"], capture_output=True, text=True).stdout
         if not ok:
-            for t in sorted(glob.glob(f"/proc/{sb}/task/*")):
+            for t in sorted(glob.glob(f"/proc/{sb}/task/*")) + sorted(glob.glob(f"/proc/{server}/task/*")):
                 try:
                     comm = open(f"{t}/comm").read().strip()
                     st = open(f"{t}/stack").read().strip().splitlines()

@@ -246,6 +246,11 @@ def run(cfg: dict, argv: list[str]) -> int:
     from . import store as storemod           # before locking: no imports on the I/O path
     try:
         memory.lock_process()
+        # Every thread (they inherit it, as does the standby across exec): reclaim done on
+        # our behalf never writes pages out, so no thread of ours can wait for a request tag
+        # on a device we serve -- a thread stuck there would hold the GIL, or keep a killed
+        # server from exiting and so the device from being taken over.
+        memory.set_io_flusher()
     except OSError as e:
         return fail(f"refusing to serve swap: {e.strerror}")
     if cfg["target"] == "zswap":
@@ -500,10 +505,12 @@ def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
         while not stop.wait(1.0):
             failed = manager.failures()
             if failed:
-                # fail fast: a device whose queue has ended serves nothing; leave the devices
-                # as a crash would and let the standby take them over
+                # fail fast: a device whose queue has ended (or that could not be taken over)
+                # serves nothing; leave the devices as a crash would, once the standby that
+                # takes them over (and tries again) is prepared
                 print(f"ublkzswapd: {os.getpid()} ending on purpose: {'; '.join(failed)}",
                       file=sys.stderr, flush=True)
+                standby_.ready(STANDBY_READY_WAIT)
                 server.close()
                 os._exit(EXIT_FAILED)
         if handover.is_set():

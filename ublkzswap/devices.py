@@ -31,6 +31,7 @@ import threading
 
 from . import stats as statsmod
 from .backing import Backing, swap_header
+from .handler import describe
 from .target import NullTarget, RamTarget
 from .uapi import PAGE_SIZE
 
@@ -84,6 +85,7 @@ class Device:
         self.backing_swap = ""
         self.target = None
         self.backing = None
+        self.takeover_error: str | None = None    # why taking this started device over failed
 
     @property
     def initialised(self) -> bool:
@@ -95,6 +97,8 @@ class Device:
 
     @property
     def state(self) -> str:
+        if self.takeover_error is not None:
+            return "failed"
         if not self.initialised:
             return "uninitialised"
         if self.ublk.failure is not None:
@@ -103,15 +107,20 @@ class Device:
 
     def adopt(self) -> None:
         """Take over this started device from a server that died: its store from the state it
-        left, its backing swap reopened, the kernel's requests flowing to us again."""
+        left, its backing swap reopened, the kernel's requests flowing to us again.
+
+        OSError if its shared state cannot be attached (its pages are gone). If the kernel
+        side fails once the state is attached, :attr:`takeover_error` says why and the device
+        is left quiesced with its pages (see ``UblkDevice.recover``) for the next server; the
+        target stays open, as a queue thread may have started on it."""
         target = self.store_factory(self.dev_id, 0, adopt=True,
                                     open_backing=lambda path: Backing(path, adopt=True))
         backing = target.backing
         try:
             self.ublk.recover(target, backing_fd=backing.fd if backing is not None else -1)
-        except BaseException:
-            _close(target, backing)
-            raise
+        except Exception as e:
+            self.takeover_error = describe(e)
+            return
         self.target, self.backing = target, backing
         self.backing_swap = backing.name if backing is not None else ""
         self.disksize_kb = target.size // 1024
@@ -270,6 +279,9 @@ class Manager:
                                     "its pages are lost")
                     ublk.delete()
                     ublk.add()
+                if dev.takeover_error is not None:
+                    problems.append(f"device {i}: cannot take it over ({dev.takeover_error}): "
+                                    "left quiesced with its pages for the next server")
             self.devs[i] = dev
         return problems
 
@@ -326,10 +338,13 @@ class Manager:
             return [d.bdev for d in self.devs.values() if d.initialised and d.ublk.users()]
 
     def failures(self) -> list[str]:
-        """One line per started device whose queue thread has ended (it serves no more)."""
+        """One line per started device whose queue thread has ended or that could not be taken
+        over (it serves no more)."""
         with self._lock:
             return [f"{d.bdev}: {d.ublk.failure}" for d in self.devs.values()
-                    if d.initialised and d.ublk.failure is not None]
+                    if d.initialised and d.ublk.failure is not None] + \
+                [f"{d.bdev}: takeover failed: {d.takeover_error}" for d in self.devs.values()
+                 if d.takeover_error is not None]
 
     def teardown(self) -> list[str]:
         """Stop and delete every device; returns the errors met (one line each)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import threading
 import time
 
@@ -32,7 +33,7 @@ QUEUE_DEPTH = 64
 IO_BUF_BYTES = 32 * 1024     # per tag, populated and locked: 2 MiB for depth 64; swap-in
                              # reads up to 8 pages (vm.page-cluster 3), longer writes split
 ARM_TIMEOUT = 30.0
-RECOVERY_WAIT = 30.0         # seconds for a dead server's device to be quiesced
+RECOVERY_WAIT = 30.0         # seconds between log lines while a dead server's device is quiesced
 RECOVERY_FLAGS = uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE
 STATES = {uapi.UBLK_S_DEV_DEAD: "dead", uapi.UBLK_S_DEV_LIVE: "live",
           uapi.UBLK_S_DEV_QUIESCED: "quiesced"}
@@ -166,40 +167,75 @@ class UblkDevice:
         return STATES.get(info.state, str(info.state))
 
     def recover(self, target, *, backing_fd: int = -1) -> None:
-        """Take over a started device whose server died: START_USER_RECOVERY (retried while the
-        kernel is still quiescing it), a new queue thread FETCHing every tag, then
-        END_USER_RECOVERY: held and re-issued requests flow to ``target``."""
-        deadline = time.monotonic() + RECOVERY_WAIT
+        """Take over a started device whose server died: START_USER_RECOVERY, a new queue thread
+        FETCHing every tag, then END_USER_RECOVERY: held and re-issued requests flow to
+        ``target``.
+
+        START_USER_RECOVERY says EBUSY until the kernel has quiesced the device and the dead
+        server's last reference to ``/dev/ublkcN`` is gone (its every thread has exited). That
+        is waited for without a deadline, with a log line every RECOVERY_WAIT seconds: giving
+        up would mean STOP_DEV, which fails every stored page (and STOP_DEV on a device not yet
+        quiesced itself waits for the same requests). Once recovery has started, a failure
+        leaves the device quiesced, its requests held and its pages in the shared state, for
+        the next server to try again; only :meth:`delete` (never called on a failed takeover)
+        drops them."""
+        waited = 0.0
+        t0 = time.monotonic()
         while True:
             try:
                 self.ctrl.start_user_recovery(self.dev_id)
                 break
             except OSError as e:
-                if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                if e.errno != errno.EBUSY:
                     raise
-                time.sleep(0.1)
-        self._serve(target, backing_fd)
-        try:
-            self.ctrl.end_user_recovery(self.dev_id)
-        except BaseException:
-            self.stop()
-            raise
+            if time.monotonic() - t0 >= waited + RECOVERY_WAIT:
+                waited = time.monotonic() - t0
+                print(f"ublkzswapd: {self.bdev}: still waiting to take it over after {waited:.0f} s "
+                      f"({self._holder()})", file=sys.stderr, flush=True)
+            time.sleep(0.05)
+        self._serve(target, backing_fd, recovering=True)
+        self.ctrl.end_user_recovery(self.dev_id)
         ensure_heap_headroom()
 
-    def _serve(self, target, backing_fd: int) -> None:
-        """Start the queue thread and wait until every tag has its FETCH."""
+    def _holder(self) -> str:
+        """Who keeps a device from being taken over: the kernel's state of it and what is left
+        of its last server (for the log)."""
+        try:
+            info = self.ctrl.get_dev_info(self.dev_id)
+        except OSError as e:
+            return f"GET_DEV_INFO: {e.strerror}"
+        state = STATES.get(info.state, str(info.state))
+        pid = info.ublksrv_pid
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                st = next((l.split(None, 1)[1].strip() for l in f if l.startswith("State:")), "?")
+            return f"kernel state {state}; its server {pid} is still there ({st})"
+        except OSError:
+            return f"kernel state {state}; its server {pid} is gone"
+
+    def _serve(self, target, backing_fd: int, *, recovering: bool = False) -> None:
+        """Start the queue thread and wait until every tag has its FETCH. On failure a new
+        device is stopped again; a recovering one is left as it is (see :meth:`recover`), and
+        its queue is waited for without a deadline: under memory pressure arming may be slow,
+        and giving up helps nothing."""
         self.queue = Queue(self.dev_id, target, depth=self.depth, buf_bytes=self.buf_bytes,
                            backing_fd=backing_fd)
         self._thread = threading.Thread(target=self.queue.serve, name=f"ublkq{self.dev_id}",
                                         daemon=True)
         try:
             self._thread.start()
-            if not self.queue.armed.wait(ARM_TIMEOUT):
-                raise OSError(errno.ETIMEDOUT, f"queue of {self.bdev} not armed in {ARM_TIMEOUT:g} s")
+            while not self.queue.armed.wait(ARM_TIMEOUT):
+                if not recovering:
+                    raise OSError(errno.ETIMEDOUT, f"queue of {self.bdev} not armed in {ARM_TIMEOUT:g} s")
+                if not self._thread.is_alive():
+                    break
             if self.queue.error is not None:
                 raise self.queue.error
+            if not self.queue.armed.is_set():
+                raise OSError(errno.EIO, f"queue of {self.bdev} ended before it was armed")
         except BaseException:
-            self.stop()
+            if not recovering:
+                self.stop()
             raise
 
     def start(self, target, *, backing_fd: int = -1) -> None:
