@@ -114,11 +114,12 @@ def _present_runs(start: int, end: int):
 PM_PRESENT, PM_SWAPPED = 1 << 63, 1 << 62
 
 
-def _touched_runs(start: int, end: int):
+def _touched_runs(start: int, end: int, mask: int = PM_PRESENT | PM_SWAPPED):
     """(address, length) of the runs of pages of [start, end) this process has touched: in
-    memory or swapped out (``/proc/self/pagemap``). mincore misses the swapped-out ones; a
-    process prepared under memory pressure (a standby) may have had some swapped out -- to
-    the very device it will serve -- before it locked them."""
+    memory or swapped out (``/proc/self/pagemap``; ``mask=PM_SWAPPED``: swapped out only).
+    mincore misses the swapped-out ones; a process prepared under memory pressure (a
+    standby) may have had some swapped out -- to the very device it will serve -- before it
+    locked them."""
     n = (end - start) // PAGE_SIZE
     try:
         with open("/proc/self/pagemap", "rb") as f:
@@ -129,11 +130,11 @@ def _touched_runs(start: int, end: int):
         return
     i, n = 0, len(words)
     while i < n:
-        if not words[i] & (PM_PRESENT | PM_SWAPPED):
+        if not words[i] & mask:
             i += 1
             continue
         j = i
-        while j < n and words[j] & (PM_PRESENT | PM_SWAPPED):
+        while j < n and words[j] & mask:
             j += 1
         yield start + i * PAGE_SIZE, (j - i) * PAGE_SIZE
         i = j
@@ -148,7 +149,10 @@ def lock_touched(big_anon: int = BIG_ANON) -> None:
     GIL held or on the I/O path. The one exception: an anonymous mapping of ``big_anon``
     bytes or more of which nothing has been touched yet (a library's reserved buffer that
     nothing has used, such as OpenBLAS's) is left to lock-on-fault. Touched includes
-    swapped out (:func:`_touched_runs`): locking brings those pages back.
+    swapped out (:func:`_touched_runs`): locking brings those pages back. In a private
+    mapping that is not writable (a library's relocation data, made read-only after the
+    loader wrote it: anonymous pages that are read on every call through it) the pages that
+    are swapped out are brought back and locked too.
     Raises OSError if the kernel refuses to lock."""
     for start, end, perms, name in list(_mappings()):
         if name in ("[vsyscall]", "[vvar]", "[vdso]") or perms.startswith("---"):
@@ -158,7 +162,12 @@ def lock_touched(big_anon: int = BIG_ANON) -> None:
             if err in (errno.EPERM, errno.EAGAIN):
                 raise oserror("cannot lock memory (mlock2)")
             continue                      # ENOMEM: the mapping went away meanwhile
-        if perms[1] != "w" or perms[3] != "p":
+        if perms[3] != "p":
+            continue
+        if perms[1] != "w":
+            for addr, length in _touched_runs(start, end, PM_SWAPPED):
+                if _libc.mlock(C.c_void_p(addr), C.c_size_t(length)) != 0:
+                    raise oserror("cannot lock memory (mlock)")
             continue
         if not name and end - start >= big_anon and not any(_touched_runs(start, end)):
             continue

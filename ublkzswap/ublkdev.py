@@ -33,6 +33,7 @@ QUEUE_DEPTH = 64
 IO_BUF_BYTES = 32 * 1024     # per tag, populated and locked: 2 MiB for depth 64; swap-in
                              # reads up to 8 pages (vm.page-cluster 3), longer writes split
 ARM_TIMEOUT = 30.0
+IO_TIMEOUT_MS = 500          # a request's timeout: how soon a dead server's held requests go back
 RECOVERY_WAIT = 30.0         # seconds between log lines while a dead server's device is quiesced
 RECOVERY_FLAGS = uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE
 STATES = {uapi.UBLK_S_DEV_DEAD: "dead", uapi.UBLK_S_DEV_LIVE: "live",
@@ -195,6 +196,7 @@ class UblkDevice:
             time.sleep(0.05)
         self._serve(target, backing_fd, recovering=True)
         self.ctrl.end_user_recovery(self.dev_id)
+        self._tune_queue()
         ensure_heap_headroom()
 
     def _holder(self) -> str:
@@ -250,12 +252,21 @@ class UblkDevice:
         except BaseException:
             self.stop()
             raise
-        try:
-            with open(f"/sys/block/ublkb{self.dev_id}/queue/scheduler", "w") as f:
-                f.write("none")
-        except OSError:
-            pass
+        self._tune_queue()
         ensure_heap_headroom()     # whatever setting up took from it, the I/O path has it back
+
+    def _tune_queue(self) -> None:
+        """No I/O scheduler (requests go straight to the queue), and a short request timeout.
+        ublk's timeout handler does nothing while the server lives; once it is dying, the
+        timeout is what releases requests the server held when every tag's command was with
+        it (no command left for io_uring to cancel): the device is quiesced, and can be
+        taken over, a timeout after the death instead of the default 30 s."""
+        for name, value in (("scheduler", "none"), ("io_timeout", str(IO_TIMEOUT_MS))):
+            try:
+                with open(f"/sys/block/ublkb{self.dev_id}/queue/{name}", "w") as f:
+                    f.write(value)
+            except OSError:
+                pass
 
     def users(self, *, openers: bool = False) -> list[str]:
         """What holds ``/dev/ublkbN`` now (see :func:`block_users`); [] if it does not exist."""

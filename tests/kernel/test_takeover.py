@@ -14,6 +14,7 @@ import time
 import pytest
 
 from tools.swapload import mem_total_mib
+from ublkzswap import ublkdev
 
 from .daemonctl import (PY, current_server, leftovers, running, standby_of, start, stop,
                         swapoff_all, wait_gone)
@@ -97,6 +98,9 @@ def test_fio_verifies_across_three_kills_of_the_server(tmp_path):
         assert "verify:" not in err and "bad magic" not in err and "err= 0" in out, err[-3000:]
         assert all(n > 0 for n in stored), stored            # not reset by a takeover
         assert not prober.errors, prober.errors[:3]
+        # the short request timeout that bounds a takeover is set again by each new server
+        with open("/sys/block/ublkb0/queue/io_timeout") as f:
+            assert int(f.read()) == ublkdev.IO_TIMEOUT_MS
         print(f"\ntakeover: longest read across three kills {prober.longest:.2f} s")
         rzs(sock, "/dev/ublkb0", "--reset")
 
@@ -117,8 +121,11 @@ def test_swap_survives_two_kills_of_the_server(tmp_path):
             if load.poll() is not None:
                 break
             old = kill_server(sock)
+            t0 = time.monotonic()
             current_server(sock, old=old)
             stored.append(stats(sock)["pages_stored"])
+            print(f"\ntakeover under swap: kill -> stats answered by the new server "
+                  f"{time.monotonic() - t0:.1f} s")
         out, _ = load.communicate(timeout=1200)
         assert len(stored) == 2, "the workload ended before two kills"
         why = workload_verdict(load.returncode, out, killed_by_test=False)
