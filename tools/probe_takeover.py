@@ -13,7 +13,7 @@ mib = int(mem * 1.5)
 pid, _ = start("num_devices=1", f"socket={sock}")
 subprocess.run([PY, "-m", "ublkzswap.cli", "/dev/ublkb0", f"--disksize_kb={3 * mib * 1024}", "--init", "--socket", sock], check=True)
 subprocess.run(["swapon", "--discard", "/dev/ublkb0"], check=True)
-load = subprocess.Popen([PY, SWAPLOAD, "--mib", str(mib), "--passes", "2", "--quiet", "--mix", "zero=25,same=10,text=50,random=15"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+load = subprocess.Popen([PY, SWAPLOAD, "--mib", str(mib), "--passes", "2", "--quiet", "--mix", "zero=50,same=15,text=32,random=3"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 t0 = time.monotonic()
 sb = pid                                  # the server to kill next
 for delay in (60, 90):

@@ -18,7 +18,7 @@ from ublkzswap import ublkdev
 
 from .daemonctl import (PY, current_server, leftovers, running, standby_of, start, stop,
                         swapoff_all, wait_gone)
-from .test_swap import SWAPLOAD, daemon_swap_kb, rzs, stats
+from .test_swap import MIX, SWAPLOAD, daemon_swap_kb, rzs, stats
 from .workload import kernel_log_oom_lines, workload_verdict
 
 MiB = 1 << 20
@@ -113,7 +113,7 @@ def test_swap_survives_two_kills_of_the_server(tmp_path):
         rzs(sock, "/dev/ublkb0", f"--disksize_kb={3 * mib * 1024}", "--init")
         subprocess.run(["swapon", "--discard", "/dev/ublkb0"], check=True, timeout=300)
         load = subprocess.Popen([PY, SWAPLOAD, "--mib", str(mib), "--passes", "2", "--quiet",
-                                 "--mix", "zero=25,same=10,text=50,random=15"],
+                                 "--mix", MIX],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         stored = []
         for delay in (60, 90):
@@ -189,4 +189,53 @@ def test_a_planned_restart_under_load_loses_nothing(tmp_path):
         assert fio.returncode == 0, out[-3000:] + err[-3000:]
         assert "verify:" not in err and "err= 0" in out, err[-3000:]
         assert current_server(sock) != before
+        rzs(sock, "/dev/ublkb0", "--reset")
+
+
+@pytest.mark.deadline(900)
+def test_kills_while_compacting_and_writing_to_the_backing_swap_lose_nothing(tmp_path, scratch_disk):
+    # A backing swap on the scratch disk and a small memlimit: most of fio's writes go to the
+    # disk (bd_writes) while rzscontrol --compact runs in a loop; the server is killed twice
+    # mid-way. A kill lands inside a compaction round or a forwarded write at some instruction:
+    # the new server's recovery check must find every slot pointing at valid data.
+    subprocess.run(["mkswap", scratch_disk], check=True, capture_output=True, timeout=300)
+    sock = tmp_path / "ctl.sock"
+    with running("num_devices=1", f"socket={sock}") as (pid, _):
+        rzs(sock, "/dev/ublkb0", f"--backing_swap={scratch_disk}", "--memlimit_kb=16384", "--init")
+        fio = subprocess.Popen(
+            ["fio", "--name=v", "--filename=/dev/ublkb0", "--ioengine=io_uring", "--direct=1",
+             "--iodepth=16", "--rw=randwrite", "--bsrange=4k-64k", "--size=192M",
+             "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+             "--buffer_compress_percentage=67", "--refill_buffers", "--output-format=normal"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        halt = threading.Event()
+        compactions = []
+
+        def compact_loop():
+            while not halt.is_set():
+                r = subprocess.run([PY, "-m", "ublkzswap.cli", "/dev/ublkb0", "--compact",
+                                    "--socket", str(sock)], capture_output=True, text=True)
+                compactions.append(r.returncode)
+                time.sleep(0.2)
+
+        compactor = threading.Thread(target=compact_loop, daemon=True)
+        compactor.start()
+        kills = []
+        try:
+            for _ in range(2):
+                time.sleep(10)
+                if fio.poll() is not None:
+                    break
+                kills.append(kill_server(sock))
+                current_server(sock, old=kills[-1])
+            out, err = fio.communicate(timeout=800)
+        finally:
+            halt.set()
+            compactor.join(60)
+        assert len(kills) == 2, "fio finished before two kills: make the job longer"
+        assert fio.returncode == 0, out[-3000:] + err[-3000:]
+        assert "verify:" not in err and "bad magic" not in err and "err= 0" in out, err[-3000:]
+        assert compactions.count(0) >= 2, compactions        # compaction did run meanwhile
+        st = stats(sock)
+        assert st["bd_writes"] > 0 and st["failed_reads"] == 0, st
         rzs(sock, "/dev/ublkb0", "--reset")
