@@ -347,7 +347,13 @@ def ublkzswapd_page() -> str:
         "carries on. The server's pid is in SOCKET.pid. ublkzswapd --restart socket=PATH has "
         "the server on that socket start a fresh standby (the installed code: an upgrade) and "
         "hand its devices to it. If server and standby are both killed, the devices stay "
-        "held; the next ublkzswapd started with the same num_devices takes them over."))
+        "held; the next ublkzswapd started with the same num_devices takes them over. A "
+        "takeover never gives a device up: it waits for the kernel to release the dead "
+        "server's requests (each device's request timeout, /sys/block/ublkbN/queue/io_timeout, "
+        "is set to 500 ms for that), logging every 30 s while it waits; if it fails, the device "
+        "stays held with its pages and the new server ends so that its standby tries again. "
+        "Every thread of ublkzswapd is marked PR_SET_IO_FLUSHER: memory reclaim on its behalf "
+        "never writes to a swap device, so no thread of it waits on a device it serves."))
     out.append(para(
         "What does not survive: a reboot or a kernel crash (the pages were in RAM), rzscontrol "
         "--reset, and an unload with SIGTERM (both free everything on purpose). Shared state a "
