@@ -130,6 +130,34 @@ def _log_exception(etype, e, tb) -> None:
     sys.__excepthook__(etype, e, tb)
 
 
+class ThreadFailures:
+    """Uncaught exceptions in the daemon's threads (the arena keeper, the control server, the
+    standby keeper): each is logged and recorded, and the server's main loop ends the server
+    on purpose, as for a queue thread that ended, so that its standby takes the devices over
+    instead of a half-dead server serving on (a keeper gone would fail every write that
+    needs memory)."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+
+    def install(self) -> None:
+        threading.excepthook = self._hook
+
+    def _hook(self, args) -> None:
+        if issubclass(args.exc_type, SystemExit):
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        line = f"thread {name}: {describe(args.exc_value, args.exc_traceback)}"
+        print(f"ublkzswapd: {line}", file=sys.stderr, flush=True)
+        with self._lock:
+            self.lines.append(line)
+
+    def __call__(self) -> list[str]:
+        with self._lock:
+            return list(self.lines)
+
+
 class _KmsgLines:
     """stderr of a background daemon: each line one kernel log record at KERN_ERR (fd 2 is
     /dev/kmsg), so it shows in dmesg and on a console."""
@@ -428,6 +456,8 @@ def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
     serve I/O until SIGTERM/SIGINT, tear down. Returns the exit status."""
     from . import shmstate
     memory.set_thread_name(SERVER_NAME)
+    thread_failures = ThreadFailures()
+    thread_failures.install()
     stop = threading.Event()
     handover = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -503,7 +533,7 @@ def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
     standby_.start()
     while True:
         while not stop.wait(1.0):
-            failed = manager.failures()
+            failed = manager.failures() + thread_failures()
             if failed:
                 # fail fast: a device whose queue has ended (or that could not be taken over)
                 # serves nothing; leave the devices as a crash would, once the standby that

@@ -158,3 +158,25 @@ def test_a_takeover_without_shared_state_still_frees_the_id():
     problems = m.reserve_all(adopt=True)
     assert log == [("delete", 0), ("add", 0)]
     assert "its pages are lost" in problems[0] and m.failures() == []
+
+
+def test_an_uncaught_exception_in_a_daemon_thread_is_logged_and_ends_the_server(monkeypatch, capsys):
+    from ublkzswap import daemon
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)   # restored after
+    failures = daemon.ThreadFailures()
+    failures.install()
+
+    def keeper():
+        raise ValueError("segment list corrupt")
+
+    def quitter():
+        raise SystemExit(0)                     # a thread that exits on purpose is no failure
+
+    for fn in (keeper, quitter):
+        t = threading.Thread(target=fn, name=fn.__name__)
+        t.start()
+        t.join()
+    lines = failures()
+    assert len(lines) == 1 and lines[0].startswith("thread keeper: ValueError: segment list corrupt")
+    assert "test_takeover_policy.py" in lines[0]
+    assert "thread keeper: ValueError" in capsys.readouterr().err
