@@ -47,11 +47,24 @@ from .queue import prepare_buffers
 from .ublkdev import IO_BUF_BYTES, QUEUE_DEPTH, UblkDevice
 
 
-def warm_up(storemod, compressor: str) -> None:
+def warm_up(storemod, compressor: str, allocator: str) -> None:
     """Run every page path of a small throw-away store once and check the data came back, so
     that what the I/O path needs is resident (and, in a locked process, locked) before a
-    device goes live. Raises AssertionError or OSError on a failure."""
-    s = storemod.Store(32 * PAGE_SIZE, compressor=compressor, keeper=False, inline_refill=True, low=4, high=16)
+    device goes live. The store is built as a device's is, on shared state (private
+    segments, gone when it closes). Raises AssertionError or OSError on a failure."""
+    from . import shmstate
+    disksize = 32 * PAGE_SIZE
+    state = shmstate.DeviceState.create(
+        -1, disksize=disksize, arena_pages=storemod.arena_pages(disksize, allocator),
+        unit=storemod.ALLOCATORS[allocator].UNIT_PAGES,
+        allocator=list(storemod.ALLOCATORS).index(allocator), compressor=compressor,
+        private=True)
+    try:
+        s = storemod.Store(disksize, state=state, allocator=allocator, compressor=compressor,
+                           keeper=False, inline_refill=True, low=4, high=16)
+    except BaseException:
+        state.detach()
+        raise
     try:
         text = (bytes(range(32, 127)) * 44)[:PAGE_SIZE]
         seed, rnd = 0x9E3779B97F4A7C15, bytearray()
@@ -283,7 +296,7 @@ def run(cfg: dict, argv: list[str]) -> int:
         return fail(f"refusing to serve swap: {e.strerror}")
     if cfg["target"] == "zswap":
         try:
-            warm_up(storemod, cfg["compressor"])   # what the I/O path runs: resident and locked
+            warm_up(storemod, cfg["compressor"], cfg["allocator"])   # what the I/O path runs: resident and locked
         except Exception as e:
             return fail(f"store self-test failed: {describe(e)}")
     if server_fd is not None:

@@ -27,9 +27,10 @@ import struct
 import numpy as np
 
 from .libc import libc, oserror
+from .memory import populate
 from .uapi import PAGE_SIZE
 
-IPC_CREAT, IPC_EXCL, IPC_RMID, IPC_STAT = 0o1000, 0o2000, 0, 2
+IPC_PRIVATE, IPC_CREAT, IPC_EXCL, IPC_RMID, IPC_STAT = 0, 0o1000, 0o2000, 0, 2
 SHM_LOCK, SHM_NORESERVE = 11, 0o10000
 KEY_BASE = 0x75627A00          # "ubz" then 2 keys per device id
 MAGIC = b"UBLKZSW1"
@@ -174,12 +175,26 @@ class DeviceState:
 
     @classmethod
     def create(cls, dev_id: int, *, disksize: int, arena_pages: int, unit: int, allocator: int,
-               compressor: str, memlimit: int = 0, backing: str = "") -> "DeviceState":
-        remove(dev_id)
-        tk, ak = keys(dev_id)
+               compressor: str, memlimit: int = 0, backing: str = "",
+               private: bool = False) -> "DeviceState":
+        """New state for ``dev_id``. Its tables segment is populated now (SHM_LOCK keeps pages
+        but does not make them): a slot table page first touched by the queue thread would be
+        a page allocation on the I/O path. ``private``: segments no other process can find
+        (IPC_PRIVATE; the daemon's self-test runs the shared-state paths through one), removed
+        once detached."""
+        if private:
+            tk = ak = IPC_PRIVATE
+        else:
+            remove(dev_id)
+            tk, ak = keys(dev_id)
         tables = Segment(tk, cls.tables_size(disksize), create=True)
+        if private:
+            tables.remove()
+        populate(tables.addr, tables.size)
         try:
             arena = Segment(ak, arena_pages * PAGE_SIZE, create=True)
+            if private:
+                arena.remove()
         except BaseException:
             tables.remove()
             tables.detach()

@@ -67,6 +67,31 @@ def major_faults(pid: int, tids: list[int]) -> dict[int, int]:
     return out
 
 
+def rss_by_mapping(pid: int) -> dict[str, int]:
+    """{mapping name: resident kB} of ``pid`` (/proc/PID/smaps, mappings of one name summed):
+    compared before and after a block, where the I/O path's page faults brought pages in."""
+    out: dict[str, int] = {}
+    name = None
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                head = line.split(None, 5)
+                if "-" in head[0] and ":" not in head[0]:
+                    name = head[5].strip() if len(head) > 5 else "[anon]"
+                elif head[0] == "Rss:" and name is not None:
+                    out[name] = out.get(name, 0) + int(head[1])
+    except OSError:
+        pass
+    return out
+
+
+def grown(before: dict[str, int], after: dict[str, int]) -> str:
+    """The mappings whose resident size grew, largest first (for a failure message)."""
+    d = sorted(((after[k] - before.get(k, 0), k) for k in after if after[k] > before.get(k, 0)),
+               reverse=True)
+    return ", ".join(f"{k} +{n} kB" for n, k in d[:12]) or "none"
+
+
 def heap_size(pid: int) -> int:
     """Bytes of the [heap] mappings of the server ``pid``: if they grow while serving, the
     pre-grown headroom was too small and the I/O path may have taken new pages (brk). (Its

@@ -18,7 +18,7 @@ from ublkzswap import ublkdev
 
 from .daemonctl import (PY, current_server, leftovers, running, standby_of, start, stop,
                         swapoff_all, wait_gone)
-from .test_swap import MIX, SWAPLOAD, daemon_swap_kb, rzs, stats
+from .test_swap import MIX, SWAPLOAD, daemon_swap_kb, rzs, scratch_disk, stats  # noqa: F401 (fixture)
 from .workload import kernel_log_oom_lines, workload_verdict
 
 MiB = 1 << 20
@@ -82,7 +82,7 @@ def test_fio_verifies_across_three_kills_of_the_server(tmp_path):
         kills, stored = [], []
         try:
             for _ in range(3):
-                time.sleep(12)
+                time.sleep(8)
                 if fio.poll() is not None:
                     break
                 kills.append(kill_server(sock))

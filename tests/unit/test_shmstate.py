@@ -160,3 +160,33 @@ def test_the_claim_of_an_id_is_locked_like_the_state():
     finally:
         shmstate.unclaim(DEV)
     assert shmstate.claimant(DEV) is None
+
+
+def _resident_pages(addr: int, size: int) -> int:
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(addr // PAGE * 8)
+        words = memoryview(f.read(size // PAGE * 8)).cast("Q")
+    return sum(1 for w in words if w >> 63)
+
+
+def test_the_tables_are_resident_from_creation(state):
+    # SHM_LOCK keeps pages but does not make them: an untouched slot table page would be
+    # allocated by the queue thread's first write to it (seen in the VM's allocation trace)
+    seg = state.tables
+    assert _resident_pages(seg.addr, seg.size) == seg.size // PAGE
+
+
+def test_a_private_state_is_gone_once_detached():
+    def ours():
+        out = subprocess.run(["ipcs", "-m", "-p"], capture_output=True, text=True).stdout
+        return sum(1 for line in out.splitlines()
+                   if line.split()[2:3] == [str(os.getpid())])      # created by us
+    before = ours()
+    st = shmstate.DeviceState.create(-1, disksize=64 * PAGE, arena_pages=arena_pages(64 * PAGE),
+                                     unit=SEGMENT_PAGES, allocator=0, compressor="lzo",
+                                     private=True)
+    s = store_on(st)
+    s.write(PAGE, memoryview(b"x" * PAGE))
+    assert ours() == before + 2
+    s.close()
+    assert ours() == before
