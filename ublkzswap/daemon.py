@@ -47,13 +47,26 @@ from .queue import prepare_buffers
 from .ublkdev import IO_BUF_BYTES, QUEUE_DEPTH, UblkDevice
 
 
+def keeper_options() -> dict:
+    """How a device's store runs its arena keeper in the daemon (and in its self-test)."""
+    return dict(keeper_init=memory.keeper_thread_init, keeper_idle=memory.lock_heap_tail,
+                may_grow=memory.GrowthGuard())
+
+
+WARM_DENSE = 1024         # the self-test writes these pages densely: several keeper batches
+
+
 def warm_up(storemod, compressor: str, allocator: str) -> None:
     """Run every page path of a small throw-away store once and check the data came back, so
     that what the I/O path needs is resident (and, in a locked process, locked) before a
-    device goes live. The store is built as a device's is, on shared state (private
-    segments, gone when it closes). Raises AssertionError or OSError on a failure."""
+    device goes live. The store is built as a device's is: on shared state (private
+    segments, gone when it closes) and with a keeper thread, whose waits, refills and
+    compaction (on demand and in the background) are run too -- code first touched later
+    would be read back from disk, under memory pressure, by a request. Raises AssertionError
+    or OSError on a failure."""
     from . import shmstate
-    disksize = 32 * PAGE_SIZE
+    npages = storemod.COMPACT_SCAN + WARM_DENSE     # a scan of a whole slice and of a part
+    disksize = npages * PAGE_SIZE
     state = shmstate.DeviceState.create(
         -1, disksize=disksize, arena_pages=storemod.arena_pages(disksize, allocator),
         unit=storemod.ALLOCATORS[allocator].UNIT_PAGES,
@@ -61,7 +74,7 @@ def warm_up(storemod, compressor: str, allocator: str) -> None:
         private=True)
     try:
         s = storemod.Store(disksize, state=state, allocator=allocator, compressor=compressor,
-                           keeper=False, inline_refill=True, low=4, high=16)
+                           **keeper_options())
     except BaseException:
         state.detach()
         raise
@@ -83,7 +96,34 @@ def warm_up(storemod, compressor: str, allocator: str) -> None:
             assert one == p, f"store self-test: page {i} differs"
         s.discard(8 * PAGE_SIZE, 2 * PAGE_SIZE)
         s.write_zeroes(10 * PAGE_SIZE, 2 * PAGE_SIZE)
+        # fill past the ready pool twice (writes wait for the keeper), leave holes, compact;
+        # then free everything, so that the keeper gives the surplus back
+        # (short of memory -- a standby prepared under pressure -- the store may refuse a
+        # write: what was stored is still checked, and the rest is warmed by use)
+        used = list(range(16, WARM_DENSE)) + list(range(WARM_DENSE, npages, 61))
+        written = {}
+        try:
+            for rnd_ in range(2):
+                for i in used:
+                    p = pages[(i + rnd_) % len(pages)]
+                    p = p[i % 64:] + p[:i % 64]
+                    s.write(i * PAGE_SIZE, memoryview(p))
+                    written[i] = p
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.ENOMEM):
+                raise
+        kept = sorted(written)
+        for i in kept[::2]:
+            s.discard(i * PAGE_SIZE, PAGE_SIZE)
+        s.compact()
+        s.compact_if_wasteful()
+        for i in kept[1::2]:
+            s.read(i * PAGE_SIZE, memoryview(one))
+            assert one == written[i], f"store self-test: page {i} differs after compaction"
         s.stats()
+        s.discard(16 * PAGE_SIZE, disksize - 16 * PAGE_SIZE)
+        s.compact()
+        s.pool.step()
         s.set_memlimit(PAGE_SIZE)                  # the refusals are paths too
         for write in (s.write_swap, s.write):
             try:
@@ -484,8 +524,7 @@ def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
     alloc_ids = list(storemod.ALLOCATORS)
 
     def make_store(dev_id, disksize, *, adopt=False, open_backing=None, **kw):
-        common = dict(keeper_init=memory.keeper_thread_init, keeper_idle=memory.lock_heap_tail,
-                      may_grow=memory.GrowthGuard())
+        common = keeper_options()
         if adopt:
             state = shmstate.DeviceState.attach(dev_id)
             try:
