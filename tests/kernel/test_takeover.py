@@ -40,6 +40,17 @@ def kill_server(sock) -> int:
     return pid
 
 
+def fio_verify(size: str, *args: str) -> subprocess.Popen:
+    """fio writing 3:1 data at random over the first ``size`` of /dev/ublkb0 with crc32c, then
+    reading all of it back (``args``: queue depth, block sizes)."""
+    return subprocess.Popen(
+        ["fio", "--name=v", "--filename=/dev/ublkb0", "--ioengine=io_uring", "--direct=1",
+         "--rw=randwrite", f"--size={size}", *args, "--verify=crc32c", "--do_verify=1",
+         "--verify_fatal=1", "--buffer_compress_percentage=67", "--refill_buffers",
+         "--output-format=normal"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 class Prober(threading.Thread):
     """Reads block 0 of the device (O_DIRECT) every 50 ms and records the longest time one
     read took: across a takeover, that is kill -> first completed request."""
@@ -71,12 +82,7 @@ def test_fio_verifies_across_three_kills_of_the_server(tmp_path):
     sock = tmp_path / "ctl.sock"
     with running("num_devices=1", f"socket={sock}") as (pid, _):
         rzs(sock, "/dev/ublkb0", "--disksize_kb=262144", "--init")
-        fio = subprocess.Popen(
-            ["fio", "--name=v", "--filename=/dev/ublkb0", "--ioengine=io_uring", "--direct=1",
-             "--iodepth=16", "--rw=randwrite", "--bsrange=4k-64k", "--size=256M",
-             "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
-             "--buffer_compress_percentage=67", "--refill_buffers", "--output-format=normal"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        fio = fio_verify("256M", "--iodepth=16", "--bsrange=4k-64k")
         prober = Prober("/dev/ublkb0")
         prober.start()
         kills, stored = [], []
@@ -174,12 +180,7 @@ def test_a_planned_restart_under_load_loses_nothing(tmp_path):
         rzs(sock, "/dev/ublkb0", "--disksize_kb=131072", "--init")
         before = current_server(sock)
         standby_of(before)
-        fio = subprocess.Popen(
-            ["fio", "--name=v", "--filename=/dev/ublkb0", "--ioengine=io_uring", "--direct=1",
-             "--iodepth=8", "--rw=randwrite", "--bs=4k", "--size=128M", "--verify=crc32c",
-             "--do_verify=1", "--verify_fatal=1", "--buffer_compress_percentage=67",
-             "--refill_buffers", "--output-format=normal"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        fio = fio_verify("128M", "--iodepth=8", "--bs=4k")
         time.sleep(10)
         r = subprocess.run([PY, "-m", "ublkzswap.daemon", "--restart", f"socket={sock}"],
                            capture_output=True, text=True, timeout=400)
@@ -202,12 +203,7 @@ def test_kills_while_compacting_and_writing_to_the_backing_swap_lose_nothing(tmp
     sock = tmp_path / "ctl.sock"
     with running("num_devices=1", f"socket={sock}") as (pid, _):
         rzs(sock, "/dev/ublkb0", f"--backing_swap={scratch_disk}", "--memlimit_kb=16384", "--init")
-        fio = subprocess.Popen(
-            ["fio", "--name=v", "--filename=/dev/ublkb0", "--ioengine=io_uring", "--direct=1",
-             "--iodepth=16", "--rw=randwrite", "--bsrange=4k-64k", "--size=192M",
-             "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
-             "--buffer_compress_percentage=67", "--refill_buffers", "--output-format=normal"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        fio = fio_verify("192M", "--iodepth=16", "--bsrange=4k-64k")
         halt = threading.Event()
         compactions = []
 
