@@ -51,6 +51,20 @@ def fio_verify(size: str, *args: str) -> subprocess.Popen:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def kills_during(proc: subprocess.Popen, sock, n: int, every: float) -> tuple[list[int], list[int]]:
+    """Kill the server ``n`` times, ``every`` seconds apart, while ``proc`` runs; returns the
+    killed pids and pages_stored as each new server answered (stats work after a takeover)."""
+    kills, stored = [], []
+    for _ in range(n):
+        time.sleep(every)
+        if proc.poll() is not None:
+            break
+        kills.append(kill_server(sock))
+        current_server(sock, old=kills[-1])
+        stored.append(stats(sock)["pages_stored"])
+    return kills, stored
+
+
 class Prober(threading.Thread):
     """Reads block 0 of the device (O_DIRECT) every 50 ms and records the longest time one
     read took: across a takeover, that is kill -> first completed request."""
@@ -85,16 +99,8 @@ def test_fio_verifies_across_three_kills_of_the_server(tmp_path):
         fio = fio_verify("256M", "--iodepth=16", "--bsrange=4k-64k")
         prober = Prober("/dev/ublkb0")
         prober.start()
-        kills, stored = [], []
         try:
-            for _ in range(3):
-                time.sleep(8)
-                if fio.poll() is not None:
-                    break
-                kills.append(kill_server(sock))
-                current_server(sock, old=kills[-1])
-                st = stats(sock)                       # answers after the takeover
-                stored.append(st["pages_stored"])
+            kills, stored = kills_during(fio, sock, 3, every=8)
             out, err = fio.communicate(timeout=900)
         finally:
             prober.halt.set()
@@ -216,14 +222,8 @@ def test_kills_while_compacting_and_writing_to_the_backing_swap_lose_nothing(tmp
 
         compactor = threading.Thread(target=compact_loop, daemon=True)
         compactor.start()
-        kills = []
         try:
-            for _ in range(2):
-                time.sleep(10)
-                if fio.poll() is not None:
-                    break
-                kills.append(kill_server(sock))
-                current_server(sock, old=kills[-1])
+            kills, _ = kills_during(fio, sock, 2, every=10)
             out, err = fio.communicate(timeout=800)
         finally:
             halt.set()
