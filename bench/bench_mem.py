@@ -6,6 +6,7 @@ Three states of a daemon serving one device, each measured against the machine b
   (a) ``ublkzswapd num_devices=1`` loaded, nothing initialised;
   (b) one 1 GiB device initialised, still empty;
   (c) after 256 MiB of 3:1 compressible data written to it (fio, sequential, O_DIRECT);
+then (b) again with ``ublkzswapd standby`` (a prepared standby kept: crash survival's cost);
 and zram's (b) and (c) in the same boot. For each: the system's ``used`` delta (as free(1):
 total - free - buffers - cache), the drop of MemAvailable (which, unlike ``used``, also counts
 locked file pages such as libraries under mlockall), and for the daemon its RSS split by mapping
@@ -191,6 +192,23 @@ def inside(args) -> int:
     finally:
         stop(pid)
         wait_gone()
+    # (b) again with a standby kept (``ublkzswapd standby``): what crash survival's warm
+    # standby adds to the fixed cost
+    from tests.kernel.daemonctl import standby_of
+    base_s = settle()
+    pid, _ = start("num_devices=1", "standby", f"socket={SOCK}")
+    try:
+        rzs("/dev/ublkb0", f"--disksize_kb={DISK_KB}", "--init")
+        standby_of(pid)
+        time.sleep(2)
+        m = settle()
+        rows.append(("(b) + standby", used(m) - used(base_s),
+                     base_s["MemAvailable"] - m["MemAvailable"], status(pid)))
+        procs_bs = processes(pid)
+        rzs("/dev/ublkb0", "--reset")
+    finally:
+        stop(pid)
+        wait_gone()
     # zram, same boot
     base = settle()
     if not os.path.exists("/sys/block/zram0"):
@@ -228,8 +246,11 @@ def inside(args) -> int:
           f"{zrows[0][1] / MIB:.1f} MiB (goal <= 32 MiB)")
     print(f"growth (c)-(b): {grow / MIB:.1f} MiB = {grow / max(ublk_c['compr_data_size'], 1):.3f} x "
           f"compr_data_size (goal <= 1.05)")
-    print("\nprocesses at (b), MiB (USS: what the process alone costs, Private_Clean+Dirty):")
-    for p, role, roll in procs_b:
+    print(f"with a standby kept: (b) {rows[3][1] / MIB:.1f} MiB, "
+          f"+{(rows[3][1] - fixed) / MIB:.1f} MiB (goal: standby adds <= 8 MiB)")
+    print("\nprocesses at (b), and at (b) with a standby, MiB (USS: what the process alone "
+          "costs, Private_Clean+Dirty):")
+    for p, role, roll in procs_b + procs_bs:
         print(f"  {role:10s} pid {p:6d}  RSS {fmt_mib(roll.get('Rss', 0))}  PSS "
               f"{fmt_mib(roll.get('Pss', 0))}  USS {fmt_mib(roll['USS'])}")
     print("\ndaemon RSS / locked by mapping, MiB (a | b | c):")

@@ -13,8 +13,8 @@ words), :mod:`devices` (compcache's policy), :mod:`ublkdev` (one ublk device), t
       v
     server: take over every device a dead server left (shared state: shmstate), else ADD_DEV
       |  ids 0..N-1 --- control socket up --- device 0 initialised if disksize_kb= or
-      |  backing_swap= was given --- start a standby (posix_spawn: the same command, prepared
-      v  the same way, then waiting on a pidfd of the server; see Standby)
+      |  backing_swap= was given --- with ``standby``, start a standby (posix_spawn: the same
+      v  command, prepared the same way, then waiting on a pidfd of the server; see Standby)
     serve until SIGTERM / SIGINT: then end the standby, STOP_DEV + DEL_DEV every device and
     exit 0 -- refused (logged, the server keeps serving) while a device is swapped on,
     mounted or held. SIGHUP (``ublkzswapd --restart``): a fresh standby (the installed code)
@@ -22,7 +22,9 @@ words), :mod:`devices` (compcache's policy), :mod:`ublkdev` (one ublk device), t
 
 When the server dies -- kill -9, a crash, or on purpose because a device's queue thread
 ended -- the kernel holds the devices' requests and the standby takes them over and becomes
-the server (with a standby of its own). The server's pid is in ``SOCKET.pid``.
+the server (with a standby of its own). Without ``standby`` the devices stay held, every page
+kept, until ``ublkzswapd`` is started again (a server ending on purpose starts a standby
+first). The server's pid is in ``SOCKET.pid``.
 """
 
 from __future__ import annotations
@@ -100,15 +102,20 @@ def warm_up(storemod, compressor: str, allocator: str) -> None:
         # then free everything, so that the keeper gives the surplus back
         # (short of memory -- a standby prepared under pressure -- the store may refuse a
         # write: what was stored is still checked, and the rest is warmed by use)
+        # (no copies of what was written are kept: a page is made again to check it, so the
+        # self-test's peak -- left in the never-trimmed heap -- stays small)
         used = list(range(16, WARM_DENSE)) + list(range(WARM_DENSE, npages, 61))
-        written = {}
+
+        def page(i: int, round_: int) -> bytes:
+            p = pages[(i + round_) % len(pages)]
+            return p[i % 64:] + p[:i % 64]
+
+        written = {}                                # page -> the round that wrote it last
         try:
-            for rnd_ in range(2):
+            for round_ in range(2):
                 for i in used:
-                    p = pages[(i + rnd_) % len(pages)]
-                    p = p[i % 64:] + p[:i % 64]
-                    s.write(i * PAGE_SIZE, memoryview(p))
-                    written[i] = p
+                    s.write(i * PAGE_SIZE, memoryview(page(i, round_)))
+                    written[i] = round_
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.ENOMEM):
                 raise
@@ -119,7 +126,7 @@ def warm_up(storemod, compressor: str, allocator: str) -> None:
         s.compact_if_wasteful()
         for i in kept[1::2]:
             s.read(i * PAGE_SIZE, memoryview(one))
-            assert one == written[i], f"store self-test: page {i} differs after compaction"
+            assert one == page(i, written[i]), f"store self-test: page {i} differs after compaction"
         s.stats()
         s.discard(16 * PAGE_SIZE, disksize - 16 * PAGE_SIZE)
         s.compact()
@@ -364,10 +371,19 @@ class Standby:
     failure it ended itself for, a planned hand-over) it takes every device over from the
     shared state, without the cold start whose allocations could wait on the very swap that
     is held, and starts a standby of its own. A thread here keeps one standby ready and starts
-    another if it dies (with back-off)."""
+    another if it dies (with back-off).
 
-    def __init__(self, argv: list[str]):
+    ``keep`` (the ``standby`` parameter) keeps one prepared all the time. Without it a standby
+    is started only when one is needed (:meth:`ready`: a planned restart, a server ending on
+    purpose); a server that just dies then leaves its devices held, pages kept, for the next
+    ``ublkzswapd``.
+
+    Still naive: a standby is a second whole image of the daemon (about as much locked memory
+    as the server), which is why it is not kept by default."""
+
+    def __init__(self, argv: list[str], keep: bool = True):
         self.argv = argv
+        self.keep = keep
         self.pid = 0
         self._ready = threading.Event()
         self._closing = False
@@ -375,8 +391,16 @@ class Standby:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._keep, name="standby", daemon=True)
-        self._thread.start()
+        """Start keeping a standby now if ``keep``, else when :meth:`ready` is first called."""
+        if self.keep:
+            self._start()
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is not None or self._closing:
+                return
+            self._thread = threading.Thread(target=self._keep, name="standby", daemon=True)
+            self._thread.start()
 
     def _spawn(self) -> tuple[int, int]:
         r, w = os.pipe()
@@ -419,7 +443,9 @@ class Standby:
             delay = min(delay * 2, STANDBY_BACKOFF[1])
 
     def ready(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` s for a prepared standby; True if there is one."""
+        """Wait up to ``timeout`` s for a prepared standby (starting one if none is kept); True
+        if there is one."""
+        self._start()
         return self._ready.wait(timeout)
 
     def replace(self) -> None:
@@ -581,7 +607,7 @@ def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
     else:
         print(f"ublkzswapd: {os.getpid()} took over {len(adopted)} device(s)",
               file=sys.stderr, flush=True)
-    standby_ = Standby(argv)
+    standby_ = Standby(argv, keep=cfg["standby"])
     standby_.start()
     while True:
         while not stop.wait(1.0):

@@ -1,7 +1,8 @@
-"""A daemon that dies loses no page: the server is SIGKILLed under fio and under swap, and its
-standby takes the devices over from the shared state the dead one left; devices whose server
-and standby were both killed are adopted by a ublkzswapd started by hand; a planned restart
-hands them to the installed code under load."""
+"""A daemon that dies loses no page: the server (run with ``standby``) is SIGKILLed under fio
+and under swap, and its standby takes the devices over from the shared state the dead one left;
+the devices of a killed server with no standby (the default), or whose standby was killed too,
+are held and adopted by a ublkzswapd started by hand; a planned restart hands them to the
+installed code under load (its standby started for it)."""
 from __future__ import annotations
 
 import json
@@ -94,7 +95,7 @@ class Prober(threading.Thread):
 @pytest.mark.deadline(1200)
 def test_fio_verifies_across_three_kills_of_the_server(tmp_path):
     sock = tmp_path / "ctl.sock"
-    with running("num_devices=1", f"socket={sock}") as (pid, _):
+    with running("num_devices=1", "standby", f"socket={sock}") as (pid, _):
         rzs(sock, "/dev/ublkb0", "--disksize_kb=262144", "--init")
         fio = fio_verify("256M", "--iodepth=16", "--bsrange=4k-64k")
         prober = Prober("/dev/ublkb0")
@@ -121,7 +122,7 @@ def test_fio_verifies_across_three_kills_of_the_server(tmp_path):
 def test_swap_survives_two_kills_of_the_server(tmp_path):
     sock = tmp_path / "ctl.sock"
     mib = int(mem_total_mib() * 1.5)
-    with running("num_devices=1", f"socket={sock}") as (pid, _):
+    with running("num_devices=1", "standby", f"socket={sock}") as (pid, _):
         rzs(sock, "/dev/ublkb0", f"--disksize_kb={3 * mib * 1024}", "--init")
         subprocess.run(["swapon", "--discard", "/dev/ublkb0"], check=True, timeout=300)
         load = subprocess.Popen([PY, SWAPLOAD, "--mib", str(mib), "--passes", "2", "--quiet",
@@ -149,24 +150,30 @@ def test_swap_survives_two_kills_of_the_server(tmp_path):
 
 
 @pytest.mark.deadline(600)
-def test_devices_whose_server_and_standby_were_killed_go_to_the_next_ublkzswapd(tmp_path):
+@pytest.mark.parametrize("standby", [False, True], ids=["no-standby", "standby-killed-too"])
+def test_devices_of_a_killed_daemon_go_to_the_next_ublkzswapd(tmp_path, standby):
+    # Without a standby (the default) a killed server leaves its devices held; with one, the
+    # standby is killed first. Either way nothing serves them until ublkzswapd is started.
     sock = tmp_path / "ctl.sock"
     data = os.urandom(1 * MiB) + b"ublkzswap " * (MiB // 10)
-    pid, _ = start("num_devices=2", f"socket={sock}")
+    words = ["num_devices=2", f"socket={sock}"] + (["standby"] if standby else [])
+    pid, _ = start(*words)
     try:
         rzs(sock, "/dev/ublkb0", "--disksize_kb=65536", "--init")
         with open("/dev/ublkb0", "r+b", buffering=0) as f:
             f.seek(8 * MiB)
             f.write(data)
             os.fsync(f.fileno())
-        standby = standby_of(pid)
-        os.kill(standby, signal.SIGKILL)              # the standby first, then the server
-        os.kill(pid, signal.SIGKILL)
-        for p in (pid, standby):
+        victims = [standby_of(pid)] if standby else []
+        victims.append(pid)                              # the standby first, then the server
+        for p in victims:
+            os.kill(p, signal.SIGKILL)
+        for p in victims:
             deadline = time.monotonic() + 30
             while os.path.exists(f"/proc/{p}") and time.monotonic() < deadline:
                 time.sleep(0.1)
         assert os.path.exists("/dev/ublkb0") and os.path.exists("/dev/ublkc1")   # held, not lost
+        assert not any(name == "ublkzswapd-stby" for name in _comms()), "a standby was left"
         pid, line = start("num_devices=2", f"socket={sock}")
         assert "/dev/ublkb0 initialised" in line, line
         with open("/dev/ublkb0", "rb", buffering=0) as f:
@@ -179,13 +186,25 @@ def test_devices_whose_server_and_standby_were_killed_go_to_the_next_ublkzswapd(
         stop(pid)
 
 
+def _comms() -> list[str]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                out.append(open(f"/proc/{d}/comm").read().strip())
+            except OSError:
+                pass
+    return out
+
+
 @pytest.mark.deadline(900)
 def test_a_planned_restart_under_load_loses_nothing(tmp_path):
     sock = tmp_path / "ctl.sock"
+    # no standby kept (the default): the restart starts one, prepared, then hands over
     with running("num_devices=1", f"socket={sock}") as (pid, _):
         rzs(sock, "/dev/ublkb0", "--disksize_kb=131072", "--init")
         before = current_server(sock)
-        standby_of(before)
+        assert "ublkzswapd-stby" not in _comms()
         fio = fio_verify("128M", "--iodepth=8", "--bs=4k")
         time.sleep(10)
         r = subprocess.run([PY, "-m", "ublkzswap.daemon", "--restart", f"socket={sock}"],
@@ -207,7 +226,7 @@ def test_kills_while_compacting_and_writing_to_the_backing_swap_lose_nothing(tmp
     # the new server's recovery check must find every slot pointing at valid data.
     subprocess.run(["mkswap", scratch_disk], check=True, capture_output=True, timeout=300)
     sock = tmp_path / "ctl.sock"
-    with running("num_devices=1", f"socket={sock}") as (pid, _):
+    with running("num_devices=1", "standby", f"socket={sock}") as (pid, _):
         rzs(sock, "/dev/ublkb0", f"--backing_swap={scratch_disk}", "--memlimit_kb=16384", "--init")
         fio = fio_verify("192M", "--iodepth=16", "--bsrange=4k-64k")
         halt = threading.Event()
