@@ -193,6 +193,10 @@ def run(cfg: dict) -> int:
     from . import store as storemod           # before locking: no imports on the I/O path
     try:
         memory.lock_process()
+        # Every thread (they inherit it): reclaim done on our behalf never writes pages out,
+        # so no thread of ours can wait for a request tag on a device we serve -- a thread
+        # stuck there could hold the GIL, or a lock the queue thread needs.
+        memory.set_io_flusher()
     except OSError as e:
         return fail(f"refusing to serve swap: {e.strerror}")
     if cfg["target"] == "zswap":

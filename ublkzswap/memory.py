@@ -307,7 +307,8 @@ def set_thread_name(name: str) -> None:
 
 
 def set_io_flusher() -> None:
-    """PR_SET_IO_FLUSHER on the calling thread (needs CAP_SYS_RESOURCE)."""
+    """PR_SET_IO_FLUSHER on the calling thread (needs CAP_SYS_RESOURCE); threads it creates
+    afterwards inherit it."""
     if _libc.prctl(uapi.PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
         raise oserror("prctl(PR_SET_IO_FLUSHER)")
 
