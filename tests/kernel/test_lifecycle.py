@@ -37,9 +37,26 @@ def nothing_left_behind():
     assert wait_gone() == []
 
 
+PF_MEMALLOC_NOIO = 0x00080000     # what PR_SET_IO_FLUSHER sets (with PF_LOCAL_THROTTLE)
+
+
+def not_io_flushers(pid: int) -> list[str]:
+    """The threads of ``pid`` (as "tid name") without PF_MEMALLOC_NOIO in their task flags."""
+    out = []
+    for t in sorted(os.listdir(f"/proc/{pid}/task")):
+        try:
+            stat = open(f"/proc/{pid}/task/{t}/stat").read()
+        except OSError:
+            continue
+        name, rest = stat.split("(", 1)[1].rsplit(")", 1)
+        if not int(rest.split()[6]) & PF_MEMALLOC_NOIO:      # field 9: flags
+            out.append(f"{t} {name}")
+    return out
+
+
 def test_compcache_using_sequence(tmp_path):
     sock = tmp_path / "ctl.sock"
-    with running("num_devices=2", f"socket={sock}"):
+    with running("num_devices=2", f"socket={sock}") as (pid, _):
         assert os.path.exists("/dev/ublkc0") and os.path.exists("/dev/ublkc1")
         assert not os.path.exists("/dev/ublkb0") and not os.path.exists("/dev/ublkb1")
         assert oct(os.stat(sock).st_mode & 0o777) == "0o660"
@@ -52,6 +69,9 @@ def test_compcache_using_sequence(tmp_path):
         # init (options in any order are applied disksize -> init)
         rzs(sock, "/dev/ublkb1", "--init", "--disksize_kb=32768", check_rc=0)
         assert int(open("/sys/block/ublkb1/size").read()) * 512 == 32 * MiB
+        # every thread of the daemon (queue, keeper, control, main) is PR_SET_IO_FLUSHER: its
+        # reclaim never writes pages out to a device it serves
+        assert not_io_flushers(pid) == []
         p = rzs(sock, "/dev/ublkb1", "--init", check_rc=1)
         assert p.stderr.strip() == "init: Device or resource busy"
         p = rzs(sock, "/dev/ublkb1", "--disksize_kb=1024", check_rc=1)
