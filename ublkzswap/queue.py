@@ -4,7 +4,9 @@ Owns: opening ``/dev/ublkcN``, mapping the queue's descriptor array, the per-tag
 buffers, FETCH_REQ for every tag, and the serving loop
 
     submit_and_wait -> reap all ready CQEs -> read their descriptors ->
-    handle(request) per tag -> copy in a ready-made COMMIT_AND_FETCH SQE per tag -> repeat
+    handle(request) per tag, or the single-page READs/WRITEs all at once through the
+    target's page_server (its fast path, if it has one) ->
+    copy in a ready-made COMMIT_AND_FETCH SQE per tag -> repeat
 
 with one ``io_uring_enter`` per batch (protocol: ../shared/docs/ublk-protocol.md sections 2-3).
 Set-up (FETCH for every tag, the COMMIT templates) is vectorised with numpy; the loop itself
@@ -56,10 +58,12 @@ import numpy as np
 
 from . import uapi
 from .handler import Boundary, QueueCounters, describe, finish_backing, request_handler
+from .target import optional_op
 from .memory import lock_thread_stack, populate, set_io_flusher, set_thread_name
 from .uring import Ring
 
 SECTOR_SHIFT = 9
+PAGE_SIZE = 4096
 PAGE_MASK = 4095       # requests start and end on a 4 KiB boundary (logical block size 4096)
 BACKING_IO = 1 << 40   # user_data bit of a backing-swap read/write (FETCH/COMMIT carry the tag only)
 PREWARM_IO = 1 << 41   # user_data bit of the start-up reads that fill io_uring's caches
@@ -195,6 +199,8 @@ class Queue:
         ``cdev`` the fd the io commands name. Raises what the ring raises; a target's
         exceptions end at the request handler's boundary."""
         handle = request_handler(self.target, self.buf_bytes, self.counters, self._boundary)
+        make = optional_op(self.target, "page_server") if self.buf_bytes >= PAGE_SIZE else None
+        fast = make(self.bufs, self._boundary) if make is not None else None
         all_tags = np.arange(self.depth, dtype=np.uint16)
         self._fill(ring, uapi.UBLK_U_IO_FETCH_REQ, cdev, all_tags, 0)
         # one ready COMMIT_AND_FETCH SQE per tag: committing is then a row copy + result
@@ -212,9 +218,10 @@ class Queue:
             # with every FETCH live, so that the requests prewarmed are spare ones
             self._prewarm(ring, self.backing_fd, min(self.depth, self.backing_inflight + PREWARM_SPARE))
         self.armed.set()
-        self._loop(ring, iod, handle, self._commit_rows)
+        self._loop(ring, iod, handle, self._commit_rows, fast)
 
-    def _loop(self, ring: Ring, iod: np.ndarray, handle, commit_rows: np.ndarray) -> None:
+    def _loop(self, ring: Ring, iod: np.ndarray, handle, commit_rows: np.ndarray,
+              fast=None) -> None:
         """Serve until every tag's command has come back with an error.
 
         Per wake-up: every ready CQE as Python ints (:meth:`Ring.reap_pairs`), each request's
@@ -222,8 +229,13 @@ class Queue:
         of ``commit_rows`` (a ready-made COMMIT_AND_FETCH SQE) copied in per completed tag with
         its result (:meth:`Ring.put_rows`). Plain ints and memoryviews rather than numpy: a swap
         device wakes for one or two CQEs at a time. A completion carrying BACKING_IO is one op
-        of a request's BackingIO; the last one finishes that request."""
+        of a request's BackingIO; the last one finishes that request.
+
+        ``fast`` (a target's ``page_server``, see :meth:`ublkzswap.store.Store.page_server`):
+        the single-page READs and WRITEs of a wake-up, well-formed and in range, are gathered
+        and handed to it in one call after the others; everything else goes to ``handle``."""
         live = self.depth
+        last = (self.target.size >> SECTOR_SHIFT) - 8 if fast is not None else -1
         bufs = self.bufs
         counters = self.counters
         boundary = self._boundary
@@ -239,6 +251,7 @@ class Queue:
             if not cqes:
                 continue
             done = []
+            simple = []
             requests = 0
             for ud, res in cqes:
                 if ud & BACKING_IO:
@@ -261,9 +274,16 @@ class Queue:
                         counters.errors += 1
                     continue
                 requests += 1
-                opf, nr = d32[tag * 6], d32[tag * 6 + 1]
-                r = handle(opf, nr, d64[tag * 3 + 1], bufs[tag])
+                opf, nr, start = d32[tag * 6], d32[tag * 6 + 1], d64[tag * 3 + 1]
                 op = opf & 0xFF
+                if nr == 8 and op <= 1 and start <= last and not start & 7:
+                    simple.append((tag, opf, start >> 3))
+                    if op:
+                        counters.writes += 1
+                    else:
+                        counters.reads += 1
+                    continue
+                r = handle(opf, nr, start, bufs[tag])
                 if op == 0:
                     counters.reads += 1
                 elif op == 1:
@@ -279,6 +299,12 @@ class Queue:
                 if r < 0:
                     counters.errors += 1
                 done.append((tag, r))
+            if simple:
+                n = len(done)
+                fast(simple, done)
+                for k in range(n, len(done)):
+                    if done[k][1] < 0:
+                        counters.errors += 1
             if requests:
                 counters.batches += 1
                 counters.requests += requests

@@ -1,0 +1,184 @@
+"""The queue's fast path (Store.page_server: a wake-up's single-page READs and WRITEs under one
+hold of the store lock) against the general path (the request handler, one request at a time):
+random request sequences through two queues, each on a store of its own, must leave the same
+results, read data, counters, slot table and invariants. Requests of one wake-up touch
+different pages: the fast path serves its requests after the others of the wake-up, and the
+kernel gives no order to requests in flight together either."""
+import random
+import zlib
+
+import pytest
+
+import invariants
+from fakering import FakeRing
+from fakeublk import make_swapfile, small_store
+from ublkzswap import compress as cz, uapi
+from ublkzswap.backing import Backing
+from ublkzswap.queue import Queue
+
+R, W, D, WZ = (uapi.UBLK_IO_OP_READ, uapi.UBLK_IO_OP_WRITE, uapi.UBLK_IO_OP_DISCARD,
+               uapi.UBLK_IO_OP_WRITE_ZEROES)
+SWAP = uapi.UBLK_IO_F_SWAP
+PAGE = 4096
+PAGES = 96                  # the device
+DEPTH = 8
+
+
+class GeneralOnly:
+    """A store seen without its page_server: every request takes the general path."""
+
+    def __init__(self, store):
+        self.size = store.size
+        for name in ("read", "write", "write_swap", "discard", "write_zeroes", "flush"):
+            setattr(self, name, getattr(store, name))
+
+
+class BoundaryCompressor:
+    """Output lengths on every limit the store tests (good_compress at 2048, raw above 3072);
+    a page starting b"NOZ!" fails to compress, one starting b"BAD!" to decompress."""
+
+    LENS = (64, 2047, 2048, 2049, 3071, 3072, 3073)
+
+    def __init__(self):
+        self.ids: dict[bytes, int] = {}
+        self.pages: list[bytes] = []
+        self.comp = cz.Compressor("boundary", self.compress, self.decompress)
+
+    def compress(self, src):
+        page = bytes(src)
+        if page.startswith(b"NOZ!"):
+            raise cz.CompressionError("cannot")
+        if page not in self.ids:
+            self.ids[page] = len(self.pages)
+            self.pages.append(page)
+        i = self.ids[page] if not page.startswith(b"BAD!") else 0xFFFFFFFF
+        return i.to_bytes(4, "little") + bytes(self.LENS[zlib.crc32(page) % len(self.LENS)] - 4)
+
+    def decompress(self, src, size=PAGE):
+        i = int.from_bytes(bytes(src[:4]), "little")
+        if i >= len(self.pages):
+            raise cz.CompressionError("corrupt")
+        return self.pages[i]
+
+
+def page_of(rng: random.Random) -> bytes:
+    kind = rng.randrange(8)
+    if kind >= 6:
+        return (b"NOZ!", b"BAD!")[kind - 6] + rng.randbytes(PAGE - 4)
+    if kind == 0:
+        return bytes(PAGE)
+    if kind == 1:
+        return rng.randbytes(8) * 512                       # same-filled, non-zero
+    if kind == 2:
+        return rng.randbytes(PAGE)                          # incompressible: a raw page
+    if kind == 3:                                           # first and last words alike only
+        w = rng.randbytes(8)
+        return w + rng.randbytes(PAGE - 16) + w
+    text = b"compcache ramzswap page %d " % rng.randrange(1000)
+    return (text * (PAGE // len(text) + 1))[:PAGE] if kind == 4 else \
+        bytes(2730) + rng.randbytes(PAGE - 2730)            # fio-like 3:1
+
+
+def script(seed: int, steps: int):
+    """Wake-ups of random requests, each as (memlimit or None, [(tag, op|flags, start, nr, data)])."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(steps):
+        free_pages = list(range(PAGES))
+        rng.shuffle(free_pages)
+        reqs = []
+        for tag in range(rng.randrange(1, DEPTH + 1)):
+            x = rng.random()
+            if x < 0.1:                                     # several pages: the general path
+                first = free_pages.pop()
+                n = rng.randrange(2, 4)
+                if first + n > PAGES or any(p in range(first, first + n) for p in
+                                            (r[2] // 8 for r in reqs)):
+                    continue
+                for p in range(first, first + n):
+                    if p in free_pages:
+                        free_pages.remove(p)
+                op = rng.choice((R, W))
+                data = b"".join(page_of(rng) for _ in range(n)) if op == W else None
+                reqs.append((tag, op, first * 8, n * 8, data))
+                continue
+            p = free_pages.pop()
+            if x < 0.5:
+                reqs.append((tag, W | (SWAP if rng.random() < 0.7 else 0), p * 8, 8, page_of(rng)))
+            elif x < 0.85:
+                reqs.append((tag, R, p * 8, 8, None))
+            elif x < 0.93:
+                reqs.append((tag, D if rng.random() < 0.7 else WZ, p * 8, 8, None))
+            elif x < 0.96:
+                reqs.append((tag, R, PAGES * 8, 8, None))              # beyond the end: -EIO
+            else:
+                reqs.append((tag, W, p * 8 + 1, 8, page_of(rng)))     # misaligned: -EINVAL
+        memlimit = rng.choice((0, 0, 0, 24 * PAGE, 64 * PAGE)) if rng.random() < 0.1 else None
+        out.append((memlimit, reqs))
+    return out
+
+
+def run(target, store, wakeups):
+    q = Queue(7, target, depth=DEPTH, buf_bytes=4 * PAGE)
+
+    def step(memlimit, reqs):
+        def post(k):
+            if memlimit is not None:
+                store.set_memlimit(memlimit)
+            return [k.request(tag, op, start, nr, data=data) for tag, op, start, nr, data in reqs]
+        return post
+
+    ring = FakeRing(DEPTH, [step(m, r) for m, r in wakeups] + [FakeRing.stop])
+    try:
+        q.run(ring, ring.iod, cdev=-1)
+    finally:
+        ring.close()
+        q.close()
+    by_tag = {}
+    for tag, result in ring.commits:
+        by_tag.setdefault(tag, []).append(result)
+    data = {}
+    for tag, d in ring.read_data:
+        data.setdefault(tag, []).append(d)
+    return by_tag, data, q.counters
+
+
+@pytest.mark.parametrize("compressor", ["lzo", "boundary"])
+@pytest.mark.parametrize("seed", range(4))
+def test_fast_and_general_paths_agree(seed, compressor):
+    wakeups = script(seed, 120)
+    comp = BoundaryCompressor().comp if compressor == "boundary" else "lzo"
+    fast_store = small_store(0, PAGES * PAGE, compressor=comp)
+    general_store = small_store(0, PAGES * PAGE, compressor=comp)
+    try:
+        fast = run(fast_store, fast_store, wakeups)
+        general = run(GeneralOnly(general_store), general_store, wakeups)
+        assert fast[0] == general[0]                          # every request's result
+        assert fast[1] == general[1]                          # every page read
+        fc, gc = fast[2], general[2]
+        for name in ("reads", "writes", "discards", "requests", "batches", "errors", "invalid_io"):
+            assert getattr(fc, name) == getattr(gc, name), name
+        assert fast_store.stats() == general_store.stats()
+        ft, gt = fast_store.table(), general_store.table()
+        for k in ("kind", "length", "value"):
+            assert (ft[k] == gt[k]).all(), k
+        invariants.check(fast_store)
+        invariants.check(general_store)
+        st = fast_store.stats()
+        # the sequence reached the paths it was meant to
+        assert st["same_pages"] and st["huge_pages"] and st["good_compress"]
+        if compressor == "boundary":
+            assert st["failed_writes"] and st["failed_reads"]
+    finally:
+        fast_store.close()
+        general_store.close()
+
+
+def test_a_store_with_a_backing_swap_has_no_fast_path(tmp_path):
+    b = Backing(make_swapfile(tmp_path / "swap", 256), remap=False)
+    s = small_store(0, PAGES * PAGE, backing=b)
+    try:
+        assert s.page_server([memoryview(bytearray(PAGE))], lambda e: -5) is None
+    finally:
+        s.close()
+        b.close()
