@@ -43,7 +43,7 @@ from .ctlserver import ControlServer
 from .devices import Manager
 from .params import UsageError, help_text, parse_params
 from .handler import describe
-from .uapi import PAGE_SIZE
+from .uapi import PAGE_SIZE, UBLK_IO_F_SWAP
 from .libc import spawn
 from .queue import prepare_buffers
 from .ublkdev import IO_BUF_BYTES, QUEUE_DEPTH, UblkDevice
@@ -97,6 +97,18 @@ def warm_up(storemod, compressor: str, allocator: str) -> None:
             s.read((8 + i) * PAGE_SIZE, memoryview(one))
             assert one == p, f"store self-test: page {i} differs"
         s.discard(8 * PAGE_SIZE, 2 * PAGE_SIZE)
+        # the queue's fast path (a wake-up's single-page requests in one call), as a queue
+        # runs it: writes of every kind of page (swap and not), then reads of each back
+        bufs = [memoryview(bytearray(PAGE_SIZE)) for _ in pages]
+        serve, done = s.page_server(bufs, lambda e: -errno.EIO), []
+        for b, p in zip(bufs, pages):
+            b[:] = p
+        serve([(k, 1 | (UBLK_IO_F_SWAP if k & 1 else 0), 8 + k) for k in range(len(pages))], done)
+        for b in bufs:
+            b[:] = bytes(PAGE_SIZE)
+        serve([(k, 0, 8 + k) for k in range(len(pages))], done)
+        assert done == [(k, PAGE_SIZE) for k in range(len(pages))] * 2 and \
+            [bytes(b) for b in bufs] == pages, "store self-test: the fast path differs"
         s.write_zeroes(10 * PAGE_SIZE, 2 * PAGE_SIZE)
         # fill past the ready pool twice (writes wait for the keeper), leave holes, compact;
         # then free everything, so that the keeper gives the surplus back

@@ -37,15 +37,22 @@ PROBE = textwrap.dedent("""
     rng = random.Random(1)
     text = (b"swap page text " * 300)[:PAGE_SIZE]
     one = bytearray(PAGE_SIZE)
+    bufs = [memoryview(bytearray(PAGE_SIZE)) for _ in range(4)]   # as a queue's tag buffers
+    serve = s.page_server(bufs, lambda e: -5)
     for i in range(40000):
         slot = rng.randrange(1, 8192)
         data = [bytes(PAGE_SIZE), rng.randbytes(PAGE_SIZE), text, b"\\x11" * PAGE_SIZE][rng.randrange(4)]
         x = rng.random()
         try:
-            if x < 0.6:
+            if x < 0.3:
                 s.write_swap(slot * PAGE_SIZE, memoryview(data))
-            elif x < 0.9:
+            elif x < 0.6:
+                bufs[i & 3][:] = data                  # the queue's fast path
+                serve([(i & 3, 1 | 1 << 16, slot)], [])
+            elif x < 0.75:
                 s.read(slot * PAGE_SIZE, memoryview(one))
+            elif x < 0.9:
+                serve([(i & 3, 0, slot)], [])
             else:
                 s.discard(slot * PAGE_SIZE, PAGE_SIZE)
         except OSError:
