@@ -52,6 +52,15 @@ def liburing() -> C.CDLL:
     return _liburing
 
 
+def _unchecked(fn):
+    """``fn`` (a liburing function) called without its argtypes conversions: the serving
+    loop's one call per wake-up, made with a pointer object and a small int that need none.
+    A stand-in that is not a ctypes function (a test's) is returned as it is."""
+    if not isinstance(fn, C._CFuncPtr):
+        return fn
+    return C.CFUNCTYPE(fn.restype)(C.cast(fn, C.c_void_p).value)
+
+
 def _u8_view(addr: int, size: int) -> np.ndarray:
     return np.ctypeslib.as_array((C.c_uint8 * size).from_address(addr))
 
@@ -96,6 +105,7 @@ class Ring:
         alone, so a ``struct io_uring`` over plain memory and stand-ins for those calls give a
         ring whose kernel side a test plays (tests/unit/fakering.py)."""
         self._pring = C.byref(self._ring)
+        self._wait_fn = _unchecked(self._lib.io_uring_submit_and_wait)
         self.flags = self._ring.flags
         self.sqe_size = uapi.SQE128_SIZE if self.flags & uapi.IORING_SETUP_SQE128 else uapi.SQE_SIZE
         sq, cq = self._ring.sq, self._ring.cq
@@ -178,7 +188,7 @@ class Ring:
         Retries on EINTR. The GIL is released while waiting.
         """
         while True:
-            ret = self._lib.io_uring_submit_and_wait(self._pring, wait_nr)
+            ret = self._wait_fn(self._pring, wait_nr)
             if ret != -errno.EINTR:
                 return self._check(ret, "io_uring_submit_and_wait")
 
