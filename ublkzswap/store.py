@@ -219,11 +219,13 @@ class Store:
         header = self._header_view
         SWAP, ENOSPC, ENOMEM, EIO = UBLK_IO_F_SWAP, -errno.ENOSPC, -errno.ENOMEM, -errno.EIO
 
+        cfn, cargs = comp.compress_call
+        dfn, dargs = comp.decompress_call
+        malloc, free, pages_used = alloc.malloc, alloc.free, alloc.pages_used
+        max_zpage, wait = self.max_zpage_size, self.alloc_wait
+
         def serve(reqs, done):
-            cfn, cargs = comp.compress_call
-            dfn, dargs = comp.decompress_call
-            malloc, free, pages_used = alloc.malloc, alloc.free, alloc.pages_used
-            memlimit, max_zpage, wait = self.memlimit, self.max_zpage_size, self.alloc_wait
+            memlimit = self.memlimit
             reads = writes = failed_r = failed_w = 0
             # what slots.count would add up, kept here and added once
             same = zero = stored = good = huge = size = 0
@@ -329,18 +331,27 @@ class Store:
                         except Exception as ex:
                             done.append((tag, boundary(ex)))
                 finally:
-                    c[NUM_READS] += reads
-                    c[NUM_WRITES] += writes
-                    c[FAILED_READS] += failed_r
-                    c[FAILED_WRITES] += failed_w
-                    c[SAME_PAGES] += same
-                    c[ZERO_PAGES] += zero
-                    c[PAGES_STORED] += stored
-                    c[GOOD_COMPRESS_N] += good
-                    c[HUGE_PAGES] += huge
-                    c[COMPR_DATA_SIZE] += size
-                    if maxu > c[MEM_USED_MAX]:
-                        c[MEM_USED_MAX] = maxu
+                    if reads:
+                        c[NUM_READS] += reads
+                        if failed_r:
+                            c[FAILED_READS] += failed_r
+                    if writes:
+                        c[NUM_WRITES] += writes
+                        if failed_w:
+                            c[FAILED_WRITES] += failed_w
+                        if same or zero:
+                            c[SAME_PAGES] += same
+                            c[ZERO_PAGES] += zero
+                        if stored:
+                            c[PAGES_STORED] += stored
+                        if good:
+                            c[GOOD_COMPRESS_N] += good
+                        if huge:
+                            c[HUGE_PAGES] += huge
+                        if size:
+                            c[COMPR_DATA_SIZE] += size
+                        if maxu > c[MEM_USED_MAX]:
+                            c[MEM_USED_MAX] = maxu
 
         return serve
 
