@@ -306,9 +306,13 @@ class Client:
 
     def request(self, msg: dict) -> dict:
         """Send one raw request dict, return the raw answer dict."""
+        try:
+            frame = encode(msg)
+        except ValueError as e:         # too big to send: the caller's, not the daemon's
+            raise OSError(errno.EMSGSIZE, str(e)) from None
         self.connect()
         try:
-            self._sock.sendall(encode(msg))
+            self._sock.sendall(frame)
             (n,) = HEADER.unpack(self._recv_exact(HEADER.size))
             if n > MAX_MESSAGE:
                 raise OSError(errno.EPROTO, f"answer of {n} bytes exceeds {MAX_MESSAGE}")

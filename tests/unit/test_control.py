@@ -457,3 +457,12 @@ def test_socket_path_too_long(sockdir):
     with pytest.raises(DaemonUnreachable) as e:
         Client(path).call("devices")
     assert e.value.errno == errno.ENAMETOOLONG
+
+
+def test_a_request_too_big_to_send_is_emsgsize_before_any_connection():
+    import errno as _errno
+    from ublkzswap.control import Client, MAX_MESSAGE
+    c = Client("/nonexistent/ublkzswap.sock")
+    with pytest.raises(OSError) as e:
+        c.request({"v": 1, "op": "set_backing_swap", "dev": 0, "path": "a" * MAX_MESSAGE})
+    assert e.value.errno == _errno.EMSGSIZE
