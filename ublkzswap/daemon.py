@@ -499,6 +499,7 @@ def standby(cfg: dict, storemod, argv: list[str], fd: int) -> int:
     os.environ.pop(ENV_STANDBY, None)
     prepare_buffers(cfg["num_devices"], QUEUE_DEPTH * IO_BUF_BYTES)
     memory.set_thread_name(STANDBY_NAME)
+    memory.set_command_line([STANDBY_NAME, *argv])
     if ready >= 0:
         try:
             os.write(ready, b"!")
@@ -546,7 +547,8 @@ def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
     """The server: take over or reserve the devices, serve the control socket, keep a standby,
     serve I/O until SIGTERM/SIGINT, tear down. Returns the exit status."""
     from . import shmstate
-    memory.set_thread_name(SERVER_NAME)
+    memory.set_thread_name(SERVER_NAME)          # top, pkill; ps and pidof read the command line:
+    memory.set_command_line([SERVER_NAME, *argv])   # "kill $(pidof ublkzswapd)" finds the server
     thread_failures = ThreadFailures()
     thread_failures.install()
     stop = threading.Event()

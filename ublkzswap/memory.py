@@ -344,6 +344,25 @@ def set_thread_name(name: str) -> None:
     _libc.prctl(PR_SET_NAME, C.addressof(buf), 0, 0, 0)
 
 
+def set_command_line(words: list[str]) -> None:
+    """Show this process as ``words`` in ps, pidof and /proc/PID/cmdline (``ublkzswapd
+    num_devices=1`` rather than ``python3 -m ublkzswap.daemon ...``): the kernel's argument
+    area (``arg_start``..``arg_end`` in /proc/self/stat) is overwritten in place, the rest of
+    it NUL, cut to fit. Python keeps copies of its arguments; nothing reads that memory
+    again. Best effort: a process whose area cannot be found keeps its command line."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])      # fields 48 and 49 (from 1)
+    except (OSError, ValueError, IndexError):
+        return
+    n = end - start
+    if n <= 1:
+        return
+    data = b"\0".join(os.fsencode(w) for w in words)[:n - 1]
+    C.memmove(start, data + bytes(n - len(data)), n)
+
+
 def set_io_flusher() -> None:
     """PR_SET_IO_FLUSHER on the calling thread (needs CAP_SYS_RESOURCE); threads it creates
     afterwards, and processes it spawns, inherit it."""

@@ -72,6 +72,9 @@ def test_compcache_using_sequence(tmp_path):
         # every thread of the daemon (queue, keeper, control, main) is PR_SET_IO_FLUSHER: its
         # reclaim never writes pages out to a device it serves
         assert not_io_flushers(pid) == []
+        # ps and pidof see ublkzswapd (README's unload command: kill $(pidof ublkzswapd))
+        argv0 = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[0]
+        assert argv0 == b"ublkzswapd" and open(f"/proc/{pid}/comm").read().strip() == "ublkzswapd"
         p = rzs(sock, "/dev/ublkb1", "--init", check_rc=1)
         assert p.stderr.strip() == "init: Device or resource busy"
         p = rzs(sock, "/dev/ublkb1", "--disksize_kb=1024", check_rc=1)

@@ -171,3 +171,18 @@ def test_touched_runs_are_the_pages_used_so_far():
     runs = list(memory._touched_runs(base, base + 64 * 4096))
     assert runs == [(base + 3 * 4096, 3 * 4096), (base + 40 * 4096, 4096)]
     m.close()
+
+
+def test_set_command_line_is_what_ps_and_pidof_see():
+    code = ("import os, subprocess, sys; from ublkzswap import memory; "
+            "memory.set_command_line(['ublkzswapd-test', 'num_devices=1', 'x' * 100000]); "
+            "print(open('/proc/self/cmdline', 'rb').read().split(b'\\0')[:2]); "
+            "import shutil; print(not shutil.which('pidof') or subprocess.run(['pidof', "
+            "'ublkzswapd-test'], capture_output=True, text=True).stdout.split() == "
+            "[str(os.getpid())]); print(sys.argv[0])")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert p.returncode == 0, p.stderr
+    first, pidof, argv0 = p.stdout.splitlines()
+    assert first == "[b'ublkzswapd-test', b'num_devices=1']" and pidof == "True"
+    assert argv0 == "-c"                       # Python's own copy untouched
