@@ -25,7 +25,10 @@ def daemon_pids() -> list[int]:
             cmd = open(d, "rb").read().split(b"\0")
         except OSError:
             continue
-        if b"ublkzswap.daemon" in cmd or any(c.endswith(b"/ublkzswapd") for c in cmd):
+        # as started (python -m ublkzswap.daemon, or the ublkzswapd script), or as a server
+        # and standby show themselves (argv[0] ublkzswapd / ublkzswapd-stby)
+        if b"ublkzswap.daemon" in cmd or any(c.endswith(b"/ublkzswapd") for c in cmd) or \
+                cmd[0] in (b"ublkzswapd", b"ublkzswapd-stby"):
             pid = int(d.split("/")[2])
             if pid != os.getpid():
                 out.append(pid)
