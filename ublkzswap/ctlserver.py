@@ -8,11 +8,13 @@ this module adds no operation of its own beyond the table's server-composed ones
 The server never dies of a client. An ``OSError`` from the Manager becomes an errno answer;
 any other exception is logged and answered with EIO. A truncated frame, a client that stalls
 longer than ``timeout`` seconds in the middle of a request (or leaves an answer unread), or
-one that idles longer than ``idle_timeout`` seconds between requests is disconnected.
+one that idles longer than ``idle_timeout`` seconds between requests is disconnected; the
+``timeout`` runs from a request's first byte, however the rest trickles in.
 
 One thread runs a ``selectors`` loop over non-blocking sockets, so a slow or stalled client
 cannot block another, and no thread (stack mapping) is created per connection. At most
-``max_clients`` connections; more are accepted and closed at once. The thread first locks its
+``max_clients`` connections, some kept for root and the owner and a few per other uid;
+more are accepted, answered EAGAIN with the reason, and closed at once. The thread first locks its
 stack (:func:`ublkzswap.memory.daemon_thread_init`): it shares the GIL with the I/O threads,
 so a page fault here stalls them (../shared/DESIGN.md "Memory and deadlock").
 
@@ -52,7 +54,7 @@ def peer_uid(sock: socket.socket) -> int:
 
 
 class _Conn:
-    __slots__ = ("sock", "uid", "rbuf", "wbuf", "deadline", "closing")
+    __slots__ = ("sock", "uid", "rbuf", "wbuf", "deadline", "busy_since", "closing")
 
     def __init__(self, sock, uid, deadline):
         self.sock = sock
@@ -60,6 +62,7 @@ class _Conn:
         self.rbuf = bytearray()
         self.wbuf = bytearray()
         self.deadline = deadline
+        self.busy_since: float | None = None    # when the request or answer under way began
         self.closing = False
 
 
@@ -69,8 +72,10 @@ class ControlServer:
     ``path``: default :func:`ublkzswap.control.default_path`. ``owner_uid``: besides root, the
     uid allowed to send owner-only ops (default: our own uid). ``timeout``: seconds a client
     may stall in the middle of a request (or leave an answer unread) before it is dropped;
-    ``idle_timeout``: seconds a connection may sit idle between requests. ``mode``: of the
-    socket file, set before listen().
+    ``idle_timeout``: seconds a connection may sit idle between requests. ``max_clients``
+    connections at most, ``reserved`` of them kept for root and the owner, ``per_uid`` for
+    any other uid; a refused client is answered EAGAIN with the reason, then closed.
+    ``mode``: of the socket file, set before listen().
     ``start()`` binds (raising OSError if another daemon listens there) and runs the loop in a
     daemon thread; ``close()`` stops it and removes the socket file. :meth:`handle` answers one
     decoded request without any socket.
@@ -79,7 +84,7 @@ class ControlServer:
     def __init__(self, manager, path: str | None = None, owner_uid: int | None = None, *,
                  timeout: float = 5.0, idle_timeout: float = 30.0,
                  max_message: int = MAX_MESSAGE, max_clients: int = 64,
-                 mode: int = 0o660):
+                 reserved: int = 8, per_uid: int = 8, mode: int = 0o660):
         self.manager = manager
         self.path = path or default_path()
         self.owner_uid = os.getuid() if owner_uid is None else owner_uid
@@ -87,6 +92,8 @@ class ControlServer:
         self.idle_timeout = idle_timeout
         self.max_message = max_message
         self.max_clients = max_clients
+        self.reserved = min(reserved, max_clients)
+        self.per_uid = per_uid
         self.mode = mode
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -274,19 +281,40 @@ class ControlServer:
             except OSError as e:  # EMFILE etc.: keep serving the others
                 log.warning("control accept failed: %s", e)
                 return
-            if len(self._conns) >= self.max_clients:
-                log.warning("control: too many clients (%d); refusing one", self.max_clients)
-                sock.close()
-                continue
             try:
                 sock.setblocking(False)
                 uid = peer_uid(sock)
             except OSError:
                 sock.close()
                 continue
+            why = self._refusal(uid)
+            if why:
+                log.warning("control: refusing a client of uid %d: %s", uid, why)
+                try:                             # told why, not just reset
+                    sock.send(self._answer_bytes(error_answer(errno.EAGAIN, why)))
+                except OSError:
+                    pass
+                sock.close()
+                continue
             c = _Conn(sock, uid, time.monotonic() + self.idle_timeout)
             self._conns[sock.fileno()] = c
             sel.register(sock, selectors.EVENT_READ, c)
+
+    def _refusal(self, uid: int) -> str:
+        """Why a new connection from ``uid`` is refused ("" if it is not). Root and the owner
+        may use every slot; others share what is left once ``reserved`` slots are kept for
+        them, at most ``per_uid`` each: whoever can connect cannot lock root out."""
+        if len(self._conns) >= self.max_clients:
+            return f"too many control connections ({self.max_clients}); try again"
+        if uid == 0 or uid == self.owner_uid:
+            return ""
+        others = [c.uid for c in self._conns.values() if c.uid != 0 and c.uid != self.owner_uid]
+        if len(others) >= self.max_clients - self.reserved:
+            return (f"too many control connections of other users "
+                    f"({self.max_clients - self.reserved}); try again")
+        if others.count(uid) >= self.per_uid:
+            return f"too many control connections of uid {uid} ({self.per_uid}); try again"
+        return ""
 
     def _on_read(self, sel, c: _Conn) -> None:
         try:
@@ -331,8 +359,16 @@ class ControlServer:
         if not c.wbuf and c.closing:
             self._drop(sel, c)
             return
-        busy = c.rbuf or c.wbuf
-        c.deadline = time.monotonic() + (self.timeout if busy else self.idle_timeout)
+        # a request must arrive, and its answer be read, within `timeout` of its first byte:
+        # more bytes do not buy more time (a client sending one a second would stay forever)
+        now = time.monotonic()
+        if c.rbuf or c.wbuf:
+            if c.busy_since is None:
+                c.busy_since = now
+            c.deadline = c.busy_since + self.timeout
+        else:
+            c.busy_since = None
+            c.deadline = now + self.idle_timeout
         # stop reading while answers pile up (a client that sends but never reads)
         ev = 0 if c.closing or len(c.wbuf) > 4 * self.max_message else selectors.EVENT_READ
         if c.wbuf:

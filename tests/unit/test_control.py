@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from ublkzswap import control
-from ublkzswap.control import Client, DaemonUnreachable, FrameError
+from ublkzswap.control import Client, DaemonUnreachable, FrameError, encode
 from ublkzswap.ctlserver import ControlServer
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -466,3 +466,107 @@ def test_a_request_too_big_to_send_is_emsgsize_before_any_connection():
     with pytest.raises(OSError) as e:
         c.request({"v": 1, "op": "set_backing_swap", "dev": 0, "path": "a" * MAX_MESSAGE})
     assert e.value.errno == _errno.EMSGSIZE
+
+
+def test_a_request_trickling_in_is_dropped_after_timeout_from_its_first_byte(sockdir):
+    path = os.path.join(sockdir, "c.sock")
+    with ControlServer(RecordingManager(), path, timeout=0.5, idle_timeout=5) as srv:
+        s = raw_connect(path)
+        frame = encode({"v": 1, "op": "devices"})
+        t0 = time.monotonic()
+        dropped = None
+        for b in frame[:-1]:                       # one byte every 0.1 s: never complete
+            try:
+                s.send(bytes([b]))
+            except OSError:
+                dropped = time.monotonic() - t0
+                break
+            time.sleep(0.1)
+            if not srv._conns:
+                dropped = time.monotonic() - t0
+                break
+        assert dropped is not None and dropped < 1.5, dropped
+        s.close()
+
+
+def _hold_as(uid: int, path: str, n: int):
+    """A child process of ``uid`` (forked: no exec, so no access to our interpreter needed)
+    that opens ``n`` connections and keeps them; returns (pid, its report, fd to end it)."""
+    r, w = os.pipe()
+    r2, w2 = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.close(w2)
+            os.setgid(uid)
+            os.setuid(uid)
+            held, refused = [], 0
+            for _ in range(n):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(path)
+                held.append(s)
+            time.sleep(0.5)
+            for s in held:
+                s.setblocking(False)
+                try:
+                    refused += bool(s.recv(4096))
+                except BlockingIOError:
+                    pass
+            try:
+                Client(path, timeout=5).call("devices")
+                extra = "extra call worked"
+            except OSError as e:
+                extra = f"extra call: {e.errno} {getattr(e, 'detail', '')}"
+            os.write(w, f"{len(held)} {refused}\n{extra}\n".encode())
+            os.read(r2, 1)                          # hold them until told
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.close(r2)
+    report = b""
+    while report.count(b"\n") < 2:
+        more = os.read(r, 4096)
+        if not more:
+            break
+        report += more
+    os.close(r)
+    return pid, report.decode(), w2
+
+
+def test_another_user_cannot_take_every_slot_and_root_gets_in(sockdir):
+    path = os.path.join(sockdir, "c.sock")
+    with ControlServer(RecordingManager(), path, max_clients=12, reserved=4, per_uid=3,
+                       mode=0o666) as srv:
+        pid, report, end = _hold_as(65534, path, 20)
+        try:
+            counts, extra = report.splitlines()[:2]
+            held, refused = map(int, counts.split())
+            # 3 kept for uid 65534, the other 17 told why (EAGAIN) and closed
+            assert held == 20 and refused == 17, report
+            assert extra.startswith(f"extra call: {errno.EAGAIN}") and "uid 65534" in extra
+            assert sum(1 for c in srv._conns.values() if c.uid == 65534) == 3
+            roots = [Client(path, timeout=5) for _ in range(srv.max_clients - 3)]
+            for c in roots:                            # root and the owner: every other slot
+                assert c.call("devices") == [0, 1]
+            with pytest.raises(OSError) as e:          # all 12 taken now: told, not reset
+                Client(path, timeout=5).call("devices")
+            assert e.value.errno == errno.EAGAIN
+            for c in roots:
+                c.close()
+        finally:
+            os.close(end)
+            os.waitpid(pid, 0)
+
+
+def test_a_daemon_that_never_answers_is_a_timeout_that_says_so(sockdir):
+    path = os.path.join(sockdir, "mute.sock")
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mute.bind(path)
+    mute.listen(1)
+    try:
+        with pytest.raises(OSError) as e:
+            Client(path, timeout=0.5).call("devices")
+        assert e.value.errno == errno.ETIMEDOUT and "did not answer within 0.5 s" in str(e.value)
+    finally:
+        mute.close()
