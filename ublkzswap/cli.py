@@ -44,7 +44,7 @@ import re
 import sys
 import textwrap
 
-from . import control
+from . import __version__, control
 from . import stats as statsmod
 from .control import Client, DaemonUnreachable, default_path
 
@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "with only a device, implies --stats")
     x.add_argument("--bytes", action="store_true",
                    help="--list: sizes in bytes instead of K/M/G")
+    x.add_argument("-V", "--version", action="store_true",
+                   help="print the version (and carry on with any other option)")
     x.add_argument("--socket", metavar="PATH",
                    help=f"control socket of ublkzswapd (default: ${control.ENV_SOCKET} or "
                         f"{control.DEFAULT_PATH})")
@@ -216,7 +218,7 @@ def plan(argv: list[str]):
     if args.device is not None and argv[0] != args.device:
         raise UsageError(f"the device must be the first argument ({PROG} /dev/ublkbN [options])")
     if args.device is None:
-        if args.list or args.help:
+        if args.list or args.help or args.version:
             return args, None, []
         if len(argv) < 2:
             return None
@@ -288,6 +290,9 @@ def _main(argv: list[str]) -> int:
     args, dev, requests = planned
     if args.help:
         sys.stdout.write(build_parser().format_help())
+        sys.stdout.flush()
+    if args.version:
+        sys.stdout.write(f"{PROG} from ublkzswap {__version__}\n")
         sys.stdout.flush()
     path = args.socket or default_path()
     if dev is None and not args.list:

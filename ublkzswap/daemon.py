@@ -680,6 +680,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print(f"ublkzswapd: {e}", file=sys.stderr)
         return 2
+    if cfg["version"]:
+        from . import __version__
+        print(f"ublkzswapd from ublkzswap {__version__}")
+        return 0
     if os.geteuid() != 0:
         print("ublkzswapd: must run as root (ublk devices and memory locking need it)",
               file=sys.stderr)

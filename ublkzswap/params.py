@@ -45,6 +45,7 @@ PARAMETERS = (
           "keep a prepared standby process that takes the devices over at once if the server "
           "dies (it costs about as much locked memory as the server); without one, a dead "
           "server's devices hold their I/O, pages kept, until ublkzswapd is started again"),
+    Param("version", None, "off", "print the version and exit"),
     Param("restart", None, "off",
           "hand the running daemon's devices to a fresh one running the installed code, losing "
           "nothing (with the socket= of the daemon to restart), then exit"),
@@ -53,7 +54,7 @@ _NAMES = {p.name for p in PARAMETERS}
 _NUMERIC = {"num_devices", "disksize_kb", "memlimit_kb"}
 _FLAGS = {p.name for p in PARAMETERS if p.metavar is None}
 
-USAGE = "usage: ublkzswapd [--foreground] [--standby] " + " ".join(
+USAGE = "usage: ublkzswapd [--foreground] [--standby] [--version] " + " ".join(
     f"[{p.name}={p.metavar}]" for p in PARAMETERS if p.metavar)
 
 
@@ -64,7 +65,7 @@ class UsageError(Exception):
 def parse_params(argv: list[str]) -> dict:
     """``key=value`` words (``--key=value`` too) -> dict of typed values. Raises UsageError."""
     out: dict = {"num_devices": 1, "target": TARGETS[0], "compressor": compress.names()[0],
-                 "allocator": ALLOCATORS[0], "foreground": False, "restart": False, "standby": False,
+                 "allocator": ALLOCATORS[0], "foreground": False, "restart": False, "standby": False, "version": False,
                  "socket": default_path()}
     for word in argv:
         if word in ("-h", "--help"):

@@ -135,6 +135,13 @@ def test_a_closed_stdout_is_one_line_and_what_needs_no_output_still_works(env, a
         assert "write error: Bad file descriptor" in p.stderr or "stats:" in p.stderr
 
 
+def test_version_with_and_without_a_device(env, capsys):
+    from ublkzswap import __version__
+    assert run(capsys, "--version") == (0, f"rzscontrol from ublkzswap {__version__}\n", "")
+    code, out, _ = run(capsys, DEV, "-V", "-i")
+    assert code == 0 and out == f"rzscontrol from ublkzswap {__version__}\n"
+
+
 @pytest.mark.parametrize("number", ["1048576", "9" * 5000])
 def test_device_number_beyond_ublk_is_a_usage_error(env, capsys, number):
     code, out, err = run(capsys, "/dev/ublkb" + number, "-s")

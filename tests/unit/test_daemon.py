@@ -20,6 +20,12 @@ def test_defaults():
     assert cfg["standby"] is False          # a warm standby is asked for: it costs a second image
 
 
+def test_version(capsys):
+    from ublkzswap import __version__, daemon
+    assert daemon.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"ublkzswapd from ublkzswap {__version__}\n"
+
+
 def test_standby_is_a_flag():
     assert params.parse_params(["standby"])["standby"] is True
     assert params.parse_params(["--standby"])["standby"] is True
