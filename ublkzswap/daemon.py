@@ -197,8 +197,37 @@ def _daemonize() -> int:
 _ready_fd = -1
 
 
+# syslog levels (what the kernel log and journald take)
+CRIT, ERR, WARNING, NOTICE, INFO, DEBUG = 2, 3, 4, 5, 6, 7
+_LEVELS = {logging.CRITICAL: CRIT, logging.ERROR: ERR, logging.WARNING: WARNING,
+           logging.INFO: INFO, logging.DEBUG: DEBUG}
+
+
+def _under_journald() -> bool:
+    """stderr is journald's stream (systemd sets JOURNAL_STREAM to its device:inode)."""
+    try:
+        dev, ino = (int(x) for x in os.environ["JOURNAL_STREAM"].split(":"))
+        st = os.fstat(2)
+        return (st.st_dev, st.st_ino) == (dev, ino)
+    except (KeyError, ValueError, OSError):
+        return False
+
+
+def say(text: str, level: int = INFO) -> None:
+    """One message line of the running daemon at syslog ``level``: in the background a
+    kernel log record ``<level>ublkzswapd[pid]: text`` (dmesg --level shows real levels);
+    in the foreground under journald ``<level>text`` (journald adds name and pid); else
+    ``ublkzswapd: text`` on stderr."""
+    if isinstance(sys.stderr, _KmsgLines):
+        sys.stderr.record(level, text)
+    elif _under_journald():
+        print(f"<{level}>{text}", file=sys.stderr, flush=True)
+    else:
+        print(f"ublkzswapd: {text}", file=sys.stderr, flush=True)
+
+
 def _log_exception(etype, e, tb) -> None:
-    print(f"ublkzswapd: fatal: {describe(e)}", file=sys.stderr)
+    say(f"fatal: {describe(e)}", CRIT)
     sys.__excepthook__(etype, e, tb)
 
 
@@ -221,7 +250,7 @@ class ThreadFailures:
             return
         name = args.thread.name if args.thread is not None else "?"
         line = f"thread {name}: {describe(args.exc_value, args.exc_traceback)}"
-        print(f"ublkzswapd: {line}", file=sys.stderr, flush=True)
+        say(line, ERR)
         with self._lock:
             self.lines.append(line)
 
@@ -231,19 +260,23 @@ class ThreadFailures:
 
 
 class _KmsgLines:
-    """stderr of a background daemon: each line one kernel log record at KERN_ERR (fd 2 is
-    /dev/kmsg), so it shows in dmesg and on a console."""
+    """stderr of a background daemon (fd 2 is /dev/kmsg): :func:`say` writes records at their
+    level; anything else written to stderr (a traceback) becomes one record a line at
+    KERN_ERR. Every record is ``ublkzswapd[pid]: ...``, as dmesg shows a driver's."""
 
     def __init__(self):
         self._part = ""
 
+    def record(self, level: int, line: str) -> None:
+        try:
+            os.write(2, f"<{level}>ublkzswapd[{os.getpid()}]: {line}\n".encode(errors="replace"))
+        except OSError:
+            pass
+
     def write(self, text: str) -> int:
         *lines, self._part = (self._part + text).split("\n")
         for line in lines:
-            try:
-                os.write(2, f"<3>{line}\n".encode(errors="replace"))
-            except OSError:
-                pass
+            self.record(ERR, line)
         return len(text)
 
     def flush(self) -> None:
@@ -259,7 +292,7 @@ def _notify(text: str) -> None:
         _ready_fd = -1
         _detach_output()
     else:
-        print(f"ublkzswapd: {text}", file=sys.stderr, flush=True)
+        say(text, NOTICE)
 
 
 def _detach_output() -> None:
@@ -283,17 +316,17 @@ def fail(msg: str) -> int:
     if _ready_fd >= 0:
         _notify(msg)
     else:
-        print(f"ublkzswapd: {msg}", file=sys.stderr)
+        say(msg, ERR)
     return 1
 
 
 class _StderrHandler(logging.Handler):
-    """Log records as ``ublkzswapd: message`` lines on whatever sys.stderr is now (the kernel
-    log once a background daemon has detached)."""
+    """Log records through :func:`say` at their level (the kernel log once a background
+    daemon has detached)."""
 
     def emit(self, record):
         try:
-            print(f"ublkzswapd: {self.format(record)}", file=sys.stderr, flush=True)
+            say(self.format(record), _LEVELS.get(record.levelno, INFO))
         except Exception:
             self.handleError(record)
 
@@ -436,8 +469,7 @@ class Standby:
                 try:
                     self.pid, r = self._spawn()
                 except OSError as e:
-                    print(f"ublkzswapd: cannot start a standby: {e.strerror}", file=sys.stderr,
-                          flush=True)
+                    say(f"cannot start a standby: {e.strerror}", ERR)
                     self.pid, r = 0, -1
             if self.pid:
                 ok = _read_retrying(r) == b"!"
@@ -449,8 +481,7 @@ class Standby:
                 self._ready.clear()
                 if self._closing:
                     return
-                print(f"ublkzswapd: standby {self.pid} ended ({_how(code)}); starting another",
-                      file=sys.stderr, flush=True)
+                say(f"standby {self.pid} ended ({_how(code)}); starting another", WARNING)
             time.sleep(delay)
             delay = min(delay * 2, STANDBY_BACKOFF[1])
 
@@ -593,7 +624,7 @@ def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
     server = None
     try:
         for line in manager.reserve_all(adopt=True):
-            print(f"ublkzswapd: {line}", file=sys.stderr, flush=True)
+            say(line, NOTICE)
         if first and ("disksize_kb" in cfg or "backing_swap" in cfg) and \
                 manager.info(0)["state"] == "uninitialised":
             manager.set_disksize_kb(0, cfg.get("disksize_kb", 0))
@@ -605,7 +636,7 @@ def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
         server.handle({"v": 1, "op": "list"}, 0)    # warm the control path too
     except OSError as e:
         for line in manager.teardown():
-            print(f"ublkzswapd: {line}", file=sys.stderr)
+            say(line, ERR)
         control.close()
         return fail(e.strerror or str(e))
     try:
@@ -619,8 +650,7 @@ def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
         init = f" {', '.join(f'/dev/ublkb{i}' for i in adopted)} initialised" if adopted else ""
         _notify(f"ready {n} device{'s' if n > 1 else ''} reserved{init}")
     else:
-        print(f"ublkzswapd: {os.getpid()} took over {len(adopted)} device(s)",
-              file=sys.stderr, flush=True)
+        say(f"{os.getpid()} took over {len(adopted)} device(s)", NOTICE)
     standby_ = Standby(argv, keep=cfg["standby"])
     standby_.start()
     while True:
@@ -630,8 +660,7 @@ def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
                 # fail fast: a device whose queue has ended (or that could not be taken over)
                 # serves nothing; leave the devices as a crash would, once the standby that
                 # takes them over (and tries again) is prepared
-                print(f"ublkzswapd: {os.getpid()} ending on purpose: {'; '.join(failed)}",
-                      file=sys.stderr, flush=True)
+                say(f"{os.getpid()} ending on purpose: {'; '.join(failed)}", ERR)
                 standby_.ready(STANDBY_READY_WAIT)
                 server.close()
                 os._exit(EXIT_FAILED)
@@ -641,12 +670,10 @@ def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
             handover.clear()
             standby_.replace()
             if not standby_.ready(STANDBY_READY_WAIT):
-                print("ublkzswapd: not restarting: no standby got ready", file=sys.stderr,
-                      flush=True)
+                say("not restarting: no standby got ready", WARNING)
                 stop.clear()
                 continue
-            print(f"ublkzswapd: {os.getpid()} handing its devices to standby {standby_.pid}",
-                  file=sys.stderr, flush=True)
+            say(f"{os.getpid()} handing its devices to standby {standby_.pid}", NOTICE)
             server.close()
             os._exit(EXIT_HANDOVER)
         busy = manager.busy()
@@ -654,14 +681,13 @@ def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
             break
         # zram cannot be unloaded under an active swap either: stopping now would fail every
         # swap-in from these devices (and kill whatever owns those pages)
-        print(f"ublkzswapd: not stopping: {', '.join(busy)} in use (swapoff first)",
-              file=sys.stderr, flush=True)
+        say(f"not stopping: {', '.join(busy)} in use (swapoff first)", WARNING)
         stop.clear()
     standby_.stop()
     server.close()
     errors = manager.teardown()
     for line in errors:
-        print(f"ublkzswapd: {line}", file=sys.stderr)
+        say(line, ERR)
     control.close()
     try:
         os.unlink(pidfile(cfg))

@@ -330,7 +330,9 @@ def ublkzswapd_page() -> str:
         "ublk_drv kernel module (loaded if missing). SIGTERM or SIGINT stops and removes every "
         "device it created, unless a device is in use (swapon): then it logs that and keeps "
         "serving, since stopping would fail every swap-in from it. Once in the background its "
-        "messages go to the kernel log (dmesg)."))
+        "messages go to the kernel log as ublkzswapd[PID]: lines at their syslog level "
+        "(dmesg --level=err,warn shows the ones that matter); in the foreground they go to "
+        "standard error, with <N> level prefixes when that is journald's stream."))
     out.append(para(
         "Only device 0 can be initialised from parameters (disksize_kb= takes precedence over "
         "backing_swap=); the others, and device 0 after a reset, are set up with rzscontrol(1)."))

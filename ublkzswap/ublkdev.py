@@ -19,8 +19,8 @@ Still naive: one queue per device.
 from __future__ import annotations
 
 import errno
+import logging
 import os
-import sys
 import threading
 import time
 
@@ -28,6 +28,8 @@ from . import shmstate, uapi, ublkctrl
 from .memory import ensure_heap_headroom
 from .queue import Queue
 from .target import features
+
+log = logging.getLogger("ublkzswap.ublkdev")
 
 QUEUE_DEPTH = 64
 IO_BUF_BYTES = 32 * 1024     # per tag, populated and locked: 2 MiB for depth 64; swap-in
@@ -191,8 +193,8 @@ class UblkDevice:
                     raise
             if time.monotonic() - t0 >= waited + RECOVERY_WAIT:
                 waited = time.monotonic() - t0
-                print(f"ublkzswapd: {self.bdev}: still waiting to take it over after {waited:.0f} s "
-                      f"({self._holder()})", file=sys.stderr, flush=True)
+                log.warning("%s: still waiting to take it over after %.0f s (%s)", self.bdev,
+                            waited, self._holder())
             time.sleep(0.05)
         self._serve(target, backing_fd, recovering=True)
         self.ctrl.end_user_recovery(self.dev_id)

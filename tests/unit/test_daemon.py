@@ -1,4 +1,5 @@
 """ublkzswapd's parameters and the pieces of the lifecycle that need no kernel."""
+import os
 import struct
 import subprocess
 import sys
@@ -114,3 +115,38 @@ def test_the_daemon_cannot_run_without_its_control_socket_module():
             "try:\n    import ublkzswap.daemon\nexcept ImportError:\n    print('refused')\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.stdout.strip() == "refused", p.stderr
+
+
+SAY = ("import sys; from ublkzswap import daemon\n"
+       "if sys.argv[1] == 'kmsg': sys.stderr = daemon._KmsgLines()\n"
+       "daemon.say('not stopping: in use', daemon.WARNING)\n"
+       "daemon._StderrHandler().emit(__import__('logging').makeLogRecord("
+       "{'msg': 'bad thing', 'levelno': 40, 'levelname': 'ERROR'}))\n"
+       "print('Traceback line', file=sys.stderr)\n")
+
+
+@pytest.mark.parametrize("where", ["terminal", "journald", "kmsg"])
+def test_log_lines_carry_their_level_where_a_reader_takes_it(tmp_path, where):
+    # stderr a plain file standing for: a terminal, journald's stream (JOURNAL_STREAM names
+    # it), /dev/kmsg (a background daemon's fd 2)
+    path = tmp_path / "err"
+    with open(path, "w") as f:
+        st = os.fstat(f.fileno())
+        env = dict(os.environ)
+        env.pop("JOURNAL_STREAM", None)
+        if where == "journald":
+            env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+        p = subprocess.run([sys.executable, "-c", SAY, where], stderr=f, env=env,
+                           cwd=os.path.dirname(os.path.dirname(os.path.dirname(
+                               os.path.abspath(__file__)))))
+    assert p.returncode == 0
+    lines = path.read_text().splitlines()
+    if where == "terminal":
+        assert lines[:2] == ["ublkzswapd: not stopping: in use", "ublkzswapd: bad thing"]
+    elif where == "journald":
+        assert lines[:2] == ["<4>not stopping: in use", "<3>bad thing"]
+    else:
+        pid = p.args and lines[0].split("[", 1)[1].split("]", 1)[0]
+        assert lines == [f"<4>ublkzswapd[{pid}]: not stopping: in use",
+                         f"<3>ublkzswapd[{pid}]: bad thing",
+                         f"<3>ublkzswapd[{pid}]: Traceback line"]
