@@ -534,6 +534,7 @@ def _hold_as(uid: int, path: str, n: int):
     return pid, report.decode(), w2
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to act as another uid")
 def test_another_user_cannot_take_every_slot_and_root_gets_in(sockdir):
     path = os.path.join(sockdir, "c.sock")
     with ControlServer(RecordingManager(), path, max_clients=12, reserved=4, per_uid=3,
