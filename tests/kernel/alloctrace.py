@@ -85,6 +85,50 @@ def rss_by_mapping(pid: int) -> dict[str, int]:
     return out
 
 
+def file_pages(pid: int) -> set[tuple[str, int]]:
+    """(file, offset in it) of every page of a file mapping of ``pid`` that is in its page
+    tables now (/proc/PID/pagemap): compared before and after a block, the pages a fault
+    brought in -- the 64 KiB window fault-around maps around the faulting address."""
+    out: set[tuple[str, int]] = set()
+    try:
+        maps = open(f"/proc/{pid}/maps").read().splitlines()
+        with open(f"/proc/{pid}/pagemap", "rb") as pm:
+            for line in maps:
+                parts = line.split(None, 5)
+                if len(parts) < 6 or not parts[5].startswith("/") or "SYSV" in parts[5]:
+                    continue
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                off = int(parts[2], 16)
+                pm.seek(lo // 4096 * 8)
+                words = memoryview(pm.read((hi - lo) // 4096 * 8)).cast("Q")
+                for i, w in enumerate(words):
+                    if w >> 63:
+                        out.add((parts[5].strip(), off + i * 4096))
+    except OSError:
+        pass
+    return out
+
+
+def new_pages(before: set[tuple[str, int]], after: set[tuple[str, int]]) -> str:
+    """The file pages mapped since ``before``, as "file: offset ranges" (a failure message:
+    ``nm``/``objdump`` of the file tell what code lies there)."""
+    by_file: dict[str, list[int]] = {}
+    for f, o in sorted(after - before):
+        by_file.setdefault(f, []).append(o)
+    out = []
+    for f, offs in by_file.items():
+        runs, start, prev = [], offs[0], offs[0]
+        for o in offs[1:] + [None]:
+            if o is None or o != prev + 4096:
+                runs.append(f"{start:#x}-{prev + 4096:#x}")
+                if o is not None:
+                    start = o
+            if o is not None:
+                prev = o
+        out.append(f"{f}: {' '.join(runs[:20])}")
+    return "; ".join(out) or "none"
+
+
 def grown(before: dict[str, int], after: dict[str, int]) -> str:
     """The mappings whose resident size grew, largest first (for a failure message)."""
     d = sorted(((after[k] - before.get(k, 0), k) for k in after if after[k] > before.get(k, 0)),

@@ -77,12 +77,14 @@ def io_path_allocations_checked(pid: int):
     assert tids, "no ublkq* thread in the daemon"
     faults0, heap0 = alloctrace.major_faults(pid, tids), alloctrace.heap_size(pid)
     rss0 = alloctrace.rss_by_mapping(pid)
+    pages0 = alloctrace.file_pages(pid)
     with alloctrace.trace(tids) as events:
         yield events
     faults = {t: n - faults0.get(t, 0) for t, n in alloctrace.major_faults(pid, tids).items()}
     assert not any(faults.values()), (
         f"major page faults on the I/O path (tid: count): {faults}; the server's mappings "
-        f"that grew meanwhile: {alloctrace.grown(rss0, alloctrace.rss_by_mapping(pid))}")
+        f"that grew meanwhile: {alloctrace.grown(rss0, alloctrace.rss_by_mapping(pid))}; "
+        f"file pages mapped meanwhile: {alloctrace.new_pages(pages0, alloctrace.file_pages(pid))}")
     assert alloctrace.heap_size(pid) == heap0, "the daemon's heap grew while serving"
     # (no events at all is the best outcome: a plain device's queue thread allocates nothing)
     bad = alloctrace.may_reclaim(events)
