@@ -140,6 +140,27 @@ def warm_up(storemod, compressor: str, allocator: str) -> None:
                 assert e.errno in (errno.ENOMEM, errno.ENOSPC), e
     finally:
         s.close()
+    _warm_sorts()
+
+
+SORT_SIZES = (2, 7, 16, 17, 31, 64, 65, 128, 129, 256, 1000, 4096, 20000)
+
+
+def _warm_sorts() -> None:
+    """Run numpy's sorts the arena keeper and compaction use (a keeper batch's pages, the
+    segments by live bytes) at every size class: numpy picks a sorting network, a SIMD
+    partition or a fallback by length and type, each its own code, and the self-test's
+    small store reaches only the smallest. In the VM a keeper pass first sorting a big batch
+    under swap pressure read that code from disk."""
+    import numpy as np
+    rng = np.random.default_rng(1)
+    for dtype in (np.int64, np.uint64, np.int32, np.uint32):
+        for n in SORT_SIZES:
+            a = rng.integers(0, 1 << 30, n).astype(dtype)
+            np.argsort(a, kind="stable")
+            np.argsort(a)
+            a.sort()
+            a[::-1].copy().sort()
 
 
 # ----------------------------------------------------------------------------- main
@@ -346,6 +367,10 @@ def run(cfg: dict, argv: list[str]) -> int:
             warm_up(storemod, cfg["compressor"], cfg["allocator"])   # what the I/O path runs: resident and locked
         except Exception as e:
             return fail(f"store self-test failed: {describe(e)}")
+        try:
+            memory.lock_touched()          # again: the code it ran, with its neighbourhood
+        except OSError as e:
+            return fail(f"refusing to serve swap: {e.strerror}")
     if server_fd is not None:
         return standby(cfg, storemod, argv, server_fd)
     return serve(cfg, storemod, argv, first=True)

@@ -140,6 +140,27 @@ def _touched_runs(start: int, end: int, mask: int = PM_PRESENT | PM_SWAPPED):
         i = j
 
 
+FAULT_AROUND = 64 << 10     # the kernel's fault-around window (fault_around_bytes' default)
+
+
+def _windows(start: int, end: int, runs):
+    """``runs`` widened to whole FAULT_AROUND-aligned windows (clipped to [start, end)), merged.
+    A page fault on a file mapping maps the pages of its window that are in the page cache:
+    with the library's pages cached (any machine that ran it lately) what the self-test
+    touched comes with its neighbours -- code that serving may run and the self-test did
+    not. On a cold cache (a fresh boot, memory pressure) only the pages read come; locking
+    the windows makes the coverage the same either way."""
+    out = []
+    for addr, length in runs:
+        lo = max(start, addr & ~(FAULT_AROUND - 1))
+        hi = min(end, (addr + length + FAULT_AROUND - 1) & ~(FAULT_AROUND - 1))
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return [(lo, hi - lo) for lo, hi in out]
+
+
 def lock_touched(big_anon: int = BIG_ANON) -> None:
     """Give every current mapping lock-on-fault (``mlock2(MLOCK_ONFAULT)``: its mapped pages are
     locked now, others when first touched), and ``mlock`` every private writable one whole,
@@ -168,6 +189,12 @@ def lock_touched(big_anon: int = BIG_ANON) -> None:
             for addr, length in _touched_runs(start, end, PM_SWAPPED):
                 if _libc.mlock(C.c_void_p(addr), C.c_size_t(length)) != 0:
                     raise oserror("cannot lock memory (mlock)")
+            if name.startswith("/"):             # a library's code or read-only data
+                # best effort: the pages touched are locked already (lock-on-fault); under
+                # memory pressure reading their neighbours in may fail (EAGAIN), and that
+                # must not stop the daemon from starting
+                for addr, length in _windows(start, end, _touched_runs(start, end)):
+                    _libc.mlock(C.c_void_p(addr), C.c_size_t(length))
             continue
         if not name and end - start >= big_anon and not any(_touched_runs(start, end)):
             continue

@@ -171,3 +171,13 @@ def test_touched_runs_are_the_pages_used_so_far():
     runs = list(memory._touched_runs(base, base + 64 * 4096))
     assert runs == [(base + 3 * 4096, 3 * 4096), (base + 40 * 4096, 4096)]
     m.close()
+
+
+def test_windows_widen_touched_runs_to_fault_around_windows_within_the_mapping():
+    from ublkzswap.memory import FAULT_AROUND as W, _windows
+    start, end = 0x100000 + 0x3000, 0x100000 + 5 * W
+    runs = [(start + 0x1000, 0x1000), (0x100000 + W + 0x2000, 0x1000),   # same window twice
+            (0x100000 + W + 0x8000, 0x1000), (0x100000 + 3 * W + 0xF000, 0x2000)]
+    assert _windows(start, end, runs) == [
+        (start, 2 * W - 0x3000),    # clipped to the mapping's start, merged with the next
+        (0x100000 + 3 * W, 2 * W)]  # (two runs in one window) -- a run across a boundary: both
