@@ -192,6 +192,12 @@ def lock_touched(big_anon: int = BIG_ANON) -> None:
             for addr, length in runs:
                 if _libc.mlock(C.c_void_p(addr), C.c_size_t(length)) != 0:
                     raise oserror("cannot lock memory (mlock)")
+            if name.startswith("/"):             # a library's code or read-only data
+                # best effort: the pages touched are locked already (lock-on-fault); under
+                # memory pressure reading their neighbours in may fail (EAGAIN), and that
+                # must not stop the daemon from starting
+                for addr, length in _windows(start, end, _touched_runs(start, end)):
+                    _libc.mlock(C.c_void_p(addr), C.c_size_t(length))
             continue
         if not name and end - start >= big_anon and not any(_touched_runs(start, end)):
             continue
