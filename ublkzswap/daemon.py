@@ -99,16 +99,21 @@ def warm_up(storemod, compressor: str, allocator: str) -> None:
         s.discard(8 * PAGE_SIZE, 2 * PAGE_SIZE)
         # the queue's fast path (a wake-up's single-page requests in one call), as a queue
         # runs it: writes of every kind of page (swap and not), then reads of each back
+        # (short of memory a write may be refused, ENOSPC/ENOMEM: then only what was stored
+        # is checked, as below)
         bufs = [memoryview(bytearray(PAGE_SIZE)) for _ in pages]
         serve, done = s.page_server(bufs, lambda e: -errno.EIO), []
         for b, p in zip(bufs, pages):
             b[:] = p
         serve([(k, 1 | (UBLK_IO_F_SWAP if k & 1 else 0), 8 + k) for k in range(len(pages))], done)
+        stored = [k for k, r in done if r == PAGE_SIZE]
+        assert all(r in (PAGE_SIZE, -errno.ENOSPC, -errno.ENOMEM) for _, r in done), done
         for b in bufs:
             b[:] = bytes(PAGE_SIZE)
-        serve([(k, 0, 8 + k) for k in range(len(pages))], done)
-        assert done == [(k, PAGE_SIZE) for k in range(len(pages))] * 2 and \
-            [bytes(b) for b in bufs] == pages, "store self-test: the fast path differs"
+        done.clear()
+        serve([(k, 0, 8 + k) for k in stored], done)
+        assert done == [(k, PAGE_SIZE) for k in stored] and \
+            all(bytes(bufs[k]) == pages[k] for k in stored), "store self-test: the fast path differs"
         s.write_zeroes(10 * PAGE_SIZE, 2 * PAGE_SIZE)
         # fill past the ready pool twice (writes wait for the keeper), leave holes, compact;
         # then free everything, so that the keeper gives the surplus back
