@@ -174,9 +174,8 @@ def _warm_sorts() -> None:
     for dtype in (np.int64, np.uint64, np.int32, np.uint32):
         for n in SORT_SIZES:
             a = rng.integers(0, 1 << 30, n).astype(dtype)
-            np.argsort(a, kind="stable")
-            np.argsort(a)
-            a.sort()
+            np.argsort(a, kind="stable")   # (not the default argsort: never used, and its
+            a.sort()                        # SIMD code segfaulted in the VM, locked heap)
             a[::-1].copy().sort()
 
 
