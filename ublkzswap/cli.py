@@ -44,7 +44,7 @@ import re
 import sys
 import textwrap
 
-from . import control
+from . import __version__, control
 from . import stats as statsmod
 from .control import Client, DaemonUnreachable, default_path
 
@@ -114,17 +114,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "with only a device, implies --stats")
     x.add_argument("--bytes", action="store_true",
                    help="--list: sizes in bytes instead of K/M/G")
+    x.add_argument("-V", "--version", action="store_true",
+                   help="print the version (and carry on with any other option)")
     x.add_argument("--socket", metavar="PATH",
                    help=f"control socket of ublkzswapd (default: ${control.ENV_SOCKET} or "
                         f"{control.DEFAULT_PATH})")
     return p
 
 
+MAX_DEVICE = (1 << 20) - 1     # ublk_drv's highest device id (UBLK_MAX_UBLKS - 1)
+PATH_MAX = 4096                # Linux's, with its terminating NUL
+
+
 def device_number(path: str) -> int:
-    """/dev/ublkbN -> N; UsageError for anything else."""
+    """/dev/ublkbN -> N; UsageError for anything else (the name shortened in the message)."""
     m = DEVICE_RE.match(path)
+    shown = path if len(path) <= 40 else path[:37] + "..."
     if not m:
-        raise UsageError(f"not a ublkzswap device: {path!r} (expected /dev/ublkbN)")
+        raise UsageError(f"not a ublkzswap device: {shown!r} (expected /dev/ublkbN)")
+    if len(m.group(1)) > 7 or int(m.group(1)) > MAX_DEVICE:
+        raise UsageError(f"not a ublkzswap device: {shown!r} (ublk device numbers go up to "
+                         f"{MAX_DEVICE})")
     return int(m.group(1))
 
 
@@ -176,7 +186,23 @@ def render_list(infos: list[dict], *, exact: bool = False) -> str:
 
 
 def _err(msg: str) -> None:
-    print(msg, file=sys.stderr)
+    if sys.stderr is not None:
+        print(msg, file=sys.stderr)
+
+
+class _StdoutClosed(Exception):
+    """Output was due and standard output is closed (``rzscontrol --list >&-``)."""
+
+
+class _ClosedStdout:
+    """Stands for a closed standard output: writing raises, flushing does nothing, so a
+    command with nothing to print still works."""
+
+    def write(self, text: str) -> int:
+        raise _StdoutClosed
+
+    def flush(self) -> None:
+        pass
 
 
 def plan(argv: list[str]):
@@ -192,7 +218,7 @@ def plan(argv: list[str]):
     if args.device is not None and argv[0] != args.device:
         raise UsageError(f"the device must be the first argument ({PROG} /dev/ublkbN [options])")
     if args.device is None:
-        if args.list or args.help:
+        if args.list or args.help or args.version:
             return args, None, []
         if len(argv) < 2:
             return None
@@ -224,6 +250,9 @@ def _option_value(name: str, typ: control.ArgType, value: str):
     if typ is control.PATH:
         if "\0" in value:
             raise UsageError(f"{name}: path contains a NUL byte")
+        if len(os.fsencode(value)) >= PATH_MAX:
+            raise UsageError(f"{name}: path of {len(os.fsencode(value))} bytes is too long "
+                             f"(at most {PATH_MAX - 1})")
         return value
     raise TypeError(f"{name}: no command-line form for {typ.what}")
 
@@ -231,6 +260,19 @@ def _option_value(name: str, typ: control.ArgType, value: str):
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the rzscontrol console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if sys.stdout is None:
+        sys.stdout = _ClosedStdout()
+    try:
+        return _main(argv)
+    except _StdoutClosed:
+        _err(f"{PROG}: write error: {os.strerror(errno.EBADF)}")
+        return EXIT_FAIL
+    except BrokenPipeError:                 # | head: the reader has gone, stop quietly
+        sys.stdout = _ClosedStdout()
+        return EXIT_FAIL
+
+
+def _main(argv: list[str]) -> int:
     if not argv:
         sys.stdout.write(USAGE)
         return EXIT_OK
@@ -248,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     args, dev, requests = planned
     if args.help:
         sys.stdout.write(build_parser().format_help())
+        sys.stdout.flush()
+    if args.version:
+        sys.stdout.write(f"{PROG} from ublkzswap {__version__}\n")
         sys.stdout.flush()
     path = args.socket or default_path()
     if dev is None and not args.list:

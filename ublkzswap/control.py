@@ -306,13 +306,24 @@ class Client:
 
     def request(self, msg: dict) -> dict:
         """Send one raw request dict, return the raw answer dict."""
+        try:
+            frame = encode(msg)
+        except ValueError as e:         # too big to send: the caller's, not the daemon's
+            raise OSError(errno.EMSGSIZE, str(e)) from None
         self.connect()
         try:
-            self._sock.sendall(encode(msg))
+            try:
+                self._sock.sendall(frame)
+            except (BrokenPipeError, ConnectionResetError):
+                pass        # a server that refused us has said why before closing: read it
             (n,) = HEADER.unpack(self._recv_exact(HEADER.size))
             if n > MAX_MESSAGE:
                 raise OSError(errno.EPROTO, f"answer of {n} bytes exceeds {MAX_MESSAGE}")
             body = self._recv_exact(n)
+        except TimeoutError:
+            self.close()
+            raise OSError(errno.ETIMEDOUT, f"ublkzswapd did not answer within "
+                                           f"{self.timeout:g} s") from None
         except BaseException:
             self.close()
             raise

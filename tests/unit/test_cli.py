@@ -113,6 +113,42 @@ def test_unknown_device_number(env, capsys):
     assert run(capsys, "/dev/ublkb7", "-s") == (1, "", "stats: No such device\n")
 
 
+def test_a_path_longer_than_path_max_is_a_usage_error(env, capsys):
+    code, out, err = run(capsys, DEV, "--backing_swap=" + "a" * 70000)
+    assert code == 2 and out == "" and err.count("\n") == 1 and "too long" in err
+    m, _ = env
+    assert m.info(0)["state"] == "uninitialised"
+
+
+@pytest.mark.parametrize("args", [["--list"], [DEV, "--stats"], [DEV, "--init"]])
+def test_a_closed_stdout_is_one_line_and_what_needs_no_output_still_works(env, args):
+    m, path = env
+    p = subprocess.run([sys.executable, "-m", "ublkzswap.cli", *args], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True, cwd=REPO,
+                       env=dict(os.environ, UBLKZSWAP_SOCKET=path),
+                       preexec_fn=lambda: os.close(1))
+    if "--init" in args:
+        assert p.returncode == 0 and p.stderr == "" and m.info(0)["state"] != "uninitialised"
+    else:
+        assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+        assert "Traceback" not in p.stderr
+        assert "write error: Bad file descriptor" in p.stderr or "stats:" in p.stderr
+
+
+def test_version_with_and_without_a_device(env, capsys):
+    from ublkzswap import __version__
+    assert run(capsys, "--version") == (0, f"rzscontrol from ublkzswap {__version__}\n", "")
+    code, out, _ = run(capsys, DEV, "-V", "-i")
+    assert code == 0 and out == f"rzscontrol from ublkzswap {__version__}\n"
+
+
+@pytest.mark.parametrize("number", ["1048576", "9" * 5000])
+def test_device_number_beyond_ublk_is_a_usage_error(env, capsys, number):
+    code, out, err = run(capsys, "/dev/ublkb" + number, "-s")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "not a ublkzswap device" in err and "1048575" in err and len(err) < 200
+
+
 def test_memlimit_on_initialised_device_is_forwarded(env, capsys):
     m, _ = env
     run(capsys, DEV, "-i")

@@ -457,3 +457,25 @@ def test_socket_path_too_long(sockdir):
     with pytest.raises(DaemonUnreachable) as e:
         Client(path).call("devices")
     assert e.value.errno == errno.ENAMETOOLONG
+
+
+def test_a_request_too_big_to_send_is_emsgsize_before_any_connection():
+    import errno as _errno
+    from ublkzswap.control import Client, MAX_MESSAGE
+    c = Client("/nonexistent/ublkzswap.sock")
+    with pytest.raises(OSError) as e:
+        c.request({"v": 1, "op": "set_backing_swap", "dev": 0, "path": "a" * MAX_MESSAGE})
+    assert e.value.errno == _errno.EMSGSIZE
+
+
+def test_a_daemon_that_never_answers_is_a_timeout_that_says_so(sockdir):
+    path = os.path.join(sockdir, "mute.sock")
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mute.bind(path)
+    mute.listen(1)
+    try:
+        with pytest.raises(OSError) as e:
+            Client(path, timeout=0.5).call("devices")
+        assert e.value.errno == errno.ETIMEDOUT and "did not answer within 0.5 s" in str(e.value)
+    finally:
+        mute.close()
