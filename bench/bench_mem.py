@@ -6,11 +6,13 @@ Three states of a daemon serving one device, each measured against the machine b
   (a) ``ublkzswapd num_devices=1`` loaded, nothing initialised;
   (b) one 1 GiB device initialised, still empty;
   (c) after 256 MiB of 3:1 compressible data written to it (fio, sequential, O_DIRECT);
+then (b) again with ``ublkzswapd standby`` (a prepared standby kept: crash survival's cost);
 and zram's (b) and (c) in the same boot. For each: the system's ``used`` delta (as free(1):
 total - free - buffers - cache), the drop of MemAvailable (which, unlike ``used``, also counts
 locked file pages such as libraries under mlockall), and for the daemon its RSS split by mapping
 from /proc/PID/smaps, plus VmLck. Goal (issue: footprint): (b) <= 32 MiB, and
-(c) <= 1.05 x compr_data_size + (b).
+(c) <= 1.05 x compr_data_size + (b). ``used`` counts shared memory as used (free(1) counts it
+as cache): the daemon keeps its stored pages in locked shared memory.
 
     python3 bench/bench_mem.py [--mem 512]
 """
@@ -56,7 +58,10 @@ def settle() -> dict[str, int]:
 
 
 def used(m: dict[str, int]) -> int:
-    return m["MemTotal"] - m["MemFree"] - m["Buffers"] - m["Cached"] - m["SReclaimable"]
+    """free(1)'s used, but with shared memory counted as used: it is not cache here (the
+    daemon's arena and tables live in locked SysV shared memory)."""
+    return (m["MemTotal"] - m["MemFree"] - m["Buffers"] - m["Cached"] + m["Shmem"]
+            - m["SReclaimable"])
 
 
 def group_of(name: str, size: int) -> str:
@@ -111,6 +116,25 @@ def status(pid: int) -> dict[str, int]:
     return out
 
 
+def processes(pid: int) -> list[tuple[int, str, dict[str, int]]]:
+    """(pid, role, {Rss, Pss, USS}) for the daemon's server ``pid`` and its standby. USS
+    (Private_Clean + Private_Dirty) is what the process alone costs: what its death would free."""
+    from tests.kernel.alloctrace import family
+    out = []
+    for i, p in enumerate(family(pid)):
+        roll = {}
+        try:
+            for line in open(f"/proc/{p}/smaps_rollup"):
+                k, _, v = line.partition(":")
+                if k in ("Rss", "Pss", "Private_Clean", "Private_Dirty"):
+                    roll[k] = int(v.split()[0]) * 1024
+        except OSError:
+            continue
+        roll["USS"] = roll.pop("Private_Clean", 0) + roll.pop("Private_Dirty", 0)
+        out.append((p, "server" if i == 0 else "standby", roll))
+    return out
+
+
 def rzs(*args) -> str:
     p = subprocess.run([PY, "-m", "ublkzswap.cli", *args, "--socket", SOCK],
                        capture_output=True, text=True, timeout=600)
@@ -137,28 +161,50 @@ def inside(args) -> int:
     base = settle()
     pid, _ = start("num_devices=1", f"socket={SOCK}")
     details = {}
+
+    def server() -> int:
+        """The process serving I/O: the server."""
+        return pid
     try:
         time.sleep(2)
         m = settle()
         rows.append(("(a) loaded", used(m) - used(base), base["MemAvailable"] - m["MemAvailable"],
-                     status(pid)))
+                     status(server())))
         mi_a = m
-        details["a"] = smaps(pid)
+        details["a"] = smaps(server())
         rzs("/dev/ublkb0", f"--disksize_kb={DISK_KB}", "--init")
         time.sleep(2)
         m = settle()
         rows.append(("(b) 1 GiB empty", used(m) - used(base),
-                     base["MemAvailable"] - m["MemAvailable"], status(pid)))
+                     base["MemAvailable"] - m["MemAvailable"], status(server())))
         mi_b = m
-        details["b"] = smaps(pid)
+        details["b"] = smaps(server())
+        procs_b = processes(pid)
         fill("/dev/ublkb0")
         time.sleep(2)
         m = settle()
         st = json.loads(rzs("/dev/ublkb0", "--json"))
         rows.append(("(c) +256 MiB 3:1", used(m) - used(base),
-                     base["MemAvailable"] - m["MemAvailable"], status(pid)))
-        details["c"] = smaps(pid)
+                     base["MemAvailable"] - m["MemAvailable"], status(server())))
+        details["c"] = smaps(server())
         ublk_c = st
+        rzs("/dev/ublkb0", "--reset")
+    finally:
+        stop(pid)
+        wait_gone()
+    # (b) again with a standby kept (``ublkzswapd standby``): what crash survival's warm
+    # standby adds to the fixed cost
+    from tests.kernel.daemonctl import standby_of
+    base_s = settle()
+    pid, _ = start("num_devices=1", "standby", f"socket={SOCK}")
+    try:
+        rzs("/dev/ublkb0", f"--disksize_kb={DISK_KB}", "--init")
+        standby_of(pid)
+        time.sleep(2)
+        m = settle()
+        rows.append(("(b) + standby", used(m) - used(base_s),
+                     base_s["MemAvailable"] - m["MemAvailable"], status(pid)))
+        procs_bs = processes(pid)
         rzs("/dev/ublkb0", "--reset")
     finally:
         stop(pid)
@@ -200,6 +246,13 @@ def inside(args) -> int:
           f"{zrows[0][1] / MIB:.1f} MiB (goal <= 32 MiB)")
     print(f"growth (c)-(b): {grow / MIB:.1f} MiB = {grow / max(ublk_c['compr_data_size'], 1):.3f} x "
           f"compr_data_size (goal <= 1.05)")
+    print(f"with a standby kept: (b) {rows[3][1] / MIB:.1f} MiB, "
+          f"+{(rows[3][1] - fixed) / MIB:.1f} MiB (goal: standby adds <= 8 MiB)")
+    print("\nprocesses at (b), and at (b) with a standby, MiB (USS: what the process alone "
+          "costs, Private_Clean+Dirty):")
+    for p, role, roll in procs_b + procs_bs:
+        print(f"  {role:10s} pid {p:6d}  RSS {fmt_mib(roll.get('Rss', 0))}  PSS "
+              f"{fmt_mib(roll.get('Pss', 0))}  USS {fmt_mib(roll['USS'])}")
     print("\ndaemon RSS / locked by mapping, MiB (a | b | c):")
     groups = sorted(set().union(*details.values()), key=lambda g: -details["c"].get(g, {}).get("rss", 0))
     for g in groups:

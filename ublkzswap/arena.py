@@ -65,6 +65,7 @@ UNBACKED, READY, OBJECTS, WHOLE, BUSY = 0, 1, 2, 3, 4
 
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 MADV_DONTNEED = 4
+MADV_REMOVE = 9
 MADV_NOHUGEPAGE = 15
 MADV_POPULATE_WRITE = 23
 MLOCK_ONFAULT = 1
@@ -112,11 +113,14 @@ class Arena:
       prefill: run one :meth:`step` now, so the pool starts at ``high``.
       may_grow: ``callable(nbytes) -> bool`` asked before each batch is populated (e.g.
         :class:`ublkzswap.memory.GrowthGuard`); False defers growth to a later pass.
+      segment: a :class:`ublkzswap.shmstate.Segment` to use as the memory instead of a private
+        mapping (it outlives the process; pages go back with ``MADV_REMOVE``). Units of an
+        existing segment are taken over with :meth:`adopt`.
     """
 
     def __init__(self, npages: int, *, unit: int = 1, low: int | None = None,
                  high: int | None = None, lock: bool = False, inline_refill: bool = False,
-                 prefill: bool = True, may_grow=None):
+                 prefill: bool = True, may_grow=None, segment=None):
         if npages <= 0 or unit <= 0:
             raise ValueError(f"arena needs at least one page and unit, got {npages}, {unit}")
         low = DEFAULT_LOW if low is None else low
@@ -130,10 +134,19 @@ class Arena:
         self.size = npages * PAGE_SIZE
         self.high = min(-(-high // unit), nunits)
         self.low = min(-(-low // unit), self.high)
-        self._map = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
-        self.mem = np.frombuffer(self._map, dtype=np.uint8)
+        if segment is None:
+            self._map = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
+            self.mem = np.frombuffer(self._map, dtype=np.uint8)
+            self.view = memoryview(self._map)
+            self._dontneed = MADV_DONTNEED
+        else:
+            if segment.size < self.size:
+                raise ValueError(f"segment of {segment.size} bytes for an arena of {self.size}")
+            self._map = None
+            self.mem = segment.array(0, self.size, np.uint8)
+            self.view = memoryview(self.mem)
+            self._dontneed = MADV_REMOVE          # punch the pages out of the segment
         self.base = self.mem.ctypes.data
-        self.view = memoryview(self._map)
         self.words = self.view.cast("I")
         _libc.madvise(self.base, self.size, MADV_NOHUGEPAGE)  # best effort
         self._locked = False
@@ -340,14 +353,14 @@ class Arena:
         length = count * self.unit_bytes
         if self._locked:
             _check(_libc.munlock(addr, length), "munlock")
-        if _libc.madvise(addr, length, MADV_DONTNEED) != 0:
+        if _libc.madvise(addr, length, self._dontneed) != 0:
             e = ctypes.get_errno()
             if e != errno.EINVAL or self._locked:
-                raise OSError(e, f"madvise(MADV_DONTNEED): {os.strerror(e)}")
+                raise OSError(e, f"madvise({self._dontneed}): {os.strerror(e)}")
             # locked by mlockall(MCL_FUTURE|MCL_ONFAULT): switch to the locked sequence
             self._locked = True
             _check(_libc.munlock(addr, length), "munlock")
-            _check(_libc.madvise(addr, length, MADV_DONTNEED), "madvise(MADV_DONTNEED)")
+            _check(_libc.madvise(addr, length, self._dontneed), f"madvise({self._dontneed})")
         if self._locked:
             self._relock(addr, length)
 
@@ -439,7 +452,27 @@ class Arena:
                 v.release()
             except (BufferError, ValueError):
                 pass
-        try:
-            self._map.close()
-        except BufferError:
-            pass
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                pass
+
+    def adopt(self, used: np.ndarray, kind: int) -> None:
+        """Take over a segment a previous process filled: the units where ``used`` is true are
+        in use for ``kind``; of the rest, those resident in the segment are READY (the first
+        ``high`` of them; the keeper gives any surplus back), the others UNBACKED."""
+        n = self.nunits
+        vec = (ctypes.c_ubyte * self.npages)()
+        if _libc.mincore(ctypes.c_void_p(self.base), ctypes.c_size_t(self.size), vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore of the arena")
+        resident = np.frombuffer(vec, dtype=np.uint8).reshape(n, self.unit).any(axis=1)
+        for start, count in _runs(np.flatnonzero(resident | used[:n])):
+            self._populate(start, count)       # whole units: a partly resident one faults no more
+        with self._lock:
+            self.state[:] = UNBACKED
+            self.state[used[:n]] = kind
+            ready = np.flatnonzero(resident & ~used[:n])
+            self._nready = 0
+            self._push_ready(ready)
+            self._nunbacked = int(np.count_nonzero(self.state == UNBACKED))

@@ -187,8 +187,9 @@ class Backing:
     """An opened, vetted backing swap. ``fd`` is what the queue's io_uring reads and writes;
     backing page N lives at byte ``N * 4096``."""
 
-    def __init__(self, path: str, remap: bool = True):
-        """``remap=False`` keeps a file's I/O on the filesystem (tests on the host's disk)."""
+    def __init__(self, path: str, remap: bool = True, adopt: bool = False):
+        """``remap=False`` keeps a file's I/O on the filesystem (tests on the host's disk);
+        ``adopt``: a daemon that died left the file immutable -- take it over as it is."""
         self.name = str(path)
         self.remapped = False
         self._phys: np.ndarray | None = None
@@ -200,6 +201,12 @@ class Backing:
         except OSError as e:
             raise _fail(e.errno, f"backing swap {self.name}: {e.strerror}") from None
         self.is_blockdev = stat.S_ISBLK(st.st_mode)
+        if adopt and stat.S_ISREG(st.st_mode):
+            fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _set_immutable(fd, False)      # ours; set again below once it is mapped
+            finally:
+                os.close(fd)
         if not self.is_blockdev and not stat.S_ISREG(st.st_mode):
             raise _fail(errno.EINVAL, f"backing swap {self.name}: not a block device or regular file")
         if real in _active_swaps():

@@ -11,13 +11,20 @@ words), :mod:`devices` (compcache's policy), :mod:`ublkdev` (one ublk device), t
       v
     lock memory (memory.lock_process: refuse to start if not), warm the store's paths
       v
-    ADD_DEV ids 0..N-1 --- control socket up --- device 0 initialised if disksize_kb= or
-      v                                          backing_swap= was given
-    serve until SIGTERM / SIGINT: then STOP_DEV + DEL_DEV every device and exit 0 -- refused
-    (logged, the daemon keeps serving) while a device is swapped on, mounted or held
+    server: take over every device a dead server left (shared state: shmstate), else ADD_DEV
+      |  ids 0..N-1 --- control socket up --- device 0 initialised if disksize_kb= or
+      |  backing_swap= was given --- with ``standby``, start a standby (posix_spawn: the same
+      v  command, prepared the same way, then waiting on a pidfd of the server; see Standby)
+    serve until SIGTERM / SIGINT: then end the standby, STOP_DEV + DEL_DEV every device and
+    exit 0 -- refused (logged, the server keeps serving) while a device is swapped on,
+    mounted or held. SIGHUP (``ublkzswapd --restart``): a fresh standby (the installed code)
+    is prepared, then the server leaves its devices to it.
 
-Still naive: one process; a queue thread that fails leaves its device "failed" (shown by
-info and --list) rather than being replaced.
+When the server dies -- kill -9, a crash, or on purpose because a device's queue thread
+ended -- the kernel holds the devices' requests and the standby takes them over and becomes
+the server (with a standby of its own). Without ``standby`` the devices stay held, every page
+kept, until ``ublkzswapd`` is started again (a server ending on purpose starts a standby
+first). The server's pid is in ``SOCKET.pid``.
 """
 
 from __future__ import annotations
@@ -25,9 +32,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import signal
 import sys
 import threading
+import time
 
 from . import memory, ublkctrl
 from .ctlserver import ControlServer
@@ -35,14 +44,42 @@ from .devices import Manager
 from .params import UsageError, help_text, parse_params
 from .handler import describe
 from .uapi import PAGE_SIZE
-from .ublkdev import UblkDevice
+from .libc import spawn
+from .queue import prepare_buffers
+from .ublkdev import IO_BUF_BYTES, QUEUE_DEPTH, UblkDevice
 
 
-def warm_up(storemod, compressor: str) -> None:
+def keeper_options() -> dict:
+    """How a device's store runs its arena keeper in the daemon (and in its self-test)."""
+    return dict(keeper_init=memory.keeper_thread_init, keeper_idle=memory.lock_heap_tail,
+                may_grow=memory.GrowthGuard())
+
+
+WARM_DENSE = 1024         # the self-test writes these pages densely: several keeper batches
+
+
+def warm_up(storemod, compressor: str, allocator: str) -> None:
     """Run every page path of a small throw-away store once and check the data came back, so
     that what the I/O path needs is resident (and, in a locked process, locked) before a
-    device goes live. Raises AssertionError or OSError on a failure."""
-    s = storemod.Store(32 * PAGE_SIZE, compressor=compressor, keeper=False, inline_refill=True, low=4, high=16)
+    device goes live. The store is built as a device's is: on shared state (private
+    segments, gone when it closes) and with a keeper thread, whose waits, refills and
+    compaction (on demand and in the background) are run too -- code first touched later
+    would be read back from disk, under memory pressure, by a request. Raises AssertionError
+    or OSError on a failure."""
+    from . import shmstate
+    npages = storemod.COMPACT_SCAN + WARM_DENSE     # a scan of a whole slice and of a part
+    disksize = npages * PAGE_SIZE
+    state = shmstate.DeviceState.create(
+        -1, disksize=disksize, arena_pages=storemod.arena_pages(disksize, allocator),
+        unit=storemod.ALLOCATORS[allocator].UNIT_PAGES,
+        allocator=list(storemod.ALLOCATORS).index(allocator), compressor=compressor,
+        private=True)
+    try:
+        s = storemod.Store(disksize, state=state, allocator=allocator, compressor=compressor,
+                           **keeper_options())
+    except BaseException:
+        state.detach()
+        raise
     try:
         text = (bytes(range(32, 127)) * 44)[:PAGE_SIZE]
         seed, rnd = 0x9E3779B97F4A7C15, bytearray()
@@ -61,7 +98,39 @@ def warm_up(storemod, compressor: str) -> None:
             assert one == p, f"store self-test: page {i} differs"
         s.discard(8 * PAGE_SIZE, 2 * PAGE_SIZE)
         s.write_zeroes(10 * PAGE_SIZE, 2 * PAGE_SIZE)
+        # fill past the ready pool twice (writes wait for the keeper), leave holes, compact;
+        # then free everything, so that the keeper gives the surplus back
+        # (short of memory -- a standby prepared under pressure -- the store may refuse a
+        # write: what was stored is still checked, and the rest is warmed by use)
+        # (no copies of what was written are kept: a page is made again to check it, so the
+        # self-test's peak -- left in the never-trimmed heap -- stays small)
+        used = list(range(16, WARM_DENSE)) + list(range(WARM_DENSE, npages, 61))
+
+        def page(i: int, round_: int) -> bytes:
+            p = pages[(i + round_) % len(pages)]
+            return p[i % 64:] + p[:i % 64]
+
+        written = {}                                # page -> the round that wrote it last
+        try:
+            for round_ in range(2):
+                for i in used:
+                    s.write(i * PAGE_SIZE, memoryview(page(i, round_)))
+                    written[i] = round_
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.ENOMEM):
+                raise
+        kept = sorted(written)
+        for i in kept[::2]:
+            s.discard(i * PAGE_SIZE, PAGE_SIZE)
+        s.compact()
+        s.compact_if_wasteful()
+        for i in kept[1::2]:
+            s.read(i * PAGE_SIZE, memoryview(one))
+            assert one == page(i, written[i]), f"store self-test: page {i} differs after compaction"
         s.stats()
+        s.discard(16 * PAGE_SIZE, disksize - 16 * PAGE_SIZE)
+        s.compact()
+        s.pool.step()
         s.set_memlimit(PAGE_SIZE)                  # the refusals are paths too
         for write in (s.write_swap, s.write):
             try:
@@ -71,6 +140,26 @@ def warm_up(storemod, compressor: str) -> None:
                 assert e.errno in (errno.ENOMEM, errno.ENOSPC), e
     finally:
         s.close()
+    _warm_sorts()
+
+
+SORT_SIZES = (2, 7, 16, 17, 31, 64, 65, 128, 129, 256, 1000, 4096, 20000)
+
+
+def _warm_sorts() -> None:
+    """Run numpy's sorts the arena keeper and compaction use (a keeper batch's pages, the
+    segments by live bytes) at every size class: numpy picks a sorting network, a SIMD
+    partition or a fallback by length and type, each its own code, and the self-test's
+    small store reaches only the smallest. In the VM a keeper pass first sorting a big batch
+    under swap pressure read that code from disk."""
+    import numpy as np
+    rng = np.random.default_rng(1)
+    for dtype in (np.int64, np.uint64, np.int32, np.uint32):
+        for n in SORT_SIZES:
+            a = rng.integers(0, 1 << 30, n).astype(dtype)
+            np.argsort(a, kind="stable")   # (not the default argsort: never used, and its
+            a.sort()                        # SIMD code segfaulted in the VM, locked heap)
+            a[::-1].copy().sort()
 
 
 # ----------------------------------------------------------------------------- main
@@ -121,6 +210,34 @@ def _log_exception(etype, e, tb) -> None:
     sys.__excepthook__(etype, e, tb)
 
 
+class ThreadFailures:
+    """Uncaught exceptions in the daemon's threads (the arena keeper, the control server, the
+    standby keeper): each is logged and recorded, and the server's main loop ends the server
+    on purpose, as for a queue thread that ended, so that its standby takes the devices over
+    instead of a half-dead server serving on (a keeper gone would fail every write that
+    needs memory)."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+
+    def install(self) -> None:
+        threading.excepthook = self._hook
+
+    def _hook(self, args) -> None:
+        if issubclass(args.exc_type, SystemExit):
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        line = f"thread {name}: {describe(args.exc_value, args.exc_traceback)}"
+        print(f"ublkzswapd: {line}", file=sys.stderr, flush=True)
+        with self._lock:
+            self.lines.append(line)
+
+    def __call__(self) -> list[str]:
+        with self._lock:
+            return list(self.lines)
+
+
 class _KmsgLines:
     """stderr of a background daemon: each line one kernel log record at KERN_ERR (fd 2 is
     /dev/kmsg), so it shows in dmesg and on a console."""
@@ -148,22 +265,26 @@ def _notify(text: str) -> None:
         os.write(_ready_fd, text.encode() + b"\n")
         os.close(_ready_fd)
         _ready_fd = -1
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1):
-            os.dup2(devnull, fd)
-        os.close(devnull)
-        # what a background daemon still has to say goes to the kernel log (dmesg), as a
-        # kernel driver's messages would
-        try:
-            log = os.open("/dev/kmsg", os.O_WRONLY | os.O_CLOEXEC)
-        except OSError:
-            log = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(log, 2)
-        os.close(log)
-        sys.stderr = _KmsgLines()
-        sys.excepthook = _log_exception
+        _detach_output()
     else:
         print(f"ublkzswapd: {text}", file=sys.stderr, flush=True)
+
+
+def _detach_output() -> None:
+    """A background daemon's stdin/stdout go to /dev/null, its stderr to the kernel log (as a
+    kernel driver's messages would)."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    try:
+        log = os.open("/dev/kmsg", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        log = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(log, 2)
+    os.close(log)
+    sys.stderr = _KmsgLines()
+    sys.excepthook = _log_exception
 
 
 def fail(msg: str) -> int:
@@ -185,42 +306,306 @@ class _StderrHandler(logging.Handler):
             self.handleError(record)
 
 
-def run(cfg: dict) -> int:
-    """Bring everything up, serve until SIGTERM/SIGINT, tear down. Returns exit status."""
+def pidfile(cfg: dict) -> str:
+    """Where the server's pid is kept: next to its control socket."""
+    return cfg["socket"] + ".pid"
+
+
+def request_restart(cfg: dict) -> int:
+    """``ublkzswapd --restart``: ask the server on ``socket=`` to hand its devices to a fresh
+    standby running the installed code, and wait until that one answers."""
+    from .control import Client
+    try:
+        with open(pidfile(cfg)) as f:
+            pid = int(f.read())
+        before = Client(cfg["socket"], timeout=5).call("ping")["pid"]
+    except (OSError, ValueError) as e:
+        print(f"ublkzswapd: no running daemon to restart on {cfg['socket']}: "
+              f"{getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        return 1
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + RESTART_WAIT
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        try:
+            now = Client(cfg["socket"], timeout=5).call("ping")["pid"]
+        except OSError:
+            continue
+        if now != before:
+            print(f"ublkzswapd: restarted (server {before} -> {now})")
+            return 0
+    print(f"ublkzswapd: the daemon did not come back within {RESTART_WAIT:g} s", file=sys.stderr)
+    return 1
+
+
+def run(cfg: dict, argv: list[str]) -> int:
+    """Prepare (imports, locked memory, a self-test through the store), then serve -- or, in a
+    standby, wait for the server to die and take its devices over. Returns the exit status."""
+    server_fd = None
+    if os.environ.get(ENV_STANDBY):
+        # a standby: hold on to the server first thing (a pid cannot be mistaken later)
+        try:
+            server_fd = os.pidfd_open(int(os.environ[ENV_STANDBY]))
+        except ProcessLookupError:
+            server_fd = -1                        # gone already: take over once prepared
     root = logging.getLogger("ublkzswap")
     root.addHandler(_StderrHandler())
     root.setLevel(logging.INFO)
     from . import store as storemod           # before locking: no imports on the I/O path
     try:
         memory.lock_process()
-        # Every thread (they inherit it): reclaim done on our behalf never writes pages out,
-        # so no thread of ours can wait for a request tag on a device we serve -- a thread
-        # stuck there could hold the GIL, or a lock the queue thread needs.
+        # Every thread (they inherit it, as does the standby across exec): reclaim done on
+        # our behalf never writes pages out, so no thread of ours can wait for a request tag
+        # on a device we serve -- a thread stuck there would hold the GIL, or keep a killed
+        # server from exiting and so the device from being taken over.
         memory.set_io_flusher()
     except OSError as e:
         return fail(f"refusing to serve swap: {e.strerror}")
     if cfg["target"] == "zswap":
         try:
-            warm_up(storemod, cfg["compressor"])   # what the I/O path runs: resident and locked
+            warm_up(storemod, cfg["compressor"], cfg["allocator"])   # what the I/O path runs: resident and locked
         except Exception as e:
             return fail(f"store self-test failed: {describe(e)}")
+        try:
+            memory.lock_touched()          # again: the code it ran, with its neighbourhood
+        except OSError as e:
+            return fail(f"refusing to serve swap: {e.strerror}")
+    if server_fd is not None:
+        return standby(cfg, storemod, argv, server_fd)
+    return serve(cfg, storemod, argv, first=True)
+
+
+RESTART_WAIT = 300.0
+STANDBY_READY_WAIT = 300.0    # seconds a standby may take to prepare (imports, locking, self-test)
+STANDBY_BACKOFF = (1.0, 30.0)  # respawn delay after a standby died: first, most
+EXIT_HANDOVER = 75            # a server that left its devices to its standby on purpose
+EXIT_FAILED = 70              # a server that found a device it could no longer serve
+ENV_REEXEC = "UBLKZSWAPD_REEXEC"
+ENV_STANDBY = "UBLKZSWAPD_STANDBY_FOR"       # the pid of the server a standby is for
+ENV_READY_FD = "UBLKZSWAPD_READY_FD"         # where a standby says it is prepared
+
+
+class Standby:
+    """The server's standby: the next server, started and prepared before it is needed.
+
+    It is a fresh process (``posix_spawn``: the kernel's vfork, so nothing is shared
+    copy-on-write with the server, whose I/O path must never fault), running the installed
+    code: imports done, memory locked, heap pre-grown, the store self-tested. It then waits,
+    running no Python, on a pidfd of the server; when the server dies (crash, kill -9, a
+    failure it ended itself for, a planned hand-over) it takes every device over from the
+    shared state, without the cold start whose allocations could wait on the very swap that
+    is held, and starts a standby of its own. A thread here keeps one standby ready and starts
+    another if it dies (with back-off).
+
+    ``keep`` (the ``standby`` parameter) keeps one prepared all the time. Without it a standby
+    is started only when one is needed (:meth:`ready`: a planned restart, a server ending on
+    purpose); a server that just dies then leaves its devices held, pages kept, for the next
+    ``ublkzswapd``.
+
+    Still naive: a standby is a second whole image of the daemon (about as much locked memory
+    as the server), which is why it is not kept by default."""
+
+    def __init__(self, argv: list[str], keep: bool = True):
+        self.argv = argv
+        self.keep = keep
+        self.pid = 0
+        self._ready = threading.Event()
+        self._closing = False
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start keeping a standby now if ``keep``, else when :meth:`ready` is first called."""
+        if self.keep:
+            self._start()
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is not None or self._closing:
+                return
+            self._thread = threading.Thread(target=self._keep, name="standby", daemon=True)
+            self._thread.start()
+
+    def _spawn(self) -> tuple[int, int]:
+        r, w = os.pipe()
+        os.set_inheritable(w, True)
+        env = dict(os.environ, **{ENV_STANDBY: str(os.getpid()), ENV_READY_FD: str(w),
+                                  ENV_REEXEC: "1"})
+        try:
+            pid = spawn(sys.executable, [sys.executable, "-m", "ublkzswap.daemon", *self.argv],
+                        env)
+        finally:
+            os.close(w)
+        return pid, r
+
+    def _keep(self) -> None:
+        memory.daemon_thread_init()
+        delay = STANDBY_BACKOFF[0]
+        while not self._closing:
+            with self._lock:
+                if self._closing:
+                    return
+                try:
+                    self.pid, r = self._spawn()
+                except OSError as e:
+                    print(f"ublkzswapd: cannot start a standby: {e.strerror}", file=sys.stderr,
+                          flush=True)
+                    self.pid, r = 0, -1
+            if self.pid:
+                ok = _read_retrying(r) == b"!"
+                os.close(r)
+                if ok:
+                    self._ready.set()
+                    delay = STANDBY_BACKOFF[0]
+                code = _wait_exit(self.pid)
+                self._ready.clear()
+                if self._closing:
+                    return
+                print(f"ublkzswapd: standby {self.pid} ended ({_how(code)}); starting another",
+                      file=sys.stderr, flush=True)
+            time.sleep(delay)
+            delay = min(delay * 2, STANDBY_BACKOFF[1])
+
+    def ready(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for a prepared standby (starting one if none is kept); True
+        if there is one."""
+        self._start()
+        return self._ready.wait(timeout)
+
+    def replace(self) -> None:
+        """End the standby (the keeper starts a fresh one: the installed code)."""
+        self._ready.clear()
+        self._signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        """End the standby for good (a clean stop: the devices go with the server)."""
+        with self._lock:
+            self._closing = True
+        self._signal(signal.SIGTERM)
+        if self._thread is not None:
+            self._thread.join(30)
+
+    def _signal(self, sig) -> None:
+        if self.pid:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+STANDBY_NAME = "ublkzswapd-stby"   # a prepared standby's name (ps, /proc/PID/comm)
+SERVER_NAME = "ublkzswapd"
+
+
+def standby(cfg: dict, storemod, argv: list[str], fd: int) -> int:
+    """A prepared standby (see :class:`Standby`): say so, wait for the server (pidfd ``fd``,
+    -1 if it is gone already) to end, then serve in its place. SIGTERM before then ends it
+    quietly."""
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    if os.path.realpath("/proc/self/fd/2") == "/dev/kmsg":     # the server's log, inherited
+        sys.stderr = _KmsgLines()
+        sys.excepthook = _log_exception
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    ready = int(os.environ.pop(ENV_READY_FD, "-1"))
+    os.environ.pop(ENV_STANDBY, None)
+    prepare_buffers(cfg["num_devices"], QUEUE_DEPTH * IO_BUF_BYTES)
+    memory.set_thread_name(STANDBY_NAME)
+    if ready >= 0:
+        try:
+            os.write(ready, b"!")
+        finally:
+            os.close(ready)
+    if fd >= 0:
+        p = select.poll()
+        p.register(fd, select.POLLIN)
+        while not p.poll():
+            pass
+        os.close(fd)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return serve(cfg, storemod, argv, first=False)
+
+
+def _read_retrying(fd: int) -> bytes:
+    while True:
+        try:
+            return os.read(fd, 1)
+        except InterruptedError:
+            continue
+
+
+def _wait_exit(pid: int) -> int:
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            return os.waitstatus_to_exitcode(status)
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            return 0
+
+
+def _how(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit status {code}"
+
+
+def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
+    """The server: take over or reserve the devices, serve the control socket, keep a standby,
+    serve I/O until SIGTERM/SIGINT, tear down. Returns the exit status."""
+    from . import shmstate
+    memory.set_thread_name(SERVER_NAME)
+    thread_failures = ThreadFailures()
+    thread_failures.install()
     stop = threading.Event()
+    handover = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: (handover.set(), stop.set()))
     try:
         control = ublkctrl.Control()
     except OSError as e:
         return fail(f"cannot open {ublkctrl.CONTROL_PATH}: {e.strerror}")
-    def make_store(disksize, **kw):
-        return storemod.Store(disksize, keeper_init=memory.keeper_thread_init,
-                              keeper_idle=memory.lock_heap_tail,
-                              may_grow=memory.GrowthGuard(), allocator=cfg["allocator"], **kw)
+    alloc = cfg["allocator"]
+    alloc_ids = list(storemod.ALLOCATORS)
+
+    def make_store(dev_id, disksize, *, adopt=False, open_backing=None, **kw):
+        common = keeper_options()
+        if adopt:
+            state = shmstate.DeviceState.attach(dev_id)
+            try:
+                backing = open_backing(state.backing) if state.backing else None
+                return storemod.Store(state.disksize, state=state, adopt=True,
+                                      memlimit=state.memlimit, backing=backing,
+                                      compressor=state.compressor,
+                                      allocator=alloc_ids[state.allocator], **common)
+            except BaseException:
+                state.detach()
+                raise
+        backing = kw.get("backing")
+        state = shmstate.DeviceState.create(
+            dev_id, disksize=disksize, arena_pages=storemod.arena_pages(disksize, alloc),
+            unit=storemod.ALLOCATORS[alloc].UNIT_PAGES, allocator=alloc_ids.index(alloc),
+            compressor=kw["compressor"], memlimit=kw.get("memlimit", 0),
+            backing=backing.name if backing is not None else "")
+        try:
+            return storemod.Store(disksize, state=state, allocator=alloc, **common, **kw)
+        except BaseException:
+            state.remove()
+            state.detach()
+            raise
 
     manager = Manager(cfg, lambda i: UblkDevice(control, i), make_store)
     server = None
     try:
-        manager.reserve_all()
-        if "disksize_kb" in cfg or "backing_swap" in cfg:
+        for line in manager.reserve_all(adopt=True):
+            print(f"ublkzswapd: {line}", file=sys.stderr, flush=True)
+        if first and ("disksize_kb" in cfg or "backing_swap" in cfg) and \
+                manager.info(0)["state"] == "uninitialised":
             manager.set_disksize_kb(0, cfg.get("disksize_kb", 0))
             manager.set_backing_swap(0, cfg.get("backing_swap", ""))
             manager.set_memlimit_kb(0, cfg.get("memlimit_kb", 0))
@@ -233,26 +618,65 @@ def run(cfg: dict) -> int:
             print(f"ublkzswapd: {line}", file=sys.stderr)
         control.close()
         return fail(e.strerror or str(e))
+    try:
+        with open(pidfile(cfg), "w") as f:
+            f.write(f"{os.getpid()}\n")
+    except OSError:
+        pass
     n = cfg["num_devices"]
-    init = " /dev/ublkb0 initialised" if manager.info(0)["state"] != "uninitialised" else ""
-    _notify(f"ready {n} device{'s' if n > 1 else ''} reserved{init}")
+    adopted = [i for i in manager.devices() if manager.info(i)["state"] != "uninitialised"]
+    if first:
+        init = f" {', '.join(f'/dev/ublkb{i}' for i in adopted)} initialised" if adopted else ""
+        _notify(f"ready {n} device{'s' if n > 1 else ''} reserved{init}")
+    else:
+        print(f"ublkzswapd: {os.getpid()} took over {len(adopted)} device(s)",
+              file=sys.stderr, flush=True)
+    standby_ = Standby(argv, keep=cfg["standby"])
+    standby_.start()
     while True:
         while not stop.wait(1.0):
-            pass
+            failed = manager.failures() + thread_failures()
+            if failed:
+                # fail fast: a device whose queue has ended (or that could not be taken over)
+                # serves nothing; leave the devices as a crash would, once the standby that
+                # takes them over (and tries again) is prepared
+                print(f"ublkzswapd: {os.getpid()} ending on purpose: {'; '.join(failed)}",
+                      file=sys.stderr, flush=True)
+                standby_.ready(STANDBY_READY_WAIT)
+                server.close()
+                os._exit(EXIT_FAILED)
+        if handover.is_set():
+            # a planned restart: a standby running the installed code, prepared, then leave
+            # everything as a crash would, on purpose; it takes the devices over
+            handover.clear()
+            standby_.replace()
+            if not standby_.ready(STANDBY_READY_WAIT):
+                print("ublkzswapd: not restarting: no standby got ready", file=sys.stderr,
+                      flush=True)
+                stop.clear()
+                continue
+            print(f"ublkzswapd: {os.getpid()} handing its devices to standby {standby_.pid}",
+                  file=sys.stderr, flush=True)
+            server.close()
+            os._exit(EXIT_HANDOVER)
         busy = manager.busy()
         if not busy:
             break
         # zram cannot be unloaded under an active swap either: stopping now would fail every
         # swap-in from these devices (and kill whatever owns those pages)
-        print(f"ublkzswapd: not stopping: {', '.join(busy)} in use (swapoff first); "
-              "SIGKILL would lose the pages stored there", file=sys.stderr, flush=True)
+        print(f"ublkzswapd: not stopping: {', '.join(busy)} in use (swapoff first)",
+              file=sys.stderr, flush=True)
         stop.clear()
-    if server is not None:
-        server.close()
+    standby_.stop()
+    server.close()
     errors = manager.teardown()
     for line in errors:
         print(f"ublkzswapd: {line}", file=sys.stderr)
     control.close()
+    try:
+        os.unlink(pidfile(cfg))
+    except OSError:
+        pass
     return 1 if errors else 0
 
 
@@ -277,12 +701,14 @@ def main(argv: list[str] | None = None) -> int:
         if not ok:
             print(f"ublkzswapd: {why}", file=sys.stderr)
             return 1
+    if cfg["restart"]:
+        return request_restart(cfg)
     _reexec_with_malloc(argv)
-    if not cfg["foreground"]:
+    if not cfg["foreground"] and os.environ.get(ENV_REEXEC) != "1":
         rc = _daemonize()
         if rc >= 0:
             return rc
-    return run(cfg)
+    return run(cfg, argv)
 
 
 if __name__ == "__main__":

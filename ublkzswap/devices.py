@@ -31,6 +31,7 @@ import threading
 
 from . import stats as statsmod
 from .backing import Backing, swap_header
+from .handler import describe
 from .target import NullTarget, RamTarget
 from .uapi import PAGE_SIZE
 
@@ -84,6 +85,7 @@ class Device:
         self.backing_swap = ""
         self.target = None
         self.backing = None
+        self.takeover_error: str | None = None    # why taking this started device over failed
 
     @property
     def initialised(self) -> bool:
@@ -95,11 +97,34 @@ class Device:
 
     @property
     def state(self) -> str:
+        if self.takeover_error is not None:
+            return "failed"
         if not self.initialised:
             return "uninitialised"
         if self.ublk.failure is not None:
             return "failed"
         return "active" if self.ublk.users() else "initialised"
+
+    def adopt(self) -> None:
+        """Take over this started device from a server that died: its store from the state it
+        left, its backing swap reopened, the kernel's requests flowing to us again.
+
+        OSError if its shared state cannot be attached (its pages are gone). If the kernel
+        side fails once the state is attached, :attr:`takeover_error` says why and the device
+        is left quiesced with its pages (see ``UblkDevice.recover``) for the next server; the
+        target stays open, as a queue thread may have started on it."""
+        target = self.store_factory(self.dev_id, 0, adopt=True,
+                                    open_backing=lambda path: Backing(path, adopt=True))
+        backing = target.backing
+        try:
+            self.ublk.recover(target, backing_fd=backing.fd if backing is not None else -1)
+        except Exception as e:
+            self.takeover_error = describe(e)
+            return
+        self.target, self.backing = target, backing
+        self.backing_swap = backing.name if backing is not None else ""
+        self.disksize_kb = target.size // 1024
+        self.memlimit_kb = target.memlimit // 1024
 
     def init(self) -> None:
         if self.initialised:
@@ -120,8 +145,8 @@ class Device:
             elif kind == "null":
                 target = NullTarget(disksize)
             else:
-                target = self.store_factory(disksize, memlimit=memlimit, backing=backing,
-                                            compressor=self.cfg["compressor"])
+                target = self.store_factory(self.dev_id, disksize, memlimit=memlimit,
+                                            backing=backing, compressor=self.cfg["compressor"])
             if kind != "null":
                 header = backing.header() if backing is not None else swap_header(disksize)
                 preformat = getattr(target, "preformat", None)
@@ -136,9 +161,7 @@ class Device:
                 self.ublk.add()
                 raise
         except BaseException:
-            _close(target)
-            if backing is not None:
-                backing.close()
+            _close(target, backing)
             raise
         self.target, self.backing = target, backing
         self.disksize_kb, self.memlimit_kb = disksize // 1024, memlimit // 1024
@@ -160,6 +183,9 @@ class Device:
         self._drop()
 
     def _drop(self) -> None:
+        destroy = getattr(self.target, "destroy", None)
+        if destroy is not None:
+            destroy()                # its state outlives processes, not a reset
         _close(self.target)
         self.target = None
         if self.backing is not None:
@@ -211,10 +237,13 @@ class Device:
         return d
 
 
-def _close(target) -> None:
+def _close(target, backing=None) -> None:
+    """Close a target (if it has anything to close) and a backing swap (if any)."""
     close = getattr(target, "close", None)
     if close is not None:
         close()
+    if backing is not None:
+        backing.close()
 
 
 class Manager:
@@ -232,12 +261,29 @@ class Manager:
         self.devs: dict[int, Device] = {}
         self._lock = threading.RLock()
 
-    def reserve_all(self) -> None:
-        """ADD_DEV ids 0..num_devices-1."""
+    def reserve_all(self, adopt: bool = False) -> list[str]:
+        """ADD_DEV ids 0..num_devices-1. With ``adopt``, ids our own or a dead ublkzswapd left
+        are taken over instead: reserved ones as reserved, started ones with their stored
+        pages. Returns one line per device that could not be taken over (it is deleted and
+        added afresh: its pages are lost)."""
+        problems = []
         for i in range(self.cfg["num_devices"]):
             ublk = self.make_ublk(i)
-            ublk.add()
-            self.devs[i] = Device(ublk, self.cfg, store_factory=self.store_factory, ram=self.ram)
+            state = ublk.acquire() if adopt else (ublk.add() or "new")
+            dev = Device(ublk, self.cfg, store_factory=self.store_factory, ram=self.ram)
+            if state == "started":
+                try:
+                    dev.adopt()
+                except OSError as e:
+                    problems.append(f"device {i}: cannot take it over ({e.strerror or e}): "
+                                    "its pages are lost")
+                    ublk.delete()
+                    ublk.add()
+                if dev.takeover_error is not None:
+                    problems.append(f"device {i}: cannot take it over ({dev.takeover_error}): "
+                                    "left quiesced with its pages for the next server")
+            self.devs[i] = dev
+        return problems
 
     def _dev(self, dev_id) -> Device:
         try:
@@ -290,6 +336,15 @@ class Manager:
         """Block devices that must not disappear now (swap, mounts, holders)."""
         with self._lock:
             return [d.bdev for d in self.devs.values() if d.initialised and d.ublk.users()]
+
+    def failures(self) -> list[str]:
+        """One line per started device whose queue thread has ended or that could not be taken
+        over (it serves no more)."""
+        with self._lock:
+            return [f"{d.bdev}: {d.ublk.failure}" for d in self.devs.values()
+                    if d.initialised and d.ublk.failure is not None] + \
+                [f"{d.bdev}: takeover failed: {d.takeover_error}" for d in self.devs.values()
+                 if d.takeover_error is not None]
 
     def teardown(self) -> list[str]:
         """Stop and delete every device; returns the errors met (one line each)."""

@@ -32,6 +32,8 @@ _PROTOTYPES = {
     "pthread_getattr_np": (C.c_int, [C.c_ulong, C.c_void_p]),
     "pthread_attr_getstack": (C.c_int, [C.c_void_p, C.c_void_p, C.c_void_p]),
     "pthread_attr_destroy": (C.c_int, [C.c_void_p]),
+    "posix_spawn": (C.c_int, [C.POINTER(C.c_int), C.c_char_p, C.c_void_p, C.c_void_p,
+                              C.POINTER(C.c_char_p), C.POINTER(C.c_char_p)]),
 }
 for _name, (_res, _args) in _PROTOTYPES.items():
     _f = getattr(libc, _name)
@@ -42,6 +44,21 @@ def oserror(what: str) -> OSError:
     """OSError for the errno the last call left, as ``what: strerror``."""
     err = C.get_errno()
     return OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def spawn(path: str, argv: list[str], env: dict[str, str]) -> int:
+    """``posix_spawn`` (glibc: clone with CLONE_VM|CLONE_VFORK, then exec; nothing shared
+    copy-on-write) through ctypes, which releases the GIL: the calling thread waits for the
+    child's exec, which may wait on reclaim, and must not hold up the queue threads meanwhile
+    (``os.posix_spawn`` holds the GIL). Returns the child's pid; raises OSError."""
+    def strings(items):
+        return (C.c_char_p * (len(items) + 1))(*[os.fsencode(x) for x in items], None)
+    pid = C.c_int()
+    rc = libc.posix_spawn(C.byref(pid), os.fsencode(path), None, None, strings(argv),
+                          strings([f"{k}={v}" for k, v in env.items()]))
+    if rc:
+        raise OSError(rc, f"posix_spawn {path}: {os.strerror(rc)}")
+    return pid.value
 
 
 def check(rc: int, what: str) -> None:

@@ -87,6 +87,14 @@ class LogPool:
         self._segments -= 1
         self._give(seg)
 
+    def adopt(self, live: np.ndarray) -> None:
+        """Start from the live bytes per segment a previous process left (rebuilt from the
+        store's table): fresh heads, every segment with live bytes in use."""
+        self._live[:] = live[:len(self._live)]
+        self._segments = int(np.count_nonzero(self._live))
+        self._live_total = int(live.sum())
+        self._heads = [[-1, SEGMENT], [-1, SEGMENT]]
+
     # ---- numbers and compaction
 
     def pages_used(self) -> int:

@@ -334,6 +334,33 @@ def ublkzswapd_page() -> str:
     out.append(para(
         "Only device 0 can be initialised from parameters (disksize_kb= takes precedence over "
         "backing_swap=); the others, and device 0 after a reset, are set up with rzscontrol(1)."))
+    out.append(".SH CRASH SURVIVAL\n")
+    out.append(para(
+        "The stored pages, the slot table and the counters live in locked SysV shared memory, "
+        "one pair of segments per device, and the devices are created recoverable. If the "
+        "server dies (a bug, kill -9, or on purpose when a device's queue thread has ended), the "
+        "kernel holds the devices' requests, every stored page kept, until a new server takes "
+        "the devices over: nothing stored is lost, requests in flight are re-issued, rzscontrol "
+        "--stats carries on. With --standby that server is already there: a second copy "
+        "(ps shows ublkzswapd-stby) started ahead of need, its memory locked and its code "
+        "warmed, waiting for the server to end; it takes every device over and becomes the "
+        "server, then starts a standby of its own. It costs about as much locked memory as "
+        "the server. The server's pid is in SOCKET.pid. ublkzswapd --restart socket=PATH has "
+        "the server on that socket start a fresh standby (the installed code: an upgrade) and "
+        "hand its devices to it. Without a standby, or if server and standby are both killed, "
+        "the devices stay "
+        "held; the next ublkzswapd started with the same num_devices takes them over. A "
+        "takeover never gives a device up: it waits for the kernel to release the dead "
+        "server's requests (each device's request timeout, /sys/block/ublkbN/queue/io_timeout, "
+        "is set to 500 ms for that), logging every 30 s while it waits; if it fails, the device "
+        "stays held with its pages and the new server ends so that its standby tries again. "
+        "Every thread of ublkzswapd is marked PR_SET_IO_FLUSHER: memory reclaim on its behalf "
+        "never writes to a swap device, so no thread of it waits on a device it serves."))
+    out.append(para(
+        "What does not survive: a reboot or a kernel crash (the pages were in RAM), rzscontrol "
+        "--reset, and an unload with SIGTERM (both free everything on purpose). Shared state a "
+        "dead daemon left and nobody took over can be removed with ipcrm(1) (keys 0x75627a00 "
+        "and up)."))
     out.append(".SH PARAMETERS\n")
     for p in PARAMETERS:
         if p.metavar is None:
@@ -363,10 +390,13 @@ def ublkzswapd_page() -> str:
     out.append(para(
         "A userspace swap device must never need new memory to serve I/O: if the daemon had to "
         "fault in a page while the kernel waits for swap to free memory, the machine would "
-        "deadlock. ublkzswapd locks all its memory (mlockall), grows its heap and reserves its "
-        "buffers at start, sets its oom_score_adj to -1000, and refuses to start if it cannot. "
-        "When it has no ready memory for a write, the write fails and the kernel keeps the "
-        "page in RAM and retries later."))
+        "deadlock. ublkzswapd runs a self-test through its store, then locks what it has touched "
+        "(not every library it maps), grows its heap and reserves its buffers at start, sets its "
+        "oom_score_adj to -1000, and refuses to start if it cannot. It grows its memory only "
+        "while the kernel can spare it without swapping and never makes the kernel OOM-kill for "
+        "it; when it has no ready memory for a swap write, the write fails and the kernel keeps "
+        "the page in RAM and retries later. Stored pages are compacted in the background "
+        "(rzscontrol --compact on demand)."))
     out.append(para(RZS_NOTES[1]))
     out.append(".SH SEE ALSO\n.BR rzscontrol (1),\n.BR swapon (8),\n.BR swapoff (8),\n"
                ".BR zramctl (8)\n")

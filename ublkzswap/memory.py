@@ -111,6 +111,56 @@ def _present_runs(start: int, end: int):
         i = j
 
 
+PM_PRESENT, PM_SWAPPED = 1 << 63, 1 << 62
+
+
+def _touched_runs(start: int, end: int, mask: int = PM_PRESENT | PM_SWAPPED):
+    """(address, length) of the runs of pages of [start, end) this process has touched: in
+    memory or swapped out (``/proc/self/pagemap``; ``mask=PM_SWAPPED``: swapped out only).
+    mincore misses the swapped-out ones; a process prepared under memory pressure (a
+    standby) may have had some swapped out -- to the very device it will serve -- before it
+    locked them."""
+    n = (end - start) // PAGE_SIZE
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(start // PAGE_SIZE * 8)
+            words = memoryview(f.read(n * 8)).cast("Q")
+    except OSError:
+        yield from _present_runs(start, end)
+        return
+    i, n = 0, len(words)
+    while i < n:
+        if not words[i] & mask:
+            i += 1
+            continue
+        j = i
+        while j < n and words[j] & mask:
+            j += 1
+        yield start + i * PAGE_SIZE, (j - i) * PAGE_SIZE
+        i = j
+
+
+FAULT_AROUND = 64 << 10     # the kernel's fault-around window (fault_around_bytes' default)
+
+
+def _windows(start: int, end: int, runs):
+    """``runs`` widened to whole FAULT_AROUND-aligned windows (clipped to [start, end)), merged.
+    A page fault on a file mapping maps the pages of its window that are in the page cache:
+    with the library's pages cached (any machine that ran it lately) what the self-test
+    touched comes with its neighbours -- code that serving may run and the self-test did
+    not. On a cold cache (a fresh boot, memory pressure) only the pages read come; locking
+    the windows makes the coverage the same either way."""
+    out = []
+    for addr, length in runs:
+        lo = max(start, addr & ~(FAULT_AROUND - 1))
+        hi = min(end, (addr + length + FAULT_AROUND - 1) & ~(FAULT_AROUND - 1))
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return [(lo, hi - lo) for lo, hi in out]
+
+
 def lock_touched(big_anon: int = BIG_ANON) -> None:
     """Give every current mapping lock-on-fault (``mlock2(MLOCK_ONFAULT)``: its mapped pages are
     locked now, others when first touched), and ``mlock`` every private writable one whole,
@@ -118,8 +168,12 @@ def lock_touched(big_anon: int = BIG_ANON) -> None:
     its file, pages shared with a parent we forked from, the shared zero page) is broken
     here, not by a later first write -- an allocation in whatever thread does it, with the
     GIL held or on the I/O path. The one exception: an anonymous mapping of ``big_anon``
-    bytes or more of which nothing is present yet (a library's reserved buffer that nothing
-    has used, such as OpenBLAS's) is left to lock-on-fault.
+    bytes or more of which nothing has been touched yet (a library's reserved buffer that
+    nothing has used, such as OpenBLAS's) is left to lock-on-fault. Touched includes
+    swapped out (:func:`_touched_runs`): locking brings those pages back. In a private
+    mapping that is not writable (a library's relocation data, made read-only after the
+    loader wrote it: anonymous pages that are read on every call through it) the pages that
+    are swapped out are brought back and locked too.
     Raises OSError if the kernel refuses to lock."""
     for start, end, perms, name in list(_mappings()):
         if name in ("[vsyscall]", "[vvar]", "[vdso]") or perms.startswith("---"):
@@ -129,9 +183,20 @@ def lock_touched(big_anon: int = BIG_ANON) -> None:
             if err in (errno.EPERM, errno.EAGAIN):
                 raise oserror("cannot lock memory (mlock2)")
             continue                      # ENOMEM: the mapping went away meanwhile
-        if perms[1] != "w" or perms[3] != "p":
+        if perms[3] != "p":
             continue
-        if not name and end - start >= big_anon and not any(_present_runs(start, end)):
+        if perms[1] != "w":
+            for addr, length in _touched_runs(start, end, PM_SWAPPED):
+                if _libc.mlock(C.c_void_p(addr), C.c_size_t(length)) != 0:
+                    raise oserror("cannot lock memory (mlock)")
+            if name.startswith("/"):             # a library's code or read-only data
+                # best effort: the pages touched are locked already (lock-on-fault); under
+                # memory pressure reading their neighbours in may fail (EAGAIN), and that
+                # must not stop the daemon from starting
+                for addr, length in _windows(start, end, _touched_runs(start, end)):
+                    _libc.mlock(C.c_void_p(addr), C.c_size_t(length))
+            continue
+        if not name and end - start >= big_anon and not any(_touched_runs(start, end)):
             continue
         if _libc.mlock(C.c_void_p(start), C.c_size_t(end - start)) != 0:
             raise oserror("cannot lock memory (mlock)")
@@ -308,7 +373,7 @@ def set_thread_name(name: str) -> None:
 
 def set_io_flusher() -> None:
     """PR_SET_IO_FLUSHER on the calling thread (needs CAP_SYS_RESOURCE); threads it creates
-    afterwards inherit it."""
+    afterwards, and processes it spawns, inherit it."""
     if _libc.prctl(uapi.PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
         raise oserror("prctl(PR_SET_IO_FLUSHER)")
 

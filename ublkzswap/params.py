@@ -41,11 +41,19 @@ PARAMETERS = (
     Param("socket", "PATH", default_path(),
           f"control socket for rzscontrol (environment: {ENV_SOCKET})"),
     Param("foreground", None, "off", "stay in the foreground (default: return once the devices are ready)"),
+    Param("standby", None, "off",
+          "keep a prepared standby process that takes the devices over at once if the server "
+          "dies (it costs about as much locked memory as the server); without one, a dead "
+          "server's devices hold their I/O, pages kept, until ublkzswapd is started again"),
+    Param("restart", None, "off",
+          "hand the running daemon's devices to a fresh one running the installed code, losing "
+          "nothing (with the socket= of the daemon to restart), then exit"),
 )
 _NAMES = {p.name for p in PARAMETERS}
 _NUMERIC = {"num_devices", "disksize_kb", "memlimit_kb"}
+_FLAGS = {p.name for p in PARAMETERS if p.metavar is None}
 
-USAGE = "usage: ublkzswapd [--foreground] " + " ".join(
+USAGE = "usage: ublkzswapd [--foreground] [--standby] " + " ".join(
     f"[{p.name}={p.metavar}]" for p in PARAMETERS if p.metavar)
 
 
@@ -56,18 +64,19 @@ class UsageError(Exception):
 def parse_params(argv: list[str]) -> dict:
     """``key=value`` words (``--key=value`` too) -> dict of typed values. Raises UsageError."""
     out: dict = {"num_devices": 1, "target": TARGETS[0], "compressor": compress.names()[0],
-                 "allocator": ALLOCATORS[0], "foreground": False, "socket": default_path()}
+                 "allocator": ALLOCATORS[0], "foreground": False, "restart": False, "standby": False,
+                 "socket": default_path()}
     for word in argv:
         if word in ("-h", "--help"):
             raise UsageError("help")
         w = word[2:] if word.startswith("--") else word
-        if w == "foreground":
-            out["foreground"] = True
+        if w in _FLAGS:
+            out[w] = True
             continue
         key, sep, value = w.partition("=")
         if not sep:
             raise UsageError(f"'{word}' is not key=value")
-        if key not in _NAMES or key == "foreground":
+        if key not in _NAMES or key in _FLAGS:
             raise UsageError(f"unknown parameter '{key}'")
         if key in _NUMERIC:
             if not value.isascii() or not value.isdigit() or len(value) > 19:

@@ -66,6 +66,30 @@ PREWARM_IO = 1 << 41   # user_data bit of the start-up reads that fill io_uring'
 PREWARM_SPARE = 8      # prewarmed beyond the backing bound: io_uring refills requests 8 at a time
 
 
+_spare: list[mmap.mmap] = []
+
+
+def _buffers(nbytes: int) -> mmap.mmap:
+    """A queue's tag buffers: anonymous, resident (and, in a locked process, locked) now."""
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    populate(np.frombuffer(m, dtype=np.uint8).ctypes.data, nbytes)   # MAP_POPULATE is a no-op
+    return m                                                         # under MCL_ONFAULT
+
+
+def prepare_buffers(count: int, nbytes: int) -> None:
+    """Make ``count`` queues' tag buffers of ``nbytes`` now, for queues made later to take: a
+    standby takes devices over while the kernel holds their I/O, when taking new memory could
+    wait on that very I/O."""
+    _spare.extend(_buffers(nbytes) for _ in range(count))
+
+
+def _take_spare(nbytes: int) -> mmap.mmap | None:
+    for i, m in enumerate(_spare):
+        if len(m) == nbytes:
+            return _spare.pop(i)
+    return None
+
+
 class Queue:
     """Queue ``q_id`` of ublk device ``dev_id``, serving ``target``.
 
@@ -96,12 +120,10 @@ class Queue:
         self._boundary = Boundary(self.counters, f"queue {q_id} of device {dev_id}")
         self.armed = threading.Event()
         self.error: BaseException | None = None
-        self._bufmap = mmap.mmap(-1, depth * buf_bytes,
-                                 flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+        self._bufmap = _take_spare(depth * buf_bytes) or _buffers(depth * buf_bytes)
         self._bufview = memoryview(self._bufmap)
         self.bufs = [self._bufview[t * buf_bytes:(t + 1) * buf_bytes] for t in range(depth)]
         base = np.frombuffer(self._bufmap, dtype=np.uint8).ctypes.data
-        populate(base, depth * buf_bytes)   # MAP_POPULATE is a no-op under MCL_ONFAULT
         self.buf_addrs = base + np.arange(depth, dtype=np.uint64) * np.uint64(buf_bytes)
 
     def _open_cdev(self) -> int:

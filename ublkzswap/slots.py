@@ -61,3 +61,25 @@ def decode_all(tab: np.ndarray) -> dict[str, np.ndarray]:
     return {"kind": kind.astype(np.uint8), "address": t[:, 0] >> np.uint64(16),
             "length": ((t[:, 0] >> np.uint64(2)) & np.uint64(0x1FFF)).astype(np.int64),
             "value": np.where(kind == SAME, t[:, 1], 0).astype(np.uint64)}
+
+
+def recount(c, tab: np.ndarray, scan: int = 8192) -> None:
+    """Set the counters that follow content (same, zero, huge, stored, good, compressed size)
+    from a whole table, as :func:`count` would have left them: a takeover's reconciliation.
+    ``scan`` slots at a time, so that numpy's temporaries stay small."""
+    nsame = zero = nraw = ncomp = good = size = 0
+    for lo in range(0, len(tab) // 2, scan):
+        e, v = tab[2 * lo:2 * (lo + scan):2], tab[2 * lo + 1:2 * (lo + scan):2]
+        kind = e & np.uint64(3)
+        length = ((e >> np.uint64(2)) & np.uint64(0x1FFF)).astype(np.int64)
+        same, comp, raw = kind == SAME, kind == COMP, (kind == RAW) & (length > 0)
+        zero += int(np.count_nonzero(same & (v == 0)))
+        nsame += int(np.count_nonzero(same))
+        nraw += int(np.count_nonzero(raw))
+        ncomp += int(np.count_nonzero(comp))
+        good += int(np.count_nonzero(comp & (length <= GOOD_COMPRESS)))
+        size += int(length[comp].sum())
+    c[SAME_PAGES], c[ZERO_PAGES], c[HUGE_PAGES] = nsame, zero, nraw
+    c[PAGES_STORED] = ncomp + nraw + nsame - zero
+    c[GOOD_COMPRESS_N] = good + nsame - zero
+    c[COMPR_DATA_SIZE] = size + PAGE_SIZE * nraw

@@ -44,7 +44,8 @@ from . import logalloc, xvmalloc
 from .memory import resident_array
 from .slots import (BD_READS, BD_WRITES, COMP, COMPR_DATA_SIZE, COUNTERS, EMPTY,
                     FAILED_READS, FAILED_WRITES, MEM_USED_MAX, NOTIFY_FREE, NUM_READS,
-                    NUM_WRITES, PAGES_COMPACTED, RAW, SAME, count, decode, decode_all)
+                    NUM_WRITES, PAGES_COMPACTED, RAW, SAME, count, decode, decode_all,
+                    recount)
 from .target import OP_READ, OP_WRITE, BackingIO
 from .uapi import PAGE_SHIFT, PAGE_SIZE
 
@@ -58,6 +59,17 @@ COMPACT_WAIT = 1.0            # seconds on-demand compaction waits for the keepe
 BACKGROUND_WASTE = 0.10       # background compaction starts above this share of unused memory
 
 _ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+def arena_pages(disksize: int, allocator: str = "log", high: int | None = None) -> int:
+    """Pages of address space a store's arena reserves: every slot raw, the ready pool, the pages
+    of the largest request (an overwrite allocates before it frees); twice that for an
+    allocator that leaves holes until it compacts."""
+    pages = disksize // PAGE_SIZE + (high or _arena.DEFAULT_HIGH) + ARENA_SLACK_PAGES
+    if ALLOCATORS[allocator] is xvmalloc.XvPool:
+        return min(pages, xvmalloc.MAX_ARENA_PAGES)
+    unit = logalloc.SEGMENT_PAGES
+    return -(-2 * pages // unit) * unit
 
 
 class Store:
@@ -81,7 +93,7 @@ class Store:
                  pool=None, allocator="log", alloc_wait: float = 2.0, keeper: bool = True,
                  keeper_init=None, keeper_idle=None,
                  keeper_interval: float = _arena.DEFAULT_INTERVAL,
-                 **pool_options):
+                 state=None, adopt: bool = False, **pool_options):
         if type(disksize) is not int or disksize <= 0 or disksize % PAGE_SIZE:
             raise ValueError(f"disksize must be a positive multiple of {PAGE_SIZE} bytes, got {disksize!r}")
         self.size = self.disksize = disksize
@@ -95,22 +107,26 @@ class Store:
         self._own_pool = pool is None
         if pool is None:
             cls = ALLOCATORS[allocator]
-            high = pool_options.get("high") or _arena.DEFAULT_HIGH
-            # address space only: every slot raw, the ready pool, the pages of the largest
-            # request (an overwrite allocates before it frees); twice that for an allocator
-            # that leaves holes until it compacts
-            pages = (self.npages + high + ARENA_SLACK_PAGES) * (1 if cls is xvmalloc.XvPool else 2)
-            pool = _arena.Arena(min(pages, xvmalloc.MAX_ARENA_PAGES) if cls is xvmalloc.XvPool else pages,
-                                unit=cls.UNIT_PAGES, **pool_options)
+            pages = arena_pages(disksize, allocator, pool_options.get("high"))
+            if state is not None:
+                pool_options.update(segment=state.arena, prefill=not adopt)
+            pool = _arena.Arena(pages, unit=cls.UNIT_PAGES, **pool_options)
         self.pool = pool
         self.allocator = ALLOCATORS[allocator](pool) if isinstance(allocator, str) else allocator
-        # the slot table in a mapping of its own, resident now (the I/O path never faults on it)
-        self._tab = resident_array(2 * self.npages, np.uint64, "ublkzswap slot table")
+        if state is None:
+            # the slot table in a mapping of its own, resident now (the I/O path never faults on it)
+            self._tab = resident_array(2 * self.npages, np.uint64, "ublkzswap slot table")
+            self._counters = np.zeros(len(COUNTERS), dtype=np.int64)
+            self._header = _ZERO_PAGE          # page 0 as preformat() left it
+        else:                                  # in memory that outlives us (shmstate)
+            self._tab, self._counters = state.table, state.counters[:len(COUNTERS)]
+            self._header = memoryview(state.page0)
+        self._state = state
         self._t = memoryview(self._tab)
-        self._counters = np.zeros(len(COUNTERS), dtype=np.int64)
         self._c = memoryview(self._counters)
         self._lock = threading.Lock()
-        self._header = _ZERO_PAGE              # page 0 as preformat() left it
+        if adopt:
+            self._adopt()
         if keeper and self._own_pool:
             def idle():
                 self.compact_if_wasteful()
@@ -125,6 +141,8 @@ class Store:
         if type(memlimit) is not int or memlimit < 0:
             raise ValueError(f"memlimit must be a non-negative number of bytes, got {memlimit!r}")
         self.memlimit = memlimit
+        if getattr(self, "_state", None) is not None:
+            self._state.set_memlimit(memlimit)
 
     @property
     def mem_used_total(self) -> int:
@@ -201,7 +219,10 @@ class Store:
         with self._lock:
             if self._t[0] & 3:
                 self._set(0, EMPTY)
-            self._header = bytes(page)
+            if isinstance(self._header, memoryview):
+                self._header[:] = page           # shared: it outlives us like the rest
+            else:
+                self._header = bytes(page)
             self._t[0] = RAW                    # raw, length 0: the header, kept apart
 
     # ---- compaction (zram's compact)
@@ -307,11 +328,44 @@ class Store:
             return 0
         return self.compact(max_fill=0.75, batches=4, reserve=self.pool.low, wait=False)
 
+    def _adopt(self) -> None:
+        """Take over a table a previous process left (crash, kill -9, restart): rebuild the
+        allocator's and the pool's bookkeeping from it and recount the counters that follow
+        content. A write interrupted before its entry was stored left only an unreferenced
+        object: not counted here, its room is reused or compacted away."""
+        adopt = getattr(self.allocator, "adopt", None)
+        if adopt is None:
+            raise OSError(errno.EOPNOTSUPP, "this allocator's state cannot be taken over")
+        unit = np.uint64(self.pool.unit_bytes)
+        live = np.zeros(self.pool.nunits, dtype=np.int64)
+        for lo in range(0, self.npages, COMPACT_SCAN):   # small temporaries: see compact()
+            e = self._tab[2 * lo:2 * min(lo + COMPACT_SCAN, self.npages):2]
+            length = ((e >> np.uint64(2)) & np.uint64(0x1FFF)).astype(np.int64)
+            held = ((e & np.uint64(3)) >= RAW) & (length > 0)
+            units = ((e[held] >> np.uint64(16)) // unit).astype(np.int64)
+            np.add.at(live, units, length[held])
+        adopt(live)
+        self.pool.adopt(live > 0, _arena.OBJECTS)
+        recount(self._c, self._tab)
+        c = self._c
+        c[MEM_USED_MAX] = max(c[MEM_USED_MAX], self.mem_used_total)
+
     def close(self) -> None:
-        """Stop and drop the pool if the store made it."""
+        """Stop and drop the pool if the store made it (shared state stays for the next)."""
         if self._own_pool and self.pool is not None:
             self.pool.close()
         self.pool = None
+        if self._state is not None:
+            self._tab = self._counters = self._t = self._c = None
+            self._header = _ZERO_PAGE
+            self._state.detach()
+            self._state = None
+
+    def destroy(self) -> None:
+        """Close, and remove the shared state too (a reset or a clean unload)."""
+        if self._state is not None:
+            self._state.remove()
+        self.close()
 
     # ---- the page operations (the store lock is held)
 

@@ -189,6 +189,12 @@ class Control:
     def start_dev(self, dev_id: int, pid: int | None = None) -> None:
         self.run(prepare_start_dev(dev_id, os.getpid() if pid is None else pid))
 
+    def start_user_recovery(self, dev_id: int) -> None:
+        self.run(prepare_start_user_recovery(dev_id))
+
+    def end_user_recovery(self, dev_id: int, pid: int | None = None) -> None:
+        self.run(prepare_end_user_recovery(dev_id, os.getpid() if pid is None else pid))
+
     def stop_dev(self, dev_id: int) -> None:
         self.run(prepare_stop_dev(dev_id))
 

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import threading
+import time
 
-from . import ublkctrl
+from . import shmstate, uapi, ublkctrl
 from .memory import ensure_heap_headroom
 from .queue import Queue
 from .target import features
@@ -31,6 +33,11 @@ QUEUE_DEPTH = 64
 IO_BUF_BYTES = 32 * 1024     # per tag, populated and locked: 2 MiB for depth 64; swap-in
                              # reads up to 8 pages (vm.page-cluster 3), longer writes split
 ARM_TIMEOUT = 30.0
+IO_TIMEOUT_MS = 500          # a request's timeout: how soon a dead server's held requests go back
+RECOVERY_WAIT = 30.0         # seconds between log lines while a dead server's device is quiesced
+RECOVERY_FLAGS = uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE
+STATES = {uapi.UBLK_S_DEV_DEAD: "dead", uapi.UBLK_S_DEV_LIVE: "live",
+          uapi.UBLK_S_DEV_QUIESCED: "quiesced"}
 
 
 def block_users(bdev: str, *, openers: bool = False) -> list[str]:
@@ -87,13 +94,24 @@ def _openers(rdev: int) -> list[int]:
     return pids
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not: a dead server waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 class UblkDevice:
     """Device ``dev_id`` on the ublk control device ``ctrl`` (a :class:`ublkctrl.Control`)."""
 
     def __init__(self, ctrl: ublkctrl.Control, dev_id: int, *, depth: int = QUEUE_DEPTH,
-                 buf_bytes: int = IO_BUF_BYTES):
+                 buf_bytes: int = IO_BUF_BYTES, owner: int | None = None):
+        """``owner``: the pid that claims the id (default: this process, the server)."""
         self.ctrl = ctrl
         self.dev_id = dev_id
+        self.owner = os.getpid() if owner is None else owner
         self.depth = depth
         self.buf_bytes = buf_bytes
         self.added = False
@@ -109,15 +127,118 @@ class UblkDevice:
         return self._thread is not None
 
     def add(self) -> None:
-        """ADD_DEV: reserve the id. OSError(EEXIST) if another server owns it."""
+        """ADD_DEV: reserve the id, recoverable (a device whose server dies is quiesced and its
+        in-flight requests re-issued to the next one). OSError(EEXIST) if the id is taken."""
         try:
-            self.ctrl.add_dev(self.dev_id, 1, self.depth, self.buf_bytes)
+            self.ctrl.add_dev(self.dev_id, 1, self.depth, self.buf_bytes, RECOVERY_FLAGS)
         except ublkctrl.UblkCtrlError as e:
             if e.errno == errno.EEXIST:
                 raise OSError(errno.EEXIST, f"ublk device id {self.dev_id} is taken "
                               f"(another ublk server owns /dev/ublkc{self.dev_id})") from None
             raise
         self.added = True
+        shmstate.claim(self.dev_id, self.owner)
+
+    def acquire(self) -> str:
+        """Reserve the id, or take over one our own or a dead ublkzswapd left: "new" (ADD_DEV
+        done), "reserved" (added, never started) or "started" (it has a store to take over:
+        :meth:`recover`). OSError(EEXIST) if a live server or a stranger owns it."""
+        state = self.probe()
+        if state is None:
+            self.add()
+            return "new"
+        self.added = False
+        who = shmstate.claimant(self.dev_id)
+        if who is None or (who != self.owner and _alive(who)):
+            raise OSError(errno.EEXIST, f"ublk device id {self.dev_id} is taken "
+                          f"(another ublk server owns /dev/ublkc{self.dev_id})")
+        self.added = True
+        shmstate.claim(self.dev_id, self.owner)
+        return "reserved" if state == "dead" else "started"
+
+    def probe(self) -> str | None:
+        """The kernel's state of this id: None (no such device), "dead" (added, not started:
+        reserved), "live" or "quiesced" (started; its server died)."""
+        try:
+            info = self.ctrl.get_dev_info(self.dev_id)
+        except OSError as e:
+            if e.errno == errno.ENODEV:
+                return None
+            raise
+        return STATES.get(info.state, str(info.state))
+
+    def recover(self, target, *, backing_fd: int = -1) -> None:
+        """Take over a started device whose server died: START_USER_RECOVERY, a new queue thread
+        FETCHing every tag, then END_USER_RECOVERY: held and re-issued requests flow to
+        ``target``.
+
+        START_USER_RECOVERY says EBUSY until the kernel has quiesced the device and the dead
+        server's last reference to ``/dev/ublkcN`` is gone (its every thread has exited). That
+        is waited for without a deadline, with a log line every RECOVERY_WAIT seconds: giving
+        up would mean STOP_DEV, which fails every stored page (and STOP_DEV on a device not yet
+        quiesced itself waits for the same requests). Once recovery has started, a failure
+        leaves the device quiesced, its requests held and its pages in the shared state, for
+        the next server to try again; only :meth:`delete` (never called on a failed takeover)
+        drops them."""
+        waited = 0.0
+        t0 = time.monotonic()
+        while True:
+            try:
+                self.ctrl.start_user_recovery(self.dev_id)
+                break
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    raise
+            if time.monotonic() - t0 >= waited + RECOVERY_WAIT:
+                waited = time.monotonic() - t0
+                print(f"ublkzswapd: {self.bdev}: still waiting to take it over after {waited:.0f} s "
+                      f"({self._holder()})", file=sys.stderr, flush=True)
+            time.sleep(0.05)
+        self._serve(target, backing_fd, recovering=True)
+        self.ctrl.end_user_recovery(self.dev_id)
+        self._tune_queue()
+        ensure_heap_headroom()
+
+    def _holder(self) -> str:
+        """Who keeps a device from being taken over: the kernel's state of it and what is left
+        of its last server (for the log)."""
+        try:
+            info = self.ctrl.get_dev_info(self.dev_id)
+        except OSError as e:
+            return f"GET_DEV_INFO: {e.strerror}"
+        state = STATES.get(info.state, str(info.state))
+        pid = info.ublksrv_pid
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                st = next((l.split(None, 1)[1].strip() for l in f if l.startswith("State:")), "?")
+            return f"kernel state {state}; its server {pid} is still there ({st})"
+        except OSError:
+            return f"kernel state {state}; its server {pid} is gone"
+
+    def _serve(self, target, backing_fd: int, *, recovering: bool = False) -> None:
+        """Start the queue thread and wait until every tag has its FETCH. On failure a new
+        device is stopped again; a recovering one is left as it is (see :meth:`recover`), and
+        its queue is waited for without a deadline: under memory pressure arming may be slow,
+        and giving up helps nothing."""
+        self.queue = Queue(self.dev_id, target, depth=self.depth, buf_bytes=self.buf_bytes,
+                           backing_fd=backing_fd)
+        self._thread = threading.Thread(target=self.queue.serve, name=f"ublkq{self.dev_id}",
+                                        daemon=True)
+        try:
+            self._thread.start()
+            while not self.queue.armed.wait(ARM_TIMEOUT):
+                if not recovering:
+                    raise OSError(errno.ETIMEDOUT, f"queue of {self.bdev} not armed in {ARM_TIMEOUT:g} s")
+                if not self._thread.is_alive():
+                    break
+            if self.queue.error is not None:
+                raise self.queue.error
+            if not self.queue.armed.is_set():
+                raise OSError(errno.EIO, f"queue of {self.bdev} ended before it was armed")
+        except BaseException:
+            if not recovering:
+                self.stop()
+            raise
 
     def start(self, target, *, backing_fd: int = -1) -> None:
         """SET_PARAMS for ``target``, serve its queue, START_DEV: ``/dev/ublkbN`` exists after.
@@ -125,26 +246,27 @@ class UblkDevice:
         params = ublkctrl.basic_params(target.size >> 9, self.buf_bytes,
                                        discard="discard" in features(target))
         self.ctrl.set_params(self.dev_id, params)
-        self.queue = Queue(self.dev_id, target, depth=self.depth, buf_bytes=self.buf_bytes,
-                           backing_fd=backing_fd)
-        self._thread = threading.Thread(target=self.queue.serve, name=f"ublkq{self.dev_id}",
-                                        daemon=True)
+        self._serve(target, backing_fd)
         try:
-            self._thread.start()
-            if not self.queue.armed.wait(ARM_TIMEOUT):
-                raise OSError(errno.ETIMEDOUT, f"queue of {self.bdev} not armed in {ARM_TIMEOUT:g} s")
-            if self.queue.error is not None:
-                raise self.queue.error
             self.ctrl.start_dev(self.dev_id)
         except BaseException:
             self.stop()
             raise
-        try:
-            with open(f"/sys/block/ublkb{self.dev_id}/queue/scheduler", "w") as f:
-                f.write("none")
-        except OSError:
-            pass
+        self._tune_queue()
         ensure_heap_headroom()     # whatever setting up took from it, the I/O path has it back
+
+    def _tune_queue(self) -> None:
+        """No I/O scheduler (requests go straight to the queue), and a short request timeout.
+        ublk's timeout handler does nothing while the server lives; once it is dying, the
+        timeout is what releases requests the server held when every tag's command was with
+        it (no command left for io_uring to cancel): the device is quiesced, and can be
+        taken over, a timeout after the death instead of the default 30 s."""
+        for name, value in (("scheduler", "none"), ("io_timeout", str(IO_TIMEOUT_MS))):
+            try:
+                with open(f"/sys/block/ublkb{self.dev_id}/queue/{name}", "w") as f:
+                    f.write(value)
+            except OSError:
+                pass
 
     def users(self, *, openers: bool = False) -> list[str]:
         """What holds ``/dev/ublkbN`` now (see :func:`block_users`); [] if it does not exist."""
@@ -182,3 +304,4 @@ class UblkDevice:
         if self.added:
             self.ctrl.del_dev(self.dev_id)
             self.added = False
+            shmstate.unclaim(self.dev_id)

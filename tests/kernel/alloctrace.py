@@ -28,15 +28,28 @@ RECLAIM_FLAGS = {"GFP_KERNEL", "GFP_KERNEL_ACCOUNT", "GFP_NOIO", "GFP_NOFS", "GF
                  "__GFP_RECLAIM"}
 
 
-def threads(pid: int, prefix: str) -> list[int]:
-    """Thread ids of ``pid`` whose kernel name starts with ``prefix``."""
-    out = []
-    for d in glob.glob(f"/proc/{pid}/task/*"):
+def family(pid: int) -> list[int]:
+    """``pid`` and its child processes (the daemon's server and its standby)."""
+    out = [pid]
+    for d in glob.glob("/proc/[0-9]*/stat"):
         try:
-            if open(f"{d}/comm").read().startswith(prefix):
-                out.append(int(os.path.basename(d)))
-        except OSError:
+            if int(open(d).read().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.split("/")[2]))
+        except (OSError, ValueError, IndexError):
             pass
+    return out
+
+
+def threads(pid: int, prefix: str) -> list[int]:
+    """Thread ids of ``pid`` or its children whose kernel name starts with ``prefix``."""
+    out = []
+    for p in family(pid):
+        for d in glob.glob(f"/proc/{p}/task/*"):
+            try:
+                if open(f"{d}/comm").read().startswith(prefix):
+                    out.append(int(os.path.basename(d)))
+            except OSError:
+                pass
     return sorted(out)
 
 
@@ -47,23 +60,96 @@ def major_faults(pid: int, tids: list[int]) -> dict[int, int]:
     out = {}
     for tid in tids:
         try:
-            fields = open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+            fields = open(f"/proc/{tid}/stat").read().rsplit(")", 1)[1].split()
         except OSError:
             continue
         out[tid] = int(fields[9])
     return out
 
 
+def rss_by_mapping(pid: int) -> dict[str, int]:
+    """{mapping name: resident kB} of ``pid`` (/proc/PID/smaps, mappings of one name summed):
+    compared before and after a block, where the I/O path's page faults brought pages in."""
+    out: dict[str, int] = {}
+    name = None
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                head = line.split(None, 5)
+                if "-" in head[0] and ":" not in head[0]:
+                    name = head[5].strip() if len(head) > 5 else "[anon]"
+                elif head[0] == "Rss:" and name is not None:
+                    out[name] = out.get(name, 0) + int(head[1])
+    except OSError:
+        pass
+    return out
+
+
+def file_pages(pid: int) -> set[tuple[str, int]]:
+    """(file, offset in it) of every page of a file mapping of ``pid`` that is in its page
+    tables now (/proc/PID/pagemap): compared before and after a block, the pages a fault
+    brought in -- the 64 KiB window fault-around maps around the faulting address."""
+    out: set[tuple[str, int]] = set()
+    try:
+        maps = open(f"/proc/{pid}/maps").read().splitlines()
+        with open(f"/proc/{pid}/pagemap", "rb") as pm:
+            for line in maps:
+                parts = line.split(None, 5)
+                if len(parts) < 6 or not parts[5].startswith("/") or "SYSV" in parts[5]:
+                    continue
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                off = int(parts[2], 16)
+                pm.seek(lo // 4096 * 8)
+                words = memoryview(pm.read((hi - lo) // 4096 * 8)).cast("Q")
+                for i, w in enumerate(words):
+                    if w >> 63:
+                        out.add((parts[5].strip(), off + i * 4096))
+    except OSError:
+        pass
+    return out
+
+
+def new_pages(before: set[tuple[str, int]], after: set[tuple[str, int]]) -> str:
+    """The file pages mapped since ``before``, as "file: offset ranges" (a failure message:
+    ``nm``/``objdump`` of the file tell what code lies there)."""
+    by_file: dict[str, list[int]] = {}
+    for f, o in sorted(after - before):
+        by_file.setdefault(f, []).append(o)
+    out = []
+    for f, offs in by_file.items():
+        runs, start, prev = [], offs[0], offs[0]
+        for o in offs[1:] + [None]:
+            if o is None or o != prev + 4096:
+                runs.append(f"{start:#x}-{prev + 4096:#x}")
+                if o is not None:
+                    start = o
+            if o is not None:
+                prev = o
+        out.append(f"{f}: {' '.join(runs[:20])}")
+    return "; ".join(out) or "none"
+
+
+def grown(before: dict[str, int], after: dict[str, int]) -> str:
+    """The mappings whose resident size grew, largest first (for a failure message)."""
+    d = sorted(((after[k] - before.get(k, 0), k) for k in after if after[k] > before.get(k, 0)),
+               reverse=True)
+    return ", ".join(f"{k} +{n} kB" for n, k in d[:12]) or "none"
+
+
 def heap_size(pid: int) -> int:
-    """Bytes the daemon's heap spans (its [heap] may be several mappings, split where locking
-    differs): if it grows while serving, the pre-grown headroom was too small and the I/O path
-    may have taken new pages from the kernel (brk)."""
-    lo = hi = None
-    for line in open(f"/proc/{pid}/maps"):
-        if line.rstrip().endswith("[heap]"):
-            a, b = (int(x, 16) for x in line.split()[0].split("-"))
-            lo, hi = a if lo is None else min(lo, a), b if hi is None else max(hi, b)
-    return 0 if lo is None else hi - lo
+    """Bytes of the [heap] mappings of the server ``pid``: if they grow while serving, the
+    pre-grown headroom was too small and the I/O path may have taken new pages (brk). (Its
+    standby is a process of its own, whose heap grows while it prepares.)"""
+    total = 0
+    for p in (pid,):
+        try:
+            for line in open(f"/proc/{p}/maps"):
+                if line.rstrip().endswith("[heap]"):
+                    lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                    total += hi - lo
+        except OSError:
+            pass
+    return total
 
 
 def available() -> bool:

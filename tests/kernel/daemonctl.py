@@ -101,13 +101,48 @@ def _zombie(pid: int) -> bool:
 
 @contextlib.contextmanager
 def running(*words: str):
-    """``with running("num_devices=2", "disksize_kb=65536") as (pid, line): ...``"""
+    """``with running("num_devices=2", "disksize_kb=65536") as (pid, line): ...``: ``pid`` is
+    the first server; whichever server runs at the end (a standby may have taken over) is
+    stopped."""
     pid, line = start(*words)
     try:
         yield pid, line
     finally:
         swapoff_all("/dev/ublkb")   # a failed test may leave swap on; the daemon refuses to stop then
-        stop(pid)
+        sock = [w.split("=", 1)[1] for w in words if w.startswith("socket=")]
+        stop(current_server(sock[0]) if sock else pid)
+
+
+def current_server(sock, old: int | None = None, timeout: float = 60) -> int:
+    """The daemon's server now, from ``SOCKET.pid`` (one other than ``old`` if given)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            pid = int(open(f"{sock}.pid").read())
+        except (OSError, ValueError):
+            pid = 0
+        if pid and pid != old and os.path.exists(f"/proc/{pid}") and not _zombie(pid):
+            return pid
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {'new ' if old else ''}server on {sock} after {timeout:g} s")
+        time.sleep(0.1)
+
+
+def standby_of(server: int, timeout: float = 300) -> int:
+    """The server's standby once it is prepared (a child named ublkzswapd-stby)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for d in glob.glob("/proc/[0-9]*/stat"):
+            try:
+                text = open(d).read()
+                name, rest = text.split("(", 1)[1].rsplit(")", 1)
+                if int(rest.split()[1]) == server and name == "ublkzswapd-stby":
+                    return int(d.split("/")[2])
+            except (OSError, ValueError, IndexError):
+                pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"server {server} has no prepared standby after {timeout:g} s")
+        time.sleep(0.2)
 
 
 def swapoff_all(prefix: str) -> None:

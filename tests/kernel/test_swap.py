@@ -76,10 +76,15 @@ def io_path_allocations_checked(pid: int):
     tids = alloctrace.threads(pid, "ublkq")
     assert tids, "no ublkq* thread in the daemon"
     faults0, heap0 = alloctrace.major_faults(pid, tids), alloctrace.heap_size(pid)
+    rss0 = alloctrace.rss_by_mapping(pid)
+    pages0 = alloctrace.file_pages(pid)
     with alloctrace.trace(tids) as events:
         yield events
     faults = {t: n - faults0.get(t, 0) for t, n in alloctrace.major_faults(pid, tids).items()}
-    assert not any(faults.values()), f"major page faults on the I/O path (tid: count): {faults}"
+    assert not any(faults.values()), (
+        f"major page faults on the I/O path (tid: count): {faults}; the server's mappings "
+        f"that grew meanwhile: {alloctrace.grown(rss0, alloctrace.rss_by_mapping(pid))}; "
+        f"file pages mapped meanwhile: {alloctrace.new_pages(pages0, alloctrace.file_pages(pid))}")
     assert alloctrace.heap_size(pid) == heap0, "the daemon's heap grew while serving"
     # (no events at all is the best outcome: a plain device's queue thread allocates nothing)
     bad = alloctrace.may_reclaim(events)
@@ -96,10 +101,16 @@ def vm_swap() -> tuple[int, int]:
 
 
 def daemon_swap_kb(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmSwap:"):
-            return int(line.split()[1])
-    return 0
+    """Swap used by the daemon's processes (server and standby): always 0."""
+    total = 0
+    for p in alloctrace.family(pid):
+        try:
+            for line in open(f"/proc/{p}/status"):
+                if line.startswith("VmSwap:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
 
 
 @pytest.fixture(autouse=True)
@@ -207,7 +218,8 @@ def test_backing_swap_takes_what_memlimit_refuses(tmp_path, backing_swap, scratc
         # disksize comes from the backing device
         assert int(open("/sys/block/ublkb0/size").read()) * 512 == size
         # a file's pages are reached on its block device, and the file is pinned meanwhile
-        fds = {os.path.realpath(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        fds = {os.path.realpath(f"/proc/{p}/fd/{fd}") for p in alloctrace.family(pid)
+               for fd in os.listdir(f"/proc/{p}/fd")}
         assert os.path.realpath(scratch_disk) in fds
         if os.path.isfile(path):
             assert "i" in lsattr(path)

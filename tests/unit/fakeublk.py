@@ -44,6 +44,10 @@ class FakeUblk:
         self.log.append(("add", self.dev_id))
         self.added = True
 
+    def acquire(self):
+        self.add()
+        return "new"
+
     def start(self, target, *, backing_fd=-1):
         assert self.added and not self.started
         self.log.append(("start", self.dev_id, target.size))
@@ -69,7 +73,7 @@ class FakeUblk:
         return list(self.holders) + (list(self.openers) if openers else [])
 
 
-def small_store(disksize, **kw):
+def small_store(dev_id, disksize, **kw):
     return Store(disksize, keeper=False, inline_refill=True, low=4, high=16, **kw)
 
 

@@ -17,6 +17,14 @@ def test_compcache_words_and_dashed_form():
 def test_defaults():
     cfg = params.parse_params([])
     assert cfg["num_devices"] == 1 and cfg["target"] == "zswap" and "disksize_kb" not in cfg
+    assert cfg["standby"] is False          # a warm standby is asked for: it costs a second image
+
+
+def test_standby_is_a_flag():
+    assert params.parse_params(["standby"])["standby"] is True
+    assert params.parse_params(["--standby"])["standby"] is True
+    with pytest.raises(params.UsageError):
+        params.parse_params(["standby=1"])
 
 
 @pytest.mark.parametrize("words,needle", [

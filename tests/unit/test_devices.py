@@ -150,6 +150,13 @@ def test_a_failed_queue_shows_in_info_and_state(m):
     m.ublks[0].failure = "queue thread ended: ValueError: boom"
     info = m.info(0)
     assert info["state"] == "failed" and "boom" in info["failure"]
+    assert m.failures() == ["/dev/ublkb0: queue thread ended: ValueError: boom"]
+
+
+def test_no_failures_while_queues_serve(m):
+    m.set_disksize_kb(0, 4096)
+    m.init(0)
+    assert m.failures() == []
 
 
 def test_stats_and_info_carry_the_store_counters(m):

@@ -156,3 +156,28 @@ def test_heap_is_resident_up_to_the_break_after_headroom_is_restored():
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines() == ["after lock 0", "grown, untouched True", "after keeper 0",
                                      "after headroom 0"]
+
+
+def test_touched_runs_are_the_pages_used_so_far():
+    # pagemap, not mincore: a page swapped out counts as touched too (a standby prepared under
+    # memory pressure must lock its swapped-out pages back, or fault on them mid-takeover)
+    import mmap
+    import numpy as np
+    from ublkzswap import memory
+    m = mmap.mmap(-1, 64 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = np.frombuffer(m, dtype=np.uint8).ctypes.data
+    for i in (3, 4, 5, 40):
+        m[i * 4096] = 1
+    runs = list(memory._touched_runs(base, base + 64 * 4096))
+    assert runs == [(base + 3 * 4096, 3 * 4096), (base + 40 * 4096, 4096)]
+    m.close()
+
+
+def test_windows_widen_touched_runs_to_fault_around_windows_within_the_mapping():
+    from ublkzswap.memory import FAULT_AROUND as W, _windows
+    start, end = 0x100000 + 0x3000, 0x100000 + 5 * W
+    runs = [(start + 0x1000, 0x1000), (0x100000 + W + 0x2000, 0x1000),   # same window twice
+            (0x100000 + W + 0x8000, 0x1000), (0x100000 + 3 * W + 0xF000, 0x2000)]
+    assert _windows(start, end, runs) == [
+        (start, 2 * W - 0x3000),    # clipped to the mapping's start, merged with the next
+        (0x100000 + 3 * W, 2 * W)]  # (two runs in one window) -- a run across a boundary: both

@@ -4,6 +4,7 @@ COMMIT_AND_FETCH results and backing reads/writes out."""
 import errno
 import logging
 
+import numpy as np
 import pytest
 
 from fakering import FakeRing
@@ -180,3 +181,22 @@ def test_many_wake_ups_wrap_both_rings(ram):
     assert [t for t, _ in ring.commits] == [i % 2 for i in range(300)]
     assert all(r == PAGE for _, r in ring.commits)
     assert q.counters.requests == 300 and q.counters.batches == 300
+
+
+def test_buffers_made_ahead_are_what_a_later_queue_takes():
+    # a standby makes its queues' buffers before it waits: a takeover takes no new memory
+    from ublkzswap import queue as qmod
+    qmod.prepare_buffers(2, 8 * 4 * PAGE)
+    made = list(qmod._spare[-2:])
+    addrs = [np.frombuffer(m, dtype=np.uint8).ctypes.data for m in made]
+    try:
+        q = Queue(0, RamTarget(64 * PAGE), depth=8, buf_bytes=4 * PAGE)
+        assert int(q.buf_addrs[0]) in addrs
+        other = Queue(1, RamTarget(64 * PAGE), depth=4, buf_bytes=4 * PAGE)   # another size
+        assert int(other.buf_addrs[0]) not in addrs
+        q.close()
+        other.close()
+    finally:
+        for m in made:
+            if m in qmod._spare:
+                qmod._spare.remove(m)
