@@ -250,9 +250,9 @@ def _option_value(name: str, typ: control.ArgType, value: str):
     if typ is control.PATH:
         if "\0" in value:
             raise UsageError(f"{name}: path contains a NUL byte")
-        if len(os.fsencode(value)) >= PATH_MAX:
-            raise UsageError(f"{name}: path of {len(os.fsencode(value))} bytes is too long "
-                             f"(at most {PATH_MAX - 1})")
+        size = len(os.fsencode(value))
+        if size >= PATH_MAX:
+            raise UsageError(f"{name}: path of {size} bytes is too long (at most {PATH_MAX - 1})")
         return value
     raise TypeError(f"{name}: no command-line form for {typ.what}")
 
