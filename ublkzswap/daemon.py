@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 
-from . import memory, ublkctrl
+from . import memory, sdnotify, ublkctrl
 from .ctlserver import ControlServer
 from .devices import Manager
 from .params import UsageError, help_text, parse_params
@@ -677,9 +677,13 @@ def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
     adopted = [i for i in manager.devices() if manager.info(i)["state"] != "uninitialised"]
     if first:
         init = f" {', '.join(f'/dev/ublkb{i}' for i in adopted)} initialised" if adopted else ""
-        _notify(f"ready {n} device{'s' if n > 1 else ''} reserved{init}")
+        status = f"{n} device{'s' if n > 1 else ''} reserved{init}"
+        sdnotify.notify(ready=1, mainpid=os.getpid(), status=status)   # before the parent exits
+        _notify(f"ready {status}")
     else:
         say(f"{os.getpid()} took over {len(adopted)} device(s)", NOTICE)
+        sdnotify.notify(mainpid=os.getpid(), ready=1,
+                        status=f"took over {len(adopted)} initialised device(s)")
     standby_ = Standby(argv, keep=cfg["standby"])
     standby_.start()
     while True:
@@ -690,7 +694,8 @@ def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
                 # serves nothing; leave the devices as a crash would, once the standby that
                 # takes them over (and tries again) is prepared
                 say(f"{os.getpid()} ending on purpose: {'; '.join(failed)}", ERR)
-                standby_.ready(STANDBY_READY_WAIT)
+                if standby_.ready(STANDBY_READY_WAIT):
+                    sdnotify.notify(mainpid=standby_.pid, status="handing over after a failure")
                 server.close()
                 os._exit(EXIT_FAILED)
         if handover.is_set():
@@ -703,6 +708,8 @@ def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
                 stop.clear()
                 continue
             say(f"{os.getpid()} handing its devices to standby {standby_.pid}", NOTICE)
+            # systemd follows the standby from now on: this exit is not the service's
+            sdnotify.notify(mainpid=standby_.pid, status=f"handing over to {standby_.pid}")
             server.close()
             os._exit(EXIT_HANDOVER)
         busy = manager.busy()
@@ -711,7 +718,9 @@ def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
         # zram cannot be unloaded under an active swap either: stopping now would fail every
         # swap-in from these devices (and kill whatever owns those pages)
         say(f"not stopping: {', '.join(busy)} in use (swapoff first)", WARNING)
+        sdnotify.notify(status=f"not stopping: {', '.join(busy)} in use (swapoff first)")
         stop.clear()
+    sdnotify.notify(stopping=1, status="stopping")
     standby_.stop()
     server.close()
     errors = manager.teardown()
