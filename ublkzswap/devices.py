@@ -30,6 +30,10 @@ allowed during a compaction), its ``info`` shows the state "initialising" or "re
 every other device, ``list`` and the daemon's stop path go on at once. A failed or timed-out
 init undoes everything it made: the store destroyed (shared state removed), the backing swap
 closed, the ublk device stopped and its id added afresh; the device is uninitialised again.
+What stays under the lock is short: reading /proc and sysfs for the block device's holders,
+a store's memlimit and stats (the store's own lock, which a write that is not a swap-out may
+hold up to its ``alloc_wait``, 2 s, while it waits for memory), and teardown's own deletes (the
+control server is closed by then).
 
 Teardown (the daemon stopping) refuses new waiting ops (ESHUTDOWN), cancels an init's wait for
 its queue to arm (``cancel_start``: the init rolls back at once) and waits for the ops under
