@@ -12,7 +12,13 @@ one that idles longer than ``idle_timeout`` seconds between requests is disconne
 ``timeout`` runs from a request's first byte, however the rest trickles in.
 
 One thread runs a ``selectors`` loop over non-blocking sockets, so a slow or stalled client
-cannot block another, and no thread (stack mapping) is created per connection. At most
+cannot block another, and no thread (stack mapping) is created per connection. Reads (ping,
+devices, list, info, stats) are answered in that thread: they take the Manager's lock, which
+no op holds across a wait. An op that changes state may wait on the kernel (init waits for a
+queue to arm, reset for STOP_DEV and DEL_DEV, compact for memory): from a peer allowed to send
+it, it runs in a short-lived thread of its own, and its connection reads no further request
+until it is answered (answers stay in order; a peer that sends more than a few messages'
+worth meanwhile is dropped, one that shuts down its side still gets the answer). At most
 ``max_clients`` connections, some kept for root and the owner and a few per other uid;
 more are accepted, answered EAGAIN with the reason, and closed at once. The thread first locks its
 stack (:func:`ublkzswap.memory.daemon_thread_init`): it shares the GIL with the I/O threads,
@@ -21,15 +27,16 @@ so a page fault here stalls them (../shared/DESIGN.md "Memory and deadlock").
 At start, an existing socket file nobody listens on is replaced; if a daemon answers there,
 start fails with ``OSError(EADDRINUSE)``; a non-socket file is never removed (EEXIST).
 
-Still naive: Manager calls run synchronously in the server thread (a slow reset delays other
-clients' answers, not their connections); memory allocated per request is small and bounded
-(``max_message``, ``max_clients``) but not preallocated.
+Still naive: memory allocated per request is small and bounded (``max_message``,
+``max_clients``, one op thread per connection at most) but not preallocated; an op thread
+outlives :meth:`ControlServer.close` until its Manager call returns (its answer is dropped).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import selectors
 import socket
@@ -38,7 +45,7 @@ import struct
 import threading
 import time
 
-from .control import (MAX_MESSAGE, PROTOCOL_VERSION, FrameError, check_request,
+from .control import (MAX_MESSAGE, OPS, PROTOCOL_VERSION, FrameError, check_request,
                       check_socket_path, decode_body, default_path, encode, error_answer,
                       ok_answer, split_frame)
 from .memory import daemon_thread_init
@@ -54,7 +61,8 @@ def peer_uid(sock: socket.socket) -> int:
 
 
 class _Conn:
-    __slots__ = ("sock", "uid", "rbuf", "wbuf", "deadline", "busy_since", "closing")
+    __slots__ = ("sock", "uid", "rbuf", "wbuf", "deadline", "busy_since", "closing", "pending",
+                 "eof")
 
     def __init__(self, sock, uid, deadline):
         self.sock = sock
@@ -64,6 +72,8 @@ class _Conn:
         self.deadline = deadline
         self.busy_since: float | None = None    # when the request or answer under way began
         self.closing = False
+        self.pending = False        # a request is being answered in an op thread
+        self.eof = False            # the peer shut down its side while a request was pending
 
 
 class ControlServer:
@@ -101,6 +111,8 @@ class ControlServer:
         self._wake_r = self._wake_w = None
         self._ino = None
         self._conns: dict[int, _Conn] = {}
+        self._done: list[tuple[_Conn, dict]] = []    # answers from op threads, for the loop
+        self._done_lock = threading.Lock()
 
     # -- lifecycle
     def bind(self) -> None:
@@ -177,6 +189,8 @@ class ControlServer:
             if s is not None:
                 s.close()
         self._listener = self._wake_r = self._wake_w = None
+        with self._done_lock:
+            self._done.clear()
         try:
             if self._ino is not None and os.stat(self.path).st_ino == self._ino:
                 os.unlink(self.path)
@@ -209,6 +223,40 @@ class ControlServer:
         except Exception:
             log.exception("control request %.200r failed", msg)
             return error_answer(errno.EIO)
+
+    def _waits(self, msg: dict, uid: int) -> bool:
+        """Whether ``msg`` is answered in an op thread: a Manager op that changes state (it
+        may wait on the kernel), from a peer allowed to send it (others are refused at once)."""
+        name = msg.get("op")
+        op = OPS.get(name) if isinstance(name, str) else None
+        return (op is not None and op.manager and op.owner_only
+                and (uid == 0 or uid == self.owner_uid))
+
+    def _spawn(self, c: _Conn, msg: dict) -> None:
+        """Answer ``msg`` in a thread of its own; the loop picks the answer up (:meth:`_collect`)."""
+        def run():
+            answer = error_answer(errno.EIO)
+            try:
+                daemon_thread_init()
+                answer = self.handle(msg, c.uid)
+            finally:
+                with self._done_lock:
+                    self._done.append((c, answer))
+                self._wake()
+        c.pending = True
+        try:
+            threading.Thread(target=run, name="ublkzswap-op", daemon=True).start()
+        except RuntimeError as e:             # no thread to be had: refused, not lost
+            c.pending = False
+            c.wbuf += self._answer_bytes(error_answer(errno.EAGAIN, f"cannot start a thread: {e}"))
+
+    def _wake(self) -> None:
+        w = self._wake_w
+        if w is not None:
+            try:
+                w.send(b"x")
+            except OSError:
+                pass
 
     # server-composed ops (Op.manager False)
     def _op_ping(self):
@@ -266,6 +314,7 @@ class ControlServer:
                     self._on_read(sel, c)
                 if events & selectors.EVENT_WRITE and c.sock.fileno() >= 0:
                     self._on_write(sel, c)
+        self._collect(sel)
         now = time.monotonic()
         for c in [c for c in self._conns.values() if c.deadline <= now]:
             if c.rbuf and not c.closing:
@@ -325,10 +374,21 @@ class ControlServer:
             self._drop(sel, c)
             return
         if not data:  # EOF (a partial frame is simply dropped: truncated)
+            if not c.pending:
+                self._drop(sel, c)
+                return
+            c.eof = True              # answer what was asked, then close
+        c.rbuf += data
+        if c.pending and len(c.rbuf) > 4 * self.max_message:
+            log.info("control client sent too much while its request was under way; disconnecting")
             self._drop(sel, c)
             return
-        c.rbuf += data
-        while not c.closing:
+        self._serve(c)
+        self._on_write(sel, c)
+
+    def _serve(self, c: _Conn) -> None:
+        """Answer the complete requests in ``c.rbuf``, in order, until one goes to an op thread."""
+        while not c.closing and not c.pending:
             try:
                 body, used = split_frame(c.rbuf, self.max_message)
             except FrameError as e:  # oversized: answer, then close
@@ -340,11 +400,28 @@ class ControlServer:
                 break
             del c.rbuf[:used]
             try:
-                answer = self.handle(decode_body(body), c.uid)
+                msg = decode_body(body)
             except FrameError as e:
-                answer = error_answer(e.errno, str(e))
+                c.wbuf += self._answer_bytes(error_answer(e.errno, str(e)))
+                continue
+            if self._waits(msg, c.uid):
+                self._spawn(c, msg)
+            else:
+                c.wbuf += self._answer_bytes(self.handle(msg, c.uid))
+
+    def _collect(self, sel) -> None:
+        """Hand the op threads' answers to their connections (if still open) and go on with
+        the requests those connections sent meanwhile."""
+        with self._done_lock:
+            done, self._done = self._done, []
+        for c, answer in done:
+            if c.sock.fileno() < 0:
+                continue              # the peer went away: the op is done all the same
+            c.pending = False
+            c.busy_since = None
             c.wbuf += self._answer_bytes(answer)
-        self._on_write(sel, c)
+            self._serve(c)
+            self._on_write(sel, c)
 
     def _on_write(self, sel, c: _Conn) -> None:
         if c.wbuf:
@@ -356,27 +433,36 @@ class ControlServer:
             except OSError:
                 self._drop(sel, c)
                 return
-        if not c.wbuf and c.closing:
+        if not c.wbuf and (c.closing or c.eof) and not c.pending:
             self._drop(sel, c)
             return
         # a request must arrive, and its answer be read, within `timeout` of its first byte:
-        # more bytes do not buy more time (a client sending one a second would stay forever)
+        # more bytes do not buy more time (a client sending one a second would stay forever);
+        # while an op thread answers, the client waits for us: no deadline
         now = time.monotonic()
-        if c.rbuf or c.wbuf:
+        if c.pending:
+            c.busy_since = None
+            c.deadline = math.inf
+        elif c.rbuf or c.wbuf:
             if c.busy_since is None:
                 c.busy_since = now
             c.deadline = c.busy_since + self.timeout
         else:
             c.busy_since = None
             c.deadline = now + self.idle_timeout
-        # stop reading while answers pile up (a client that sends but never reads)
-        ev = 0 if c.closing or len(c.wbuf) > 4 * self.max_message else selectors.EVENT_READ
+        # stop reading while answers pile up (a client that sends but never reads), and after
+        # the peer's EOF (nothing more to read; the pending answer still goes out)
+        ev = 0 if c.closing or c.eof or len(c.wbuf) > 4 * self.max_message else selectors.EVENT_READ
         if c.wbuf:
             ev |= selectors.EVENT_WRITE
-        if not ev:
-            ev = selectors.EVENT_WRITE
         try:
-            sel.modify(c.sock, ev, c)
+            if not ev:                    # half-closed, waiting for an op thread's answer
+                if c.sock in sel.get_map():
+                    sel.unregister(c.sock)
+            elif c.sock in sel.get_map():
+                sel.modify(c.sock, ev, c)
+            else:                         # watched again once that answer is in
+                sel.register(c.sock, ev, c)
         except (KeyError, ValueError, OSError):
             self._drop(sel, c)
 

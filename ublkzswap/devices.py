@@ -15,11 +15,34 @@ Owns: what a device may do in which state, with compcache 0.6.2's errors
   and the memlimit (0 or beyond the disksize) becomes 15% of RAM, at most the disksize.
 
 A :class:`Device` holds a *ublk device* (:class:`ublkzswap.ublkdev.UblkDevice`: ``add,
-start(target, backing_fd=), stop, delete, bdev, users(openers=), failure, counters``), made
-by the factory the :class:`Manager` is given: the real one in the daemon, a fake in the unit
-tests.
+start(target, backing_fd=), stop, delete, bdev, users(openers=), failure, counters`` and
+optionally ``cancel_start()``), made by the factory the :class:`Manager` is given: the real
+one in the daemon, a fake in the unit tests.
 
-Still naive: "in use" can change right after it was checked.
+Locking: the Manager's one lock guards every device's fields and is never held across a wait
+(on the kernel, a thread or memory). An op that waits -- ``init`` (builds the store, starts
+the ublk device, waits up to the arm timeout for its queue), ``reset`` (STOP_DEV, joins the
+queue thread, DEL_DEV, removes the store's shared state) and ``compact`` -- checks and marks
+the device under the lock (:attr:`Device.busy_with`), does its work without it, and
+records the outcome under it again. Meanwhile that device answers every op but ``info`` with
+EBUSY ("device is being initialised" / "reset" / "compacted"; stats and set_memlimit_kb are
+allowed during a compaction), its ``info`` shows the state "initialising" or "resetting", and
+every other device, ``list`` and the daemon's stop path go on at once. A failed or timed-out
+init undoes everything it made: the store destroyed (shared state removed), the backing swap
+closed, the ublk device stopped and its id added afresh; the device is uninitialised again.
+What stays under the lock is short: reading /proc and sysfs for the block device's holders,
+a store's memlimit and stats (the store's own lock, which a write that is not a swap-out may
+hold up to its ``alloc_wait``, 2 s, while it waits for memory), and teardown's own deletes (the
+control server is closed by then).
+
+Teardown (the daemon stopping) refuses new waiting ops (ESHUTDOWN), cancels an init's wait for
+its queue to arm (``cancel_start``: the init rolls back at once) and waits for the ops under
+way, at most TEARDOWN_WAIT s (the lock released meanwhile); a device whose op is still under
+way then is left to that op, which tears the device down itself when it ends, and is named
+in teardown's errors.
+
+Still naive: "in use" can change right after it was checked; a compaction cannot be cancelled
+(teardown waits for it); a kernel command under way (START_DEV, DEL_DEV) is not interrupted.
 """
 
 from __future__ import annotations
@@ -28,6 +51,7 @@ import errno
 import logging
 import os
 import threading
+import time
 
 from . import stats as statsmod
 from .backing import Backing, swap_header
@@ -41,6 +65,9 @@ TABLE_SHARE_OF_RAM = 8             # a device's tables may lock at most 1/8 of R
 log = logging.getLogger("ublkzswap.devices")
 DEFAULT_DISKSIZE_PERC_RAM = 25
 DEFAULT_MEMLIMIT_PERC_RAM = 15
+INITIALISING, RESETTING, COMPACTING = "initialising", "resetting", "compacting"
+BEING = {INITIALISING: "initialised", RESETTING: "reset", COMPACTING: "compacted"}
+TEARDOWN_WAIT = 10.0   # seconds teardown waits for ops under way (a cancelled init, a compaction)
 
 
 def check_disksize(disksize: int, ram: int) -> None:
@@ -86,6 +113,13 @@ class Device:
         self.target = None
         self.backing = None
         self.takeover_error: str | None = None    # why taking this started device over failed
+        self.busy_with: str | None = None   # INITIALISING, RESETTING or COMPACTING: under way
+                                            # without the Manager lock (module docstring)
+
+    def check_idle(self, *allowed: str) -> None:
+        """EBUSY if an op other than ``allowed`` is under way on this device."""
+        if self.busy_with is not None and self.busy_with not in allowed:
+            raise OSError(errno.EBUSY, f"device is being {BEING[self.busy_with]}")
 
     @property
     def initialised(self) -> bool:
@@ -97,6 +131,8 @@ class Device:
 
     @property
     def state(self) -> str:
+        if self.busy_with in (INITIALISING, RESETTING):
+            return self.busy_with
         if self.takeover_error is not None:
             return "failed"
         if not self.initialised:
@@ -126,16 +162,27 @@ class Device:
         self.disksize_kb = target.size // 1024
         self.memlimit_kb = target.memlimit // 1024
 
-    def init(self) -> None:
+    def plan_init(self) -> tuple:
+        """Check that init may begin (the Manager lock held); what :meth:`build` takes."""
         if self.initialised:
             raise OSError(errno.EBUSY, ALREADY)
+        self.check_idle()
         kind = self.cfg["target"]
         if self.backing_swap and kind != "zswap":
             raise OSError(errno.EINVAL, "a backing swap needs target=zswap")
-        backing = Backing(self.backing_swap) if self.backing_swap else None
+        return kind, self.backing_swap, self.disksize_kb, self.memlimit_kb
+
+    def build(self, plan: tuple) -> tuple:
+        """Open the backing swap, build the target, write its swap header and start the ublk
+        device: the waiting part of init, run without the Manager lock (it changes no field
+        of this Device). On failure everything made here is undone (the store destroyed, the
+        backing swap closed, the ublk device stopped and its id added afresh) and the error
+        raised. Returns what :meth:`commit` takes."""
+        kind, backing_swap, disksize_kb, memlimit_kb = plan
+        backing = Backing(backing_swap) if backing_swap else None
         target = None
         try:
-            disksize, memlimit = sizes(self.disksize_kb, self.memlimit_kb,
+            disksize, memlimit = sizes(disksize_kb, memlimit_kb,
                                        backing.size if backing is not None else None, self.ram)
             if disksize < PAGE_SIZE * 2:
                 raise OSError(errno.EINVAL, "disksize too small")
@@ -161,36 +208,41 @@ class Device:
                 self.ublk.add()
                 raise
         except BaseException:
-            _close(target, backing)
+            _discard(target, backing)
             raise
-        self.target, self.backing = target, backing
+        return target, backing, disksize, memlimit
+
+    def commit(self, built: tuple) -> None:
+        """The device is initialised with what :meth:`build` made (the Manager lock held)."""
+        self.target, self.backing, disksize, memlimit = built
         self.disksize_kb, self.memlimit_kb = disksize // 1024, memlimit // 1024
 
-    def reset(self) -> None:
+    def detach(self) -> tuple | None:
+        """Begin a reset (the Manager lock held): EBUSY while anything holds or has the block
+        device open; None if uninitialised (nothing to do); else the device is uninitialised
+        from here on and what it had is returned (for :meth:`Manager.reset`)."""
         if not self.initialised:
-            return
+            return None
         busy = self.ublk.users(openers=True)
         if busy:
             raise OSError(errno.EBUSY, f"{self.bdev} is in use ({', '.join(busy)}): swapoff first")
-        self.ublk.delete()
-        self._drop()
+        had = self.target, self.backing, self.disksize_kb, self.memlimit_kb, self.backing_swap
+        self.target = self.backing = None
         self.disksize_kb = self.memlimit_kb = 0
         self.backing_swap = ""
-        self.ublk.add()
+        return had
+
+    def restore(self, had: tuple) -> None:
+        """Undo :meth:`detach` (the Manager lock held): the ublk device could not be deleted."""
+        self.target, self.backing, self.disksize_kb, self.memlimit_kb, self.backing_swap = had
 
     def teardown(self) -> None:
         self.ublk.delete()
         self._drop()
 
     def _drop(self) -> None:
-        destroy = getattr(self.target, "destroy", None)
-        if destroy is not None:
-            destroy()                # its state outlives processes, not a reset
-        _close(self.target)
-        self.target = None
-        if self.backing is not None:
-            self.backing.close()
-            self.backing = None
+        _discard(self.target, self.backing)
+        self.target = self.backing = None
 
     def set_memlimit_kb(self, kb: int) -> None:
         if self.initialised:
@@ -200,13 +252,15 @@ class Device:
             setter(kb * 1024)
         self.memlimit_kb = kb
 
-    def compact(self) -> int:
+    def compactor(self):
+        """The target's compact(), to call without the Manager lock: ENOTTY if not
+        initialised, EOPNOTSUPP if the target cannot move its pages."""
         if not self.initialised:
             raise OSError(errno.ENOTTY, "device not initialised")
         compact = getattr(self.target, "compact", None)
         if compact is None:
             raise OSError(errno.EOPNOTSUPP, "this target does not compact")
-        return compact()
+        return compact
 
     def stats(self) -> dict:
         if not self.initialised:
@@ -246,20 +300,38 @@ def _close(target, backing=None) -> None:
         backing.close()
 
 
+def _discard(target, backing=None) -> None:
+    """Destroy a target this server made (a store's shared state is removed: it outlives
+    processes, not a reset, a teardown or a failed init), close it and the backing swap."""
+    destroy = getattr(target, "destroy", None)
+    if destroy is not None:
+        destroy()
+    _close(target, backing)
+
+
 class Manager:
     """The devices of this daemon, as the control socket sees them (docs/CONTRACTS.md).
-    Methods serialise on one lock; refusals are OSError(errno); unknown id: ENODEV.
+    One lock guards the devices' fields and is never held across a wait: init, reset and
+    compact mark their device busy under it and wait without it (the module docstring).
+    Refusals are OSError(errno); unknown id: ENODEV; a waiting op once teardown has begun:
+    ESHUTDOWN.
 
     ``make_ublk(dev_id)`` gives a ublk device; ``store_factory(disksize, memlimit=, backing=,
-    compressor=)`` a store."""
+    compressor=)`` a store; ``teardown_wait``: seconds :meth:`teardown` waits for ops under
+    way (TEARDOWN_WAIT)."""
 
-    def __init__(self, cfg: dict, make_ublk, store_factory, *, ram: int | None = None):
+    def __init__(self, cfg: dict, make_ublk, store_factory, *, ram: int | None = None,
+                 teardown_wait: float | None = None):
         self.cfg = cfg
         self.make_ublk = make_ublk
         self.store_factory = store_factory
         self.ram = ram
+        self.teardown_wait = TEARDOWN_WAIT if teardown_wait is None else teardown_wait
         self.devs: dict[int, Device] = {}
         self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)   # notified when an op under way ends
+        self._closing = False                 # teardown has begun: no new waiting op
+        self._left: set[int] = set()          # devices teardown left to the op under way
 
     def reserve_all(self, adopt: bool = False) -> list[str]:
         """ADD_DEV ids 0..num_devices-1. With ``adopt``, ids our own or a dead ublkzswapd left
@@ -294,39 +366,109 @@ class Manager:
     def devices(self) -> list[int]:
         return sorted(self.devs)
 
+    def _begin(self, dev_id, what: str, check) -> tuple[Device, object]:
+        """Under the lock: the device and what ``check(device)`` returns (it raises to refuse);
+        unless that is None (nothing to do), the device is marked busy with ``what`` until
+        :meth:`_end`."""
+        with self._lock:
+            d = self._dev(dev_id)
+            if self._closing:
+                raise OSError(errno.ESHUTDOWN, "the daemon is stopping")
+            got = check(d)
+            if got is not None:
+                d.busy_with = what
+            return d, got
+
+    def _end(self, d: Device) -> bool:
+        """The op under way on ``d`` has ended. If teardown left ``d`` to it, ``d`` is torn
+        down now (errors logged) and True returned."""
+        with self._lock:
+            d.busy_with = None
+            self._idle.notify_all()
+            if d.dev_id not in self._left:
+                return False
+            self._left.discard(d.dev_id)
+            self.devs.pop(d.dev_id, None)
+            try:
+                d.teardown()
+            except OSError as e:
+                log.error("teardown of device %d (left to an op under way): %s", d.dev_id, e)
+            return True
+
     def set_backing_swap(self, dev_id: int, path: str) -> None:
         with self._lock:
             d = self._dev(dev_id)
             if d.initialised:
                 raise OSError(errno.EBUSY, ALREADY)
+            d.check_idle()
             d.backing_swap = str(path)
 
     def set_memlimit_kb(self, dev_id: int, kb: int) -> None:
         with self._lock:
-            self._dev(dev_id).set_memlimit_kb(int(kb))
+            d = self._dev(dev_id)
+            d.check_idle(COMPACTING)
+            d.set_memlimit_kb(int(kb))
 
     def set_disksize_kb(self, dev_id: int, kb: int) -> None:
         with self._lock:
             d = self._dev(dev_id)
             if d.initialised:
                 raise OSError(errno.EBUSY, ALREADY)
+            d.check_idle()
             d.disksize_kb = int(kb)
 
     def init(self, dev_id: int) -> None:
+        """Build the store and start the ublk device, waiting for its queue to arm (up to the
+        ublk device's arm timeout) without the lock; rolled back on failure."""
+        d, plan = self._begin(dev_id, INITIALISING, Device.plan_init)
+        try:
+            built = d.build(plan)
+        except BaseException:
+            self._end(d)
+            raise
         with self._lock:
-            self._dev(dev_id).init()
+            d.commit(built)
+            if self._end(d):
+                raise OSError(errno.ESHUTDOWN, "the daemon stopped meanwhile: device torn down")
 
     def reset(self, dev_id: int) -> None:
-        with self._lock:
-            self._dev(dev_id).reset()
+        """STOP_DEV and DEL_DEV, the store destroyed, the id added afresh (without the lock).
+        If the ublk device cannot be deleted, the device keeps its store (a reset may be
+        tried again) and the error is raised."""
+        def check(d):
+            d.check_idle()
+            return d.detach()
+        d, had = self._begin(dev_id, RESETTING, check)
+        if had is None:
+            return
+        try:
+            d.ublk.delete()
+        except BaseException:
+            with self._lock:
+                d.restore(had)
+                self._end(d)
+            raise
+        try:
+            _discard(had[0], had[1])
+            d.ublk.add()
+        finally:
+            self._end(d)
 
     def compact(self, dev_id: int) -> int:
-        with self._lock:
-            return self._dev(dev_id).compact()
+        def check(d):
+            d.check_idle()
+            return d.compactor()
+        d, compact = self._begin(dev_id, COMPACTING, check)
+        try:
+            return compact()
+        finally:
+            self._end(d)
 
     def stats(self, dev_id: int) -> dict:
         with self._lock:
-            return self._dev(dev_id).stats()
+            d = self._dev(dev_id)
+            d.check_idle(COMPACTING)
+            return d.stats()
 
     def info(self, dev_id: int) -> dict:
         with self._lock:
@@ -347,13 +489,36 @@ class Manager:
                  if d.takeover_error is not None]
 
     def teardown(self) -> list[str]:
-        """Stop and delete every device; returns the errors met (one line each)."""
+        """Stop and delete every device; returns the errors met (one line each).
+
+        From now on a waiting op is refused (ESHUTDOWN). An init waiting for its queue to arm
+        is cancelled (it rolls back); ops under way are waited for, the lock released, at
+        most ``teardown_wait`` s in all. A device whose op is still under way then is left to
+        that op, which tears it down when it ends (if the process has not ended first), and
+        named in the errors: never torn down under an op, never waited for without bound."""
         errors = []
         with self._lock:
-            for dev in self.devs.values():
+            self._closing = True
+            for d in self.devs.values():
+                cancel = getattr(d.ublk, "cancel_start", None)
+                if d.busy_with == INITIALISING and cancel is not None:
+                    cancel()
+            deadline = time.monotonic() + self.teardown_wait
+            while any(d.busy_with is not None for d in self.devs.values()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._idle.wait(left)
+            for dev in list(self.devs.values()):
+                if dev.busy_with is not None:
+                    self._left.add(dev.dev_id)
+                    errors.append(f"teardown of device {dev.dev_id}: still being "
+                                  f"{BEING[dev.busy_with]} after {self.teardown_wait:g} s; "
+                                  "left to that op, which tears it down when it ends")
+                    continue
+                del self.devs[dev.dev_id]
                 try:
                     dev.teardown()
                 except OSError as e:
                     errors.append(f"teardown of device {dev.dev_id}: {e}")
-            self.devs.clear()
         return errors

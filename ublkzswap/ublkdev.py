@@ -7,7 +7,9 @@ char device, maps the descriptors and FETCHes every tag) and, once the queue is 
 START_DEV -- served meanwhile by that thread, since START_DEV waits for the partition scan's
 reads (../shared/docs/ublk-protocol.md sections 1-3); :meth:`stop` STOP_DEVs and joins the
 thread; :meth:`delete` DEL_DEVs. It knows nothing of compcache: the policy
-(:mod:`ublkzswap.devices`) drives it.
+(:mod:`ublkzswap.devices`) drives it, and calls :meth:`start` without its lock held: waiting
+for the queue to arm (at most ``arm_timeout`` s) can be given up early with
+:meth:`cancel_start`, from another thread (a daemon that is stopping).
 
 A queue thread that ends while the device is started is a failure: :attr:`failure` says why.
 What holds the block device (:func:`block_users`) is read from /proc and sysfs: probing with an
@@ -35,6 +37,7 @@ QUEUE_DEPTH = 64
 IO_BUF_BYTES = 32 * 1024     # per tag, populated and locked: 2 MiB for depth 64; swap-in
                              # reads up to 8 pages (vm.page-cluster 3), longer writes split
 ARM_TIMEOUT = 30.0
+ARM_POLL = 0.05              # seconds between looks at a cancel while a new queue arms
 IO_TIMEOUT_MS = 500          # a request's timeout: how soon a dead server's held requests go back
 RECOVERY_WAIT = 30.0         # seconds between log lines while a dead server's device is quiesced
 RECOVERY_FLAGS = uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE
@@ -109,16 +112,20 @@ class UblkDevice:
     """Device ``dev_id`` on the ublk control device ``ctrl`` (a :class:`ublkctrl.Control`)."""
 
     def __init__(self, ctrl: ublkctrl.Control, dev_id: int, *, depth: int = QUEUE_DEPTH,
-                 buf_bytes: int = IO_BUF_BYTES, owner: int | None = None):
-        """``owner``: the pid that claims the id (default: this process, the server)."""
+                 buf_bytes: int = IO_BUF_BYTES, owner: int | None = None,
+                 arm_timeout: float | None = None):
+        """``owner``: the pid that claims the id (default: this process, the server);
+        ``arm_timeout``: seconds :meth:`start` waits for a new queue to arm (ARM_TIMEOUT)."""
         self.ctrl = ctrl
         self.dev_id = dev_id
         self.owner = os.getpid() if owner is None else owner
         self.depth = depth
         self.buf_bytes = buf_bytes
+        self.arm_timeout = ARM_TIMEOUT if arm_timeout is None else arm_timeout
         self.added = False
         self.queue: Queue | None = None
         self._thread: threading.Thread | None = None
+        self._cancel = threading.Event()
 
     @property
     def bdev(self) -> str:
@@ -139,7 +146,15 @@ class UblkDevice:
                               f"(another ublk server owns /dev/ublkc{self.dev_id})") from None
             raise
         self.added = True
+        self._cancel.clear()
         shmstate.claim(self.dev_id, self.owner)
+
+    def cancel_start(self) -> None:
+        """Make a :meth:`start` under way in another thread (or the next one, until
+        :meth:`add`) stop waiting for its queue to arm: it stops what it started and raises
+        OSError(ECANCELED). A kernel command under way (SET_PARAMS, START_DEV) is not
+        interrupted; a takeover (:meth:`recover`) is never cancelled."""
+        self._cancel.set()
 
     def acquire(self) -> str:
         """Reserve the id, or take over one our own or a dead ublkzswapd left: "new" (ADD_DEV
@@ -221,18 +236,25 @@ class UblkDevice:
         """Start the queue thread and wait until every tag has its FETCH. On failure a new
         device is stopped again; a recovering one is left as it is (see :meth:`recover`), and
         its queue is waited for without a deadline: under memory pressure arming may be slow,
-        and giving up helps nothing."""
+        and giving up helps nothing. A new device's wait ends after ``arm_timeout`` s
+        (ETIMEDOUT) or at :meth:`cancel_start` (ECANCELED)."""
         self.queue = Queue(self.dev_id, target, depth=self.depth, buf_bytes=self.buf_bytes,
                            backing_fd=backing_fd)
         self._thread = threading.Thread(target=self.queue.serve, name=f"ublkq{self.dev_id}",
                                         daemon=True)
         try:
             self._thread.start()
-            while not self.queue.armed.wait(ARM_TIMEOUT):
-                if not recovering:
-                    raise OSError(errno.ETIMEDOUT, f"queue of {self.bdev} not armed in {ARM_TIMEOUT:g} s")
-                if not self._thread.is_alive():
-                    break
+            deadline = time.monotonic() + self.arm_timeout
+            while not self.queue.armed.wait(ARM_POLL):
+                if recovering:
+                    if not self._thread.is_alive():
+                        break
+                elif self._cancel.is_set():
+                    raise OSError(errno.ECANCELED, f"start of {self.bdev} cancelled while its "
+                                  "queue armed")
+                elif time.monotonic() >= deadline:
+                    raise OSError(errno.ETIMEDOUT, f"queue of {self.bdev} not armed in "
+                                  f"{self.arm_timeout:g} s")
             if self.queue.error is not None:
                 raise self.queue.error
             if not self.queue.armed.is_set():
@@ -244,7 +266,11 @@ class UblkDevice:
 
     def start(self, target, *, backing_fd: int = -1) -> None:
         """SET_PARAMS for ``target``, serve its queue, START_DEV: ``/dev/ublkbN`` exists after.
-        On failure everything started is stopped again (the id stays added) and OSError raised."""
+        On failure everything started is stopped again (the id stays added) and OSError raised:
+        ETIMEDOUT if the queue did not arm in ``arm_timeout`` s, ECANCELED after
+        :meth:`cancel_start`."""
+        if self._cancel.is_set():
+            raise OSError(errno.ECANCELED, f"start of {self.bdev} cancelled")
         params = ublkctrl.basic_params(target.size >> 9, self.buf_bytes,
                                        discard="discard" in features(target))
         self.ctrl.set_params(self.dev_id, params)

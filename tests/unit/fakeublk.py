@@ -6,6 +6,8 @@ import errno
 import functools
 import mmap
 import os
+import threading
+import time
 
 from ublkzswap import devices
 from ublkzswap.backing import Backing, swap_header
@@ -22,7 +24,13 @@ RAM = 64 << 20        # what the policy believes the machine has: 25% is a 16 Mi
 class FakeUblk:
     """Records the control commands; ``holders`` is what holds the block device (as
     ``users()`` reports it: "swap", "mounted", "open by pid N"); ``fail_start`` makes the next
-    start raise it; ``failure`` can be set to simulate a queue thread that ended."""
+    start raise it; ``failure`` can be set to simulate a queue thread that ended.
+
+    A queue that is slow to arm: with ``arm`` an Event, start waits for it as the real device
+    waits for its queue -- until it is set, ``arm_timeout`` s pass (ETIMEDOUT) or
+    :meth:`cancel_start` is called (ECANCELED); either failure stops what was started, as the
+    real one does. ``arming`` is set once start waits; ``hold_delete`` (an Event) makes delete
+    wait for it, as a STOP_DEV / DEL_DEV that the kernel is slow to answer."""
 
     def __init__(self, dev_id: int, log: list):
         self.dev_id = dev_id
@@ -34,6 +42,11 @@ class FakeUblk:
         self.fail_start: BaseException | None = None
         self.failure = None
         self.counters = None
+        self.arm: threading.Event | None = None
+        self.arm_timeout = 5.0
+        self.arming = threading.Event()
+        self.cancelled = threading.Event()
+        self.hold_delete: threading.Event | None = None
 
     @property
     def bdev(self) -> str:
@@ -43,6 +56,7 @@ class FakeUblk:
         assert not self.added, "ADD_DEV twice"
         self.log.append(("add", self.dev_id))
         self.added = True
+        self.cancelled.clear()
 
     def acquire(self):
         self.add()
@@ -54,14 +68,29 @@ class FakeUblk:
         if self.fail_start is not None:
             e, self.fail_start = self.fail_start, None
             raise e
+        if self.arm is not None:
+            self.arming.set()
+            deadline = time.monotonic() + self.arm_timeout
+            while not self.arm.wait(0.01):
+                if self.cancelled.is_set() or time.monotonic() >= deadline:
+                    self.log.append(("stop", self.dev_id))
+                    if self.cancelled.is_set():
+                        raise OSError(errno.ECANCELED, f"start of {self.bdev} cancelled")
+                    raise OSError(errno.ETIMEDOUT, f"queue of {self.bdev} not armed in "
+                                  f"{self.arm_timeout:g} s")
         self.target, self.started = target, True
         self.counters = QueueCounters()
+
+    def cancel_start(self):
+        self.cancelled.set()
 
     def stop(self):
         self.started = False
 
     def delete(self):
         self.log.append(("delete", self.dev_id))
+        if self.hold_delete is not None:
+            self.hold_delete.wait(10)
         self.stop()
         self.added = False
         self.target = None
@@ -83,7 +112,7 @@ class RecordingManager(Manager):
     CALLS = ("devices", "set_backing_swap", "set_memlimit_kb", "set_disksize_kb", "init",
              "reset", "compact", "stats", "info")
 
-    def __init__(self, num_devices=2, *, ram=RAM, target="zswap"):
+    def __init__(self, num_devices=2, *, ram=RAM, target="zswap", teardown_wait=None):
         self.log: list = []
         self.ublks: dict[int, FakeUblk] = {}
         self.calls: list = []
@@ -93,7 +122,7 @@ class RecordingManager(Manager):
             return self.ublks[i]
 
         super().__init__({"num_devices": num_devices, "target": target, "compressor": "lzo"},
-                         make, small_store, ram=ram)
+                         make, small_store, ram=ram, teardown_wait=teardown_wait)
         self.reserve_all()
 
     def __getattribute__(self, name):

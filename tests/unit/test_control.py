@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -310,6 +311,78 @@ def test_unencodable_answer_is_eio(sockdir):
             Client(srv.path).call("info", 0)
         assert e.value.errno == errno.EIO
         assert Client(srv.path).call("devices") == [0, 1]
+
+
+# ---------------------------------------------------------------- an op that waits
+
+def stuck_manager():
+    """Two devices with a size; device 0's queue does not arm until ``m.ublks[0].arm`` is set."""
+    m = RecordingManager(2)
+    m.set_disksize_kb(0, 4096)
+    m.set_disksize_kb(1, 4096)
+    m.ublks[0].arm, m.ublks[0].arm_timeout = threading.Event(), 5.0
+    return m
+
+
+def test_a_stuck_init_holds_up_no_other_client_and_its_own_waits_for_the_answer(sockdir):
+    m = stuck_manager()
+    try:
+        with ControlServer(m, os.path.join(sockdir, "c.sock"), timeout=0.5) as srv:
+            s = raw_connect(srv.path, timeout=5)
+            s.sendall(encode({"v": 1, "op": "init", "dev": 0}) +      # pipelined: answered
+                      encode({"v": 1, "op": "info", "dev": 0}))       # after the init
+            assert m.ublks[0].arming.wait(2)
+            t0 = time.monotonic()
+            with Client(srv.path, timeout=2) as c:
+                assert c.call("ping")["version"] == 1
+                assert [d["state"] for d in c.call("list")] == ["initialising", "uninitialised"]
+                with pytest.raises(OSError) as e:
+                    c.call("stats", 0)
+                assert e.value.errno == errno.EBUSY and e.value.detail == "device is being initialised"
+                c.call("init", 1)
+                assert c.call("info", 1)["state"] == "initialised"
+            assert time.monotonic() - t0 < 1
+            time.sleep(0.8)          # past the server's stall timeout: a client waiting on us stays
+            m.ublks[0].arm.set()
+            assert read_answer(s) == {"v": 1, "ok": True, "result": None}
+            assert read_answer(s)["result"]["state"] == "initialised"
+            s.close()
+    finally:
+        m.teardown()
+
+
+def test_a_client_that_shuts_down_its_side_still_gets_the_answer_of_a_waiting_op(sockdir):
+    m = stuck_manager()
+    try:
+        with ControlServer(m, os.path.join(sockdir, "c.sock")) as srv:
+            s = raw_connect(srv.path, timeout=5)
+            s.sendall(encode({"v": 1, "op": "init", "dev": 0}))
+            s.shutdown(socket.SHUT_WR)
+            assert m.ublks[0].arming.wait(2)
+            time.sleep(0.1)                      # the server has seen the EOF
+            m.ublks[0].arm.set()
+            assert read_answer(s) == {"v": 1, "ok": True, "result": None}
+            assert s.recv(10) == b""             # then closed
+            s.close()
+            assert m.info(0)["state"] == "initialised"
+    finally:
+        m.teardown()
+
+
+def test_the_stop_path_does_not_wait_for_a_stuck_init(sockdir):
+    m = stuck_manager()
+    m.ublks[0].arm_timeout = 30.0
+    srv = ControlServer(m, os.path.join(sockdir, "c.sock")).start()
+    s = raw_connect(srv.path, timeout=5)
+    s.sendall(encode({"v": 1, "op": "init", "dev": 0}))
+    assert m.ublks[0].arming.wait(2)
+    t0 = time.monotonic()                   # as ublkzswapd on SIGTERM: busy(), close, teardown
+    assert m.busy() == []
+    srv.close()
+    assert m.teardown() == []
+    assert time.monotonic() - t0 < 1
+    assert m.devs == {} and not m.ublks[0].added and ("stop", 0) in m.log   # cancelled, undone
+    s.close()
 
 
 def test_close_is_prompt_and_idempotent(server):

@@ -1,8 +1,12 @@
 """compcache's policy on the real Device and Manager, over a fake ublk device and real stores:
-the state machine (EBUSY, ENOTTY, ENODEV), the sizing rules and the memory limit."""
+the state machine (EBUSY, ENOTTY, ENODEV), the sizing rules and the memory limit; the Manager's
+lock never held across a wait (a stuck init, reset or compaction blocks only its own device,
+rolls back on failure, and never holds up teardown beyond its bound)."""
 import errno
 import os
 import struct
+import threading
+import time
 
 import pytest
 
@@ -198,3 +202,166 @@ def test_more_than_twice_ram_is_a_warning(m, caplog):
     with caplog.at_level(logging.WARNING, logger="ublkzswap.devices"):
         m.init(0)
     assert "more than twice RAM" in caplog.text
+
+
+# ---------------------------------------------------------------- ops that wait, without the lock
+
+class InThread:
+    """``fn(*a)`` run in a thread: ``result`` or ``error`` once :meth:`join` returns."""
+
+    def __init__(self, fn, *a):
+        self.result = self.error = None
+        self.thread = threading.Thread(target=self._run, args=(fn, a), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn, a):
+        try:
+            self.result = fn(*a)
+        except BaseException as e:
+            self.error = e
+
+    def join(self, timeout=3.0):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the op did not end"
+        return self
+
+
+def quick(fn, *a):
+    """``fn(*a)``, asserted to return within half a second (no wait behind the Manager lock)."""
+    t0 = time.monotonic()
+    out = fn(*a)
+    assert time.monotonic() - t0 < 0.5, f"{fn.__name__} waited {time.monotonic() - t0:.2f} s"
+    return out
+
+
+def stuck_init(m, dev, *, arm_timeout=5.0):
+    """Begin m.init(dev) in a thread whose queue does not arm until ``m.ublks[dev].arm`` is set."""
+    m.ublks[dev].arm, m.ublks[dev].arm_timeout = threading.Event(), arm_timeout
+    op = InThread(m.init, dev)
+    assert m.ublks[dev].arming.wait(2)
+    return op
+
+
+def spy_stores(m, dev):
+    """The stores (and their backing swaps) device ``dev``'s inits build, as they are built; a
+    store's ``destroyed`` says whether destroy() (shared state removed) was called."""
+    made = []
+    real = m.devs[dev].store_factory
+
+    def factory(*a, **kw):
+        store = real(*a, **kw)
+        store.destroyed = False
+        real_destroy = store.destroy
+
+        def destroy():
+            store.destroyed = True
+            real_destroy()
+        store.destroy = destroy
+        made.extend([store, kw.get("backing")])
+        return store
+    m.devs[dev].store_factory = factory
+    return made
+
+
+def test_a_stuck_init_holds_up_only_its_own_device(m):
+    m.set_disksize_kb(0, 4096)
+    m.set_disksize_kb(1, 4096)
+    op = stuck_init(m, 0)
+    assert quick(m.info, 0)["state"] == "initialising"
+    assert [d["state"] for d in quick(lambda: [m.info(i) for i in m.devices()])] == \
+        ["initialising", "uninitialised", "uninitialised"]
+    quick(m.init, 1)
+    assert quick(m.stats, 1)["disksize"] == 4096 << 10 and quick(m.info, 1)["state"] == "initialised"
+    assert quick(m.busy) == [] and quick(m.failures) == []
+    for call in [(m.init, 0), (m.stats, 0), (m.reset, 0), (m.compact, 0), (m.set_disksize_kb, 0, 8),
+                 (m.set_memlimit_kb, 0, 8), (m.set_backing_swap, 0, "/x")]:
+        with pytest.raises(OSError) as e:
+            quick(*call)
+        assert e.value.errno == errno.EBUSY, call
+        assert e.value.strerror == "device is being initialised", call
+    m.ublks[0].arm.set()
+    assert op.join().error is None
+    assert m.info(0)["state"] == "initialised" and m.stats(0)["disksize"] == 4096 << 10
+
+
+def test_an_init_whose_queue_never_arms_rolls_back_and_can_be_tried_again(m, tmp_path, monkeypatch):
+    backing_through_the_filesystem(monkeypatch)
+    m.set_backing_swap(0, make_swapfile(tmp_path / "swap", 1024))
+    made = spy_stores(m, 0)
+    op = stuck_init(m, 0, arm_timeout=0.3)
+    err = op.join().error
+    assert isinstance(err, OSError) and err.errno == errno.ETIMEDOUT
+    assert m.info(0)["state"] == "uninitialised" and m.devs[0].target is None
+    assert m.log[-4:] == [("start", 0, 4 << 20), ("stop", 0), ("delete", 0), ("add", 0)]
+    store, backing = made
+    assert store.destroyed and store.pool is None and backing.fd == -1   # store and swap gone
+    assert m.info(0)["backing_swap"] == m.devs[0].backing_swap != ""   # the settings are kept
+    m.ublks[0].arm = None
+    m.init(0)
+    assert m.info(0)["state"] == "initialised" and len(made) == 4 and made[2].pool is not None
+
+
+def test_teardown_cancels_a_stuck_init_and_returns_at_once(m):
+    m.set_disksize_kb(0, 4096)
+    made = spy_stores(m, 0)
+    op = stuck_init(m, 0, arm_timeout=30)
+    assert quick(m.teardown) == []
+    err = op.join().error
+    assert isinstance(err, OSError) and err.errno == errno.ECANCELED
+    assert m.devs == {} and not any(u.added for u in m.ublks.values())
+    assert made[0].destroyed and made[0].pool is None
+    assert [e for e in m.log if e[0] in ("stop", "delete")] == \
+        [("stop", 0), ("delete", 0), ("delete", 0), ("delete", 1), ("delete", 2)]
+
+
+def test_a_stuck_reset_holds_up_only_its_device_and_teardown_leaves_it_to_the_reset():
+    m = RecordingManager(2, teardown_wait=0.3)
+    m.set_disksize_kb(0, 4096)
+    m.init(0)
+    store = m.store(0)
+    m.ublks[0].hold_delete = threading.Event()              # STOP_DEV / DEL_DEV slow to answer
+    op = InThread(m.reset, 0)
+    deadline = time.monotonic() + 2
+    while m.log[-1] != ("delete", 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert quick(m.info, 0)["state"] == "resetting" and quick(m.info, 1)["state"] == "uninitialised"
+    with pytest.raises(OSError) as e:
+        quick(m.stats, 0)
+    assert e.value.errno == errno.EBUSY and e.value.strerror == "device is being reset"
+    t0 = time.monotonic()
+    errors = m.teardown()
+    assert time.monotonic() - t0 < 1
+    assert len(errors) == 1 and "device 0: still being reset" in errors[0]
+    assert list(m.devs) == [0] and not m.ublks[1].added     # the others are gone
+    with pytest.raises(OSError) as e:
+        m.compact(0)
+    assert e.value.errno == errno.ESHUTDOWN
+    m.ublks[0].hold_delete.set()
+    assert op.join().error is None
+    assert m.devs == {} and not m.ublks[0].added and store.pool is None   # torn down by the reset
+
+
+def test_a_compaction_runs_without_the_lock_and_refuses_only_a_reset():
+    m = RecordingManager(1)
+    try:
+        m.set_disksize_kb(0, 4096)
+        m.init(0)
+        gate = threading.Event()
+        m.store(0).compact = lambda: gate.wait(3) and 7
+        op = InThread(m.compact, 0)
+        deadline = time.monotonic() + 2
+        while m.devs[0].busy_with is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert quick(m.info, 0)["state"] == "initialised"
+        assert quick(m.stats, 0)["disksize"] == 4096 << 10
+        quick(m.set_memlimit_kb, 0, 100)
+        for call in [(m.reset, 0), (m.compact, 0)]:
+            with pytest.raises(OSError) as e:
+                quick(*call)
+            assert e.value.errno == errno.EBUSY and e.value.strerror == "device is being compacted"
+        gate.set()
+        assert op.join().result == 7 and m.stats(0)["mem_limit"] == 100 << 10
+        m.reset(0)
+        assert m.info(0)["state"] == "uninitialised"
+    finally:
+        m.teardown()
