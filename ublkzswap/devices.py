@@ -130,8 +130,8 @@ class Device:
         if self.initialised:
             raise OSError(errno.EBUSY, ALREADY)
         kind = self.cfg["target"]
-        if self.backing_swap and kind != "zswap":
-            raise OSError(errno.EINVAL, "a backing swap needs target=zswap")
+        if self.backing_swap and kind != "compressed":
+            raise OSError(errno.EINVAL, "a backing swap needs target=compressed")
         backing = Backing(self.backing_swap) if self.backing_swap else None
         target = None
         try:
@@ -228,7 +228,7 @@ class Device:
         d = {"dev": self.dev_id, "state": self.state,
              "disksize": self.target.size if self.initialised else self.disksize_kb * 1024,
              "mem_limit": self.memlimit_kb * 1024, "backing_swap": self.backing_swap,
-             "algorithm": self.cfg["compressor"] if self.cfg["target"] == "zswap" else self.cfg["target"]}
+             "algorithm": self.cfg["compressor"] if self.cfg["target"] == "compressed" else self.cfg["target"]}
         if self.initialised:
             st = self.stats()
             d.update({k: st.get(k, 0) for k in ("orig_data_size", "compr_data_size", "mem_used_total")})

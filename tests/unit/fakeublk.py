@@ -83,7 +83,7 @@ class RecordingManager(Manager):
     CALLS = ("devices", "set_backing_swap", "set_memlimit_kb", "set_disksize_kb", "init",
              "reset", "compact", "stats", "info")
 
-    def __init__(self, num_devices=2, *, ram=RAM, target="zswap"):
+    def __init__(self, num_devices=2, *, ram=RAM, target="compressed"):
         self.log: list = []
         self.ublks: dict[int, FakeUblk] = {}
         self.calls: list = []
