@@ -15,9 +15,9 @@ Owns: what a device may do in which state, with compcache 0.6.2's errors
   and the memlimit (0 or beyond the disksize) becomes 15% of RAM, at most the disksize.
 
 A :class:`Device` holds a *ublk device* (:class:`ublkzswap.ublkdev.UblkDevice`: ``add,
-start(target, backing_fd=), stop, delete, bdev, users(openers=), failure, counters``), made
-by the factory the :class:`Manager` is given: the real one in the daemon, a fake in the unit
-tests.
+start(target, backing_fd=), stop, delete, bdev, users(openers=), failure, counters,
+nr_queues``), made by the factory the :class:`Manager` is given: the real one in the daemon,
+a fake in the unit tests.
 
 Still naive: "in use" can change right after it was checked.
 """
@@ -225,13 +225,17 @@ class Device:
         return st
 
     def info(self) -> dict:
-        d = {"dev": self.dev_id, "state": self.state,
+        """What ``rzscontrol --list`` shows: state, sizes and algorithm in any state; the
+        memory counters (zram's mm_stat names) once initialised."""
+        d = {"dev": self.dev_id, "state": self.state, "queues": self.ublk.nr_queues,
              "disksize": self.target.size if self.initialised else self.disksize_kb * 1024,
              "mem_limit": self.memlimit_kb * 1024, "backing_swap": self.backing_swap,
              "algorithm": self.cfg["compressor"] if self.cfg["target"] == "compressed" else self.cfg["target"]}
         if self.initialised:
             st = self.stats()
-            d.update({k: st.get(k, 0) for k in ("orig_data_size", "compr_data_size", "mem_used_total")})
+            d.update({k: st.get(k, 0) for k in ("orig_data_size", "compr_data_size",
+                                                "mem_used_total", "mem_used_max", "same_pages",
+                                                "pages_compacted")})
             if self.ublk.failure is not None:
                 d["failure"] = self.ublk.failure
         return d

@@ -24,6 +24,8 @@ class FakeUblk:
     ``users()`` reports it: "swap", "mounted", "open by pid N"); ``fail_start`` makes the next
     start raise it; ``failure`` can be set to simulate a queue thread that ended."""
 
+    nr_queues = 1
+
     def __init__(self, dev_id: int, log: list):
         self.dev_id = dev_id
         self.log = log
