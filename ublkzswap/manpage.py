@@ -143,6 +143,16 @@ RZS_DESCRIPTION = [
     "A device goes through these steps:",
 ]
 
+RZS_ZSWAP = (
+    "Disable the kernel's zswap before using this device as swap, as for zram: echo 0 > "
+    "/sys/module/zswap/parameters/enabled (or zswap.enabled=0 on the kernel command line). "
+    "zswap sits in front of every swap device: it would compress pages before they reach this "
+    "device, which would compress them again (twice the work for nothing), and keep its own "
+    "pool of compressed pages in the same RAM this device's memory comes from, so that the "
+    "two compete for it. (ublkzswapd's target=compressed is this device's own store, not the "
+    "kernel's zswap.)"
+)
+
 RZS_STEPS = [
     ("Start the daemon with the number of devices.",
      ["ublkzswapd num_devices=4"],
@@ -154,8 +164,8 @@ RZS_STEPS = [
      "default. Parameters can be given in any order; they are applied in the fixed order "
      + ", ".join(op.option for op in REQUESTS) + "."),
     ("Enable swap on it.",
-     ["swapon --discard /dev/ublkb0"],
-     "No mkswap is needed: the device presents a swap header sized to the device. "
+     ["echo 0 > /sys/module/zswap/parameters/enabled", "swapon --discard /dev/ublkb0"],
+     "The kernel's zswap is turned off first (see NOTES). No mkswap is needed: the device presents a swap header sized to the device. "
      "--discard (or at least --discard=pages) is recommended: discards are how the device "
      "learns that swap freed a whole 2 MiB cluster, so its compressed pages can be dropped "
      "(Linux does not report single freed slots; those are reclaimed when overwritten)."),
@@ -203,6 +213,7 @@ RZS_DISCARD = (
 )
 
 RZS_NOTES = [
+    RZS_ZSWAP,
     "The parameters of a device cannot be changed once it is initialised, except the memory "
     "limit; reset it to set new ones.",
     RZS_DISCARD,
@@ -440,6 +451,7 @@ def ublkzswapd_page() -> str:
         "the page in RAM and retries later. Stored pages are compacted in the background "
         "(rzscontrol --compact on demand)."))
     out.append(para(RZS_DISCARD))
+    out.append(para(RZS_ZSWAP))
     out.append(".SH SEE ALSO\n.BR rzscontrol (1),\n.BR swapon (8),\n.BR swapoff (8),\n"
                ".BR zramctl (8)\n")
     return _finish("".join(out))

@@ -72,6 +72,15 @@ def test_every_list_column_is_in_the_columns_section():
     assert manpage.esc(cli.JSON_KEY) in text.split(".SH OPTIONS", 1)[1]
 
 
+@pytest.mark.parametrize("name", list(manpage.PAGES))
+def test_both_pages_say_to_disable_the_kernels_zswap(name):
+    text = " ".join(page(name).split())
+    assert manpage.esc("echo 0 > /sys/module/zswap/parameters/enabled") in text
+    assert manpage.esc("zswap.enabled=0") in text
+    assert "compress them again" in text        # why: double compression, and RAM competed for
+    assert "compete" in text
+
+
 def test_every_daemon_parameter_is_in_ublkzswapd_8():
     text = page("ublkzswapd.8")
     for p in PARAMETERS:
