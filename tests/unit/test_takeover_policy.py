@@ -105,6 +105,8 @@ def test_a_recovering_queue_is_waited_for_past_the_arm_timeout(monkeypatch):
 class StartedUblk:
     """A started device left by a dead server, whose takeover fails in the kernel."""
 
+    nr_queues = 1
+
     def __init__(self, dev_id, log):
         self.dev_id, self.log = dev_id, log
         self.bdev = f"/dev/ublkb{dev_id}"
