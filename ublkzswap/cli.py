@@ -349,8 +349,10 @@ def render_json(infos: list[dict], columns=DEFAULT_COLUMNS) -> str:
     decimals, None (null) where the table shows "-"."""
     def value(col, info):
         v = _value(col, info)
-        if v is None or col.kind == "text":
-            return v if v is None else str(v)
+        if v is None:
+            return None
+        if col.kind == "text":
+            return str(v)
         return round(float(v), 2) if col.kind == "ratio" else int(v)
     devices = [{c.name.lower(): value(c, info) for c in columns} for info in _by_dev(infos)]
     return json.dumps({JSON_KEY: devices}, indent=2)
