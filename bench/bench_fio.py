@@ -5,11 +5,11 @@ targets, side by side, in ONE boot of the test VM (or natively where the kernel 
 Prints IOPS (median and spread of N repetitions) and the ratio to zram measured in the same
 run. Printed, not asserted: absolute numbers under TCG emulation mean nothing, ratios do.
 
-    python3 bench/bench_fio.py                      # null, ram, zswap(lzo), zswap(lz4) vs zram
+    python3 bench/bench_fio.py                      # null, ram, ublkz-lzo, ublkz-lz4 vs zram
     python3 bench/bench_fio.py --targets null,ram --reps 5 --runtime 20
 
 Data: 3:1 compressible buffers (fio --buffer_compress_percentage=67), refilled per I/O, so
-zram and the zswap target actually compress. Each repetition writes first, then reads the
+zram and the compressed target (ublkz-*) actually compress. Each repetition writes first, then reads the
 same area back.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 
 PY = os.path.realpath(sys.executable)
 SIZE_MB = 256
-ALL_TARGETS = ("zram", "null", "ram", "zswap-lzo", "zswap-lz4")
+ALL_TARGETS = ("zram", "null", "ram", "ublkz-lzo", "ublkz-lz4")
 
 
 def fio_iops(dev: str, rw: str, runtime: int, size_mb: int) -> float:
@@ -69,7 +69,8 @@ class Zram:
 class Ublk:
     def __init__(self, name: str):
         self.name = name
-        kind, _, comp = name.partition("-")
+        kind, _, comp = name.partition("-")        # ublkz-ALGO: the compressed target
+        kind = "compressed" if kind == "ublkz" else kind
         self.words = ["num_devices=1", f"disksize_kb={SIZE_MB * 1024}", f"target={kind}",
                       "socket=/run/ublkzswap-bench.sock"] + ([f"compressor={comp}"] if comp else [])
 

@@ -10,7 +10,7 @@ Two ways of doing that bookkeeping, on the same ring in the same run:
 and ``queue``: the serving loop itself (``Queue._loop``, with its request handler and
 counters) on the same ring, serving 4 KiB reads on a NullTarget.
 
-Then the loop on a real store (zswap: LZO, the log allocator), 4 KiB swap writes of fio-like
+Then the loop on a real store (the compressed target: LZO, the log allocator), 4 KiB swap writes of fio-like
 3:1 pages and reads of them back, two ways in the same run: ``general`` (the request
 handler and the store's read/write_swap per request) and ``fused`` (the store's page_server:
 a wake-up's single-page requests under one lock); beside them bare ``lzo.compress`` /
@@ -219,7 +219,7 @@ def main_store(args, ring, rows, iod):
     store = Store(1 << 24)
     q = Queue(0, None, depth=DEPTH, buf_bytes=4096)
     pages = store_pages(q)
-    print(f"\nzswap store, us per 4 KiB request ({'CQEs per wake-up'}: 1 / 8 / 32)")
+    print(f"\ncompressed store, us per 4 KiB request ({'CQEs per wake-up'}: 1 / 8 / 32)")
     print(f"{'':>10}{'batch':>6}{'general':>10}{'fused':>10}{'ratio':>8}{'bare lzo':>10}"
           f"{'fused/bare':>11}")
     for op, name in ((uapi.UBLK_IO_OP_WRITE, "write"), (uapi.UBLK_IO_OP_READ, "read")):

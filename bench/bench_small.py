@@ -7,7 +7,7 @@ the kernel has freed (stale slots: ublk is told only when a whole cluster is fre
 beside zram, which is told of every freed slot (zram with LZO where this kernel offers it,
 else its default). Printed, not asserted.
 
-    python3 bench/bench_small.py [--mib 384] [--targets zram,zswap-lzo]
+    python3 bench/bench_small.py [--mib 384] [--targets zram,ublkz-lzo]
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def inside(args) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--targets", default="zram,zswap-lzo")
+    ap.add_argument("--targets", default="zram,ublkz-lzo")
     ap.add_argument("--mib", type=int, default=384, help="the small machine's RAM in MiB")
     ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -10,7 +10,7 @@ to zram. Printed, not asserted.
 - memory: mem_used_total / orig_data_size after the swap fill (zram: mm_stat), and
   mem_used_total / compr_data_size after an fio fill of the 256 MiB device.
 
-    python3 bench/bench_swap.py [--reps 2] [--runtime 10] [--targets zram,zswap-lzo,zswap-lz4]
+    python3 bench/bench_swap.py [--reps 2] [--runtime 10] [--targets zram,ublkz-lzo,ublkz-lz4]
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 PY = os.path.realpath(sys.executable)
 SOCK = "/run/ublkzswap-bench.sock"
 FIO_MB = 256
-TARGETS = ("zram", "zswap-lzo", "zswap-lz4")
+TARGETS = ("zram", "ublkz-lzo", "ublkz-lz4")
 MIX = "zero=50,same=15,text=32,random=3"
 
 

@@ -411,7 +411,7 @@ def run(cfg: dict, argv: list[str]) -> int:
         memory.set_io_flusher()
     except OSError as e:
         return fail(f"refusing to serve swap: {e.strerror}")
-    if cfg["target"] == "zswap":
+    if cfg["target"] == "compressed":
         try:
             warm_up(storemod, cfg["compressor"], cfg["allocator"])   # what the I/O path runs: resident and locked
         except Exception as e:

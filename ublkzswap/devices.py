@@ -15,9 +15,9 @@ Owns: what a device may do in which state, with compcache 0.6.2's errors
   and the memlimit (0 or beyond the disksize) becomes 15% of RAM, at most the disksize.
 
 A :class:`Device` holds a *ublk device* (:class:`ublkzswap.ublkdev.UblkDevice`: ``add,
-start(target, backing_fd=), stop, delete, bdev, users(openers=), failure, counters`` and
-optionally ``cancel_start()``), made by the factory the :class:`Manager` is given: the real
-one in the daemon, a fake in the unit tests.
+start(target, backing_fd=), stop, delete, bdev, users(openers=), failure, counters,
+nr_queues`` and optionally ``cancel_start()``), made by the factory the :class:`Manager` is
+given: the real one in the daemon, a fake in the unit tests.
 
 Locking: the Manager's one lock guards every device's fields and is never held across a wait
 (on the kernel, a thread or memory). An op that waits -- ``init`` (builds the store, starts
@@ -168,8 +168,8 @@ class Device:
             raise OSError(errno.EBUSY, ALREADY)
         self.check_idle()
         kind = self.cfg["target"]
-        if self.backing_swap and kind != "zswap":
-            raise OSError(errno.EINVAL, "a backing swap needs target=zswap")
+        if self.backing_swap and kind != "compressed":
+            raise OSError(errno.EINVAL, "a backing swap needs target=compressed")
         return kind, self.backing_swap, self.disksize_kb, self.memlimit_kb
 
     def build(self, plan: tuple) -> tuple:
@@ -279,13 +279,17 @@ class Device:
         return st
 
     def info(self) -> dict:
-        d = {"dev": self.dev_id, "state": self.state,
+        """What ``rzscontrol --list`` shows: state, sizes and algorithm in any state; the
+        memory counters (zram's mm_stat names) once initialised."""
+        d = {"dev": self.dev_id, "state": self.state, "queues": self.ublk.nr_queues,
              "disksize": self.target.size if self.initialised else self.disksize_kb * 1024,
              "mem_limit": self.memlimit_kb * 1024, "backing_swap": self.backing_swap,
-             "algorithm": self.cfg["compressor"] if self.cfg["target"] == "zswap" else self.cfg["target"]}
+             "algorithm": self.cfg["compressor"] if self.cfg["target"] == "compressed" else self.cfg["target"]}
         if self.initialised:
             st = self.stats()
-            d.update({k: st.get(k, 0) for k in ("orig_data_size", "compr_data_size", "mem_used_total")})
+            d.update({k: st.get(k, 0) for k in ("orig_data_size", "compr_data_size",
+                                                "mem_used_total", "mem_used_max", "same_pages",
+                                                "pages_compacted")})
             if self.ublk.failure is not None:
                 d["failure"] = self.ublk.failure
         return d

@@ -1,7 +1,7 @@
 """Man pages generated from the code: rzscontrol(1) and ublkzswapd(8).
 
-Owns: man/rzscontrol.1 (SYNOPSIS and OPTIONS from :func:`ublkzswap.cli.build_parser`, STATS
-from :data:`ublkzswap.stats.COUNTERS`, the request order and which requests need the owner
+Owns: man/rzscontrol.1 (SYNOPSIS and OPTIONS from :func:`ublkzswap.cli.build_parser`, COLUMNS
+from :data:`ublkzswap.cli.COLUMNS`, STATS from :data:`ublkzswap.stats.COUNTERS`, the request order and which requests need the owner
 from :data:`ublkzswap.control.OPS`) and man/ublkzswapd.8 (PARAMETERS from
 ``ublkzswap.params.PARAMETERS``); the socket path and its environment variable come from
 :mod:`ublkzswap.control`; the prose sections (the lifecycle, examples, notes) live here.
@@ -26,6 +26,7 @@ import sys
 
 from . import __version__
 from . import stats as statsmod
+from . import cli
 from .cli import REQUESTS, build_parser
 from .control import DEFAULT_PATH, ENV_SOCKET
 
@@ -105,15 +106,31 @@ OPTION_TEXT = {
     "verbose": "Print the device and each parameter before sending it.",
     "help": "Print a summary of the options and counters, then carry on with any other option "
             "given (as compcache did).",
-    "list": "List all devices of the daemon in a table like zramctl(8): NAME, DISKSIZE, DATA "
-            "(uncompressed size stored), COMPR (compressed size), TOTAL (memory used), "
-            "MEM-LIMIT, ALGORITHM and STATE (uninitialised, initialised or active). Sizes are "
-            "shown as K, M, G (powers of 1024); \"-\" when the device is not initialised. May "
-            "be given without a device.",
-    "json": "Print --stats or --list as JSON, with the counter names of zram (in parentheses "
-            "under STATS) and sizes in bytes. With a device and no other request, implies "
-            "--stats.",
-    "bytes": "With --list, print sizes in bytes.",
+    "list": "Show the daemon's initialised devices in a table like zramctl(8)'s, one line "
+            "each (see COLUMNS); with a device, just that device, whatever its state. Sizes "
+            "are shown as K, M, G (powers of 1024). May be given without a device; given with "
+            "requests, the table shows the device after them.",
+    "output": "The columns to show, a comma-separated list of the names under COLUMNS, in any "
+              "case (-o name,state). A list that starts with + is added to the default "
+              "columns (-o +COMP-RATIO,MOUNTPOINT). An unknown name is a usage error.",
+    "output_all": "Show every column.",
+    "noheadings": "Do not print the header line.",
+    "raw": "Print the table in raw form, as zramctl(8) --raw: cells separated by one space, "
+           "not aligned, with whitespace, backslashes and unprintable characters in a cell "
+           "written as \\xHH.",
+    "all": "Also show the devices the daemon has reserved but that are not initialised; their "
+           "NAME is /dev/ublkbN although that node appears only at --init.",
+    "json": "Print --stats or --list as JSON. --stats uses the counter names of zram (in "
+            "parentheses under STATS), sizes in bytes. --list prints "
+            "{\"" + cli.JSON_KEY + "\": [{\"name\": \"/dev/ublkb0\", \"disksize\": "
+            "268435456, ...}, ...]}: as zramctl(8) --json prints {\"zramdevices\": [...]}, one "
+            "object per device with the lower-case names of the columns shown as keys, and null "
+            "where the table shows \"-\"; unlike zramctl, whose values are the table's text, "
+            "sizes are numbers of bytes (whatever --bytes says), counts are numbers and "
+            "COMP-RATIO is a number. With a device and no other request, implies --stats; "
+            "without a device, --list.",
+    "bytes": "With --list, print sizes in bytes. Alone (or with only a device), implies "
+             "--list.",
     "socket": f"The control socket of ublkzswapd. Default: ${ENV_SOCKET}, or {DEFAULT_PATH}.",
 }
 
@@ -126,6 +143,16 @@ RZS_DESCRIPTION = [
     "A device goes through these steps:",
 ]
 
+RZS_ZSWAP = (
+    "Disable the kernel's zswap before using this device as swap, as for zram: echo 0 > "
+    "/sys/module/zswap/parameters/enabled (or zswap.enabled=0 on the kernel command line). "
+    "zswap sits in front of every swap device: it would compress pages before they reach this "
+    "device, which would compress them again (twice the work for nothing), and keep its own "
+    "pool of compressed pages in the same RAM this device's memory comes from, so that the "
+    "two compete for it. (ublkzswapd's target=compressed is this device's own store, not the "
+    "kernel's zswap.)"
+)
+
 RZS_STEPS = [
     ("Start the daemon with the number of devices.",
      ["ublkzswapd num_devices=4"],
@@ -137,8 +164,8 @@ RZS_STEPS = [
      "default. Parameters can be given in any order; they are applied in the fixed order "
      + ", ".join(op.option for op in REQUESTS) + "."),
     ("Enable swap on it.",
-     ["swapon --discard /dev/ublkb0"],
-     "No mkswap is needed: the device presents a swap header sized to the device. "
+     ["echo 0 > /sys/module/zswap/parameters/enabled", "swapon --discard /dev/ublkb0"],
+     "The kernel's zswap is turned off first (see NOTES). No mkswap is needed: the device presents a swap header sized to the device. "
      "--discard (or at least --discard=pages) is recommended: discards are how the device "
      "learns that swap freed a whole 2 MiB cluster, so its compressed pages can be dropped "
      "(Linux does not report single freed slots; those are reclaimed when overwritten)."),
@@ -170,18 +197,26 @@ RZS_EXAMPLES = [
     ("Use it, look at it, and give it back:",
      ["swapon --discard /dev/ublkb0", "rzscontrol /dev/ublkb0 --stats",
       "swapoff /dev/ublkb0", "rzscontrol /dev/ublkb0 --reset"]),
-    ("List all devices; statistics as JSON:",
-     ["rzscontrol --list", "rzscontrol /dev/ublkb0 --stats --json"]),
+    ("List the initialised devices; all of them, with every column; statistics as JSON:",
+     ["rzscontrol --list", "rzscontrol --all --output-all",
+      "rzscontrol /dev/ublkb0 --stats --json"]),
+    ("The default columns and the compression ratio; names and states only, for a script:",
+     ["rzscontrol -o +COMP-RATIO", "rzscontrol --raw -n -o name,state"]),
     ("Stop the daemon (removes all devices):", ["kill -TERM $(pidof ublkzswapd)"]),
 ]
 
-RZS_NOTES = [
-    "The parameters of a device cannot be changed once it is initialised, except the memory "
-    "limit; reset it to set new ones.",
+RZS_DISCARD = (
     "There is no swap-free notify in ublk. Discards play its part: with swapon --discard "
     "(or --discard=pages) swap discards each freed cluster and the device frees the pages "
     "(counted in NotifyFree). Without it, a stale page stays stored until its slot is "
-    "written again.",
+    "written again."
+)
+
+RZS_NOTES = [
+    RZS_ZSWAP,
+    "The parameters of a device cannot be changed once it is initialised, except the memory "
+    "limit; reset it to set new ones.",
+    RZS_DISCARD,
     "A userspace swap device must never need new memory to serve I/O: if the daemon had to "
     "fault in a page while the kernel is waiting for swap to free memory, the machine would "
     "deadlock. ublkzswapd therefore locks its memory (mlockall), reserves its buffers at "
@@ -200,7 +235,7 @@ RZS_COMPAT = (
     "status is 0, 1 or 2 (see EXIT STATUS) rather than the raw ioctl return; sizes that are "
     "not decimal numbers are refused rather than read as 0; an explicit 0 is sent rather than "
     "ignored; --verbose prints the device line; --memlimit_kb works on an initialised device; "
-    "--list, --json, --bytes and --socket are new. Like the original, fewer than two "
+    "--compact, --list and its table options, --json, --version and --socket are new. Like the original, fewer than two "
     "arguments print the usage text and exit 0, -h carries on with the other options, and "
     "long options may be abbreviated."
 )
@@ -232,15 +267,17 @@ def rzscontrol_page() -> str:
                "compressed RAM swap served from userspace)\n")
     # SYNOPSIS: two forms, from the parser
     groups = {g.title: g._group_actions for g in parser._action_groups}
-    compat = [a for a in groups["compcache options"]]
-    extras = [a for a in groups["extras (not in compcache)"]]
+    compat = groups[cli.COMPAT_GROUP]
+    extras = groups[cli.EXTRAS_GROUP]
+    table = groups[cli.TABLE_GROUP]
     out.append(".SH SYNOPSIS\n.B rzscontrol\n.I device\n")
-    for a in compat + [a for a in extras if a.dest in ("json", "socket")]:
+    for a in compat + extras:
         out.append(_flag(a) + "\n")
     out.append(".br\n.B rzscontrol\n")
-    for a in extras:
+    out.append("[" + ital("device") + "]\n")
+    for a in table + [a for a in extras if a.dest in ("json", "socket")]:
         if a.dest == "list":
-            out.append(bold("--list") + "\n")
+            out.append(f"{bold('-l')}|{bold('--list')}\n")
         else:
             out.append(_flag(a) + "\n")
     out.append(".SH DESCRIPTION\n")
@@ -258,10 +295,24 @@ def rzscontrol_page() -> str:
     for a in pos:
         out.append(tp(_opt_head(a), esc(OPTION_TEXT.get(a.dest, a.help))))
     for title, actions in (("Options of compcache's rzscontrol", compat),
-                           ("Extensions", extras)):
+                           ("Extensions", extras),
+                           ("The device table (options as zramctl's)", table)):
         out.append(f".SS {title}\n")
         for a in actions:
             out.append(tp(_opt_head(a), esc(OPTION_TEXT.get(a.dest, a.help))))
+    out.append(".SH COLUMNS\n")
+    out.append(para(
+        "The columns of --list, in the order --output-all shows them: zramctl(8)'s where zram "
+        "has the same thing, under its names, then STATE and BACKING. The default ones are "
+        + ", ".join(c.name for c in cli.DEFAULT_COLUMNS) + " (rzscontrol's since before "
+        "--output; zramctl's default has STREAMS, always 1 here, and MOUNTPOINT, which STATE "
+        "covers, instead of MEM-LIMIT and STATE). A cell shows \"-\" where the value does not "
+        "apply: the counters of an uninitialised device, MOUNTPOINT of a device not in use as "
+        "swap, BACKING without a backing swap. MOUNTPOINT is read by rzscontrol from "
+        + cli.SWAPS + ", as zramctl does; it knows swap only, not mounts."))
+    for c in cli.COLUMNS:
+        text = c.help[:1].upper() + c.help[1:] + "."
+        out.append(tp(bold(c.name), esc(text)))
     out.append(".SH STATS\n")
     out.append(para(
         "--stats prints one line per counter, a label, a colon, a tab and the value right-aligned "
@@ -399,7 +450,8 @@ def ublkzswapd_page() -> str:
         "it; when it has no ready memory for a swap write, the write fails and the kernel keeps "
         "the page in RAM and retries later. Stored pages are compacted in the background "
         "(rzscontrol --compact on demand)."))
-    out.append(para(RZS_NOTES[1]))
+    out.append(para(RZS_DISCARD))
+    out.append(para(RZS_ZSWAP))
     out.append(".SH SEE ALSO\n.BR rzscontrol (1),\n.BR swapon (8),\n.BR swapoff (8),\n"
                ".BR zramctl (8)\n")
     return _finish("".join(out))

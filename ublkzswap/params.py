@@ -16,7 +16,8 @@ from .control import ENV_SOCKET, default_path
 from .uapi import PAGE_SIZE
 
 MAX_NUM_DEVICES = 32
-TARGETS = ("zswap", "ram", "null")
+TARGETS = ("compressed", "ram", "null")
+TARGET_ALIASES = {"zswap": "compressed"}      # deprecated: easily read as the kernel's zswap
 ALLOCATORS = ("log", "xvmalloc")
 
 Param = namedtuple("Param", "name metavar default help")
@@ -31,12 +32,13 @@ PARAMETERS = (
     Param("backing_swap", "PATH", "none",
           "if given (and disksize_kb is not), initialise device 0 with this backing swap"),
     Param("target", "|".join(TARGETS), TARGETS[0],
-          "what stores the data: zswap (compressed, the default), ram (plain, for testing) or "
-          "null (no data, for measuring the I/O round trip)"),
+          "what stores the data: compressed (compcache's compressed store, the default), ram "
+          "(plain, for testing) or null (no data, for measuring the I/O round trip); "
+          "target=zswap is a deprecated alias of target=compressed"),
     Param("compressor", "NAME", compress.names()[0],
-          "compression algorithm of the zswap target: " + ", ".join(compress.names())),
+          "compression algorithm of the compressed target: " + ", ".join(compress.names())),
     Param("allocator", "|".join(ALLOCATORS), ALLOCATORS[0],
-          "how the zswap target places compressed pages: log (segments, compacted; the "
+          "how the compressed target places its pages: log (segments, compacted; the "
           "default) or xvmalloc (compcache's allocator, never compacted)"),
     Param("socket", "PATH", default_path(),
           f"control socket for rzscontrol (environment: {ENV_SOCKET})"),
@@ -89,6 +91,7 @@ def parse_params(argv: list[str]) -> dict:
             out[key] = value
     if not 1 <= out["num_devices"] <= MAX_NUM_DEVICES:
         raise UsageError(f"num_devices={out['num_devices']}: must be 1..{MAX_NUM_DEVICES}")
+    out["target"] = TARGET_ALIASES.get(out["target"], out["target"])
     if out["target"] not in TARGETS:
         raise UsageError(f"target={out['target']}: must be {', '.join(TARGETS[:-1])} or {TARGETS[-1]}")
     if out["allocator"] not in ALLOCATORS:

@@ -111,6 +111,8 @@ def _alive(pid: int) -> bool:
 class UblkDevice:
     """Device ``dev_id`` on the ublk control device ``ctrl`` (a :class:`ublkctrl.Control`)."""
 
+    nr_queues = 1                  # ADD_DEV's nr_hw_queues: queues, one serving thread each
+
     def __init__(self, ctrl: ublkctrl.Control, dev_id: int, *, depth: int = QUEUE_DEPTH,
                  buf_bytes: int = IO_BUF_BYTES, owner: int | None = None,
                  arm_timeout: float | None = None):
@@ -139,7 +141,7 @@ class UblkDevice:
         """ADD_DEV: reserve the id, recoverable (a device whose server dies is quiesced and its
         in-flight requests re-issued to the next one). OSError(EEXIST) if the id is taken."""
         try:
-            self.ctrl.add_dev(self.dev_id, 1, self.depth, self.buf_bytes, RECOVERY_FLAGS)
+            self.ctrl.add_dev(self.dev_id, self.nr_queues, self.depth, self.buf_bytes, RECOVERY_FLAGS)
         except ublkctrl.UblkCtrlError as e:
             if e.errno == errno.EEXIST:
                 raise OSError(errno.EEXIST, f"ublk device id {self.dev_id} is taken "

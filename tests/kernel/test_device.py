@@ -13,7 +13,7 @@ from .conftest import register_daemon
 from .daemonctl import PY, leftovers, running, start_foreground, wait_gone
 
 MiB = 1 << 20
-TARGETS = ["ram", "zswap"]
+TARGETS = ["ram", "compressed"]
 
 
 def fio(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:

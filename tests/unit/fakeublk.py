@@ -32,6 +32,8 @@ class FakeUblk:
     real one does. ``arming`` is set once start waits; ``hold_delete`` (an Event) makes delete
     wait for it, as a STOP_DEV / DEL_DEV that the kernel is slow to answer."""
 
+    nr_queues = 1
+
     def __init__(self, dev_id: int, log: list):
         self.dev_id = dev_id
         self.log = log
@@ -112,7 +114,7 @@ class RecordingManager(Manager):
     CALLS = ("devices", "set_backing_swap", "set_memlimit_kb", "set_disksize_kb", "init",
              "reset", "compact", "stats", "info")
 
-    def __init__(self, num_devices=2, *, ram=RAM, target="zswap", teardown_wait=None):
+    def __init__(self, num_devices=2, *, ram=RAM, target="compressed", teardown_wait=None):
         self.log: list = []
         self.ublks: dict[int, FakeUblk] = {}
         self.calls: list = []

@@ -19,6 +19,8 @@ from fakeublk import (PAGE, RAM, RecordingManager, backing_through_the_filesyste
                       make_swapfile, medium_page, random_page, read_page, same_page, text_page,
                       write_pages)
 
+SWAPS_HEADER = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEV = "/dev/ublkb0"
 
@@ -26,6 +28,7 @@ DEV = "/dev/ublkb0"
 @pytest.fixture
 def env(monkeypatch):
     d = tempfile.mkdtemp(prefix="ublkzswap-cli-", dir="/tmp")
+    monkeypatch.setattr(cli, "SWAPS", os.path.join(d, "no-swaps"))   # never the host's
     m = RecordingManager(3)
     path = os.path.join(d, "control.sock")
     srv = ControlServer(m, path).start()
@@ -351,7 +354,13 @@ def test_list_table(env, capsys):
     assert total % PAGE == 0 and total >= compr
     # 4.7M, 1.xM, 1.xM: as wide as their column titles at most
     hdata, hcompr, htotal = cli.human_size(data), cli.human_size(compr), cli.human_size(total)
-    rc, out, err = run(capsys, "--list")
+    rc, out, err = run(capsys, "--list")        # the initialised devices only, as zramctl
+    assert (rc, err) == (0, "")
+    assert out == (
+        "NAME        DISKSIZE DATA COMPR TOTAL MEM-LIMIT ALGORITHM STATE\n"
+        f"/dev/ublkb0       8M {hdata:>4} {hcompr:>5} {htotal:>5}        0B lzo       active\n"
+    )
+    rc, out, err = run(capsys, "--list", "--all")
     assert (rc, err) == (0, "")
     assert out == (
         "NAME        DISKSIZE DATA COMPR TOTAL MEM-LIMIT ALGORITHM STATE\n"
@@ -362,10 +371,189 @@ def test_list_table(env, capsys):
     rc, out, err = run(capsys, "-l", "--bytes")
     assert out.splitlines()[1].split() == ["/dev/ublkb0", str(8 << 20), str(data), str(compr),
                                            str(total), "0", "lzo", "active"]
-    rc, out, err = run(capsys, "--list", "--json")
+    rc, out, err = run(capsys, "--list", "--json", "--all")
     d = json.loads(out)
-    assert [x["name"] for x in d["devices"]] == ["/dev/ublkb0", "/dev/ublkb1", "/dev/ublkb2"]
-    assert d["devices"][0]["state"] == "active"
+    assert list(d) == ["ublkbdevices"]
+    assert [x["name"] for x in d["ublkbdevices"]] == ["/dev/ublkb0", "/dev/ublkb1", "/dev/ublkb2"]
+    assert d["ublkbdevices"][0]["state"] == "active" and d["ublkbdevices"][0]["data"] == data
+    assert d["ublkbdevices"][1]["data"] is None and d["ublkbdevices"][2]["disksize"] == 1 << 20
+
+
+# ---------------------------------------------------------------- the device table (zramctl's)
+
+def _fill_and_compact(m, dev):
+    """Pages of every kind on ``dev``, half of them discarded and compacted: every counter
+    of the table non-zero, MEM-USED (the peak) above TOTAL."""
+    s = m.store(dev)
+    write_pages(s, 1, [medium_page() for _ in range(600)] + [same_page(0)] * 3
+                + [same_page(0x77)] * 2)
+    for i in range(1, 601, 2):
+        s.discard(i * PAGE, PAGE)
+    assert m.compact(dev) > 0
+
+
+@pytest.fixture
+def table(env, capsys, swapfile, monkeypatch, tmp_path):
+    """Device 0 initialised, filled, compacted and swapped on (in a fake /proc/swaps); device 1
+    initialised with a backing swap; device 2 reserved only."""
+    m, _ = env
+    run(capsys, DEV, "-d", "8192", "-i")
+    _fill_and_compact(m, 0)
+    m.swapon(0)
+    run(capsys, "/dev/ublkb1", "-b", swapfile, "-m", "1024", "-i")
+    swaps = tmp_path / "swaps"
+    swaps.write_text(SWAPS_HEADER + "/dev/ublkb0                             partition\t8188"
+                     "\t\t0\t\t-2\n/dev/ublkb10                            partition\t4092"
+                     "\t\t0\t\t-3\n")
+    monkeypatch.setattr(cli, "SWAPS", str(swaps))
+    return m, swapfile
+
+
+def test_every_column_renders(table, capsys):
+    m, swapfile = table
+    rc, out, err = run(capsys, "--output-all", "--bytes", "--all")
+    assert (rc, err) == (0, "")
+    lines = [ln.split() for ln in out.splitlines()]
+    assert lines[0] == [c.name for c in cli.COLUMNS]
+    i0, i1 = m.info(0), m.info(1)
+    assert i0["same_pages"] == 5 and i0["mem_used_max"] > i0["mem_used_total"] and i0["pages_compacted"] > 0
+    assert lines[1] == ["/dev/ublkb0", str(8 << 20), str(i0["orig_data_size"]),
+                        str(i0["compr_data_size"]), "lzo", "1", "5", str(i0["mem_used_total"]),
+                        "0", str(i0["mem_used_max"]), str(i0["pages_compacted"]),
+                        f"{i0['orig_data_size'] / i0['mem_used_total']:.2f}", "[SWAP]",
+                        "active", "-"]
+    assert i1["disksize"] == 4 << 20 and i1["mem_used_total"] == 0   # nothing stored yet
+    assert lines[2] == ["/dev/ublkb1", str(4 << 20), "0", "0", "lzo", "1", "0", "0",
+                        str(1024 << 10), "0", "0", "-", "-", "initialised", swapfile]
+    assert lines[3] == ["/dev/ublkb2", "0", "-", "-", "lzo", "1", "-", "-", "0", "-", "-", "-",
+                        "-", "uninitialised", "-"]
+    # without --bytes the sizes are zramctl's K/M/G
+    rc, out, err = run(capsys, "-o", "name,mem-used,total")
+    assert out.splitlines()[1].split() == ["/dev/ublkb0", cli.human_size(i0["mem_used_max"]),
+                                           cli.human_size(i0["mem_used_total"])]
+
+
+def test_plus_appends_to_the_default_and_names_are_case_insensitive(table, capsys):
+    rc, out, err = run(capsys, "-o", "+Comp-Ratio,MOUNTPOINT")
+    assert (rc, err) == (0, "")
+    default = [c.name for c in cli.DEFAULT_COLUMNS]
+    assert default == ["NAME", "DISKSIZE", "DATA", "COMPR", "TOTAL", "MEM-LIMIT", "ALGORITHM",
+                       "STATE"]
+    assert out.splitlines()[0].split() == default + ["COMP-RATIO", "MOUNTPOINT"]
+    rc, out, err = run(capsys, "--output", "state,name")
+    assert [ln.split() for ln in out.splitlines()] == [
+        ["STATE", "NAME"], ["active", "/dev/ublkb0"], ["initialised", "/dev/ublkb1"]]
+
+
+def test_noheadings_and_raw(table, capsys):
+    rc, out, err = run(capsys, "-n", "-o", "name,state,mountpoint")
+    assert (rc, err) == (0, "")
+    assert out == ("/dev/ublkb0 active      [SWAP]\n"
+                   "/dev/ublkb1 initialised -\n")
+    rc, out, err = run(capsys, "--raw", "-o", "name,state,mountpoint,backing")
+    assert (rc, err) == (0, "")
+    assert out == ("NAME STATE MOUNTPOINT BACKING\n"
+                   "/dev/ublkb0 active [SWAP] -\n"
+                   f"/dev/ublkb1 initialised - {table[1]}\n")
+    rc, out, err = run(capsys, "--raw", "-n", "--all", "-o", "name,disksize")
+    assert out == "/dev/ublkb0 8M\n/dev/ublkb1 4M\n/dev/ublkb2 0B\n"
+
+
+def test_raw_escapes_whitespace_and_backslashes_as_libsmartcols_does(env, capsys, tmp_path,
+                                                                     monkeypatch):
+    backing_through_the_filesystem(monkeypatch)
+    path = make_swapfile(tmp_path / "my swap\\file", 1024)
+    run(capsys, DEV, "-b", path, "-i")
+    rc, out, err = run(capsys, "--raw", "-n", "-o", "backing")
+    assert out == path.replace("\\", "\\x5c").replace(" ", "\\x20") + "\n"
+    assert cli._raw_cell("a\tb\u00e9\x01") == "a\\x09b\u00e9\\x01"
+
+
+def test_json_keys_are_the_lower_case_column_names(table, capsys):
+    m, swapfile = table
+    rc, out, err = run(capsys, "--json")
+    assert (rc, err) == (0, "")
+    d = json.loads(out)["ublkbdevices"]
+    assert [list(x) for x in d] == [[c.name.lower() for c in cli.DEFAULT_COLUMNS]] * 2
+    rc, out, err = run(capsys, "--json", "--output-all", "--all")
+    d = json.loads(out)["ublkbdevices"]
+    assert list(d[0]) == ["name", "disksize", "data", "compr", "algorithm", "streams",
+                          "zero-pages", "total", "mem-limit", "mem-used", "migrated",
+                          "comp-ratio", "mountpoint", "state", "backing"]
+    i0 = m.info(0)
+    assert d[0]["mem-used"] == i0["mem_used_max"] and d[0]["migrated"] == i0["pages_compacted"]
+    assert d[0]["comp-ratio"] == round(i0["orig_data_size"] / i0["mem_used_total"], 2)
+    assert (d[0]["mountpoint"], d[0]["backing"], d[0]["zero-pages"]) == ("[SWAP]", None, 5)
+    assert (d[1]["mountpoint"], d[1]["backing"]) == (None, swapfile)
+    assert d[2]["data"] is None and d[2]["streams"] == 1 and d[2]["state"] == "uninitialised"
+
+
+def test_mountpoint_comes_from_proc_swaps_by_exact_name(env, capsys, tmp_path, monkeypatch):
+    m, _ = env
+    for dev in (0, 1):
+        m.set_disksize_kb(dev, 1024)
+        m.init(dev)
+    swaps = tmp_path / "swaps"
+    monkeypatch.setattr(cli, "SWAPS", str(swaps))
+    rc, out, err = run(capsys, "-n", "-o", "name,mountpoint")       # no /proc/swaps: no swap
+    assert (rc, out) == (0, "/dev/ublkb0 -\n/dev/ublkb1 -\n")
+    swaps.write_text(SWAPS_HEADER + "/dev/ublkb10  partition  1020  0  -2\n"
+                     "/dev/ublkb1  partition  1020  0  -3\n")
+    rc, out, err = run(capsys, "-n", "-o", "name,mountpoint")
+    assert (rc, out) == (0, "/dev/ublkb0 -\n/dev/ublkb1 [SWAP]\n")
+    assert cli.swap_devices(str(swaps)) == {"/dev/ublkb10", "/dev/ublkb1"}
+
+
+def test_a_device_argument_lists_just_that_device_in_any_state(env, capsys):
+    m, _ = env
+    run(capsys, DEV, "-i")
+    rc, out, err = run(capsys, "/dev/ublkb2", "-o", "name,state")
+    assert (rc, out, err) == (0, "NAME        STATE\n/dev/ublkb2 uninitialised\n", "")
+    rc, out, err = run(capsys, "/dev/ublkb1", "-d", "2048", "-i", "-n", "-o", "name,disksize")
+    assert (rc, out, err) == (0, "/dev/ublkb1 2M\n", "")          # the requests, then its row
+    rc, out, err = run(capsys, DEV, "--bytes")                      # --bytes alone: its row
+    assert rc == 0 and out.splitlines()[1].split()[:2] == [DEV, str(m.info(0)["disksize"])]
+    assert run(capsys, "/dev/ublkb7", "--list") == (1, "", "list: No such device\n")
+
+
+@pytest.mark.parametrize("argv", [["-n"], ["--raw"], ["--bytes"], ["--all"], ["-o", "name"],
+                                  ["--output-all"]])
+def test_table_options_imply_list(env, capsys, argv):
+    m, _ = env
+    run(capsys, DEV, "-d", "1024", "-i")
+    rc, out, err = run(capsys, *argv)
+    assert (rc, err) == (0, "") and "/dev/ublkb0" in out
+    assert ("/dev/ublkb1" in out) == (argv == ["--all"])
+
+
+def test_no_initialised_device_prints_nothing_or_an_empty_json_list(env, capsys):
+    assert run(capsys, "--list") == (0, "", "")
+    rc, out, err = run(capsys, "--list", "--json")
+    assert (rc, json.loads(out)) == (0, {"ublkbdevices": []})
+
+
+@pytest.mark.parametrize("spec,bad", [("name,bogus", "bogus"), ("+SIZE", "SIZE"), ("", ""),
+                                      ("name,,state", "")])
+def test_an_unknown_column_is_a_one_line_usage_error(env, capsys, spec, bad):
+    m, _ = env
+    rc, out, err = run(capsys, "--list", "-o", spec)
+    assert (rc, out) == (2, "") and err.count("\n") == 1
+    assert err.startswith(f"rzscontrol: unknown column {bad!r} (columns: NAME,DISKSIZE,")
+    assert all(c.name in err for c in cli.COLUMNS)
+    assert m.calls == []                                   # the daemon was never asked
+
+
+def test_output_and_output_all_exclude_each_other(env, capsys):
+    rc, out, err = run(capsys, "-o", "name", "--output-all")
+    assert (rc, out) == (2, "") and "--output-all" in err and err.count("\n") == 1
+
+
+def test_every_column_is_in_help(capsys):
+    rc, out, err = run(capsys, "--help")
+    text = " ".join(out.split())
+    for c in cli.COLUMNS:
+        assert f"{c.name} {' '.join(c.help.split())}" in text
+    assert "default: " + " ".join(c.name for c in cli.DEFAULT_COLUMNS) in text
 
 @pytest.mark.parametrize("n,text", [(0, "0B"), (1023, "1023B"), (1024, "1K"), (1536, "1.5K"),
                                     (256 << 20, "256M"), (int(1.25 * (1 << 30)), "1.2G"),
@@ -400,6 +588,7 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 
 _words = st.sampled_from(["-b", "-m", "-d", "-i", "-r", "-s", "-v", "-h", "-l", "-j", "--json",
                           "--list", "--bytes", "--init", "--stats", "--disksize_kb=5", "--mem",
+                          "-o", "+name", "name,STATE", "--output-all", "-n", "--raw", "--all",
                           "/dev/ublkb0", "/dev/ublkb12", "/dev/sda", "12", "99999999999", "x",
                           "--", "-", "--socket", "=", ""])
 

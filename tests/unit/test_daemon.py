@@ -17,8 +17,16 @@ def test_compcache_words_and_dashed_form():
 
 def test_defaults():
     cfg = params.parse_params([])
-    assert cfg["num_devices"] == 1 and cfg["target"] == "zswap" and "disksize_kb" not in cfg
+    assert cfg["num_devices"] == 1 and cfg["target"] == "compressed" and "disksize_kb" not in cfg
     assert cfg["standby"] is False          # a warm standby is asked for: it costs a second image
+
+
+def test_target_zswap_is_a_deprecated_alias_of_compressed():
+    assert params.parse_params(["target=zswap"])["target"] == "compressed"
+    assert params.parse_params(["--target=compressed"])["target"] == "compressed"
+    target = next(p for p in params.PARAMETERS if p.name == "target")
+    assert "target=zswap is a deprecated alias" in target.help
+    assert "zswap" not in params.TARGETS and "zswap" not in target.metavar
 
 
 def test_version(capsys):
@@ -40,7 +48,7 @@ def test_standby_is_a_flag():
     (["disksize_kb=-5"], "not a decimal number"),
     (["num_devices=0"], "must be 1..32"),
     (["num_devices=33"], "must be 1..32"),
-    (["target=disk"], "must be zswap, ram or null"),
+    (["target=disk"], "must be compressed, ram or null"),
     (["num_devices"], "is not key=value"),
     (["memlimit_kb=100"], "valid only when backing_swap"),
     (["disksize_kb=1"], "smaller than one page"),

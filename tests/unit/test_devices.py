@@ -13,7 +13,8 @@ import pytest
 from ublkzswap import devices
 from ublkzswap.backing import SWAP_MAGIC
 
-from fakeublk import RAM, RecordingManager, backing_through_the_filesystem, make_swapfile
+from fakeublk import (RAM, RecordingManager, backing_through_the_filesystem, make_swapfile,
+                      medium_page, same_page, write_pages)
 
 PAGE = 4096
 
@@ -174,6 +175,23 @@ def test_stats_and_info_carry_the_store_counters(m):
     assert m.stats(0)["invalid_io"] == 3
     info = m.info(0)
     assert info["compr_data_size"] == PAGE and info["algorithm"] == "lzo"
+
+
+def test_info_carries_what_the_list_columns_need(m):
+    assert m.info(1)["queues"] == 1 and "mem_used_max" not in m.info(1)   # uninitialised
+    m.set_disksize_kb(0, 4096)
+    m.init(0)
+    s = m.store(0)
+    write_pages(s, 1, [medium_page() for _ in range(600)] + [same_page(0), same_page(7)])
+    for i in range(1, 601, 2):                      # half of every segment freed...
+        s.discard(i * PAGE, PAGE)
+    assert m.compact(0) > 0                         # ...so compaction gives pages back
+    info, st = m.info(0), m.stats(0)
+    assert info["same_pages"] == st["same_pages"] == 2
+    assert info["pages_compacted"] == st["pages_compacted"] > 0
+    assert info["mem_used_max"] == st["mem_used_max"] > info["mem_used_total"]   # a peak
+    m.ublks[0].nr_queues = 3
+    assert m.info(0)["queues"] == 3
 
 
 def test_busy_lists_held_devices_and_teardown_deletes_all(m):

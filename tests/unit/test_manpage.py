@@ -62,6 +62,25 @@ def test_required_sections():
     assert "deadlock" in text
 
 
+def test_every_list_column_is_in_the_columns_section():
+    text = page("rzscontrol.1")
+    cols = text.split(".SH COLUMNS\n", 1)[1].split(".SH ", 1)[0]
+    for c in cli.COLUMNS:
+        assert f".TP\n\\fB{manpage.esc(c.name)}\\fR\n" in cols, c.name
+        assert manpage.esc(c.help[1:]) in cols
+    assert manpage.esc(", ".join(c.name for c in cli.DEFAULT_COLUMNS)) in cols
+    assert manpage.esc(cli.JSON_KEY) in text.split(".SH OPTIONS", 1)[1]
+
+
+@pytest.mark.parametrize("name", list(manpage.PAGES))
+def test_both_pages_say_to_disable_the_kernels_zswap(name):
+    text = " ".join(page(name).split())
+    assert manpage.esc("echo 0 > /sys/module/zswap/parameters/enabled") in text
+    assert manpage.esc("zswap.enabled=0") in text
+    assert "compress them again" in text        # why: double compression, and RAM competed for
+    assert "compete" in text
+
+
 def test_every_daemon_parameter_is_in_ublkzswapd_8():
     text = page("ublkzswapd.8")
     for p in PARAMETERS:

@@ -105,6 +105,8 @@ def test_a_recovering_queue_is_waited_for_past_the_arm_timeout(monkeypatch):
 class StartedUblk:
     """A started device left by a dead server, whose takeover fails in the kernel."""
 
+    nr_queues = 1
+
     def __init__(self, dev_id, log):
         self.dev_id, self.log = dev_id, log
         self.bdev = f"/dev/ublkb{dev_id}"
@@ -137,7 +139,7 @@ def test_a_failed_takeover_keeps_the_device_and_is_a_failure_of_the_server():
         adopted.append(s)
         return s
 
-    m = Manager({"num_devices": 1, "target": "zswap", "compressor": "lzo"},
+    m = Manager({"num_devices": 1, "target": "compressed", "compressor": "lzo"},
                 lambda i: StartedUblk(i, log), factory, ram=64 << 20)
     problems = m.reserve_all(adopt=True)
     assert log == [("recover", 0)]                       # no delete, no add: pages kept
@@ -154,7 +156,7 @@ def test_a_takeover_without_shared_state_still_frees_the_id():
     def factory(dev_id, disksize, *, adopt=False, open_backing=None, **kw):
         raise OSError(errno.ENOENT, "no shared state for device 0")
 
-    m = Manager({"num_devices": 1, "target": "zswap", "compressor": "lzo"},
+    m = Manager({"num_devices": 1, "target": "compressed", "compressor": "lzo"},
                 lambda i: StartedUblk(i, log), factory, ram=64 << 20)
     problems = m.reserve_all(adopt=True)
     assert log == [("delete", 0), ("add", 0)]
