@@ -29,7 +29,7 @@ import logging
 import os
 import threading
 
-from . import stats as statsmod
+from . import compress, stats as statsmod
 from .backing import Backing, swap_header
 from .handler import describe
 from .target import NullTarget, RamTarget
@@ -83,6 +83,7 @@ class Device:
         self.ram = total_ram_bytes() if ram is None else ram
         self.disksize_kb = self.memlimit_kb = 0
         self.backing_swap = ""
+        self.compressor = ""            # its own algorithm ("": the daemon's); kept by a reset
         self.target = None
         self.backing = None
         self.takeover_error: str | None = None    # why taking this started device over failed
@@ -146,7 +147,8 @@ class Device:
                 target = NullTarget(disksize)
             else:
                 target = self.store_factory(self.dev_id, disksize, memlimit=memlimit,
-                                            backing=backing, compressor=self.cfg["compressor"])
+                                            backing=backing,
+                                            compressor=self.compressor or self.cfg["compressor"])
             if kind != "null":
                 header = backing.header() if backing is not None else swap_header(disksize)
                 preformat = getattr(target, "preformat", None)
@@ -311,6 +313,17 @@ class Manager:
             if d.initialised:
                 raise OSError(errno.EBUSY, ALREADY)
             d.disksize_kb = int(kb)
+
+    def set_compressor(self, dev_id: int, name: str) -> None:
+        """The device's own compression algorithm ("": the daemon's), used from its next init.
+        EINVAL for a name compress.names() does not have."""
+        with self._lock:
+            d = self._dev(dev_id)
+            if d.initialised:
+                raise OSError(errno.EBUSY, ALREADY)
+            if name and name not in compress.names():
+                raise OSError(errno.EINVAL, f"unknown compression algorithm {name!r}")
+            d.compressor = str(name)
 
     def init(self, dev_id: int) -> None:
         with self._lock:

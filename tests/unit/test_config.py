@@ -10,6 +10,8 @@ import pytest
 
 from ublkzswap import compress, config, generator, params
 
+from fakeublk import RecordingManager
+
 RAM = 8 << 30
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -187,6 +189,176 @@ def test_the_example_file_is_valid():
                     ram=RAM)
     assert sorted(c.devices) == [0, 1] and c.daemon["num_devices"] == 4
     assert c.devices[0].compressor in compress.names() and c.devices[1].backing_swap
+
+
+# ----------------------------------------------------------------------------- the words over it
+def configure(tmp_path, text, *words):
+    path = conf_file(tmp_path, text) if text is not None else "none"
+    return params.configure(params.parse_params([f"config={path}", *words]), ram=RAM)
+
+
+def test_num_devices_is_one_past_the_highest_configured(tmp_path):
+    assert configure(tmp_path, "[ublkb0]\n[ublkb5]\n")["num_devices"] == 6
+    assert configure(tmp_path, "")["num_devices"] == 1
+    assert configure(tmp_path, "[ublkb2]\n", "num_devices=8")["num_devices"] == 8
+
+
+def test_num_devices_too_small(tmp_path):
+    with pytest.raises(params.UsageError, match=r"num_devices=2: too small for \[ublkb3\] "
+                                                r"\(.*ublkzswap\.conf:2\)"):
+        configure(tmp_path, "[ublkb0]\n[ublkb3]\n", "num_devices=2")
+    with pytest.raises(config.ConfigError, match=r"ublkzswap\.conf:2: num-devices = 1 is too "
+                                                 r"small for \[ublkb1\]"):
+        configure(tmp_path, "[ublkzswapd]\nnum-devices = 1\n[ublkb1]\n")
+    # the word wins over the file's number, then checked
+    assert configure(tmp_path, "[ublkzswapd]\nnum-devices = 1\n[ublkb1]\n",
+                     "num_devices=2")["num_devices"] == 2
+
+
+def test_words_win_over_the_file(tmp_path):
+    text = ("[ublkzswapd]\nnum-devices = 3\ncompression-algorithm = lz4\nallocator = xvmalloc\n"
+            "[ublkb0]\ndisksize = 1G\nmemlimit = 1M\ncompression-algorithm = deflate\n"
+            "swap-priority = 5\n")
+    cfg = configure(tmp_path, text)
+    assert (cfg["num_devices"], cfg["compressor"], cfg["allocator"]) == (3, "lz4", "xvmalloc")
+    assert cfg["devices"][0].disksize_kb == 1 << 20
+    cfg = configure(tmp_path, text, "compressor=lzo", "allocator=log", "disksize_kb=20480",
+                    "standby")
+    assert (cfg["compressor"], cfg["allocator"], cfg["standby"]) == ("lzo", "log", True)
+    d = cfg["devices"][0]
+    # key by key: what the words did not set stays the file's
+    assert (d.disksize_kb, d.memlimit_kb, d.compressor, d.swap_priority) == \
+        (20480, 1024, "deflate", 5)
+    assert params.compressors(cfg) == ["lzo", "deflate"]
+    assert configure(tmp_path, text, "memlimit_kb=77")["devices"][0].memlimit_kb == 77
+
+
+def test_disksize_and_backing_swap_words_replace_each_other(tmp_path):
+    cfg = configure(tmp_path, "[ublkb0]\nbacking-swap = /dev/sda2\n", "disksize_kb=20480")
+    assert (cfg["devices"][0].disksize_kb, cfg["devices"][0].backing_swap) == (20480, "")
+    cfg = configure(tmp_path, "[ublkb0]\ndisksize = 1G\n", "backing_swap=/dev/sdb1")
+    assert (cfg["devices"][0].disksize_kb, cfg["devices"][0].backing_swap) == (0, "/dev/sdb1")
+
+
+def test_words_alone_configure_device_zero(tmp_path):
+    cfg = configure(tmp_path, None, "disksize_kb=20480", "memlimit_kb=100")
+    assert list(cfg["devices"]) == [0] and cfg["devices"][0].where == "command line"
+    assert (cfg["devices"][0].disksize_kb, cfg["devices"][0].memlimit_kb) == (20480, 100)
+    with pytest.raises(params.UsageError, match="memlimit_kb parameter is valid only when"):
+        configure(tmp_path, "[ublkb1]\n", "memlimit_kb=100")
+    assert configure(tmp_path, None)["devices"] == {}
+
+
+def test_which_file(tmp_path, monkeypatch):
+    # the default file is read only if it exists; a named one must exist; none reads nothing
+    monkeypatch.setattr(config, "DEFAULT_PATH", str(tmp_path / "default.conf"))
+    assert params.configure(params.parse_params([]))["devices"] == {}
+    conf_file(tmp_path, "[ublkb1]\n", "default.conf")
+    assert list(params.configure(params.parse_params([]), ram=RAM)["devices"]) == [1]
+    assert params.configure(params.parse_params(["config=none"]))["devices"] == {}
+    with pytest.raises(config.ConfigError, match="absent.conf: cannot read: No such file"):
+        params.configure(params.parse_params([f"config={tmp_path / 'absent.conf'}"]))
+    with pytest.raises(params.UsageError, match="config: empty value"):
+        params.parse_params(["config="])
+
+
+def test_the_daemon_refuses_a_bad_file_with_one_line_and_status_2(tmp_path, capsys):
+    from ublkzswap import daemon
+    bad = conf_file(tmp_path, "[ublkb0]\ndisksize = lots\n")
+    assert daemon.main([f"config={bad}", "--foreground"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == \
+        f"ublkzswapd: {bad}:2: disksize: 'lots' is not a size (kB, or a number with K, M, G, " \
+        "T or %)\n"
+    assert daemon.main([f"config={tmp_path}/absent.conf"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert daemon.main(["num_devices=1", f"config={conf_file(tmp_path, '[ublkb4]')}"]) == 2
+    assert "num_devices=1: too small for [ublkb4]" in capsys.readouterr().err
+
+
+def test_the_file_is_checked_before_the_root_check():
+    p = subprocess.run([sys.executable, "-c",
+                        "import os, sys; from ublkzswap import daemon; "
+                        "os.setgid(65534); os.setuid(65534); "
+                        "sys.exit(daemon.main(['config=/nonexistent/ublkzswap.conf']))"],
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert p.returncode == 2
+    assert p.stderr == ("ublkzswapd: /nonexistent/ublkzswap.conf: cannot read: No such file "
+                        "or directory\n")
+
+
+# ----------------------------------------------------------------------------- at start
+def start_config(tmp_path, text, *words):
+    return configure(tmp_path, text, *words)["devices"]
+
+
+@pytest.fixture
+def m():
+    mgr = RecordingManager(4)
+    yield mgr
+    mgr.teardown()
+
+
+def test_every_configured_device_is_initialised_with_its_settings(tmp_path, m):
+    from ublkzswap.daemon import init_configured
+    devs = start_config(tmp_path, "[ublkb0]\ndisksize = 1M\n[ublkb2]\ndisksize = 2M\n"
+                                  "memlimit = 512K\ncompression-algorithm = lz4\n")
+    assert init_configured(m, devs) == [0, 2]
+    assert [m.info(i)["state"] for i in range(4)] == \
+        ["initialised", "uninitialised", "initialised", "uninitialised"]
+    assert (m.stats(0)["disksize"], m.stats(2)["disksize"]) == (1 << 20, 2 << 20)
+    assert m.stats(2)["mem_limit"] == 512 << 10
+    assert m.store(0).comp.name == "lzo" and m.store(2).comp.name == "lz4"
+    assert ("set_disksize_kb", 2, 2048) in m.calls and ("init", 2) in m.calls
+
+
+def test_a_device_already_initialised_is_left_as_it_is(tmp_path, m):
+    from ublkzswap.daemon import init_configured
+    m.set_disksize_kb(0, 4096)
+    m.init(0)
+    devs = start_config(tmp_path, "[ublkb0]\ndisksize = 1M\n[ublkb1]\ndisksize = 1M\n")
+    assert init_configured(m, devs) == [1]
+    assert m.stats(0)["disksize"] == 4096 << 10
+
+
+def test_a_failed_init_resets_what_this_start_initialised(tmp_path, m):
+    from ublkzswap.daemon import init_configured
+    devs = start_config(tmp_path, "[ublkb0]\ndisksize = 1M\n[ublkb1]\ndisksize = 1M\n"
+                                  "[ublkb3]\nbacking-swap = /nonexistent/swap\n")
+    with pytest.raises(OSError) as e:
+        init_configured(m, devs)
+    msg = str(e.value.strerror)
+    assert msg.startswith("cannot initialise /dev/ublkb3 (") and "ublkzswap.conf:5)" in msg
+    assert "No such file or directory" in msg and "\n" not in msg
+    assert [m.info(i)["state"] for i in range(4)] == ["uninitialised"] * 4
+    assert ("reset", 0) in m.calls and ("reset", 1) in m.calls
+
+
+def test_the_device_init_refusal_is_named(tmp_path, m):
+    from ublkzswap.daemon import init_configured
+    m.ublks[1].fail_start = OSError(5, "Input/output error")
+    devs = start_config(tmp_path, "[ublkb0]\ndisksize = 1M\n[ublkb1]\ndisksize = 1M\n")
+    with pytest.raises(OSError, match=r"cannot initialise /dev/ublkb1 \(.*\): Input/output"):
+        init_configured(m, devs)
+    assert m.info(0)["state"] == "uninitialised"
+
+
+def test_set_compressor():
+    import errno
+    mgr = RecordingManager(1)
+    try:
+        with pytest.raises(OSError) as e:
+            mgr.set_compressor(0, "zstd")
+        assert e.value.errno == errno.EINVAL
+        mgr.set_compressor(0, "deflate")
+        mgr.set_disksize_kb(0, 1024)
+        mgr.init(0)
+        assert mgr.store(0).comp.name == "deflate"
+        with pytest.raises(OSError) as e:
+            mgr.set_compressor(0, "lzo")
+        assert e.value.errno == errno.EBUSY
+    finally:
+        mgr.teardown()
 
 
 # ----------------------------------------------------------------------------- swap units
