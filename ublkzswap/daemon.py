@@ -6,15 +6,17 @@ words), :mod:`devices` (compcache's policy), :mod:`ublkdev` (one ublk device), t
 (:mod:`store`) and the control socket (:mod:`ctlserver`)::
 
     ublkzswapd num_devices=N [disksize_kb=K] [memlimit_kb=M] [backing_swap=PATH] ...
-      |  parse; re-exec with PYTHONMALLOC=malloc; fork to the background (unless --foreground;
-      |  the parent waits for "ready" or an error and exits 0 / 1)
-      v
-    lock memory (memory.lock_process: refuse to start if not), warm the store's paths
-      v
+      |  parse the words and the configuration file (params.configure: a bad one is one line,
+      |  exit 2, before anything else); re-exec with PYTHONMALLOC=malloc; fork to the
+      |  background (unless --foreground; the parent waits for "ready" or an error and exits
+      v  0 / 1)
+    lock memory (memory.lock_process: refuse to start if not), warm the store's paths (with
+      v  every compressor the configuration uses)
     server: take over every device a dead server left (shared state: shmstate), else ADD_DEV
-      |  ids 0..N-1 --- control socket up --- device 0 initialised if disksize_kb= or
-      |  backing_swap= was given --- with ``standby``, start a standby (posix_spawn: the same
-      v  command, prepared the same way, then waiting on a pidfd of the server; see Standby)
+      |  ids 0..N-1 --- every configured device not taken over initialised (init_configured;
+      |  if one fails, those initialised here are reset and the start fails) --- control socket
+      |  up --- with ``standby``, start a standby (posix_spawn: the same command, prepared the
+      v  same way, then waiting on a pidfd of the server; see Standby)
     serve until SIGTERM / SIGINT: then end the standby, STOP_DEV + DEL_DEV every device and
     exit 0 -- refused (logged, the server keeps serving) while a device is swapped on,
     mounted or held. SIGHUP (``ublkzswapd --restart``): a fresh standby (the installed code)
@@ -39,9 +41,10 @@ import threading
 import time
 
 from . import memory, sdnotify, ublkctrl
+from .config import ConfigError
 from .ctlserver import ControlServer
 from .devices import Manager
-from .params import UsageError, help_text, parse_params
+from .params import UsageError, compressors, configure, help_text, parse_params
 from .handler import describe
 from .uapi import PAGE_SIZE, UBLK_IO_F_SWAP
 from .libc import spawn
@@ -413,7 +416,8 @@ def run(cfg: dict, argv: list[str]) -> int:
         return fail(f"refusing to serve swap: {e.strerror}")
     if cfg["target"] == "compressed":
         try:
-            warm_up(storemod, cfg["compressor"], cfg["allocator"])   # what the I/O path runs: resident and locked
+            for name in compressors(cfg):    # what the I/O path runs: resident and locked
+                warm_up(storemod, name, cfg["allocator"])
         except Exception as e:
             return fail(f"store self-test failed: {describe(e)}")
         try:
@@ -603,6 +607,52 @@ def _how(code: int) -> str:
     return f"exit status {code}"
 
 
+RESET_WAIT = 5.0              # seconds a device just initialised may be busy (udev's probe)
+
+
+def init_configured(manager, devices: dict) -> list[int]:
+    """Initialise every configured device (number -> config.DeviceConfig) that is
+    uninitialised (one taken over from a dead server is left as it is), in order. Returns the
+    numbers initialised. If one fails, the ones initialised here are reset and OSError is
+    raised with one line naming the device and why (and any reset that failed)."""
+    done: list[int] = []
+    for i, dev in devices.items():
+        if manager.info(i)["state"] != "uninitialised":
+            continue
+        try:
+            manager.set_disksize_kb(i, dev.disksize_kb)
+            manager.set_backing_swap(i, dev.backing_swap)
+            manager.set_memlimit_kb(i, dev.memlimit_kb)
+            manager.set_compressor(i, dev.compressor)
+            manager.init(i)
+        except OSError as e:
+            problems = _reset_all(manager, reversed(done))
+            where = f" ({dev.where})" if dev.where else ""
+            why = (e.strerror or str(e)) + (f": {e.filename}" if e.filename else "")
+            raise OSError(e.errno, f"cannot initialise {dev.bdev}{where}: {why}"
+                          + "".join(f"; {p}" for p in problems)) from e
+        done.append(i)
+    return done
+
+
+def _reset_all(manager, ids) -> list[str]:
+    """Reset each device, waiting up to RESET_WAIT s while it is busy; the failures' lines."""
+    problems = []
+    for i in ids:
+        deadline = time.monotonic() + RESET_WAIT
+        while True:
+            try:
+                manager.reset(i)
+                break
+            except OSError as e:
+                if e.errno == errno.EBUSY and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                problems.append(f"reset of /dev/ublkb{i} failed: {e.strerror or e}")
+                break
+    return problems
+
+
 def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
     """The server: take over or reserve the devices, serve the control socket, keep a standby,
     serve I/O until SIGTERM/SIGINT, tear down. Returns the exit status."""
@@ -654,16 +704,19 @@ def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
     try:
         for line in manager.reserve_all(adopt=True):
             say(line, NOTICE)
-        if first and ("disksize_kb" in cfg or "backing_swap" in cfg) and \
-                manager.info(0)["state"] == "uninitialised":
-            manager.set_disksize_kb(0, cfg.get("disksize_kb", 0))
-            manager.set_backing_swap(0, cfg.get("backing_swap", ""))
-            manager.set_memlimit_kb(0, cfg.get("memlimit_kb", 0))
-            manager.init(0)
+        if first:
+            init_configured(manager, cfg.get("devices", {}))
         server = ControlServer(manager, cfg["socket"], owner_uid=os.getuid())
         server.start()
         server.handle({"v": 1, "op": "list"}, 0)    # warm the control path too
     except OSError as e:
+        taken = [i for i in manager.devices() if manager.info(i)["state"] != "uninitialised"]
+        if taken:
+            # devices taken over from a dead server hold its pages (maybe in use as swap):
+            # leave them held, as a crash would, for the next server
+            fail(f"{e.strerror or e}; leaving {', '.join(f'/dev/ublkb{i}' for i in taken)} "
+                 "held for the next ublkzswapd")
+            os._exit(1)
         for line in manager.teardown():
             say(line, ERR)
         control.close()
@@ -738,10 +791,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = parse_params(argv)
+        if not cfg["version"] and not cfg["restart"]:
+            cfg = configure(cfg)
     except UsageError as e:
         if str(e) == "help":
             print(help_text())
             return 0
+        print(f"ublkzswapd: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
         print(f"ublkzswapd: {e}", file=sys.stderr)
         return 2
     if cfg["version"]:

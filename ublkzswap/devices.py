@@ -53,7 +53,7 @@ import os
 import threading
 import time
 
-from . import stats as statsmod
+from . import compress, stats as statsmod
 from .backing import Backing, swap_header
 from .handler import describe
 from .target import NullTarget, RamTarget
@@ -110,6 +110,7 @@ class Device:
         self.ram = total_ram_bytes() if ram is None else ram
         self.disksize_kb = self.memlimit_kb = 0
         self.backing_swap = ""
+        self.compressor = ""            # its own algorithm ("": the daemon's); kept by a reset
         self.target = None
         self.backing = None
         self.takeover_error: str | None = None    # why taking this started device over failed
@@ -193,7 +194,8 @@ class Device:
                 target = NullTarget(disksize)
             else:
                 target = self.store_factory(self.dev_id, disksize, memlimit=memlimit,
-                                            backing=backing, compressor=self.cfg["compressor"])
+                                            backing=backing,
+                                            compressor=self.compressor or self.cfg["compressor"])
             if kind != "null":
                 header = backing.header() if backing is not None else swap_header(disksize)
                 preformat = getattr(target, "preformat", None)
@@ -420,6 +422,17 @@ class Manager:
                 raise OSError(errno.EBUSY, ALREADY)
             d.check_idle()
             d.disksize_kb = int(kb)
+
+    def set_compressor(self, dev_id: int, name: str) -> None:
+        """The device's own compression algorithm ("": the daemon's), used from its next init.
+        EINVAL for a name compress.names() does not have."""
+        with self._lock:
+            d = self._dev(dev_id)
+            if d.initialised:
+                raise OSError(errno.EBUSY, ALREADY)
+            if name and name not in compress.names():
+                raise OSError(errno.EINVAL, f"unknown compression algorithm {name!r}")
+            d.compressor = str(name)
 
     def init(self, dev_id: int) -> None:
         """Build the store and start the ublk device, waiting for its queue to arm (up to the

@@ -3,7 +3,8 @@
 Owns: man/rzscontrol.1 (SYNOPSIS and OPTIONS from :func:`ublkzswap.cli.build_parser`, COLUMNS
 from :data:`ublkzswap.cli.COLUMNS`, STATS from :data:`ublkzswap.stats.COUNTERS`, the request order and which requests need the owner
 from :data:`ublkzswap.control.OPS`) and man/ublkzswapd.8 (PARAMETERS from
-``ublkzswap.params.PARAMETERS``); the socket path and its environment variable come from
+``ublkzswap.params.PARAMETERS``, the keys in CONFIGURATION from ``ublkzswap.config``'s
+``DAEMON_KEYS`` and ``DEVICE_KEYS``); the socket path and its environment variable come from
 :mod:`ublkzswap.control`; the prose sections (the lifecycle, examples, notes) live here.
 ``python3 -m ublkzswap.manpage`` rewrites both pages in man/; ``--check`` exits 1 if a
 committed page is stale; ``--install MANDIR`` (e.g. /usr/local/share/man) writes them where
@@ -24,7 +25,7 @@ import argparse
 import os
 import sys
 
-from . import __version__
+from . import __version__, config
 from . import stats as statsmod
 from . import cli
 from .cli import REQUESTS, build_parser
@@ -62,8 +63,8 @@ def para(text: str) -> str:
 
 
 def example(lines: list[str]) -> str:
-    """An indented, unfilled block of commands."""
-    body = "\n".join(esc(x) for x in lines)
+    """An indented, unfilled block of commands (an empty string: an empty line)."""
+    body = "\n".join(esc(x) if x else ".sp" for x in lines)
     return ".PP\n.RS 4\n.nf\n" + body + "\n.fi\n.RE\n"
 
 
@@ -385,8 +386,10 @@ def ublkzswapd_page() -> str:
         "(dmesg --level=err,warn shows the ones that matter); in the foreground they go to "
         "standard error, with <N> level prefixes when that is journald's stream."))
     out.append(para(
-        "Only device 0 can be initialised from parameters (disksize_kb= takes precedence over "
-        "backing_swap=); the others, and device 0 after a reset, are set up with rzscontrol(1)."))
+        "At start it initialises every device the configuration file describes (see "
+        "CONFIGURATION), and device 0 from disksize_kb= or backing_swap= (with a backing swap "
+        "the device has the backing swap's size, as in compcache); the others, and any device "
+        "after a reset, are set up with rzscontrol(1)."))
     out.append(".SH CRASH SURVIVAL\n")
     out.append(para(
         "The stored pages, the slot table and the counters live in locked SysV shared memory, "
@@ -425,9 +428,13 @@ def ublkzswapd_page() -> str:
         if p.metavar is not None:
             text += f" Default: {p.default}."
         out.append(tp(head, esc(text)))
+    out.append(configuration_section())
     out.append(".SH ENVIRONMENT\n")
     out.append(tp(bold(ENV_SOCKET), esc("Control socket path if socket= is not given.")))
     out.append(".SH FILES\n")
+    out.append(tp(ital(config.DEFAULT_PATH + ", " + config.DEFAULT_PATH + ".d/*.conf"),
+                  esc("The configuration (see CONFIGURATION); an example is "
+                      "etc/ublkzswap.conf.example in the source.")))
     out.append(tp(ital(DEFAULT_PATH), esc("Default control socket (mode 0660).")))
     out.append(tp(ital("/dev/ublkcN, /dev/ublkbN"), esc(
         "ublk character device of each reserved device, and its block device once initialised.")))
@@ -439,6 +446,9 @@ def ublkzswapd_page() -> str:
     out.append(para("Initialise device 0 at start, with a 10 MB memory limit before the backing "
                     "swap takes over:"))
     out.append(example(["ublkzswapd backing_swap=/dev/sda2 memlimit_kb=10240"]))
+    out.append(para("Start with the devices of another configuration file, device 0 smaller "
+                    "than it says:"))
+    out.append(example(["ublkzswapd config=/root/test.conf disksize_kb=65536"]))
     out.append(".SH NOTES\n")
     out.append(para(
         "A userspace swap device must never need new memory to serve I/O: if the daemon had to "
@@ -455,6 +465,73 @@ def ublkzswapd_page() -> str:
     out.append(".SH SEE ALSO\n.BR rzscontrol (1),\n.BR swapon (8),\n.BR swapoff (8),\n"
                ".BR zramctl (8)\n")
     return _finish("".join(out))
+
+
+CONFIG_EXAMPLE = [
+    "[ublkzswapd]",
+    "compression-algorithm = lzo",
+    "",
+    "[ublkb0]",
+    "disksize = 25%",
+    "compression-algorithm = lz4",
+    "",
+    "[ublkb1]",
+    "backing-swap = /dev/sda2",
+    "memlimit = 256M",
+    "swap-priority = 50",
+]
+
+
+def configuration_section() -> str:
+    from .params import NO_CONFIG
+    path = config.DEFAULT_PATH
+    out = [".SH CONFIGURATION\n"]
+    out.append(para(
+        f"ublkzswapd reads {path} and then {path}.d/*.conf in file name order (another file "
+        f"and its .d directory with config=PATH, which must exist; config={NO_CONFIG} reads "
+        "none). They are INI files, as zram-generator's: one section per device to initialise "
+        "at start, [ublkb0] to "
+        f"[ublkb{config.MAX_DEVICES - 1}], and an optional [{config.DAEMON_SECTION}] section "
+        "for the daemon. A key in a later file replaces the same key of an earlier one; an "
+        "empty value puts a key back to its default. Lines starting with # or ; are comments "
+        "(there are no comments after a value). A size is a number of kB (as disksize_kb=), a "
+        "number followed by K, M, G or T (powers of 1024), or a percentage of RAM, such as "
+        "25%."))
+    out.append(para(
+        "Any mistake -- an unknown section or key, a bad value, a section or key given twice "
+        "in one file, disksize and backing-swap together, a file that cannot be read -- makes "
+        "ublkzswapd exit with status 2 and one line, FILE:LINE: what is wrong, before it "
+        "touches any device."))
+    out.append(para(
+        "The command line wins over the file for what it sets: compressor=, allocator=, "
+        "num_devices= and --standby over the daemon's section; disksize_kb=, memlimit_kb= and "
+        "backing_swap= over [ublkb0] (disksize_kb= also drops the file's backing-swap, "
+        "backing_swap= its disksize). Without num_devices anywhere, ublkzswapd reserves up to "
+        "the highest device configured; a num_devices too small for a configured device is an "
+        "error."))
+    out.append(para(
+        "A configured device that is already initialised when ublkzswapd starts (taken over "
+        "from a server that died) is left as it is. If a device cannot be initialised, "
+        "ublkzswapd resets the devices it initialised in this start, removes its devices and "
+        "exits 1 with one line naming the device, its section and the reason; devices taken "
+        "over from a dead server are left held, with their pages, for the next ublkzswapd."))
+    for title, keys in ((f"Keys of [{config.DAEMON_SECTION}]", config.DAEMON_KEYS),
+                        ("Keys of [ublkbN]", config.DEVICE_KEYS)):
+        out.append(f".SS {esc(title)}\n")
+        for key, (_, _, metavar, text) in keys.items():
+            out.append(tp(f"{bold(key)} = {ital(metavar)}", esc(text)))
+    out.append(".SS Swap units\n")
+    out.append(para(
+        "ublkzswap-generator, installed as a systemd generator (for example a link to it in "
+        "/etc/systemd/system-generators), makes every configured device swap, as "
+        "zram-generator does: a unit dev-ublkbN.swap, wanted by swap.target, that requires "
+        "and follows ublkzswapd.service and carries the device's swap-priority and options. "
+        "That service (none is shipped yet) must start ublkzswapd before swap.target, so "
+        "without default dependencies (DefaultDependencies=no). A device 0 set up by command-line words only gets no unit. "
+        "Without systemd, swapon -p PRIORITY --discard /dev/ublkbN does what the unit does."))
+    out.append(para("Two devices, the second in front of a swap partition:"))
+    out.append(example(CONFIG_EXAMPLE))
+    return "".join(out)
 
 
 def _finish(text: str) -> str:

@@ -50,13 +50,19 @@ def test_standby_is_a_flag():
     (["num_devices=33"], "must be 1..32"),
     (["target=disk"], "must be compressed, ram or null"),
     (["num_devices"], "is not key=value"),
-    (["memlimit_kb=100"], "valid only when backing_swap"),
     (["disksize_kb=1"], "smaller than one page"),
 ])
 def test_bad_input_is_refused(words, needle):
     with pytest.raises(params.UsageError) as e:
         params.parse_params(words)
     assert needle in str(e.value)
+
+
+def test_memlimit_alone_needs_a_device_zero():
+    # checked once the configuration file is known: it may configure [ublkb0]
+    with pytest.raises(params.UsageError) as e:
+        params.configure(params.parse_params(["memlimit_kb=100", "config=none"]))
+    assert "valid only when backing_swap" in str(e.value)
 
 
 @pytest.mark.parametrize("words", [["bogus=1"], ["num_devices=0"], ["num_devices=33"],
