@@ -701,16 +701,17 @@ def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
 
     manager = Manager(cfg, lambda i: UblkDevice(control, i), make_store)
     server = None
+    taken: list[int] = []
     try:
         for line in manager.reserve_all(adopt=True):
             say(line, NOTICE)
+        taken = [i for i in manager.devices() if manager.info(i)["state"] != "uninitialised"]
         if first:
             init_configured(manager, cfg.get("devices", {}))
         server = ControlServer(manager, cfg["socket"], owner_uid=os.getuid())
         server.start()
         server.handle({"v": 1, "op": "list"}, 0)    # warm the control path too
     except OSError as e:
-        taken = [i for i in manager.devices() if manager.info(i)["state"] != "uninitialised"]
         if taken:
             # devices taken over from a dead server hold its pages (maybe in use as swap):
             # leave them held, as a crash would, for the next server

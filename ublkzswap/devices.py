@@ -280,13 +280,22 @@ class Device:
         st["invalid_io"] = getattr(c, "invalid_io", 0) if c is not None else 0
         return st
 
+    def algorithm(self) -> str:
+        """The compression algorithm its pages are (or will be) stored with; the target's name
+        for a target that does not compress."""
+        if self.cfg["target"] != "compressed":
+            return self.cfg["target"]
+        if self.initialised:
+            return self.target.algorithm       # as stored: a device taken over keeps its own
+        return self.compressor or self.cfg["compressor"]
+
     def info(self) -> dict:
         """What ``rzscontrol --list`` shows: state, sizes and algorithm in any state; the
         memory counters (zram's mm_stat names) once initialised."""
         d = {"dev": self.dev_id, "state": self.state, "queues": self.ublk.nr_queues,
              "disksize": self.target.size if self.initialised else self.disksize_kb * 1024,
              "mem_limit": self.memlimit_kb * 1024, "backing_swap": self.backing_swap,
-             "algorithm": self.cfg["compressor"] if self.cfg["target"] == "compressed" else self.cfg["target"]}
+             "algorithm": self.algorithm()}
         if self.initialised:
             st = self.stats()
             d.update({k: st.get(k, 0) for k in ("orig_data_size", "compr_data_size",

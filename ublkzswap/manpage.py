@@ -522,13 +522,28 @@ def configuration_section() -> str:
             out.append(tp(f"{bold(key)} = {ital(metavar)}", esc(text)))
     out.append(".SS Swap units\n")
     out.append(para(
-        "ublkzswap-generator, installed as a systemd generator (for example a link to it in "
-        "/etc/systemd/system-generators), makes every configured device swap, as "
-        "zram-generator does: a unit dev-ublkbN.swap, wanted by swap.target, that requires "
+        "ublkzswap-generator, installed as a systemd generator (tools/install-deps links it "
+        "into /usr/local/lib/systemd/system-generators), makes every configured device swap, "
+        "as zram-generator does: a unit dev-ublkbN.swap, wanted by swap.target, that requires "
         "and follows ublkzswapd.service and carries the device's swap-priority and options. "
-        "That service (none is shipped yet) must start ublkzswapd before swap.target, so "
-        "without default dependencies (DefaultDependencies=no). A device 0 set up by command-line words only gets no unit. "
+        "A device 0 set up by command-line words only gets no unit. "
         "Without systemd, swapon -p PRIORITY --discard /dev/ublkbN does what the unit does."))
+    out.append(".SS The service\n")
+    out.append(para(
+        "ublkzswapd.service (installed into /usr/local/lib/systemd/system; systemctl enable "
+        "--now ublkzswapd) runs ublkzswapd --foreground as Type=notify: it tells systemd "
+        "READY=1 once every configured device is up, and STATUS= what it is doing. It starts "
+        "after systemd-modules-load.service (ublk_drv is listed in "
+        "/etc/modules-load.d/ublkzswap.conf) and before swap.target, without default "
+        "dependencies, with OOMScoreAdjust=-1000. It is never SIGKILLed (SendSIGKILL=no): "
+        "while a device is swapped on the daemon refuses SIGTERM, and at shutdown the swap "
+        "units stop first. After a crash systemd starts it again and the new server takes the "
+        "held devices over, every page kept. systemctl reload runs ublkzswapd --restart, the "
+        "upgrade that loses nothing: a fresh server running the installed code takes the "
+        "devices over and tells systemd its pid (MAINPID=, hence NotifyAccess=all). systemctl "
+        "restart is a stop and a start, so it is refused while a device is swapped on; use "
+        "reload. In the foreground the daemon logs to stderr, with journald's <N> level "
+        "prefixes when stderr is the journal."))
     out.append(para("Two devices, the second in front of a swap partition:"))
     out.append(example(CONFIG_EXAMPLE))
     return "".join(out)

@@ -351,9 +351,11 @@ def test_set_compressor():
             mgr.set_compressor(0, "zstd")
         assert e.value.errno == errno.EINVAL
         mgr.set_compressor(0, "deflate")
+        assert mgr.info(0)["algorithm"] == "deflate"      # what --list shows, before init
         mgr.set_disksize_kb(0, 1024)
         mgr.init(0)
         assert mgr.store(0).comp.name == "deflate"
+        assert mgr.info(0)["algorithm"] == "deflate"      # and after: the store's own
         with pytest.raises(OSError) as e:
             mgr.set_compressor(0, "lzo")
         assert e.value.errno == errno.EBUSY
