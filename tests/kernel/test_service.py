@@ -90,6 +90,7 @@ def test_the_service_as_systemd_starts_it_from_a_config_file(tmp_path):
 
         # the swap units the generator writes, applied as systemd applies them
         gen = tmp_path / "generator"
+        gen.mkdir()                              # systemd makes the directories
         r = subprocess.run([os.path.join(os.path.dirname(os.path.realpath(daemon)),
                                          "ublkzswap-generator"), "--config", conf_path, str(gen)],
                            capture_output=True, text=True, timeout=60)

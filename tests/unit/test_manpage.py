@@ -3,7 +3,6 @@
 import os
 import shutil
 import subprocess
-import tomllib
 
 import pytest
 
@@ -85,14 +84,6 @@ def test_every_daemon_parameter_is_in_ublkzswapd_8():
     text = page("ublkzswapd.8")
     for p in PARAMETERS:
         assert manpage.esc(p.name) in text.split(".SH PARAMETERS", 1)[1], p.name
-
-
-def test_pyproject_installs_the_pages():
-    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
-        data_files = tomllib.load(f)["tool"]["setuptools"]["data-files"]
-    for name in manpage.PAGES:
-        section = name.rsplit(".", 1)[1]
-        assert f"man/{name}" in data_files[f"share/man/man{section}"]
 
 
 def test_install_writes_pages(tmp_path):
