@@ -653,3 +653,37 @@ def test_compact_through_the_cli(env, capsys):
     assert ("compact", 0) in m.calls
     rc, out, err = run(capsys, "/dev/ublkb1", "--compact")
     assert rc == 1 and err.strip() == "compact: Inappropriate ioctl for device"
+
+
+# ---------------------------------------------------------------- the bad-input corpus
+
+BAD_INPUTS = [
+    ["/dev/ublkb" + "9" * 5000, "-s"],                 # past ublk's last id
+    [DEV, "--backing_swap=" + "a" * 70000],            # longer than PATH_MAX
+    [DEV, "--disksize_kb=-1"],
+    [DEV, "--disksize_kb=12345678901"],                # 11 digits: EOVERFLOW, as compcache
+    [DEV, "--memlimit_kb=1e9"],
+    [DEV, "--disksize_kb=" + "\udcff"],                # undecodable argument bytes
+    ["/dev/ublkb0\udcff", "-s"],
+    ["/dev/sda", "--init"],
+    [DEV, "--frobnicate"],
+    [DEV, "-s", "-o", "NAME"],                         # columns without --list
+    ["--list", "-o", "NAME,NOPE"],
+    ["--list", "-o", ""],
+    ["--list", "--output-all", "-o", "NAME"],
+    [DEV, "--stats", "--socket"],
+    ["-s", DEV],
+]
+
+
+@pytest.mark.parametrize("argv", BAD_INPUTS, ids=range(len(BAD_INPUTS)))
+def test_bad_input_corpus_one_line_no_traceback(argv, tmp_path):
+    """The real command (a process of its own): a non-zero exit and one line, never a
+    traceback, whether or not a daemon is there."""
+    env = dict(os.environ, UBLKZSWAP_SOCKET=str(tmp_path / "nobody.sock"))
+    r = subprocess.run([sys.executable, "-m", "ublkzswap.cli", *argv], capture_output=True,
+                       env=env, timeout=60)
+    err = r.stderr.decode(errors="replace")
+    assert r.returncode != 0, (argv[:3], r.stdout, err)
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert len(err) > 20, err                      # says something (compcache's words or ours)

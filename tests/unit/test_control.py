@@ -633,6 +633,25 @@ def test_another_user_cannot_take_every_slot_and_root_gets_in(sockdir):
             os.waitpid(pid, 0)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to act as another uid")
+def test_sixty_four_hostile_connections_and_root_is_answered_within_a_second(sockdir):
+    """The daemon's own limits (64 slots, 8 kept for root and the owner, 8 per other uid):
+    another user opening 64 connections and keeping them holds 8, and root gets in at once."""
+    path = os.path.join(sockdir, "c.sock")
+    with ControlServer(RecordingManager(), path, mode=0o666) as srv:
+        assert srv.max_clients == 64
+        pid, report, end = _hold_as(65534, path, 64)
+        try:
+            held, refused = map(int, report.splitlines()[0].split())
+            assert held == 64 and refused == 64 - srv.per_uid, report
+            t0 = time.monotonic()
+            assert Client(path, timeout=5).call("devices") == [0, 1]
+            assert time.monotonic() - t0 < 1.0
+        finally:
+            os.close(end)
+            os.waitpid(pid, 0)
+
+
 def test_a_daemon_that_never_answers_is_a_timeout_that_says_so(sockdir):
     path = os.path.join(sockdir, "mute.sock")
     mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
