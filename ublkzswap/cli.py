@@ -15,7 +15,7 @@ Compatible with compcache 0.6.2 ``rzscontrol``:
   disksize_kb, init, reset, stats: the order of :data:`ublkzswap.control.OPS`, see
   ../shared/docs/compcache-reference.md); the first refusal prints ``<name>: <strerror>``
   (e.g. ``init: Device or resource busy``) and stops;
-- sizes are decimal kB; more than 10 digits prints ``memlimit_kb: Value too large for defined
+- sizes are decimal kB (a K/M/G/T suffix is our extension, as zramctl's); more than 10 digits prints ``memlimit_kb: Value too large for defined
   data type`` (EOVERFLOW) as the original did;
 - ``--stats`` prints the original text byte for byte.
 
@@ -168,10 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="swap device or file that takes writes beyond the memory limit and "
                         "incompressible pages (uninitialised device only)")
     g.add_argument("-m", "--memlimit_kb", metavar="KB",
-                   help="limit in kB on memory used for compressed pages "
-                        "(may also be changed on an initialised device)")
+                   help="limit in kB (or with a K, M, G or T suffix) on memory used for "
+                        "compressed pages (may also be changed on an initialised device)")
     g.add_argument("-d", "--disksize_kb", metavar="KB",
-                   help="device size in kB, without backing swap (uninitialised device only)")
+                   help="device size in kB (or with a K, M, G or T suffix), without backing "
+                        "swap (uninitialised device only)")
     g.add_argument("-i", "--init", action="store_true",
                    help="allocate metadata; the device is then ready for swapon")
     g.add_argument("-r", "--reset", action="store_true",
@@ -271,13 +272,21 @@ def device_number(path: str) -> int:
     return int(m.group(1))
 
 
+SIZE_SUFFIXES = {"K": 0, "M": 10, "G": 20, "T": 30}     # shift from kB, as zramctl's sizes
+
+
 def parse_kb(name: str, value: str) -> int:
-    """A decimal kB value as compcache accepted it; UsageError with compcache's message."""
-    if len(value) > MAX_SIZE_LEN:
+    """A size in kB: decimal kB as compcache accepted it (more than 10 digits: compcache's
+    EOVERFLOW message), or digits with a K, M, G or T suffix (powers of 1024, either case) as
+    zramctl takes. UsageError otherwise."""
+    digits, shift = value, 0
+    if value[-1:].upper() in SIZE_SUFFIXES:
+        digits, shift = value[:-1], SIZE_SUFFIXES[value[-1].upper()]
+    if len(digits) > MAX_SIZE_LEN:
         raise UsageError(f"{name}: {os.strerror(errno.EOVERFLOW)}", "bare")
-    if not value.isascii() or not value.isdigit():
-        raise UsageError(f"{name}: invalid size {value!r} (decimal kB expected)")
-    return int(value)
+    if not digits.isascii() or not digits.isdigit():
+        raise UsageError(f"{name}: invalid size {value!r} (kB, or a number with K, M, G or T)")
+    return int(digits) << shift
 
 
 def human_size(n: int) -> str:

@@ -168,12 +168,20 @@ def test_size_over_10_digits_is_eoverflow(env, capsys, opt, name):
     assert ops(m) == []
 
 
-@pytest.mark.parametrize("value", ["12k", "-5", "0x10", "1e3", " 12", "", "١٢"])
+@pytest.mark.parametrize("value", ["12q", "-5", "0x10", "1e3", " 12", "", "١٢", "M", "1.5G"])
 def test_non_decimal_size_one_line(env, capsys, value):
     m, _ = env
     rc, out, err = run(capsys, DEV, "-d", value, "-i")
     assert rc == 2 and out == "" and err.count("\n") == 1 and err.startswith("rzscontrol: ")
     assert ops(m) == []
+
+
+@pytest.mark.parametrize("value, kb", [("12k", 12), ("12K", 12), ("512M", 512 << 10),
+                                       ("1g", 1 << 20), ("2T", 2 << 30), ("4096", 4096)])
+def test_sizes_take_zramctl_suffixes(env, capsys, value, kb):
+    m, _ = env
+    assert run(capsys, DEV, "-d", value)[0] == 0
+    assert m.info(0)["disksize"] == kb << 10
 
 
 def test_ten_digit_size_accepted(env, capsys):
