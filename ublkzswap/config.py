@@ -7,7 +7,7 @@ writing one (:func:`text`, :func:`write`) for tests and tools. What the words on
 command line change in it is :mod:`params`' business; the swap units are :mod:`generator`'s.
 
     # comment          ; comment too (whole lines only)
-    [ublkzswapd]       num-devices, compression-algorithm, allocator, standby
+    [ublkzswapd]       num-devices, compression-algorithm, allocator, standby, queues
     [ublkb0]           disksize, memlimit, backing-swap, compression-algorithm,
                        swap-priority, options
 
@@ -37,6 +37,7 @@ from . import compress
 DEFAULT_PATH = "/etc/ublkzswap.conf"
 DAEMON_SECTION = "ublkzswapd"
 MAX_DEVICES = 32                       # as params.MAX_NUM_DEVICES
+MAX_QUEUES = 8                         # queues per device (params.MAX_QUEUES is this)
 PAGE = 4096
 DEFAULT_PRIORITY = 100                 # zram-generator's
 DEFAULT_OPTIONS = "discard"            # zram-generator's
@@ -80,7 +81,7 @@ class DeviceConfig:
 @dataclass(frozen=True)
 class Config:
     """What the files said. ``daemon`` holds only the ``[ublkzswapd]`` keys that were set,
-    under ublkzswapd's parameter names (num_devices, compressor, allocator, standby);
+    under ublkzswapd's parameter names (num_devices, compressor, allocator, standby, queues);
     ``where`` maps ``(section, key)`` to the ``PATH:LINE`` that set it."""
 
     files: tuple = ()
@@ -152,6 +153,12 @@ def _num_devices(value, ram):
     return int(value)
 
 
+def _queues(value, ram):
+    if not value.isdigit() or not 1 <= int(value) <= MAX_QUEUES:
+        raise ValueError(f"'{value}' is not a number of queues (1..{MAX_QUEUES})")
+    return int(value)
+
+
 def _allocator(value, ram):
     if value not in ALLOCATORS:
         raise ValueError(f"'{value}' is not one of {', '.join(ALLOCATORS)}")
@@ -202,6 +209,9 @@ DAEMON_KEYS = {
     "standby": ("standby", _boolean, "yes|no",
                 "Keep a prepared standby that takes the devices over if the daemon dies (as "
                 "--standby). Default: no."),
+    "queues": ("queues", _queues, "N",
+               f"Queues per device, each served by a thread of its own, 1 to {MAX_QUEUES} (as "
+               "queues=; at most the online CPUs are used). Default: 1."),
 }
 
 

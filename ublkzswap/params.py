@@ -5,7 +5,7 @@ Owns: :data:`PARAMETERS` (the one table behind parsing, ``--help`` and ublkzswap
 that ``config=`` names, read by :mod:`config`). ``ublkzswapd num_devices=4 disksize_kb=20480``
 reads like ``insmod ramzswap.ko num_devices=4 disksize_kb=20480``; ``--key=value`` is accepted
 too. A word wins over the file for what it sets: ``compressor=``, ``allocator=``,
-``num_devices=`` and ``standby`` over ``[ublkzswapd]``'s keys, ``disksize_kb=``,
+``num_devices=``, ``queues=`` and ``standby`` over ``[ublkzswapd]``'s keys, ``disksize_kb=``,
 ``memlimit_kb=`` and ``backing_swap=`` over ``[ublkb0]``'s (``disksize_kb=`` drops the file's
 backing swap of device 0, ``backing_swap=`` its disksize). ``num_devices`` defaults to one past
 the highest device configured. The result's ``devices`` maps each device to initialise at
@@ -16,6 +16,7 @@ Still naive: a word can set only device 0 and cannot unset a key of the file.
 
 from __future__ import annotations
 
+import os
 from collections import namedtuple
 from dataclasses import replace
 
@@ -24,6 +25,7 @@ from .control import ENV_SOCKET, default_path
 from .uapi import PAGE_SIZE
 
 MAX_NUM_DEVICES = 32
+MAX_QUEUES = config.MAX_QUEUES     # queues per device: see queue_count
 TARGETS = ("compressed", "ram", "null")
 TARGET_ALIASES = {"zswap": "compressed"}      # deprecated: easily read as the kernel's zswap
 ALLOCATORS = ("log", "xvmalloc")
@@ -54,6 +56,12 @@ PARAMETERS = (
     Param("allocator", "|".join(ALLOCATORS), ALLOCATORS[0],
           "how the compressed target places its pages: log (segments, compacted; the "
           "default) or xvmalloc (compcache's allocator, never compacted)"),
+    Param("queues", "N", "1",
+          f"queues per device (ublk's nr_hw_queues, 1..{MAX_QUEUES}, at most the online CPUs), "
+          "each served by a thread of its own, so that compressions overlap on several CPUs; "
+          "each queue costs about 3 MiB of locked memory (64 tag buffers of 32 KiB, a 512 KiB "
+          "thread stack, heap for a compression running beside the others). The default is "
+          "to become the number of CPUs once measurements show that it pays"),
     Param("config", "PATH", config.DEFAULT_PATH,
           "read the devices to initialise at start and daemon settings from this file and "
           "PATH.d/*.conf (see CONFIGURATION); the default file is read if it exists, a file "
@@ -71,7 +79,7 @@ PARAMETERS = (
           "nothing (with the socket= of the daemon to restart), then exit"),
 )
 _NAMES = {p.name for p in PARAMETERS}
-_NUMERIC = {"num_devices", "disksize_kb", "memlimit_kb"}
+_NUMERIC = {"num_devices", "disksize_kb", "memlimit_kb", "queues"}
 _FLAGS = {p.name for p in PARAMETERS if p.metavar is None}
 
 USAGE = "usage: ublkzswapd [--foreground] [--standby] [--version] " + " ".join(
@@ -86,7 +94,7 @@ def parse_params(argv: list[str]) -> dict:
     """``key=value`` words (``--key=value`` too) -> dict of typed values, defaults filled in;
     ``given`` is the set of names the words set. Reads no file (:func:`configure` does).
     Raises UsageError."""
-    out: dict = {"num_devices": 1, "target": TARGETS[0], "compressor": compress.names()[0],
+    out: dict = {"num_devices": 1, "queues": 1, "target": TARGETS[0], "compressor": compress.names()[0],
                  "allocator": ALLOCATORS[0], "foreground": False, "restart": False, "standby": False, "version": False,
                  "socket": default_path(), "config": config.DEFAULT_PATH}
     given = set()
@@ -115,6 +123,8 @@ def parse_params(argv: list[str]) -> dict:
     out["given"] = frozenset(given)
     if not 1 <= out["num_devices"] <= MAX_NUM_DEVICES:
         raise UsageError(f"num_devices={out['num_devices']}: must be 1..{MAX_NUM_DEVICES}")
+    if not 1 <= out["queues"] <= MAX_QUEUES:
+        raise UsageError(f"queues={out['queues']}: must be 1..{MAX_QUEUES}")
     out["target"] = TARGET_ALIASES.get(out["target"], out["target"])
     if out["target"] not in TARGETS:
         raise UsageError(f"target={out['target']}: must be {', '.join(TARGETS[:-1])} or {TARGETS[-1]}")
@@ -173,6 +183,23 @@ def apply_config(cfg: dict, conf: config.Config) -> dict:
     else:
         out["num_devices"] = max(1, top + 1)
     return out
+
+
+def online_cpus() -> int:
+    """CPUs online now (at least 1)."""
+    try:
+        return max(1, os.sysconf("SC_NPROCESSORS_ONLN"))
+    except (ValueError, OSError):
+        return 1
+
+
+def queue_count(cfg: dict, cpus: int | None = None) -> int:
+    """Queues a new device gets: ``queues``, at most ``cpus`` (the online CPUs by default).
+    blk-mq maps every CPU to one hardware queue, so a queue beyond the CPUs would mostly sit
+    idle; and the GIL serialises all but the compression, so beyond a few queues only the
+    locked memory grows (hence MAX_QUEUES). The kernel clamps nr_hw_queues to its possible
+    CPUs too; a device taken over keeps the queues its kernel device has."""
+    return max(1, min(cfg.get("queues", 1), online_cpus() if cpus is None else cpus))
 
 
 def compressors(cfg: dict) -> list[str]:

@@ -64,9 +64,9 @@ def test_every_device_key(tmp_path):
 
 def test_daemon_section(tmp_path):
     c = read(tmp_path, "[ublkzswapd]\nnum-devices = 4\ncompression-algorithm = deflate\n"
-                       "allocator = xvmalloc\nstandby = yes\n")
+                       "allocator = xvmalloc\nstandby = yes\nqueues = 2\n")
     assert c.daemon == {"num_devices": 4, "compressor": "deflate", "allocator": "xvmalloc",
-                        "standby": True}
+                        "standby": True, "queues": 2}
     assert c.devices == {}
 
 
@@ -142,6 +142,8 @@ def test_constants_agree_with_params():
     ("[ublkzswapd]\nnum-devices = 33\n", 2, "1..32"),
     ("[ublkzswapd]\nallocator = slab\n", 2, "'slab' is not one of log, xvmalloc"),
     ("[ublkzswapd]\nstandby = maybe\n", 2, "'maybe' is not yes or no"),
+    ("[ublkzswapd]\nqueues = 0\n", 2, "queues: '0' is not a number of queues (1..8)"),
+    ("[ublkzswapd]\nqueues = 9\n", 2, "(1..8)"),
     ("[ublkb0]\n[ublkb1]\n\n[ublkb0]\n", 4, "[ublkb0] given twice in this file"),
     ("[ublkb0]\ndisksize = 1G\ndisksize = 2G\n", 3, "'disksize' given twice in [ublkb0]"),
     ("[ublkb0]\ndisksize = 1G\nbacking-swap = /dev/sda2\n", 3, "exclude each other"),
@@ -231,6 +233,12 @@ def test_words_win_over_the_file(tmp_path):
         (20480, 1024, "deflate", 5)
     assert params.compressors(cfg) == ["lzo", "deflate"]
     assert configure(tmp_path, text, "memlimit_kb=77")["devices"][0].memlimit_kb == 77
+
+
+def test_queues_from_the_file_unless_a_word_sets_them(tmp_path):
+    assert configure(tmp_path, "")["queues"] == 1
+    assert configure(tmp_path, "[ublkzswapd]\nqueues = 4\n")["queues"] == 4
+    assert configure(tmp_path, "[ublkzswapd]\nqueues = 4\n", "queues=2")["queues"] == 2
 
 
 def test_disksize_and_backing_swap_words_replace_each_other(tmp_path):

@@ -19,6 +19,17 @@ def test_defaults():
     cfg = params.parse_params([])
     assert cfg["num_devices"] == 1 and cfg["target"] == "compressed" and "disksize_kb" not in cfg
     assert cfg["standby"] is False          # a warm standby is asked for: it costs a second image
+    assert cfg["queues"] == 1               # until the VM shows more queues pay for their memory
+
+
+def test_queues_word_and_its_clamp_to_the_cpus():
+    assert params.parse_params(["queues=4"])["queues"] == 4
+    assert params.parse_params(["--queues=2"])["queues"] == 2
+    assert params.queue_count({"queues": 4}, cpus=2) == 2      # a queue no CPU maps to idles
+    assert params.queue_count({"queues": 2}, cpus=8) == 2
+    assert params.queue_count({"queues": 3}, cpus=1) == 1
+    assert params.queue_count({}, cpus=4) == 1
+    assert params.MAX_QUEUES == 8
 
 
 def test_target_zswap_is_a_deprecated_alias_of_compressed():
@@ -48,6 +59,9 @@ def test_standby_is_a_flag():
     (["disksize_kb=-5"], "not a decimal number"),
     (["num_devices=0"], "must be 1..32"),
     (["num_devices=33"], "must be 1..32"),
+    (["queues=0"], "queues=0: must be 1..8"),
+    (["queues=9"], "queues=9: must be 1..8"),
+    (["queues=two"], "not a decimal number"),
     (["target=disk"], "must be compressed, ram or null"),
     (["num_devices"], "is not key=value"),
     (["disksize_kb=1"], "smaller than one page"),
