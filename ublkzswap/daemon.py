@@ -44,7 +44,7 @@ from . import memory, sdnotify, ublkctrl
 from .config import ConfigError
 from .ctlserver import ControlServer
 from .devices import Manager
-from .params import UsageError, compressors, configure, help_text, parse_params
+from .params import UsageError, compressors, configure, help_text, parse_params, queue_count
 from .handler import describe
 from .uapi import PAGE_SIZE, UBLK_IO_F_SWAP
 from .libc import spawn
@@ -561,7 +561,9 @@ def standby(cfg: dict, storemod, argv: list[str], fd: int) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     ready = int(os.environ.pop(ENV_READY_FD, "-1"))
     os.environ.pop(ENV_STANDBY, None)
-    prepare_buffers(cfg["num_devices"], QUEUE_DEPTH * IO_BUF_BYTES)
+    # every configured queue's tag buffers (a device taken over that has more queues than
+    # configured makes the rest while its I/O is held: keep queues= as the devices were made)
+    prepare_buffers(cfg["num_devices"] * queue_count(cfg), QUEUE_DEPTH * IO_BUF_BYTES)
     memory.set_thread_name(STANDBY_NAME)
     memory.set_command_line([STANDBY_NAME, *argv])
     if ready >= 0:
@@ -699,7 +701,10 @@ def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
             state.detach()
             raise
 
-    manager = Manager(cfg, lambda i: UblkDevice(control, i), make_store)
+    queues = queue_count(cfg)
+    if queues < cfg.get("queues", 1):
+        say(f"queues={cfg['queues']}: {queues} per device (one per online CPU at most)", NOTICE)
+    manager = Manager(cfg, lambda i: UblkDevice(control, i, nr_queues=queues), make_store)
     server = None
     taken: list[int] = []
     try:

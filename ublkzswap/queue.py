@@ -1,7 +1,8 @@
 """One ublk queue: the generic loop between the kernel and a target.
 
-Owns: opening ``/dev/ublkcN``, mapping the queue's descriptor array, the per-tag I/O
-buffers, FETCH_REQ for every tag, and the serving loop
+Owns: opening ``/dev/ublkcN``, mapping the queue's descriptor array (queue ``q_id``'s, at
+``uapi.ublk_desc_offset(q_id)``: the kernel places queue q at q x round_up(4096 x 24, 4096)
+whatever the depth), the per-tag I/O buffers, FETCH_REQ for every tag, and the serving loop
 
     submit_and_wait -> reap all ready CQEs -> read their descriptors ->
     handle(request) per tag, or the single-page READs/WRITEs all at once through the
@@ -25,10 +26,16 @@ The loop (:meth:`Queue.run`) needs of its ring only what :class:`~ublkzswap.urin
 and of the descriptor array only its memory, so a unit test runs it on a ring whose kernel
 side it plays (tests/unit/fakering.py); :meth:`Queue.serve` supplies the real ones.
 
+A device has one Queue per hardware queue (:mod:`ublkzswap.ublkdev`), each with its own
+thread, cdev fd, descriptor mapping, ring, tag buffers and counters; they share only the
+target, which must take calls from several queue threads at once (the store does: see
+:mod:`ublkzswap.store`, "Threading"). A queue's commands must all come from its own thread:
+the kernel takes them from the thread that FETCHed, and delivers the queue's requests to it.
+
 Memory discipline (../shared/DESIGN.md "Memory and deadlock", :mod:`ublkzswap.memory`):
 everything the loop touches is made resident before the device starts (buffers populated
 explicitly, the thread's stack locked); the loop itself allocates only small, bounded objects
-from the pre-grown heap. The queue thread marks itself PR_SET_IO_FLUSHER.
+from the pre-grown heap. Every queue thread marks itself PR_SET_IO_FLUSHER.
 
 Backing I/O (a target's :class:`~ublkzswap.target.BackingIO`) runs as READ/WRITE SQEs on the
 same ring, at most ``backing_inflight`` at a time (more wait in a FIFO). io_uring allocates a
@@ -39,8 +46,8 @@ freezes. So :meth:`Queue.run`, with every FETCH live, prewarms those caches with
 ``backing_inflight`` + PREWARM_SPARE concurrent reads of the backing device before arming, and
 the bound keeps the loop inside what was prewarmed.
 
-Still naive: one queue per device; no USER_COPY or zero-copy; requests of a batch are
-handled one after another in this thread.
+Still naive: no USER_COPY or zero-copy; requests of a batch are handled one after another
+in this thread; a queue thread is not pinned to the CPUs its queue serves.
 """
 
 from __future__ import annotations

@@ -1,21 +1,35 @@
-"""One ublk device: its control commands in order, and the thread that serves its queue.
+"""One ublk device: its control commands in order, and the threads that serve its queues.
 
 Owns: the life of ``/dev/ublkcN`` and ``/dev/ublkbN`` for one device id, as libublk-rs splits
-it (ctrl.rs / io.rs): ADD_DEV reserves the id (``/dev/ublkcN`` appears); :meth:`start` takes a
-target, sends SET_PARAMS from what the target offers, starts the queue thread (which opens the
-char device, maps the descriptors and FETCHes every tag) and, once the queue is armed,
-START_DEV -- served meanwhile by that thread, since START_DEV waits for the partition scan's
-reads (../shared/docs/ublk-protocol.md sections 1-3); :meth:`stop` STOP_DEVs and joins the
-thread; :meth:`delete` DEL_DEVs. It knows nothing of compcache: the policy
+it (ctrl.rs / io.rs): ADD_DEV reserves the id with ``nr_queues`` hardware queues
+(``/dev/ublkcN`` appears); :meth:`start` takes a target, sends SET_PARAMS from what the target
+offers, starts one thread per queue (each maps its own descriptor array, creates its own ring
+and FETCHes every tag of its queue: the kernel takes a queue's commands only from the thread
+that FETCHed them) and, once every queue is armed, START_DEV -- served meanwhile by those
+threads, since START_DEV waits for the partition scan's reads
+(../shared/docs/ublk-protocol.md sections 1-3); :meth:`stop` STOP_DEVs and joins every
+thread; :meth:`delete` DEL_DEVs. All queues live in this process: ublk lets one process
+only map a device's descriptor arrays. It knows nothing of compcache: the policy
 (:mod:`ublkzswap.devices`) drives it, and calls :meth:`start` without its lock held: waiting
-for the queue to arm (at most ``arm_timeout`` s) can be given up early with
+for the queues to arm (at most ``arm_timeout`` s) can be given up early with
 :meth:`cancel_start`, from another thread (a daemon that is stopping).
 
-A queue thread that ends while the device is started is a failure: :attr:`failure` says why.
-What holds the block device (:func:`block_users`) is read from /proc and sysfs: probing with an
-exclusive open would make a concurrent swapon or mount fail with EBUSY.
+The kernel clamps ``nr_hw_queues`` to its CPUs: ADD_DEV's answer is what is served. A device
+acquired from a dead server keeps the geometry its kernel device has (queues, depth, buffer
+size, from GET_DEV_INFO), whatever this server was configured with: recovery ends only once
+every tag of every queue has its FETCH again.
 
-Still naive: one queue per device.
+A queue thread that ends while the device is started is a failure: :attr:`failure` says which
+and why. What holds the block device (:func:`block_users`) is read from /proc and sysfs:
+probing with an exclusive open would make a concurrent swapon or mount fail with EBUSY.
+
+Memory per queue (locked, all made before the device serves): its tag buffers (``depth`` x
+``buf_bytes``: 2 MiB by default), its thread's stack (memory.THREAD_STACK, 512 KiB, locked
+whole), its ring (~20 KiB) and descriptor page, and QUEUE_HEAP of heap headroom for a
+compressor's scratch while the other queues compress too.
+
+Still naive: queue threads are not pinned to the CPUs their queue serves (GET_QUEUE_AFFINITY);
+every queue has the same depth, however many there are.
 """
 
 from __future__ import annotations
@@ -27,7 +41,8 @@ import threading
 import time
 
 from . import shmstate, uapi, ublkctrl
-from .memory import ensure_heap_headroom
+from .handler import QueueCounters
+from .memory import HEAP_HEADROOM, ensure_heap_headroom
 from .queue import Queue
 from .target import features
 
@@ -36,6 +51,8 @@ log = logging.getLogger("ublkzswap.ublkdev")
 QUEUE_DEPTH = 64
 IO_BUF_BYTES = 32 * 1024     # per tag, populated and locked: 2 MiB for depth 64; swap-in
                              # reads up to 8 pages (vm.page-cluster 3), longer writes split
+QUEUE_HEAP = 512 << 10      # heap headroom per queue thread beyond the first: a compression's
+                             # scratch (lzo 132 KiB, deflate 294 KiB) beside the others'
 ARM_TIMEOUT = 30.0
 ARM_POLL = 0.05              # seconds between looks at a cancel while a new queue arms
 IO_TIMEOUT_MS = 500          # a request's timeout: how soon a dead server's held requests go back
@@ -99,6 +116,14 @@ def _openers(rdev: int) -> list[int]:
     return pids
 
 
+def _heap_for_queues() -> None:
+    """Heap headroom for the I/O path: HEAP_HEADROOM, plus QUEUE_HEAP for every queue thread
+    of this process beyond the first (their compressions take scratch from the heap at the
+    same time)."""
+    threads = sum(1 for t in threading.enumerate() if t.name.startswith("ublkq"))
+    ensure_heap_headroom(HEAP_HEADROOM + QUEUE_HEAP * max(0, threads - 1))
+
+
 def _alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie does not: a dead server waiting to be reaped)."""
     try:
@@ -111,22 +136,27 @@ def _alive(pid: int) -> bool:
 class UblkDevice:
     """Device ``dev_id`` on the ublk control device ``ctrl`` (a :class:`ublkctrl.Control`)."""
 
-    nr_queues = 1                  # ADD_DEV's nr_hw_queues: queues, one serving thread each
-
-    def __init__(self, ctrl: ublkctrl.Control, dev_id: int, *, depth: int = QUEUE_DEPTH,
-                 buf_bytes: int = IO_BUF_BYTES, owner: int | None = None,
-                 arm_timeout: float | None = None):
-        """``owner``: the pid that claims the id (default: this process, the server);
-        ``arm_timeout``: seconds :meth:`start` waits for a new queue to arm (ARM_TIMEOUT)."""
+    def __init__(self, ctrl: ublkctrl.Control, dev_id: int, *, nr_queues: int = 1,
+                 depth: int = QUEUE_DEPTH, buf_bytes: int = IO_BUF_BYTES,
+                 owner: int | None = None, arm_timeout: float | None = None):
+        """``nr_queues``: ADD_DEV's nr_hw_queues, one serving thread each (the kernel may
+        clamp it; a device taken over keeps its own); ``owner``: the pid that claims the id
+        (default: this process, the server); ``arm_timeout``: seconds :meth:`start` waits for
+        new queues to arm (ARM_TIMEOUT)."""
+        if nr_queues < 1:
+            raise ValueError(f"a ublk device needs at least one queue, got {nr_queues}")
         self.ctrl = ctrl
         self.dev_id = dev_id
+        self.nr_queues = nr_queues
         self.owner = os.getpid() if owner is None else owner
         self.depth = depth
         self.buf_bytes = buf_bytes
         self.arm_timeout = ARM_TIMEOUT if arm_timeout is None else arm_timeout
+        self._wanted = (nr_queues, depth, buf_bytes)   # for ADD_DEV (an acquired device's own
+                                                       # geometry replaces them until then)
         self.added = False
-        self.queue: Queue | None = None
-        self._thread: threading.Thread | None = None
+        self.queues: list[Queue] = []
+        self._threads: list[threading.Thread] = []
         self._cancel = threading.Event()
 
     @property
@@ -135,18 +165,25 @@ class UblkDevice:
 
     @property
     def started(self) -> bool:
-        return self._thread is not None
+        return bool(self._threads)
 
     def add(self) -> None:
         """ADD_DEV: reserve the id, recoverable (a device whose server dies is quiesced and its
-        in-flight requests re-issued to the next one). OSError(EEXIST) if the id is taken."""
+        in-flight requests re-issued to the next one), with ``nr_queues`` queues or as many as
+        the kernel grants. OSError(EEXIST) if the id is taken."""
+        self.nr_queues, self.depth, self.buf_bytes = self._wanted
         try:
-            self.ctrl.add_dev(self.dev_id, self.nr_queues, self.depth, self.buf_bytes, RECOVERY_FLAGS)
+            info = self.ctrl.add_dev(self.dev_id, self.nr_queues, self.depth, self.buf_bytes,
+                                     RECOVERY_FLAGS)
         except ublkctrl.UblkCtrlError as e:
             if e.errno == errno.EEXIST:
                 raise OSError(errno.EEXIST, f"ublk device id {self.dev_id} is taken "
                               f"(another ublk server owns /dev/ublkc{self.dev_id})") from None
             raise
+        if 0 < info.nr_hw_queues < self.nr_queues:       # the kernel clamps to its CPUs
+            log.info("%s: %d queues (the kernel's most), not %d", self.bdev, info.nr_hw_queues,
+                     self.nr_queues)
+            self.nr_queues = info.nr_hw_queues
         self.added = True
         self._cancel.clear()
         shmstate.claim(self.dev_id, self.owner)
@@ -162,34 +199,51 @@ class UblkDevice:
         """Reserve the id, or take over one our own or a dead ublkzswapd left: "new" (ADD_DEV
         done), "reserved" (added, never started) or "started" (it has a store to take over:
         :meth:`recover`). OSError(EEXIST) if a live server or a stranger owns it."""
-        state = self.probe()
-        if state is None:
+        info = self._info()
+        if info is None:
             self.add()
             return "new"
+        state = STATES.get(info.state, str(info.state))
         self.added = False
         who = shmstate.claimant(self.dev_id)
         if who is None or (who != self.owner and _alive(who)):
             raise OSError(errno.EEXIST, f"ublk device id {self.dev_id} is taken "
                           f"(another ublk server owns /dev/ublkc{self.dev_id})")
+        self._keep_geometry(info)
         self.added = True
         shmstate.claim(self.dev_id, self.owner)
         return "reserved" if state == "dead" else "started"
 
-    def probe(self) -> str | None:
-        """The kernel's state of this id: None (no such device), "dead" (added, not started:
-        reserved), "live" or "quiesced" (started; its server died)."""
+    def _keep_geometry(self, info) -> None:
+        """Serve an existing kernel device as it was added (by a dead server, perhaps with
+        other settings): its queues, depth and buffer size."""
+        geometry = (info.nr_hw_queues, info.queue_depth, info.max_io_buf_bytes)
+        if 0 in geometry:
+            return
+        if geometry != (self.nr_queues, self.depth, self.buf_bytes):
+            log.info("%s: served as its kernel device was added: %d queues of depth %d, "
+                     "%d-byte buffers", self.bdev, *geometry)
+        self.nr_queues, self.depth, self.buf_bytes = geometry
+
+    def _info(self):
+        """GET_DEV_INFO of this id, or None if there is no such device."""
         try:
-            info = self.ctrl.get_dev_info(self.dev_id)
+            return self.ctrl.get_dev_info(self.dev_id)
         except OSError as e:
             if e.errno == errno.ENODEV:
                 return None
             raise
-        return STATES.get(info.state, str(info.state))
+
+    def probe(self) -> str | None:
+        """The kernel's state of this id: None (no such device), "dead" (added, not started:
+        reserved), "live" or "quiesced" (started; its server died)."""
+        info = self._info()
+        return None if info is None else STATES.get(info.state, str(info.state))
 
     def recover(self, target, *, backing_fd: int = -1) -> None:
-        """Take over a started device whose server died: START_USER_RECOVERY, a new queue thread
-        FETCHing every tag, then END_USER_RECOVERY: held and re-issued requests flow to
-        ``target``.
+        """Take over a started device whose server died: START_USER_RECOVERY, a new thread per
+        queue FETCHing every tag of its queue, then END_USER_RECOVERY: held and re-issued
+        requests flow to ``target``.
 
         START_USER_RECOVERY says EBUSY until the kernel has quiesced the device and the dead
         server's last reference to ``/dev/ublkcN`` is gone (its every thread has exited). That
@@ -216,7 +270,7 @@ class UblkDevice:
         self._serve(target, backing_fd, recovering=True)
         self.ctrl.end_user_recovery(self.dev_id)
         self._tune_queue()
-        ensure_heap_headroom()
+        _heap_for_queues()
 
     def _holder(self) -> str:
         """Who keeps a device from being taken over: the kernel's state of it and what is left
@@ -235,32 +289,36 @@ class UblkDevice:
             return f"kernel state {state}; its server {pid} is gone"
 
     def _serve(self, target, backing_fd: int, *, recovering: bool = False) -> None:
-        """Start the queue thread and wait until every tag has its FETCH. On failure a new
-        device is stopped again; a recovering one is left as it is (see :meth:`recover`), and
-        its queue is waited for without a deadline: under memory pressure arming may be slow,
-        and giving up helps nothing. A new device's wait ends after ``arm_timeout`` s
-        (ETIMEDOUT) or at :meth:`cancel_start` (ECANCELED)."""
-        self.queue = Queue(self.dev_id, target, depth=self.depth, buf_bytes=self.buf_bytes,
-                           backing_fd=backing_fd)
-        self._thread = threading.Thread(target=self.queue.serve, name=f"ublkq{self.dev_id}",
-                                        daemon=True)
+        """Start a thread per queue and wait until every tag of every queue has its FETCH. On
+        failure a new device is stopped again; a recovering one is left as it is (see
+        :meth:`recover`), and its queues are waited for without a deadline: under memory
+        pressure arming may be slow, and giving up helps nothing. A new device's wait ends
+        after ``arm_timeout`` s (ETIMEDOUT) or at :meth:`cancel_start` (ECANCELED)."""
+        self.queues = [Queue(self.dev_id, target, q_id=q, depth=self.depth,
+                             buf_bytes=self.buf_bytes, backing_fd=backing_fd)
+                       for q in range(self.nr_queues)]
+        self._threads = [threading.Thread(target=q.serve, name=f"ublkq{self.dev_id}:{k}",
+                                          daemon=True) for k, q in enumerate(self.queues)]
         try:
-            self._thread.start()
+            for t in self._threads:
+                t.start()
             deadline = time.monotonic() + self.arm_timeout
-            while not self.queue.armed.wait(ARM_POLL):
-                if recovering:
-                    if not self._thread.is_alive():
-                        break
-                elif self._cancel.is_set():
-                    raise OSError(errno.ECANCELED, f"start of {self.bdev} cancelled while its "
-                                  "queue armed")
-                elif time.monotonic() >= deadline:
-                    raise OSError(errno.ETIMEDOUT, f"queue of {self.bdev} not armed in "
-                                  f"{self.arm_timeout:g} s")
-            if self.queue.error is not None:
-                raise self.queue.error
-            if not self.queue.armed.is_set():
-                raise OSError(errno.EIO, f"queue of {self.bdev} ended before it was armed")
+            for k, (q, t) in enumerate(zip(self.queues, self._threads)):
+                while not q.armed.wait(ARM_POLL):
+                    if recovering:
+                        if not t.is_alive():
+                            break
+                    elif self._cancel.is_set():
+                        raise OSError(errno.ECANCELED, f"start of {self.bdev} cancelled while "
+                                      "its queues armed")
+                    elif time.monotonic() >= deadline:
+                        raise OSError(errno.ETIMEDOUT, f"queue {k} of {self.bdev} not "
+                                      f"armed in {self.arm_timeout:g} s")
+                if q.error is not None:
+                    raise q.error
+                if not q.armed.is_set():
+                    raise OSError(errno.EIO, f"queue {k} of {self.bdev} ended before it "
+                                  "was armed")
         except BaseException:
             if not recovering:
                 self.stop()
@@ -283,7 +341,7 @@ class UblkDevice:
             self.stop()
             raise
         self._tune_queue()
-        ensure_heap_headroom()     # whatever setting up took from it, the I/O path has it back
+        _heap_for_queues()         # whatever setting up took from it, the I/O path has it back
 
     def _tune_queue(self) -> None:
         """No I/O scheduler (requests go straight to the queue), and a short request timeout.
@@ -304,29 +362,42 @@ class UblkDevice:
 
     @property
     def failure(self) -> str | None:
-        """Why the started device's queue thread ended, or None while it serves."""
-        if self._thread is None or self._thread.is_alive():
-            return None
-        e = self.queue.error if self.queue is not None else None
-        return f"queue thread ended: {e}" if e is not None else "queue thread ended"
+        """Why a queue thread of the started device ended (the first one found), or None while
+        they all serve."""
+        for k, (q, t) in enumerate(zip(self.queues, self._threads)):
+            if not t.is_alive():
+                which = f"queue {k} thread" if len(self.queues) > 1 else "queue thread"
+                return f"{which} ended: {q.error}" if q.error is not None else f"{which} ended"
+        return None
 
     @property
-    def counters(self):
-        """The queue's request counters (a QueueCounters), or None before :meth:`start`."""
-        return self.queue.counters if self.queue is not None else None
+    def counters(self) -> QueueCounters | None:
+        """The queues' request counters summed (a QueueCounters), or None before
+        :meth:`start`. Each queue's are written by its thread only: a batch behind, maybe."""
+        if not self.queues:
+            return None
+        total = QueueCounters()
+        for q in self.queues:
+            for name in QueueCounters.__slots__:
+                setattr(total, name, getattr(total, name) + getattr(q.counters, name))
+        return total
 
-    def stop(self) -> None:
-        """STOP_DEV (if started): every tag comes back, the queue thread ends and is joined."""
-        if self._thread is not None:
+    def stop(self, join_timeout: float = 30.0) -> None:
+        """STOP_DEV (if started): every tag of every queue comes back, the queue threads end
+        and are joined (all within ``join_timeout`` s)."""
+        if self._threads:
             try:
                 self.ctrl.stop_dev(self.dev_id)
             except OSError:
                 pass
-            self._thread.join(30)
-            self._thread = None
-        if self.queue is not None:
-            self.queue.close()
-            self.queue = None
+            deadline = time.monotonic() + join_timeout
+            for t in self._threads:
+                if t.ident is not None:              # (a thread that never started)
+                    t.join(max(0.0, deadline - time.monotonic()))
+            self._threads = []
+        for q in self.queues:
+            q.close()
+        self.queues = []
 
     def delete(self) -> None:
         """Stop if needed, then DEL_DEV: the id is free again."""

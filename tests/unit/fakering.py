@@ -11,8 +11,9 @@ and its ``(user_data, res)`` pairs become CQEs. Helpers build the pairs: :meth:`
 for every tag, as STOP_DEV). What the queue submits is decoded into :attr:`fetches`,
 :attr:`commits` (``(tag, result)`` in order), :attr:`read_data` (the bytes a READ's
 COMMIT hands back) and :attr:`backing` (every READ/WRITE SQE); ublk's rules are asserted on
-the way (one command per tag, requests only on tags that have one). A queue that waits with
-the script used up fails the test instead of hanging.
+the way (one command per tag, requests only on tags that have one, and with ``q_id`` every
+command naming that queue: the kernel refuses a queue's commands from another queue's
+thread). A queue that waits with the script used up fails the test instead of hanging.
 """
 from __future__ import annotations
 
@@ -59,11 +60,12 @@ class _Liburing:
 
 class FakeRing(Ring):
     def __init__(self, depth: int, steps=(), *, entries: int = 0, cq_entries: int = 0,
-                 sqe_size: int = uapi.SQE_SIZE):
+                 sqe_size: int = uapi.SQE_SIZE, q_id: int | None = None):
         entries = entries or 2 * depth
         cq_entries = cq_entries or 8 * depth
         assert entries & (entries - 1) == 0 and cq_entries & (cq_entries - 1) == 0
         self.depth = depth
+        self.q_id = q_id
         self.iod = np.zeros(depth, dtype=uapi.IO_DESC_DTYPE)
         self._steps = iter(steps)
         self.fetches: list[int] = []
@@ -135,6 +137,9 @@ class FakeRing(Ring):
         if opcode == uapi.IORING_OP_URING_CMD:
             tag, cmd = int(sqe["io_tag"]), int(sqe["cmd_op"])
             assert ud == tag, f"command for tag {tag} carries user_data {ud:#x}"
+            if self.q_id is not None:
+                q = int(sqe["io_q_id"])
+                assert q == self.q_id, f"queue {self.q_id}'s ring got a command for queue {q}"
             assert tag not in self.armed, f"a second command for tag {tag}"
             if cmd == uapi.UBLK_U_IO_FETCH_REQ:
                 self.fetches.append(tag)

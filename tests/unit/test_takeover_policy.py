@@ -99,7 +99,8 @@ def test_a_recovering_queue_is_waited_for_past_the_arm_timeout(monkeypatch):
     d = device(ctrl)
     d.recover(object())
     assert ctrl.log == ["START_USER_RECOVERY", "END_USER_RECOVERY"]
-    d._thread.join(1)
+    for t in d._threads:
+        t.join(1)
 
 
 class StartedUblk:

@@ -116,7 +116,7 @@ def test_a_queue_that_never_arms_times_out_and_is_stopped(monkeypatch):
     assert e.value.errno == errno.ETIMEDOUT and "not armed in 0.3 s" in e.value.strerror
     assert 0.3 <= took < 2
     assert ctrl.log == ["SET_PARAMS", "STOP_DEV"]          # never START_DEV; stopped again
-    assert not d.started and d.queue is None
+    assert not d.started and d.queues == []
 
 
 def test_cancel_ends_the_wait_for_the_queue_at_once_and_refuses_a_later_start(monkeypatch):
@@ -130,3 +130,185 @@ def test_cancel_ends_the_wait_for_the_queue_at_once_and_refuses_a_later_start(mo
     with pytest.raises(OSError) as e:                      # a cancel before start: nothing sent
         d.start(NullTarget(1 << 20))
     assert e.value.errno == errno.ECANCELED and ctrl.log == ["SET_PARAMS", "STOP_DEV"]
+
+
+# ----------------------------------------------------------------------------- several queues
+class MultiCtrl:
+    """A kernel's control side for one device of several queues: ADD_DEV clamps nr_hw_queues
+    to ``cpus`` (as ublk clamps to nr_cpu_ids); START_DEV and END_USER_RECOVERY check what
+    the kernel waits for -- every queue armed -- and STOP_DEV makes every queue's commands
+    come back (the stub queues' threads end)."""
+
+    def __init__(self, cpus: int = 64, info=None):
+        self.cpus = cpus
+        self.info = info
+        self.log: list = []
+        self.stopped = threading.Event()
+        self.started = threading.Event()
+        self.queues = None          # the device's queues, set by the test
+
+    def add_dev(self, dev_id, nr_hw_queues, depth, buf_bytes, flags):
+        from ublkzswap import uapi
+        self.log.append(("ADD_DEV", nr_hw_queues, depth, buf_bytes))
+        info = uapi.ublksrv_ctrl_dev_info()
+        info.nr_hw_queues, info.queue_depth = min(nr_hw_queues, self.cpus), depth
+        info.max_io_buf_bytes, info.dev_id = buf_bytes, dev_id
+        return info
+
+    def get_dev_info(self, dev_id):
+        if self.info is None:
+            raise OSError(errno.ENODEV, "no such device")
+        return self.info
+
+    def set_params(self, dev_id, params):
+        self.log.append("SET_PARAMS")
+
+    def _all_armed(self, what):
+        armed = [q.armed.is_set() for q in self.queues()]
+        assert all(armed), f"{what} before every queue was armed: {armed}"
+        self.log.append(what)
+
+    def start_dev(self, dev_id):
+        self._all_armed("START_DEV")
+        self.started.set()
+
+    def start_user_recovery(self, dev_id):
+        self.log.append("START_USER_RECOVERY")
+
+    def end_user_recovery(self, dev_id):
+        self._all_armed("END_USER_RECOVERY")
+
+    def stop_dev(self, dev_id):
+        self.log.append("STOP_DEV")
+        self.stopped.set()
+
+
+def stub_queues(ctrl, made: list, arm_after=(), fail=None):
+    class StubQueue:
+        """Arms (every tag FETCHed) after ``arm_after[q_id]`` s; ``fail`` = (q_id, exception):
+        that queue's thread ends with it once the device started. Serves until STOP_DEV."""
+
+        def __init__(self, dev_id, target, *, q_id, depth, buf_bytes, backing_fd):
+            self.q_id, self.depth, self.buf_bytes, self.backing_fd = q_id, depth, buf_bytes, backing_fd
+            self.armed = threading.Event()
+            self.error = None
+            self.closed = False
+            self.thread = None
+            from ublkzswap.handler import QueueCounters
+            self.counters = QueueCounters()
+            self.counters.reads, self.counters.writes = 10 * (q_id + 1), q_id
+            made.append(self)
+
+        def serve(self):
+            self.thread = threading.current_thread()
+            time.sleep(arm_after[self.q_id] if self.q_id < len(arm_after) else 0)
+            self.armed.set()
+            if fail is not None and fail[0] == self.q_id:
+                ctrl.started.wait(10)
+                self.error = fail[1]
+                return
+            ctrl.stopped.wait(10)
+
+        def close(self):
+            self.closed = True
+    return StubQueue
+
+
+def multi_device(monkeypatch, nr_queues, ctrl=None, **stub):
+    ctrl = ctrl or MultiCtrl()
+    made: list = []
+    monkeypatch.setattr(ublkdev, "Queue", stub_queues(ctrl, made, **stub))
+    monkeypatch.setattr(ublkdev, "_heap_for_queues", lambda: None)
+    d = ublkdev.UblkDevice(ctrl, 5, nr_queues=nr_queues)
+    ctrl.queues = lambda: made
+    return ctrl, d, made
+
+
+def test_add_dev_asks_for_the_queues_and_keeps_what_the_kernel_grants(monkeypatch):
+    monkeypatch.setattr(ublkdev.shmstate, "claim", lambda *a: None)
+    ctrl, d, _ = multi_device(monkeypatch, 4, MultiCtrl(cpus=2))
+    d.add()
+    assert ctrl.log == [("ADD_DEV", 4, ublkdev.QUEUE_DEPTH, ublkdev.IO_BUF_BYTES)]
+    assert d.nr_queues == 2                         # clamped by the kernel: 2 threads, not 4
+
+
+def test_start_serves_every_queue_in_a_thread_of_its_own_and_waits_for_all(monkeypatch):
+    # queue 2 arms last, 0.3 s in: START_DEV must wait for it (MultiCtrl asserts it)
+    ctrl, d, made = multi_device(monkeypatch, 3, arm_after=(0.0, 0.1, 0.3))
+    d.added = True
+    d.start(NullTarget(1 << 20), backing_fd=9)
+    try:
+        assert ctrl.log == ["SET_PARAMS", "START_DEV"]
+        assert [q.q_id for q in made] == [0, 1, 2] and d.queues == made
+        assert all(q.backing_fd == 9 for q in made)        # each queue prewarms its own ring
+        threads = [q.thread for q in made]
+        assert len({t.ident for t in threads}) == 3
+        assert [t.name for t in threads] == ["ublkq5:0", "ublkq5:1", "ublkq5:2"]
+        assert d.failure is None
+        c = d.counters                                     # summed over the queues
+        assert (c.reads, c.writes) == (10 + 20 + 30, 0 + 1 + 2)
+    finally:
+        d.stop()
+    assert ctrl.log.count("STOP_DEV") == 1
+    assert not any(t.is_alive() for t in threads) and all(q.closed for q in made)
+    assert not d.started and d.queues == [] and d.counters is None
+
+
+def test_a_queue_that_ends_is_the_devices_failure_and_named(monkeypatch):
+    ctrl, d, made = multi_device(monkeypatch, 2, fail=(1, ValueError("boom")))
+    d.added = True
+    d.start(NullTarget(1 << 20))
+    try:
+        made[1].thread.join(2)
+        assert d.failure == "queue 1 thread ended: boom"
+        assert made[0].thread.is_alive()                 # the others go on serving
+    finally:
+        d.stop()
+
+
+def test_a_start_fails_if_any_queue_fails_to_arm_and_stops_them_all(monkeypatch):
+    ctrl, d, made = multi_device(monkeypatch, 3, arm_after=(0, 0, 5.0))
+    d.arm_timeout = 0.3
+    d.added = True
+    with pytest.raises(OSError) as e:
+        d.start(NullTarget(1 << 20))
+    assert e.value.errno == errno.ETIMEDOUT and "queue 2 of /dev/ublkb5 not armed" in str(e.value)
+    assert ctrl.log == ["SET_PARAMS", "STOP_DEV"] and not d.started
+    assert all(q.closed for q in made) and not any(q.thread.is_alive() for q in made[:2])
+
+
+def test_a_takeover_keeps_the_kernels_geometry_and_refetches_every_queue(monkeypatch):
+    from ublkzswap import uapi
+    info = uapi.ublksrv_ctrl_dev_info()
+    info.state, info.nr_hw_queues = uapi.UBLK_S_DEV_QUIESCED, 3
+    info.queue_depth, info.max_io_buf_bytes = 32, 64 << 10
+    monkeypatch.setattr(ublkdev.shmstate, "claimant", lambda dev_id: 2 ** 22 + 7)  # dead
+    monkeypatch.setattr(ublkdev.shmstate, "claim", lambda *a: None)
+    # this server would make 1 queue; the dead one's device has 3, each must FETCH again
+    ctrl, d, made = multi_device(monkeypatch, 1, MultiCtrl(info=info), arm_after=(0.2, 0, 0.1))
+    assert d.acquire() == "started"
+    assert (d.nr_queues, d.depth, d.buf_bytes) == (3, 32, 64 << 10)
+    d.recover(NullTarget(1 << 20))
+    try:
+        assert ctrl.log == ["START_USER_RECOVERY", "END_USER_RECOVERY"]
+        assert [(q.q_id, q.depth, q.buf_bytes) for q in made] == [(k, 32, 64 << 10) for k in range(3)]
+    finally:
+        d.stop()
+    # a later ADD_DEV of the id (after a reset) is this server's own geometry again
+    d.add()
+    assert ctrl.log[-1] == ("ADD_DEV", 1, ublkdev.QUEUE_DEPTH, ublkdev.IO_BUF_BYTES)
+    assert d.nr_queues == 1
+
+
+def test_the_heap_headroom_grows_with_the_queue_threads(monkeypatch):
+    asked = []
+    monkeypatch.setattr(ublkdev, "ensure_heap_headroom", asked.append)
+    stop = threading.Event()
+    threads = [threading.Thread(target=stop.wait, name=f"ublkq9:{k}") for k in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        ublkdev._heap_for_queues()
+    finally:
+        stop.set()
+    assert asked == [ublkdev.HEAP_HEADROOM + 2 * ublkdev.QUEUE_HEAP]
