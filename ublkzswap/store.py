@@ -26,14 +26,39 @@ write that fails is data lost); ``write_swap`` never waits (the kernel keeps the
 Read: same-filled, raw or decompressed; an empty slot comes from the backing swap
 (``bd_reads``) or reads as zeros. DISCARD and WRITE_ZEROES free pages (``notify_free``).
 
-Threading: one lock per store (compcache's per-device mutex); the pool's keeper runs apart.
+Threading: several queue threads (one per ublk queue) call a store at once. One lock per
+store (compcache's per-device mutex) guards the table, the counters and the object
+allocator; the pool's keeper runs apart (the arena has its own short lock). What takes the
+time is outside it, and python-lzo and lz4 release the GIL there, so queue threads compress
+on several CPUs at once:
+- a write copies or views the page, rules out a same-filled page and compresses it without
+  the lock, then holds it only to allocate, copy the result in, switch the slot's entry and
+  free the old content (:meth:`_set`'s order);
+- a read holds it only to read the slot and copy its bytes out -- compressed ones into the
+  thread's scratch page (preallocated: :meth:`page_server` makes them in the queue thread
+  before the queue is armed; a thread without one copies into a bytes object), a raw page
+  straight into the request's buffer -- and decompresses after. Decompressing from the
+  arena itself without the lock is not safe: once the lock is released an overwrite may
+  free the object and another write reuse its bytes (xvmalloc reuses freed blocks at once;
+  the log allocator's segments return to the pool and are taken again; compaction moves
+  objects), and the keeper may give a freed page back to the kernel, so reading it would
+  fault a new page in on the I/O path. The copy costs one memcpy of at most 3 KiB under
+  the lock (tests/unit/test_store_threads.py fails if a read decompresses from the arena).
+- counters are kept per call in locals on the fast path and added under the lock once per
+  wake-up, so :meth:`stats` may lag the table by the calls under way.
+Discard, write-zeroes, page 0, compaction (in batches) and the backing-swap completions
+hold the lock throughout, as before.
 
 Fast path: :meth:`Store.page_server` gives the queue one call per wake-up for its single-page
-READs and WRITEs (the usual swap traffic), under one hold of the lock, doing what
-:meth:`read`/:meth:`write_swap`/:meth:`write` and :meth:`_set` do per page with the counters
-kept in locals (tests/unit/test_fast_path.py holds the two paths to the same results).
+READs and WRITEs (the usual swap traffic), doing what :meth:`read`/:meth:`write_swap`/
+:meth:`write` and :meth:`_set` do per page with the counters kept in locals
+(tests/unit/test_fast_path.py holds the two paths to the same results).
 
-Still naive: counters and table live in private memory; one lock, so one core per store.
+Still naive: one lock per store still serialises every slot and allocator update (a short
+hold, but every queue takes it for every page); per-queue allocator pools (a log head per
+queue, frees handed back to the owning queue) would take it off the hot path and are not
+built. A write that may wait for memory (``alloc_wait``, not a swap-out) waits holding the
+lock, stalling the other queues meanwhile.
 """
 
 from __future__ import annotations
@@ -131,6 +156,7 @@ class Store:
         self._t = memoryview(self._tab)
         self._c = memoryview(self._counters)
         self._lock = threading.Lock()
+        self._local = threading.local()        # per thread: its scratch page
         if adopt:
             self._adopt()
         if keeper and self._own_pool:
@@ -188,34 +214,49 @@ class Store:
     def read(self, offset: int, buf: memoryview):
         """Fill ``buf`` (whole pages) from ``offset``. Returns None or a BackingIO; raises
         OSError(EIO) for a corrupt stream."""
-        with self._lock:
-            fwd = []
-            self._read_pages(offset >> PAGE_SHIFT, len(buf) >> PAGE_SHIFT, buf, fwd)
-            return self._backing_io(fwd) if fwd else None
+        fwd = []
+        self._read_pages(offset >> PAGE_SHIFT, len(buf) >> PAGE_SHIFT, buf, fwd)
+        return self._backing_io(fwd) if fwd else None
+
+    def _thread_scratch(self) -> np.ndarray:
+        """The calling thread's scratch page, made now if it has none (page_server makes a
+        queue thread's before the queue serves): a read copies a slot's compressed bytes
+        there under the lock and decompresses them after, without it."""
+        sc = getattr(self._local, "scratch", None)
+        if sc is None:
+            sc = self._local.scratch = np.zeros(PAGE_SIZE, dtype=np.uint8)
+        return sc
 
     def page_server(self, bufs: list, boundary):
         """The queue's fast path (:mod:`ublkzswap.queue`) for this store, or None if it has a
         backing swap (forwarding needs the general path). ``bufs``: the queue's tag buffers
         (writable memoryviews, one per tag, at least a page each); ``boundary``: the queue's
-        exception -> -errno boundary.
+        exception -> -errno boundary. Called once per queue, in the queue's own thread, before
+        the queue is armed: what reads need later is made here (a scratch page for ``serve``,
+        and another for the general path in the calling thread), none on the I/O path.
 
         Returns ``serve(reqs, done)``: ``reqs`` lists the single-page READs and WRITEs of one
         wake-up as ``(tag, op_flags, page index)``, well-formed and in range (the queue
         checked); each is done as :meth:`read`, :meth:`write_swap` (``UBLK_IO_F_SWAP``) or
-        :meth:`write` would do it, all under one hold of the store lock, and ``(tag, result)``
-        is appended to ``done``: ``PAGE_SIZE`` or ``-errno``. Fused: no wrapper per request, the
-        page compressed straight from the tag's buffer (a numpy view, no copy), a same-filled
-        page ruled out by two words before the page is compared, ``num_reads``/``num_writes``
-        counted once per call."""
+        :meth:`write` would do it, and ``(tag, result)`` is appended to ``done``:
+        ``PAGE_SIZE`` or ``-errno``. Fused: no wrapper per request, the page compressed
+        straight from the tag's buffer (a numpy view, no copy), a same-filled page ruled out
+        by two words before the page is compared, the counters kept in locals and added once
+        per call. Compression and decompression run outside the store lock (see the module
+        docstring, "Threading"): a write compresses first and locks only to place and
+        publish; a read locks only to copy the slot's bytes out."""
+        self._thread_scratch()
         if self.backing is not None:
             return None
+        scratch = np.zeros(PAGE_SIZE, dtype=np.uint8)   # serve's own: one queue thread uses it
         from .uapi import UBLK_IO_F_SWAP
         pages = [b[:PAGE_SIZE] for b in bufs]
         words = [p.cast("Q") for p in pages]
         arrays = [np.frombuffer(b, dtype=np.uint8, count=PAGE_SIZE) for b in bufs]
+        sv = memoryview(scratch)
         lock, t, c = self._lock, self._t, self._c
         comp, alloc = self.comp, self.allocator
-        view, mem = self.pool.view, self.pool.mem
+        view = self.pool.view
         header = self._header_view
         SWAP, ENOSPC, ENOMEM, EIO = UBLK_IO_F_SWAP, -errno.ENOSPC, -errno.ENOMEM, -errno.EIO
 
@@ -229,50 +270,57 @@ class Store:
             reads = writes = failed_r = failed_w = 0
             # what slots.count would add up, kept here and added once
             same = zero = stored = good = huge = size = 0
-            with lock:
-                maxu = c[MEM_USED_MAX]
-                try:
-                    for tag, opf, idx in reqs:
-                        try:
-                            i = idx << 1
-                            if not opf & 0xFF:                           # READ
-                                reads += 1
-                                e = t[i]
+            maxu = 0
+            try:
+                for tag, opf, idx in reqs:
+                    try:
+                        i = idx << 1
+                        page = pages[tag]
+                        if not opf & 0xFF:                               # READ
+                            reads += 1
+                            with lock:       # copy the bytes out: once the lock is released
+                                e = t[i]     # the object may be freed, reused or moved
                                 kind = e & 3
                                 if kind == COMP:
+                                    n = (e >> 2) & 0x1FFF
                                     h = e >> 16
-                                    try:
-                                        pages[tag][:] = dfn(mem[h:h + ((e >> 2) & 0x1FFF)], *dargs)
-                                    except Exception:
-                                        failed_r += 1
-                                        done.append((tag, EIO))
-                                        continue
+                                    sv[:n] = view[h:h + n]
                                 elif kind == SAME:
                                     v = t[i + 1]
-                                    pages[tag][:] = v.to_bytes(8, "little") * 512 if v else _ZERO_PAGE
                                 elif kind == RAW:
                                     b = e >> 16
-                                    pages[tag][:] = view[b:b + PAGE_SIZE] if e & 0x7FFC else header()
-                                else:
-                                    pages[tag][:] = _ZERO_PAGE
-                                done.append((tag, PAGE_SIZE))
-                                continue
-                            writes += 1                                  # WRITE
-                            w = words[tag]
-                            value = w[0]
-                            if value == w[511] and pages[tag].tobytes() == (
-                                    value.to_bytes(8, "little") * 512 if value else _ZERO_PAGE):
-                                kind, clen, entry = SAME, 0, SAME
-                            else:
+                                    page[:] = view[b:b + PAGE_SIZE] if e & 0x7FFC else header()
+                            if kind == COMP:
                                 try:
-                                    z = cfn(arrays[tag], *cargs)
+                                    page[:] = dfn(scratch[:n], *dargs)   # no lock held
                                 except Exception:
-                                    failed_w += 1
+                                    failed_r += 1
                                     done.append((tag, EIO))
                                     continue
-                                clen, kind = len(z), COMP
-                                if clen > max_zpage:
-                                    kind, clen, z = RAW, PAGE_SIZE, pages[tag]
+                            elif kind == SAME:
+                                page[:] = v.to_bytes(8, "little") * 512 if v else _ZERO_PAGE
+                            elif kind != RAW:
+                                page[:] = _ZERO_PAGE
+                            done.append((tag, PAGE_SIZE))
+                            continue
+                        writes += 1                                      # WRITE
+                        w = words[tag]
+                        value = w[0]
+                        if value == w[511] and page.tobytes() == (
+                                value.to_bytes(8, "little") * 512 if value else _ZERO_PAGE):
+                            kind, clen = SAME, 0
+                        else:
+                            try:
+                                z = cfn(arrays[tag], *cargs)             # no lock held
+                            except Exception:
+                                failed_w += 1
+                                done.append((tag, EIO))
+                                continue
+                            clen, kind = len(z), COMP
+                            if clen > max_zpage:
+                                kind, clen, z = RAW, PAGE_SIZE, page
+                        with lock:                    # place, publish, free the old content
+                            if kind != SAME:
                                 try:
                                     addr = malloc(clen, 0.0 if opf & SWAP else wait)
                                 except MemoryError:
@@ -288,70 +336,73 @@ class Store:
                                 if used > maxu:
                                     maxu = used
                                 view[addr:addr + clen] = z
-                                entry = (addr << 16) | (clen << 2) | kind
                             # the switch, as _set makes it: entry word last, old content after
                             old = t[i]
                             okind = old & 3
                             oval = t[i + 1] if okind == SAME else 0
                             if kind == SAME:
                                 t[i + 1] = value
-                            t[i] = entry
-                            if okind == SAME:
-                                same -= 1
-                                if oval:
-                                    stored -= 1
-                                    good -= 1
-                                else:
-                                    zero -= 1
-                            elif okind:
-                                olen = (old >> 2) & 0x1FFF
-                                if olen:                                 # (0: the header)
-                                    free(old >> 16, olen)
-                                    stored -= 1
-                                    size -= olen
-                                    if okind == RAW:
-                                        huge -= 1
-                                    elif olen <= GOOD_COMPRESS:
-                                        good -= 1
-                            if kind == SAME:
-                                same += 1
-                                if value:
-                                    stored += 1
-                                    good += 1
-                                else:
-                                    zero += 1
+                                t[i] = SAME
                             else:
+                                t[i] = (addr << 16) | (clen << 2) | kind
+                            olen = (old >> 2) & 0x1FFF
+                            if okind > SAME and olen:                    # (0: the header)
+                                free(old >> 16, olen)
+                        if okind == SAME:
+                            same -= 1
+                            if oval:
+                                stored -= 1
+                                good -= 1
+                            else:
+                                zero -= 1
+                        elif okind and olen:
+                            stored -= 1
+                            size -= olen
+                            if okind == RAW:
+                                huge -= 1
+                            elif olen <= GOOD_COMPRESS:
+                                good -= 1
+                        if kind == SAME:
+                            same += 1
+                            if value:
                                 stored += 1
-                                size += clen
-                                if kind == RAW:
-                                    huge += 1
-                                elif clen <= GOOD_COMPRESS:
-                                    good += 1
-                            done.append((tag, PAGE_SIZE))
-                        except Exception as ex:
-                            done.append((tag, boundary(ex)))
-                finally:
-                    if reads:
-                        c[NUM_READS] += reads
-                        if failed_r:
-                            c[FAILED_READS] += failed_r
-                    if writes:
-                        c[NUM_WRITES] += writes
-                        if failed_w:
-                            c[FAILED_WRITES] += failed_w
-                        if same or zero:
-                            c[SAME_PAGES] += same
-                            c[ZERO_PAGES] += zero
-                        if stored:
-                            c[PAGES_STORED] += stored
-                        if good:
-                            c[GOOD_COMPRESS_N] += good
-                        if huge:
-                            c[HUGE_PAGES] += huge
-                        if size:
-                            c[COMPR_DATA_SIZE] += size
-                        if maxu > c[MEM_USED_MAX]:
-                            c[MEM_USED_MAX] = maxu
+                                good += 1
+                            else:
+                                zero += 1
+                        else:
+                            stored += 1
+                            size += clen
+                            if kind == RAW:
+                                huge += 1
+                            elif clen <= GOOD_COMPRESS:
+                                good += 1
+                        done.append((tag, PAGE_SIZE))
+                    except Exception as ex:
+                        done.append((tag, boundary(ex)))
+            finally:
+                if reads or writes:
+                    with lock:
+                        if reads:
+                            c[NUM_READS] += reads
+                            if failed_r:
+                                c[FAILED_READS] += failed_r
+                        if writes:
+                            c[NUM_WRITES] += writes
+                            if failed_w:
+                                c[FAILED_WRITES] += failed_w
+                            if same or zero:
+                                c[SAME_PAGES] += same
+                                c[ZERO_PAGES] += zero
+                            if stored:
+                                c[PAGES_STORED] += stored
+                            if good:
+                                c[GOOD_COMPRESS_N] += good
+                            if huge:
+                                c[HUGE_PAGES] += huge
+                            if size:
+                                c[COMPR_DATA_SIZE] += size
+                            if maxu > c[MEM_USED_MAX]:
+                                c[MEM_USED_MAX] = maxu
 
         return serve
 
@@ -538,89 +589,114 @@ class Store:
             self._state.remove()
         self.close()
 
-    # ---- the page operations (the store lock is held)
+    # ---- the page operations (each takes the store lock for the part that needs it)
 
     def _write(self, offset: int, buf: memoryview, wait: float):
-        with self._lock:
-            fwd = []
-            try:
-                self._write_pages(offset >> PAGE_SHIFT, len(buf) >> PAGE_SHIFT, buf, wait, fwd)
-            finally:
-                pending = self._backing_io(fwd) if fwd else None
-            return pending
+        fwd = []
+        try:
+            self._write_pages(offset >> PAGE_SHIFT, len(buf) >> PAGE_SHIFT, buf, wait, fwd)
+        finally:
+            pending = self._backing_io(fwd) if fwd else None
+        return pending
 
     def _write_pages(self, first: int, n: int, mv: memoryview, wait: float, fwd: list) -> None:
+        """Page by page: copied out of ``mv``, checked and compressed without the lock, then
+        placed and published under it."""
         c = self._c
         cfn, cargs = self.comp.compress_call
         backing, memlimit, max_zpage = self.backing, self.memlimit, self.max_zpage_size
-        alloc, view = self.allocator, self.pool.view
+        alloc, view, lock = self.allocator, self.pool.view, self._lock
         for k in range(n):
             idx = first + k
-            c[NUM_WRITES] += 1
             page = bytes(mv) if n == 1 else bytes(mv[k << PAGE_SHIFT:(k + 1) << PAGE_SHIFT])
             w0 = page[:8]
+            failed, forward = None, False
             if w0 == page[4088:] and page == w0 * 512:
-                self._set(idx, SAME, 0, 0, int.from_bytes(w0, "little"))
-                continue
-            if backing is not None and memlimit and c[COMPR_DATA_SIZE] > memlimit - PAGE_SIZE:
-                fwd.append((OP_WRITE, idx, k))
-                continue
-            try:
-                z = cfn(page, *cargs)
-            except Exception as e:
-                c[FAILED_WRITES] += 1
-                raise OSError(errno.EIO, f"write: page {idx}: compression failed: {e}") from None
-            clen, kind = len(z), COMP
-            if clen > max_zpage:
-                if backing is not None:
+                kind = SAME
+            elif backing is not None and memlimit and c[COMPR_DATA_SIZE] > memlimit - PAGE_SIZE:
+                forward = True      # (read without the lock: a bound for new pages, as before)
+            else:
+                try:
+                    z = cfn(page, *cargs)
+                except Exception as e:
+                    failed = str(e)           # (not e: its traceback would pin mv's buffer)
+                else:
+                    clen, kind = len(z), COMP
+                    if clen > max_zpage:
+                        if backing is not None:
+                            forward = True
+                        else:
+                            kind, clen, z = RAW, PAGE_SIZE, page   # huge page: kept as it is
+            with lock:
+                c[NUM_WRITES] += 1
+                if failed is not None:
+                    c[FAILED_WRITES] += 1
+                    raise OSError(errno.EIO, f"write: page {idx}: compression failed: {failed}") from None
+                if forward:
                     fwd.append((OP_WRITE, idx, k))
                     continue
-                kind, clen, z = RAW, PAGE_SIZE, page     # huge page: kept as it is
-            try:
-                addr = alloc.malloc(clen, wait)
-            except MemoryError:
-                c[FAILED_WRITES] += 1
-                if backing is not None:
-                    fwd.append((OP_WRITE, idx, k))
+                if kind == SAME:
+                    self._set(idx, SAME, 0, 0, int.from_bytes(w0, "little"))
                     continue
-                raise OSError(errno.ENOSPC, f"write: page {idx}: no memory ready (retry later)") from None
-            used = alloc.pages_used() << PAGE_SHIFT
-            if memlimit and backing is None and used > memlimit:
-                alloc.free(addr, clen)
-                c[FAILED_WRITES] += 1
-                raise OSError(errno.ENOMEM, f"write: page {idx}: memory limit {memlimit} reached")
-            if used > c[MEM_USED_MAX]:
-                c[MEM_USED_MAX] = used
-            view[addr:addr + clen] = z
-            self._set(idx, kind, addr, clen)
+                try:
+                    addr = alloc.malloc(clen, wait)
+                except MemoryError:
+                    c[FAILED_WRITES] += 1
+                    if backing is not None:
+                        fwd.append((OP_WRITE, idx, k))
+                        continue
+                    raise OSError(errno.ENOSPC, f"write: page {idx}: no memory ready (retry later)") from None
+                used = alloc.pages_used() << PAGE_SHIFT
+                if memlimit and backing is None and used > memlimit:
+                    alloc.free(addr, clen)
+                    c[FAILED_WRITES] += 1
+                    raise OSError(errno.ENOMEM, f"write: page {idx}: memory limit {memlimit} reached")
+                if used > c[MEM_USED_MAX]:
+                    c[MEM_USED_MAX] = used
+                view[addr:addr + clen] = z
+                self._set(idx, kind, addr, clen)
 
     def _read_pages(self, first: int, n: int, mv: memoryview, fwd: list) -> None:
-        t, c = self._t, self._c
+        """Page by page: the slot read (and its compressed bytes copied out) under the lock,
+        decompressed without it -- into the thread's scratch page if it has one (a queue
+        thread), else into a bytes copy."""
+        t, c, lock = self._t, self._c, self._lock
         dfn, dargs = self.comp.decompress_call
-        mem = self.pool.mem
+        view = self.pool.view
+        sc = getattr(self._local, "scratch", None)
+        scv = memoryview(sc) if sc is not None else None
         for k in range(n):
             idx = first + k
-            e = t[2 * idx]
-            kind = e & 3
             o = k << PAGE_SHIFT
-            c[NUM_READS] += 1
+            with lock:
+                e = t[2 * idx]
+                kind = e & 3
+                c[NUM_READS] += 1
+                if kind == COMP:
+                    h, ln = e >> 16, (e >> 2) & 0x1FFF
+                    if scv is not None:
+                        scv[:ln] = view[h:h + ln]
+                        src = sc[:ln]
+                    else:
+                        src = bytes(view[h:h + ln])
+                elif kind == SAME:
+                    v = t[2 * idx + 1]
+                elif kind == RAW:
+                    b = e >> 16
+                    mv[o:o + PAGE_SIZE] = view[b:b + PAGE_SIZE] if e & 0x7FFC else self._header
+                elif self.backing is not None:
+                    c[NUM_READS] -= 1                 # counted in bd_reads once it succeeded
+                    fwd.append((OP_READ, idx, k))
             if kind == COMP:
-                h = e >> 16
                 try:
-                    mv[o:o + PAGE_SIZE] = dfn(mem[h:h + ((e >> 2) & 0x1FFF)], *dargs)
+                    mv[o:o + PAGE_SIZE] = dfn(src, *dargs)
                 except Exception as ex:
-                    c[FAILED_READS] += 1
+                    with lock:
+                        c[FAILED_READS] += 1
                     raise OSError(errno.EIO, f"read: page {idx}: decompression failed: {ex}") from None
             elif kind == SAME:
-                v = t[2 * idx + 1]
                 mv[o:o + PAGE_SIZE] = v.to_bytes(8, "little") * 512 if v else _ZERO_PAGE
-            elif kind == RAW:
-                b = e >> 16
-                mv[o:o + PAGE_SIZE] = self.pool.view[b:b + PAGE_SIZE] if e & 0x7FFC else self._header
-            elif self.backing is not None:
-                c[NUM_READS] -= 1                 # counted in bd_reads once it succeeded
-                fwd.append((OP_READ, idx, k))
-            else:
+            elif kind == EMPTY and self.backing is None:
                 mv[o:o + PAGE_SIZE] = _ZERO_PAGE
 
     def _set(self, idx: int, kind: int, addr: int = 0, length: int = 0, value: int = 0) -> None:
