@@ -18,13 +18,21 @@ a wake-up's single-page requests under one lock); beside them bare ``lzo.compres
 A swap device mostly wakes up for one CQE (each swap-in fault waits for its page), so the
 1-CQE figure is the one that matters; fio at QD32 gives larger batches.
 
-Run: python3 bench/bench_loop.py [--iters N]
+``--queues N``: instead, several queues at once on one store (issue 11): N threads, each
+serving its own NOP ring with its own Queue loop and the fused path, fio-like 3:1 swap
+writes (then reads of them) to pages of its own; requests per second of all threads together
+for 1 queue and for N in the same run, and their ratio. Beside it, bare ``lzo.compress`` of
+the same pages in 1 and N threads: the most threads could gain on this machine now (another
+load on the CPUs shows there first).
+
+Run: python3 bench/bench_loop.py [--iters N] [--queues N [--seconds S]]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -241,10 +249,121 @@ def main_store(args, ring, rows, iod):
     store.close()
 
 
+def _bare_lzo_rate(pages, nthreads: int, seconds: float) -> float:
+    """Pages per second that ``nthreads`` threads compress with bare lzo.compress together."""
+    import lzo
+    arrays = [np.frombuffer(p, dtype=np.uint8) for p in pages]
+    counts = [0] * nthreads
+    start = threading.Barrier(nthreads + 1)
+    stop = threading.Event()
+
+    def work(j):
+        start.wait()
+        n = 0
+        while not stop.is_set():
+            for a in arrays:
+                lzo.compress(a, 1, False)
+            n += len(arrays)
+        counts[j] = n
+
+    threads = [threading.Thread(target=work, args=(j,)) for j in range(nthreads)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+def _queues_run(store, queues, op, batch, count):
+    """Each queue's loop in a thread of its own on its own NOP ring, ``count`` requests each
+    (``batch`` in flight); returns requests per second of all of them together."""
+    start = threading.Barrier(len(queues) + 1)
+    errors = []
+
+    def serve(q, ring, rows, iod):
+        budget = _Budget(count)
+        target = _Fused(store, budget)
+        q.target = target
+        iod["op_flags"] = op | (uapi.UBLK_IO_F_SWAP if op == uapi.UBLK_IO_OP_WRITE else 0)
+        handle = request_handler(target, q.buf_bytes, q.counters)
+        fast = target.page_server(q.bufs, handle)
+        ring.put_rows(memoryview(rows).cast("B"), [(k, 0) for k in range(batch)],
+                      ring.sqes.dtype.fields["io_result"][1])
+        start.wait()
+        try:
+            q._loop(ring, iod, handle, rows, fast)
+        except _Stop:
+            pass
+        except BaseException as e:
+            errors.append(e)
+        ring.submit_and_wait(0)
+        while ring.cq_ready():
+            ring.reap_pairs()
+
+    threads = [threading.Thread(target=serve, args=x) for x in queues]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    dt = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return len(queues) * count / dt
+
+
+def main_queues(args):
+    """Requests per second of 1 queue and of ``args.queues`` queues at once on one store."""
+    from ublkzswap.store import Store
+    nq = args.queues
+    store = Store(1 << 26)
+    queues = []
+    for j in range(nq):
+        ring, rows, iod = setup()
+        q = Queue(0, None, q_id=j, depth=DEPTH, buf_bytes=4096)
+        pages = store_pages(q)
+        iod["start_sector"] = (np.arange(DEPTH) + j * DEPTH) * 8 + 8   # pages of its own
+        queues.append((q, ring, rows, iod))
+    print(f"{nq} queues on one store, fused path, fio-like 3:1 pages; requests/s of all "
+          f"queues together (best of 3)")
+    print(f"{'':>7}{'batch':>6}{'1 queue':>11}{f'{nq} queues':>11}{'ratio':>8}")
+    for op, name in ((uapi.UBLK_IO_OP_WRITE, "write"), (uapi.UBLK_IO_OP_READ, "read")):
+        for batch in (1, 8, 32):
+            count = max(2000, int(args.seconds * 20000))
+            best = {1: 0.0, nq: 0.0}
+            for _ in range(3):
+                for n in (1, nq):
+                    best[n] = max(best[n], _queues_run(store, queues[:n], op, batch, count))
+            print(f"{name:>7}{batch:>6}{best[1]:>11.0f}{best[nq]:>11.0f}{best[nq] / best[1]:>8.2f}")
+    st = store.stats()
+    assert st["failed_writes"] == 0 and st["failed_reads"] == 0, st
+    one = _bare_lzo_rate(pages, 1, args.seconds)
+    many = _bare_lzo_rate(pages, nq, args.seconds)
+    print(f"bare lzo.compress, pages/s: 1 thread {one:.0f}, {nq} threads {many:.0f}, "
+          f"ratio {many / one:.2f}")
+    print(f"(os.cpu_count() {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} now)")
+    for q, ring, _, _ in queues:
+        ring.close()
+        q.close()
+    store.close()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=20000)
+    ap.add_argument("--queues", type=int, default=0,
+                    help="measure 1 queue against this many queues at once on one store")
+    ap.add_argument("--seconds", type=float, default=0.5,
+                    help="with --queues: about how long each timed run takes")
     args = ap.parse_args(argv)
+    if args.queues:
+        main_queues(args)
+        return
     ring, rows, iod = setup()
     print(f"{'CQEs per wake-up':>18}{'numpy us/req':>14}{'ints us/req':>13}{'ratio':>8}"
           f"{'queue us/req':>14}")
