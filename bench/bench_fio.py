@@ -7,6 +7,11 @@ run. Printed, not asserted: absolute numbers under TCG emulation mean nothing, r
 
     python3 bench/bench_fio.py                      # null, ram, ublkz-lzo, ublkz-lz4 vs zram
     python3 bench/bench_fio.py --targets null,ram --reps 5 --runtime 20
+    python3 bench/bench_fio.py --targets zram,ublkz-lzo --queues 1,2,4 --numjobs 2
+
+``--queues 1,2,4`` runs each ublk target once per queue count (ublkzswapd queues=N, shown as
+TARGET/qN). blk-mq sends a CPU's I/O to one hardware queue, so a second queue only sees
+requests when more than one CPU submits: give ``--numjobs`` (fio jobs, IOPS summed) as well.
 
 Data: 3:1 compressible buffers (fio --buffer_compress_percentage=67), refilled per I/O, so
 zram and the compressed target (ublkz-*) actually compress. Each repetition writes first, then reads the
@@ -30,8 +35,9 @@ SIZE_MB = 256
 ALL_TARGETS = ("zram", "null", "ram", "ublkz-lzo", "ublkz-lz4")
 
 
-def fio_iops(dev: str, rw: str, runtime: int, size_mb: int) -> float:
+def fio_iops(dev: str, rw: str, runtime: int, size_mb: int, numjobs: int = 1) -> float:
     cmd = ["fio", "--name=b", f"--filename={dev}", f"--rw={rw}", "--bs=4k", "--iodepth=32",
+           f"--numjobs={numjobs}", "--group_reporting",
            "--ioengine=io_uring", "--direct=1", f"--size={size_mb}M", "--time_based",
            f"--runtime={runtime}", "--ramp_time=2", "--buffer_compress_percentage=67",
            "--buffer_compress_chunk=4096", "--refill_buffers", "--randrepeat=0",
@@ -67,12 +73,13 @@ class Zram:
 
 
 class Ublk:
-    def __init__(self, name: str):
+    def __init__(self, name: str, queues: int = 1):
         self.name = name
         kind, _, comp = name.partition("-")        # ublkz-ALGO: the compressed target
         kind = "compressed" if kind == "ublkz" else kind
         self.words = ["num_devices=1", f"disksize_kb={SIZE_MB * 1024}", f"target={kind}",
-                      "socket=/run/ublkzswap-bench.sock"] + ([f"compressor={comp}"] if comp else [])
+                      f"queues={queues}", "socket=/run/ublkzswap-bench.sock"] + \
+            ([f"compressor={comp}"] if comp else [])
 
     def __enter__(self):
         from tests.kernel.daemonctl import start
@@ -87,19 +94,26 @@ class Ublk:
 
 def inside(args) -> int:
     results: dict[str, dict[str, list[float]]] = {}
+    runs = []
     for name in args.targets:
-        ctx = Zram() if name == "zram" else Ublk(name)
+        if name == "zram":
+            runs.append((name, Zram()))
+            continue
+        for q in args.queues:
+            label = name if args.queues == [1] else f"{name}/q{q}"
+            runs.append((label, Ublk(name, q)))
+    for name, ctx in runs:
         results[name] = {"randwrite": [], "randread": []}
         for rep in range(args.reps):
             with ctx as dev:
                 for rw in ("randwrite", "randread"):
-                    iops = fio_iops(dev, rw, args.runtime, SIZE_MB)
+                    iops = fio_iops(dev, rw, args.runtime, SIZE_MB, args.numjobs)
                     results[name][rw].append(iops)
                     print(f"  {name:10s} rep {rep + 1} {rw:9s} {iops:10.0f} IOPS", flush=True)
     print()
-    print(f"fio 4k QD32 io_uring direct, 3:1 compressible, {args.reps} reps x {args.runtime}s, "
-          f"{os.cpu_count()} CPUs, kernel {os.uname().release}")
-    print(f"{'target':10s} {'write IOPS':>20s} {'read IOPS':>20s} {'write/zram':>11s} {'read/zram':>10s}")
+    print(f"fio 4k QD32 x {args.numjobs} job(s) io_uring direct, 3:1 compressible, {args.reps} "
+          f"reps x {args.runtime}s, {os.cpu_count()} CPUs, kernel {os.uname().release}")
+    print(f"{'target':14s} {'write IOPS':>20s} {'read IOPS':>20s} {'write/zram':>11s} {'read/zram':>10s}")
     ref = results.get("zram")
     for name, r in results.items():
         cells = []
@@ -112,7 +126,7 @@ def inside(args) -> int:
             if ref:
                 ratios.append(statistics.median(r[rw]) / statistics.median(ref[rw]))
         rs = "".join(f"{x:11.2f}" for x in ratios) if ratios else ""
-        print(f"{name:10s} {cells[0]:>20s} {cells[1]:>20s}{rs}")
+        print(f"{name:14s} {cells[0]:>20s} {cells[1]:>20s}{rs}")
     return 0
 
 
@@ -122,18 +136,28 @@ def main() -> int:
                     help=f"comma list of {', '.join(ALL_TARGETS)} (zram is the reference)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--runtime", type=int, default=15, help="seconds per fio run")
+    ap.add_argument("--queues", default="1",
+                    help="comma list of queue counts for the ublk targets (ublkzswapd queues=N)")
+    ap.add_argument("--numjobs", type=int, default=1,
+                    help="fio jobs (submitting from several CPUs: what reaches several queues)")
     ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    try:
+        args.queues = [int(q) for q in args.queues.split(",") if q]
+    except ValueError:
+        ap.error(f"--queues: '{args.queues}' is not a comma list of numbers")
     args.targets = [t for t in args.targets.split(",") if t]
     bad = [t for t in args.targets if t not in ALL_TARGETS]
     if bad:
         ap.error(f"unknown target(s): {', '.join(bad)}")
     if args.inside or os.path.exists("/dev/ublk-control"):
         return inside(args)
-    budget = len(args.targets) * args.reps * (2 * (args.runtime + 2) + 40) + 300
+    budget = len(args.targets) * len(args.queues) * args.reps * (2 * (args.runtime + 2) + 40) + 300
     from bench.vmrun import in_vm
     return in_vm("bench_fio.py", ["--targets", ",".join(args.targets), "--reps", str(args.reps),
-                                  "--runtime", str(args.runtime)], timeout=budget)
+                                  "--runtime", str(args.runtime),
+                                  "--queues", ",".join(map(str, args.queues)),
+                                  "--numjobs", str(args.numjobs)], timeout=budget)
 
 
 if __name__ == "__main__":
