@@ -21,11 +21,12 @@ A swap device mostly wakes up for one CQE (each swap-in fault waits for its page
 ``--queues N``: instead, several queues at once on one store (issue 11): N threads, each
 serving its own NOP ring with its own Queue loop and the fused path, fio-like 3:1 swap
 writes (then reads of them) to pages of its own; requests per second of all threads together
-for 1 queue and for N in the same run, and their ratio. Beside it, bare ``lzo.compress`` of
+for 1 queue and for N in the same run, and their ratio. Beside it, the bare compressor on
 the same pages in 1 and N threads: the most threads could gain on this machine now (another
-load on the CPUs shows there first).
+load on the CPUs shows there first). Only compression runs in parallel (the GIL serialises the
+rest), so the slower the compressor, the more several queues can gain (``--compressor``).
 
-Run: python3 bench/bench_loop.py [--iters N] [--queues N [--seconds S]]
+Run: python3 bench/bench_loop.py [--iters N] [--queues N [--seconds S] [--compressor NAME]]
 """
 from __future__ import annotations
 
@@ -249,9 +250,10 @@ def main_store(args, ring, rows, iod):
     store.close()
 
 
-def _bare_lzo_rate(pages, nthreads: int, seconds: float) -> float:
-    """Pages per second that ``nthreads`` threads compress with bare lzo.compress together."""
-    import lzo
+def _bare_rate(compressor: str, pages, nthreads: int, seconds: float) -> float:
+    """Pages per second that ``nthreads`` threads compress together with the bare compressor."""
+    from ublkzswap import compress
+    fn, extra = compress.get(compressor).compress_call
     arrays = [np.frombuffer(p, dtype=np.uint8) for p in pages]
     counts = [0] * nthreads
     start = threading.Barrier(nthreads + 1)
@@ -262,7 +264,7 @@ def _bare_lzo_rate(pages, nthreads: int, seconds: float) -> float:
         n = 0
         while not stop.is_set():
             for a in arrays:
-                lzo.compress(a, 1, False)
+                fn(a, *extra)
             n += len(arrays)
         counts[j] = n
 
@@ -321,7 +323,7 @@ def main_queues(args):
     """Requests per second of 1 queue and of ``args.queues`` queues at once on one store."""
     from ublkzswap.store import Store
     nq = args.queues
-    store = Store(1 << 26)
+    store = Store(1 << 26, compressor=args.compressor)
     queues = []
     for j in range(nq):
         ring, rows, iod = setup()
@@ -329,8 +331,8 @@ def main_queues(args):
         pages = store_pages(q)
         iod["start_sector"] = (np.arange(DEPTH) + j * DEPTH) * 8 + 8   # pages of its own
         queues.append((q, ring, rows, iod))
-    print(f"{nq} queues on one store, fused path, fio-like 3:1 pages; requests/s of all "
-          f"queues together (best of 3)")
+    print(f"{nq} queues on one store ({args.compressor}), fused path, fio-like 3:1 pages; "
+          f"requests/s of all queues together (best of 3)")
     print(f"{'':>7}{'batch':>6}{'1 queue':>11}{f'{nq} queues':>11}{'ratio':>8}")
     for op, name in ((uapi.UBLK_IO_OP_WRITE, "write"), (uapi.UBLK_IO_OP_READ, "read")):
         for batch in (1, 8, 32):
@@ -342,10 +344,10 @@ def main_queues(args):
             print(f"{name:>7}{batch:>6}{best[1]:>11.0f}{best[nq]:>11.0f}{best[nq] / best[1]:>8.2f}")
     st = store.stats()
     assert st["failed_writes"] == 0 and st["failed_reads"] == 0, st
-    one = _bare_lzo_rate(pages, 1, args.seconds)
-    many = _bare_lzo_rate(pages, nq, args.seconds)
-    print(f"bare lzo.compress, pages/s: 1 thread {one:.0f}, {nq} threads {many:.0f}, "
-          f"ratio {many / one:.2f}")
+    one = _bare_rate(args.compressor, pages, 1, args.seconds)
+    many = _bare_rate(args.compressor, pages, nq, args.seconds)
+    print(f"bare {args.compressor} compress, pages/s: 1 thread {one:.0f}, {nq} threads "
+          f"{many:.0f}, ratio {many / one:.2f}")
     print(f"(os.cpu_count() {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} now)")
     for q, ring, _, _ in queues:
         ring.close()
@@ -360,6 +362,8 @@ def main(argv=None):
                     help="measure 1 queue against this many queues at once on one store")
     ap.add_argument("--seconds", type=float, default=0.5,
                     help="with --queues: about how long each timed run takes")
+    ap.add_argument("--compressor", default="lzo",
+                    help="with --queues: the store's compressor (lzo, lz4, deflate)")
     args = ap.parse_args(argv)
     if args.queues:
         main_queues(args)
