@@ -190,7 +190,7 @@ class UblkDevice:
 
     def cancel_start(self) -> None:
         """Make a :meth:`start` under way in another thread (or the next one, until
-        :meth:`add`) stop waiting for its queue to arm: it stops what it started and raises
+        :meth:`add`) stop waiting for its queues to arm: it stops what it started and raises
         OSError(ECANCELED). A kernel command under way (SET_PARAMS, START_DEV) is not
         interrupted; a takeover (:meth:`recover`) is never cancelled."""
         self._cancel.set()
@@ -294,12 +294,13 @@ class UblkDevice:
         :meth:`recover`), and its queues are waited for without a deadline: under memory
         pressure arming may be slow, and giving up helps nothing. A new device's wait ends
         after ``arm_timeout`` s (ETIMEDOUT) or at :meth:`cancel_start` (ECANCELED)."""
-        self.queues = [Queue(self.dev_id, target, q_id=q, depth=self.depth,
-                             buf_bytes=self.buf_bytes, backing_fd=backing_fd)
-                       for q in range(self.nr_queues)]
-        self._threads = [threading.Thread(target=q.serve, name=f"ublkq{self.dev_id}:{k}",
-                                          daemon=True) for k, q in enumerate(self.queues)]
+        self.queues, self._threads = [], []
         try:
+            for k in range(self.nr_queues):     # (made one by one: a failure closes the rest)
+                self.queues.append(Queue(self.dev_id, target, q_id=k, depth=self.depth,
+                                         buf_bytes=self.buf_bytes, backing_fd=backing_fd))
+            self._threads = [threading.Thread(target=q.serve, name=f"ublkq{self.dev_id}:{k}",
+                                              daemon=True) for k, q in enumerate(self.queues)]
             for t in self._threads:
                 t.start()
             deadline = time.monotonic() + self.arm_timeout
@@ -325,9 +326,9 @@ class UblkDevice:
             raise
 
     def start(self, target, *, backing_fd: int = -1) -> None:
-        """SET_PARAMS for ``target``, serve its queue, START_DEV: ``/dev/ublkbN`` exists after.
+        """SET_PARAMS for ``target``, serve its queues, START_DEV: ``/dev/ublkbN`` exists after.
         On failure everything started is stopped again (the id stays added) and OSError raised:
-        ETIMEDOUT if the queue did not arm in ``arm_timeout`` s, ECANCELED after
+        ETIMEDOUT if a queue did not arm in ``arm_timeout`` s, ECANCELED after
         :meth:`cancel_start`."""
         if self._cancel.is_set():
             raise OSError(errno.ECANCELED, f"start of {self.bdev} cancelled")

@@ -312,3 +312,19 @@ def test_the_heap_headroom_grows_with_the_queue_threads(monkeypatch):
     finally:
         stop.set()
     assert asked == [ublkdev.HEAP_HEADROOM + 2 * ublkdev.QUEUE_HEAP]
+
+
+def test_a_queue_that_cannot_be_made_closes_the_ones_made_before(monkeypatch):
+    ctrl, d, made = multi_device(monkeypatch, 3)
+    Stub = ublkdev.Queue
+
+    def make(*a, q_id, **kw):
+        if q_id == 1:
+            raise MemoryError("no buffers")
+        return Stub(*a, q_id=q_id, **kw)
+    monkeypatch.setattr(ublkdev, "Queue", make)
+    d.added = True
+    with pytest.raises(MemoryError):
+        d.start(NullTarget(1 << 20))
+    assert [q.q_id for q in made] == [0] and made[0].closed
+    assert ctrl.log == ["SET_PARAMS"] and not d.started and d.queues == []
