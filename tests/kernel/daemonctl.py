@@ -1,5 +1,8 @@
 """Starting and stopping the real ublkzswapd from kernel tests, and checking that nothing is
-left behind. Every daemon started here is stopped by the context manager, even on failure."""
+left behind. Every daemon started here is stopped by the context manager, even on failure.
+
+``UBLKZSWAP_TEST_QUEUES=N`` in the environment starts every daemon here with ``queues=N``
+(unless the test gives queues= itself): the whole suite on devices of several queues."""
 from __future__ import annotations
 
 import contextlib
@@ -12,6 +15,14 @@ import sys
 import time
 
 PY = os.path.realpath(sys.executable)
+ENV_QUEUES = "UBLKZSWAP_TEST_QUEUES"
+
+
+def _words(words) -> list[str]:
+    queues = os.environ.get(ENV_QUEUES)
+    if queues and not any(w.lstrip("-").startswith("queues=") for w in words):
+        return [*words, f"queues={queues}"]
+    return list(words)
 
 
 def leftovers() -> list[str]:
@@ -38,8 +49,8 @@ def daemon_pids() -> list[int]:
 def start(*words: str, timeout: float = 180) -> tuple[int, str]:
     """Run ``ublkzswapd WORDS`` in background mode; return (pid, its ready line).
     Raises RuntimeError with the daemon's message if it did not come up."""
-    p = subprocess.run([PY, "-m", "ublkzswap.daemon", *words], capture_output=True, text=True,
-                       timeout=timeout)
+    p = subprocess.run([PY, "-m", "ublkzswap.daemon", *_words(words)], capture_output=True,
+                       text=True, timeout=timeout)
     if p.returncode != 0:
         raise RuntimeError(f"ublkzswapd {' '.join(words)} failed ({p.returncode}): "
                            f"{p.stderr.strip()}")
@@ -53,7 +64,7 @@ def start_foreground(*words: str, log: str, timeout: float = 180) -> subprocess.
     can be read; its output goes to the file ``log``. Returns once it says ready. Raises
     RuntimeError with the log if it exits or is not ready within ``timeout`` (then it is killed)."""
     with open(log, "w") as f:
-        proc = subprocess.Popen([PY, "-m", "ublkzswap.daemon", "--foreground", *words],
+        proc = subprocess.Popen([PY, "-m", "ublkzswap.daemon", "--foreground", *_words(words)],
                                 stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     while True:
