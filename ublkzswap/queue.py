@@ -1,6 +1,7 @@
 """One ublk queue: the generic loop between the kernel and a target.
 
-Owns: opening ``/dev/ublkcN``, mapping the queue's descriptor array (queue ``q_id``'s, at
+Owns: opening ``/dev/ublkcN`` (:func:`open_cdev`; a device of several queues opens it once
+for all of them, since the kernel refuses a second open with EBUSY), mapping the queue's descriptor array (queue ``q_id``'s, at
 ``uapi.ublk_desc_offset(q_id)``: the kernel places queue q at q x round_up(4096 x 24, 4096)
 whatever the depth), the per-tag I/O buffers, FETCH_REQ for every tag, and the serving loop
 
@@ -101,6 +102,20 @@ def _take_spare(nbytes: int) -> mmap.mmap | None:
     return None
 
 
+def open_cdev(dev_id: int) -> int:
+    """Open ``/dev/ublkcN``, waiting up to 5 s while it is busy (a dead server's file not
+    released yet) or not there yet (udev)."""
+    path = f"/dev/ublkc{dev_id}"
+    for _ in range(100):
+        try:
+            return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno not in (errno.EBUSY, errno.ENOENT):
+                raise
+            time.sleep(0.05)
+    return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+
+
 class Queue:
     """Queue ``q_id`` of ublk device ``dev_id``, serving ``target``.
 
@@ -115,10 +130,15 @@ class Queue:
     """
 
     def __init__(self, dev_id: int, target, *, q_id: int = 0, depth: int = 64,
-                 buf_bytes: int = 256 * 1024, backing_fd: int = -1, backing_inflight: int = 32):
+                 buf_bytes: int = 256 * 1024, backing_fd: int = -1, backing_inflight: int = 32,
+                 cdev: int = -1):
         """``backing_fd``: the target's backing device/file (O_DIRECT, >= 4 KiB), read to
-        prewarm io_uring's caches; ``backing_inflight`` (<= depth): backing ops in flight."""
+        prewarm io_uring's caches; ``backing_inflight`` (<= depth): backing ops in flight.
+        ``cdev``: ``/dev/ublkcN`` opened by the device for all its queues (the kernel lets
+        the char device be opened once: a second open is EBUSY), which this queue maps and
+        names but does not close; -1: the queue opens (and closes) it itself."""
         self.dev_id = dev_id
+        self._shared_cdev = cdev
         self.backing_fd = backing_fd
         self.backing_inflight = max(1, min(backing_inflight, depth))
         self._waiting: collections.deque = collections.deque()   # backing ops beyond the bound
@@ -138,15 +158,7 @@ class Queue:
         self.buf_addrs = base + np.arange(depth, dtype=np.uint64) * np.uint64(buf_bytes)
 
     def _open_cdev(self) -> int:
-        path = f"/dev/ublkc{self.dev_id}"
-        for _ in range(100):
-            try:
-                return os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            except OSError as e:
-                if e.errno not in (errno.EBUSY, errno.ENOENT):
-                    raise
-                time.sleep(0.05)
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        return open_cdev(self.dev_id)
 
     def _fill(self, ring: Ring, cmd_op: int, cdev: int, tags: np.ndarray, results) -> None:
         idx = ring.claim(len(tags))
@@ -170,7 +182,7 @@ class Queue:
             set_thread_name(f"ublkq{self.dev_id}:{self.q_id}")
             set_io_flusher()
             lock_thread_stack()
-            cdev = self._open_cdev()
+            cdev = self._shared_cdev if self._shared_cdev >= 0 else self._open_cdev()
             iod_map = mmap.mmap(cdev, uapi.ublk_desc_len(self.depth),
                                 flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ,
                                 offset=uapi.ublk_desc_offset(self.q_id))
@@ -193,7 +205,7 @@ class Queue:
                     iod_map.close()
                 except BufferError:
                     pass
-            if cdev >= 0:
+            if cdev >= 0 and cdev != self._shared_cdev:
                 os.close(cdev)
 
     def run(self, ring: Ring, iod: np.ndarray, cdev: int) -> None:

@@ -43,7 +43,7 @@ import time
 from . import shmstate, uapi, ublkctrl
 from .handler import QueueCounters
 from .memory import HEAP_HEADROOM, ensure_heap_headroom
-from .queue import Queue
+from .queue import Queue, open_cdev
 from .target import features
 
 log = logging.getLogger("ublkzswap.ublkdev")
@@ -158,6 +158,7 @@ class UblkDevice:
         self.queues: list[Queue] = []
         self._threads: list[threading.Thread] = []
         self._cancel = threading.Event()
+        self._cdev = -1                  # /dev/ublkcN, opened once for all queues while serving
 
     @property
     def bdev(self) -> str:
@@ -296,9 +297,12 @@ class UblkDevice:
         after ``arm_timeout`` s (ETIMEDOUT) or at :meth:`cancel_start` (ECANCELED)."""
         self.queues, self._threads = [], []
         try:
+            # one open for every queue: the kernel lets /dev/ublkcN be opened once
+            self._cdev = open_cdev(self.dev_id)
             for k in range(self.nr_queues):     # (made one by one: a failure closes the rest)
                 self.queues.append(Queue(self.dev_id, target, q_id=k, depth=self.depth,
-                                         buf_bytes=self.buf_bytes, backing_fd=backing_fd))
+                                         buf_bytes=self.buf_bytes, backing_fd=backing_fd,
+                                         cdev=self._cdev))
             self._threads = [threading.Thread(target=q.serve, name=f"ublkq{self.dev_id}:{k}",
                                               daemon=True) for k, q in enumerate(self.queues)]
             for t in self._threads:
@@ -395,10 +399,15 @@ class UblkDevice:
             for t in self._threads:
                 if t.ident is not None:              # (a thread that never started)
                     t.join(max(0.0, deadline - time.monotonic()))
-            self._threads = []
+            self._threads = [t for t in self._threads if t.is_alive()]
+        if any(t.is_alive() for t in self._threads):
+            return                   # a queue still uses the cdev's fd and its buffers
         for q in self.queues:
             q.close()
         self.queues = []
+        if self._cdev >= 0:
+            os.close(self._cdev)
+            self._cdev = -1
 
     def delete(self) -> None:
         """Stop if needed, then DEL_DEV: the id is free again."""

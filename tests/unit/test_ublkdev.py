@@ -13,6 +13,11 @@ from ublkzswap import ublkdev
 from ublkzswap.target import NullTarget
 
 
+def _null_cdev(dev_id: int) -> int:
+    """Stands in for /dev/ublkcN, opened once per device for all its queues."""
+    return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+
 @pytest.fixture
 def loop_device(tmp_path):
     if os.geteuid() != 0:
@@ -102,6 +107,7 @@ def never_arming(ctrl):
 def started_device(monkeypatch, **kw):
     ctrl = StartCtrl()
     monkeypatch.setattr(ublkdev, "Queue", never_arming(ctrl))
+    monkeypatch.setattr(ublkdev, "open_cdev", _null_cdev)
     d = ublkdev.UblkDevice(ctrl, 5, **kw)
     d.added = True
     return ctrl, d
@@ -188,8 +194,9 @@ def stub_queues(ctrl, made: list, arm_after=(), fail=None):
         """Arms (every tag FETCHed) after ``arm_after[q_id]`` s; ``fail`` = (q_id, exception):
         that queue's thread ends with it once the device started. Serves until STOP_DEV."""
 
-        def __init__(self, dev_id, target, *, q_id, depth, buf_bytes, backing_fd):
+        def __init__(self, dev_id, target, *, q_id, depth, buf_bytes, backing_fd, cdev):
             self.q_id, self.depth, self.buf_bytes, self.backing_fd = q_id, depth, buf_bytes, backing_fd
+            self.cdev = cdev
             self.armed = threading.Event()
             self.error = None
             self.closed = False
@@ -218,6 +225,7 @@ def multi_device(monkeypatch, nr_queues, ctrl=None, **stub):
     ctrl = ctrl or MultiCtrl()
     made: list = []
     monkeypatch.setattr(ublkdev, "Queue", stub_queues(ctrl, made, **stub))
+    monkeypatch.setattr(ublkdev, "open_cdev", _null_cdev)
     monkeypatch.setattr(ublkdev, "_heap_for_queues", lambda: None)
     d = ublkdev.UblkDevice(ctrl, 5, nr_queues=nr_queues)
     ctrl.queues = lambda: made
@@ -241,6 +249,10 @@ def test_start_serves_every_queue_in_a_thread_of_its_own_and_waits_for_all(monke
         assert ctrl.log == ["SET_PARAMS", "START_DEV"]
         assert [q.q_id for q in made] == [0, 1, 2] and d.queues == made
         assert all(q.backing_fd == 9 for q in made)        # each queue prewarms its own ring
+        # one open of /dev/ublkcN for all of them (a second open is EBUSY in the kernel)
+        assert len({q.cdev for q in made}) == 1 and made[0].cdev >= 0
+        cdev = made[0].cdev
+        assert os.readlink(f"/proc/self/fd/{cdev}") == os.devnull
         threads = [q.thread for q in made]
         assert len({t.ident for t in threads}) == 3
         assert [t.name for t in threads] == ["ublkq5:0", "ublkq5:1", "ublkq5:2"]
@@ -252,6 +264,8 @@ def test_start_serves_every_queue_in_a_thread_of_its_own_and_waits_for_all(monke
     assert ctrl.log.count("STOP_DEV") == 1
     assert not any(t.is_alive() for t in threads) and all(q.closed for q in made)
     assert not d.started and d.queues == [] and d.counters is None
+    assert not os.path.exists(f"/proc/self/fd/{cdev}") or \
+        os.readlink(f"/proc/self/fd/{cdev}") != os.devnull     # closed once they all ended
 
 
 def test_a_queue_that_ends_is_the_devices_failure_and_named(monkeypatch):
@@ -323,6 +337,7 @@ def test_a_queue_that_cannot_be_made_closes_the_ones_made_before(monkeypatch):
             raise MemoryError("no buffers")
         return Stub(*a, q_id=q_id, **kw)
     monkeypatch.setattr(ublkdev, "Queue", make)
+    monkeypatch.setattr(ublkdev, "open_cdev", _null_cdev)
     d.added = True
     with pytest.raises(MemoryError):
         d.start(NullTarget(1 << 20))
