@@ -129,8 +129,9 @@ COLUMNS = (
     Column("COMP-RATIO", "ratio", "compression ratio: DATA/TOTAL", _comp_ratio),
     Column("MOUNTPOINT", "text", "[SWAP] while the device is in use as swap (/proc/swaps)",
            _key("mountpoint")),
-    Column("STATE", "text", "uninitialised, initialised, active (held: swapon, a mount) or "
-           "failed", _key("state")),
+    Column("STATE", "text", "uninitialised, initialising, initialised, active (held: "
+           "swapon, a mount), resetting or failed (its queue ended, or it could not be taken "
+           "over)", _key("state")),
     Column("BACKING", "text", "backing swap device or file", _key("backing_swap")),
 )
 COLUMNS_BY_NAME = {c.name: c for c in COLUMNS}

@@ -251,10 +251,12 @@ class Client:
     A refusal raises ``OSError(errno, strerror)`` with the daemon's text in ``.detail``; a
     failure to connect raises :class:`DaemonUnreachable` (an OSError with the connect errno);
     a broken or malformed answer raises ``OSError(EPROTO)``. One connection, opened on first
-    use and reopened if the server dropped it while idle.
+    use and reopened if the server dropped it while idle. The default ``timeout`` outlasts an
+    init's wait for its queue to arm (30 s in the daemon), so a timed-out init is reported as
+    the daemon's ETIMEDOUT, not as a daemon that did not answer.
     """
 
-    def __init__(self, path: str | None = None, timeout: float = 30.0):
+    def __init__(self, path: str | None = None, timeout: float = 45.0):
         self.path = path or default_path()
         self.timeout = timeout
         self._sock: socket.socket | None = None

@@ -663,3 +663,10 @@ def test_a_daemon_that_never_answers_is_a_timeout_that_says_so(sockdir):
         assert e.value.errno == errno.ETIMEDOUT and "did not answer within 0.5 s" in str(e.value)
     finally:
         mute.close()
+
+
+def test_a_client_waits_longer_than_an_init_waits_for_its_queue():
+    """A timed-out init is the daemon's answer (ETIMEDOUT, rolled back), never a client that
+    gave up first and reported a daemon that did not answer."""
+    from ublkzswap import ublkdev
+    assert Client("/nonexistent").timeout > ublkdev.ARM_TIMEOUT + 5

@@ -4,6 +4,7 @@ with its pages (no STOP_DEV, no DEL_DEV) and makes the server end so that its st
 again. STOP_DEV would fail every stored page; in the VM it also waited forever for the very
 requests the dead server held."""
 import errno
+import os
 import threading
 
 import pytest
@@ -95,6 +96,7 @@ def test_a_recovering_queue_is_waited_for_past_the_arm_timeout(monkeypatch):
             pass
 
     monkeypatch.setattr(ublkdev, "Queue", SlowQueue)
+    monkeypatch.setattr(ublkdev, "open_cdev", lambda dev_id: os.open(os.devnull, os.O_RDONLY))
     ctrl = FakeCtrl(busy=0)
     d = device(ctrl)
     d.recover(object())
