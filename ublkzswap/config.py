@@ -33,15 +33,16 @@ import re
 from dataclasses import dataclass, field
 
 from . import compress
+from .devices import total_ram_bytes
+from .uapi import PAGE_SIZE as PAGE
 
 DEFAULT_PATH = "/etc/ublkzswap.conf"
 DAEMON_SECTION = "ublkzswapd"
-MAX_DEVICES = 32                       # as params.MAX_NUM_DEVICES
+MAX_DEVICES = 32                       # params.MAX_NUM_DEVICES is this
 MAX_QUEUES = 8                         # queues per device (params.MAX_QUEUES is this)
-PAGE = 4096
 DEFAULT_PRIORITY = 100                 # zram-generator's
 DEFAULT_OPTIONS = "discard"            # zram-generator's
-ALLOCATORS = ("log", "xvmalloc")       # as params.ALLOCATORS
+ALLOCATORS = ("log", "xvmalloc")       # params.ALLOCATORS is this (the store's names)
 
 _SECTION = re.compile(r"ublkb(0|[1-9][0-9]{0,2})")
 _SIZE = re.compile(r"([0-9]{1,20})\s*([KMGT%]?)", re.IGNORECASE)
@@ -88,10 +89,6 @@ class Config:
     daemon: dict = field(default_factory=dict)
     devices: dict = field(default_factory=dict)
     where: dict = field(default_factory=dict)
-
-
-def ram_bytes() -> int:
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 # ----------------------------------------------------------------------------- values
@@ -296,7 +293,7 @@ def read(path: str = DEFAULT_PATH, *, required: bool = False, ram: int | None = 
 
 def parse_files(paths: list[str], *, ram: int | None = None) -> Config:
     """The configuration of these files, read in this order. Raises ConfigError."""
-    ram = ram_bytes() if ram is None else ram
+    ram = total_ram_bytes() if ram is None else ram
     daemon: dict = {}
     devices: dict[int, dict] = {}
     where: dict = {}

@@ -174,11 +174,7 @@ class ControlServer:
     def close(self) -> None:
         """Stop serving, drop all clients, remove the socket file if it is still ours."""
         self._stop.set()
-        if self._wake_w is not None:
-            try:
-                self._wake_w.send(b"x")
-            except OSError:
-                pass
+        self._wake()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         self._thread = None
@@ -251,6 +247,7 @@ class ControlServer:
             c.wbuf += self._answer_bytes(error_answer(errno.EAGAIN, f"cannot start a thread: {e}"))
 
     def _wake(self) -> None:
+        """Interrupt the loop's select (to stop, or to collect an op thread's answer)."""
         w = self._wake_w
         if w is not None:
             try:

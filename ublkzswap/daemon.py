@@ -776,8 +776,9 @@ def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
             break
         # zram cannot be unloaded under an active swap either: stopping now would fail every
         # swap-in from these devices (and kill whatever owns those pages)
-        say(f"not stopping: {', '.join(busy)} in use (swapoff first)", WARNING)
-        sdnotify.notify(status=f"not stopping: {', '.join(busy)} in use (swapoff first)")
+        refusal = f"not stopping: {', '.join(busy)} in use (swapoff first)"
+        say(refusal, WARNING)
+        sdnotify.notify(status=refusal)
         stop.clear()
     sdnotify.notify(stopping=1, status="stopping")
     standby_.stop()

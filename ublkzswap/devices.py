@@ -171,7 +171,8 @@ class Device:
         kind = self.cfg["target"]
         if self.backing_swap and kind != "compressed":
             raise OSError(errno.EINVAL, "a backing swap needs target=compressed")
-        return kind, self.backing_swap, self.disksize_kb, self.memlimit_kb
+        return (kind, self.backing_swap, self.disksize_kb, self.memlimit_kb,
+                self.compressor or self.cfg["compressor"])
 
     def build(self, plan: tuple) -> tuple:
         """Open the backing swap, build the target, write its swap header and start the ublk
@@ -179,7 +180,7 @@ class Device:
         of this Device). On failure everything made here is undone (the store destroyed, the
         backing swap closed, the ublk device stopped and its id added afresh) and the error
         raised. Returns what :meth:`commit` takes."""
-        kind, backing_swap, disksize_kb, memlimit_kb = plan
+        kind, backing_swap, disksize_kb, memlimit_kb, compressor = plan
         backing = Backing(backing_swap) if backing_swap else None
         target = None
         try:
@@ -194,8 +195,7 @@ class Device:
                 target = NullTarget(disksize)
             else:
                 target = self.store_factory(self.dev_id, disksize, memlimit=memlimit,
-                                            backing=backing,
-                                            compressor=self.compressor or self.cfg["compressor"])
+                                            backing=backing, compressor=compressor)
             if kind != "null":
                 header = backing.header() if backing is not None else swap_header(disksize)
                 preformat = getattr(target, "preformat", None)
@@ -410,13 +410,18 @@ class Manager:
                 log.error("teardown of device %d (left to an op under way): %s", d.dev_id, e)
             return True
 
+    def _uninitialised(self, dev_id) -> Device:
+        """The device, for a setting only an uninitialised one takes (the lock held): EBUSY
+        once initialised or while an op is under way on it."""
+        d = self._dev(dev_id)
+        if d.initialised:
+            raise OSError(errno.EBUSY, ALREADY)
+        d.check_idle()
+        return d
+
     def set_backing_swap(self, dev_id: int, path: str) -> None:
         with self._lock:
-            d = self._dev(dev_id)
-            if d.initialised:
-                raise OSError(errno.EBUSY, ALREADY)
-            d.check_idle()
-            d.backing_swap = str(path)
+            self._uninitialised(dev_id).backing_swap = str(path)
 
     def set_memlimit_kb(self, dev_id: int, kb: int) -> None:
         with self._lock:
@@ -426,19 +431,13 @@ class Manager:
 
     def set_disksize_kb(self, dev_id: int, kb: int) -> None:
         with self._lock:
-            d = self._dev(dev_id)
-            if d.initialised:
-                raise OSError(errno.EBUSY, ALREADY)
-            d.check_idle()
-            d.disksize_kb = int(kb)
+            self._uninitialised(dev_id).disksize_kb = int(kb)
 
     def set_compressor(self, dev_id: int, name: str) -> None:
         """The device's own compression algorithm ("": the daemon's), used from its next init.
         EINVAL for a name compress.names() does not have."""
         with self._lock:
-            d = self._dev(dev_id)
-            if d.initialised:
-                raise OSError(errno.EBUSY, ALREADY)
+            d = self._uninitialised(dev_id)
             if name and name not in compress.names():
                 raise OSError(errno.EINVAL, f"unknown compression algorithm {name!r}")
             d.compressor = str(name)

@@ -24,11 +24,11 @@ from . import compress, config
 from .control import ENV_SOCKET, default_path
 from .uapi import PAGE_SIZE
 
-MAX_NUM_DEVICES = 32
+MAX_NUM_DEVICES = config.MAX_DEVICES
 MAX_QUEUES = config.MAX_QUEUES     # queues per device: see queue_count
 TARGETS = ("compressed", "ram", "null")
 TARGET_ALIASES = {"zswap": "compressed"}      # deprecated: easily read as the kernel's zswap
-ALLOCATORS = ("log", "xvmalloc")
+ALLOCATORS = config.ALLOCATORS
 
 NO_CONFIG = "none"                 # config=none: read no configuration file
 

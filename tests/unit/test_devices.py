@@ -292,7 +292,8 @@ def test_a_stuck_init_holds_up_only_its_own_device(m):
     assert quick(m.stats, 1)["disksize"] == 4096 << 10 and quick(m.info, 1)["state"] == "initialised"
     assert quick(m.busy) == [] and quick(m.failures) == []
     for call in [(m.init, 0), (m.stats, 0), (m.reset, 0), (m.compact, 0), (m.set_disksize_kb, 0, 8),
-                 (m.set_memlimit_kb, 0, 8), (m.set_backing_swap, 0, "/x")]:
+                 (m.set_memlimit_kb, 0, 8), (m.set_backing_swap, 0, "/x"),
+                 (m.set_compressor, 0, "lz4")]:
         with pytest.raises(OSError) as e:
             quick(*call)
         assert e.value.errno == errno.EBUSY, call
