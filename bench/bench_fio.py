@@ -1,21 +1,31 @@
 #!/usr/bin/env python3
-"""fio 4k random write / random read (QD32, io_uring, O_DIRECT) on zram and on ublkzswap's
-targets, side by side, in ONE boot of the test VM (or natively where the kernel has ublk).
+"""fio 4k random write / random read on zram and on ublkzswap's targets, side by side, in ONE
+boot of the test VM (or natively where the kernel has ublk).
 
-Prints IOPS (median and spread of N repetitions) and the ratio to zram measured in the same
-run. Printed, not asserted: absolute numbers under TCG emulation mean nothing, ratios do.
+Prints, per target, the median (and spread) of N interleaved rounds: IOPS at QD32, mean
+completion latency at QD1, their ratios to zram measured in the same run, and for ublkzswap's
+targets what the daemon spends: its queue threads' CPU time per request (utime + stime from
+/proc/PID/task/TID/stat) and requests per wake-up (requests over the queue threads' voluntary
+context switches, each wait in io_uring_enter being one; GIL waits count too, so it is a lower
+bound). Printed, not asserted: absolute numbers under TCG emulation mean nothing, ratios do.
 
-    python3 bench/bench_fio.py                      # null, ram, ublkz-lzo, ublkz-lz4 vs zram
-    python3 bench/bench_fio.py --targets null,ram --reps 5 --runtime 20
-    python3 bench/bench_fio.py --targets zram,ublkz-lzo --queues 1,2,4 --numjobs 2
+    python3 bench/bench_fio.py                      # every target, zram the reference
+    python3 bench/bench_fio.py --targets zram,ublkz-lzo --reps 3
+    python3 bench/bench_fio.py --targets zram,ublkz-lzo --queues 1,2 --numjobs 2 --depths 32
+
+Targets: ``zram`` (lz4: this kernel's zram has no lzo), ``null_blk`` (the kernel's own no-op
+block device: what any block device costs), ublkzswapd's ``null`` and ``ram`` targets (what
+ublk and the daemon's loop cost without compression) and ``ublkz-lzo`` / ``ublkz-lz4`` (the
+compressed target with that compressor).
 
 ``--queues 1,2,4`` runs each ublk target once per queue count (ublkzswapd queues=N, shown as
 TARGET/qN). blk-mq sends a CPU's I/O to one hardware queue, so a second queue only sees
 requests when more than one CPU submits: give ``--numjobs`` (fio jobs, IOPS summed) as well.
 
 Data: 3:1 compressible buffers (fio --buffer_compress_percentage=67), refilled per I/O, so
-zram and the compressed target (ublkz-*) actually compress. Each repetition writes first, then reads the
-same area back.
+zram and the compressed target actually compress. Each round starts every target afresh,
+writes first, then reads the same area back; rounds interleave the targets, so a slow spell
+of the host falls on all of them alike.
 """
 from __future__ import annotations
 
@@ -32,12 +42,15 @@ sys.path.insert(0, ROOT)
 
 PY = os.path.realpath(sys.executable)
 SIZE_MB = 256
-ALL_TARGETS = ("zram", "null", "ram", "ublkz-lzo", "ublkz-lz4")
+ALL_TARGETS = ("zram", "null_blk", "null", "ram", "ublkz-lzo", "ublkz-lz4")
+RWS = ("randwrite", "randread")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def fio_iops(dev: str, rw: str, runtime: int, size_mb: int, numjobs: int = 1) -> float:
-    cmd = ["fio", "--name=b", f"--filename={dev}", f"--rw={rw}", "--bs=4k", "--iodepth=32",
-           f"--numjobs={numjobs}", "--group_reporting",
+def fio(dev: str, rw: str, runtime: int, size_mb: int, depth: int, numjobs: int = 1) -> dict:
+    """One fio run; {"iops", "lat_us" (mean completion latency)}."""
+    cmd = ["fio", "--name=b", f"--filename={dev}", f"--rw={rw}", "--bs=4k",
+           f"--iodepth={depth}", f"--numjobs={numjobs}", "--group_reporting",
            "--ioengine=io_uring", "--direct=1", f"--size={size_mb}M", "--time_based",
            f"--runtime={runtime}", "--ramp_time=2", "--buffer_compress_percentage=67",
            "--buffer_compress_chunk=4096", "--refill_buffers", "--randrepeat=0",
@@ -46,12 +59,37 @@ def fio_iops(dev: str, rw: str, runtime: int, size_mb: int, numjobs: int = 1) ->
     if p.returncode != 0:
         raise RuntimeError(f"fio failed on {dev}: {p.stderr[-500:]}")
     job = json.loads(p.stdout[p.stdout.index("{"):])["jobs"][0]
-    side = "write" if "write" in rw else "read"
-    return float(job[side]["iops"])
+    side = job["write" if "write" in rw else "read"]
+    return {"iops": float(side["iops"]), "lat_us": float(side["clat_ns"]["mean"]) / 1000}
+
+
+def disk_requests(dev: str) -> int:
+    """Reads + writes the block layer completed on ``dev`` (/sys/block/NAME/stat)."""
+    f = open(f"/sys/block/{os.path.basename(dev)}/stat").read().split()
+    return int(f[0]) + int(f[4])
+
+
+def queue_threads(pid: int) -> dict[str, int]:
+    """The daemon's queue threads (comm ublkqD:Q), summed: CPU ticks and voluntary switches."""
+    out = {"ticks": 0, "waits": 0}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            if not open(f"/proc/{pid}/task/{tid}/comm").read().startswith("ublkq"):
+                continue
+            stat = open(f"/proc/{pid}/task/{tid}/stat").read()
+            fields = stat[stat.rindex(")") + 2:].split()
+            out["ticks"] += int(fields[11]) + int(fields[12])     # utime, stime
+            for line in open(f"/proc/{pid}/task/{tid}/status"):
+                if line.startswith("voluntary_ctxt_switches:"):
+                    out["waits"] += int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return out
 
 
 class Zram:
     name = "zram"
+    pid = None
 
     def __enter__(self):
         if not os.path.exists("/sys/block/zram0"):
@@ -72,6 +110,26 @@ class Zram:
             f.write("1")
 
 
+class NullBlk:
+    """The kernel's null_blk: blk-mq, no interrupt emulation, nothing stored."""
+    name = "null_blk"
+    pid = None
+
+    def __enter__(self):
+        if not os.path.exists("/dev/nullb0"):
+            args = ["nr_devices=1", "queue_mode=2", "irqmode=0", f"gb={max(1, SIZE_MB // 1024)}",
+                    "bs=4096"]
+            mods = os.environ.get("UBLKZSWAP_VM_MODULES")
+            if mods and os.path.exists(f"{mods}/null_blk.ko"):
+                subprocess.run(["busybox", "insmod", f"{mods}/null_blk.ko", *args], check=True)
+            else:
+                subprocess.run(["modprobe", "null_blk", *args], check=True)
+        return "/dev/nullb0"
+
+    def __exit__(self, *exc):
+        pass
+
+
 class Ublk:
     def __init__(self, name: str, queues: int = 1):
         self.name = name
@@ -80,6 +138,7 @@ class Ublk:
         self.words = ["num_devices=1", f"disksize_kb={SIZE_MB * 1024}", f"target={kind}",
                       f"queues={queues}", "socket=/run/ublkzswap-bench.sock"] + \
             ([f"compressor={comp}"] if comp else [])
+        self.pid = None
 
     def __enter__(self):
         from tests.kernel.daemonctl import start
@@ -90,43 +149,75 @@ class Ublk:
         from tests.kernel.daemonctl import stop, wait_gone
         stop(self.pid)
         wait_gone()
+        self.pid = None
+
+
+def measure(ctx, dev: str, rw: str, depth: int, args) -> dict:
+    """fio on ``dev`` with, for a ublk target, the queue threads' CPU and wake-ups per request."""
+    before = queue_threads(ctx.pid) if ctx.pid else None
+    n0 = disk_requests(dev)
+    r = fio(dev, rw, args.runtime, SIZE_MB, depth, args.numjobs)
+    if before is not None:
+        after = queue_threads(ctx.pid)
+        n = max(disk_requests(dev) - n0, 1)
+        r["cpu_us"] = (after["ticks"] - before["ticks"]) / CLK_TCK * 1e6 / n
+        r["per_wake"] = n / max(after["waits"] - before["waits"], 1)
+    return r
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
 
 
 def inside(args) -> int:
-    results: dict[str, dict[str, list[float]]] = {}
     runs = []
     for name in args.targets:
         if name == "zram":
             runs.append((name, Zram()))
-            continue
-        for q in args.queues:
-            label = name if args.queues == [1] else f"{name}/q{q}"
-            runs.append((label, Ublk(name, q)))
-    for name, ctx in runs:
-        results[name] = {"randwrite": [], "randread": []}
-        for rep in range(args.reps):
+        elif name == "null_blk":
+            runs.append((name, NullBlk()))
+        else:
+            for q in args.queues:
+                label = name if args.queues == [1] else f"{name}/q{q}"
+                runs.append((label, Ublk(name, q)))
+    # results[target][(depth, rw)] = [{"iops", "lat_us", ...}, ...]
+    results: dict[str, dict[tuple[int, str], list[dict]]] = {n: {} for n, _ in runs}
+    for rnd in range(args.reps):
+        for name, ctx in runs:
             with ctx as dev:
-                for rw in ("randwrite", "randread"):
-                    iops = fio_iops(dev, rw, args.runtime, SIZE_MB, args.numjobs)
-                    results[name][rw].append(iops)
-                    print(f"  {name:10s} rep {rep + 1} {rw:9s} {iops:10.0f} IOPS", flush=True)
+                for depth in args.depths:
+                    for rw in RWS:
+                        r = measure(ctx, dev, rw, depth, args)
+                        results[name].setdefault((depth, rw), []).append(r)
+                        extra = (f"  daemon {r['cpu_us']:7.1f} us CPU/req, {r['per_wake']:5.2f} "
+                                 "req/wake-up" if "cpu_us" in r else "")
+                        print(f"  round {rnd + 1} {name:12s} QD{depth:<3d}{rw:9s} "
+                              f"{r['iops']:9.0f} IOPS {r['lat_us']:9.1f} us{extra}", flush=True)
     print()
-    print(f"fio 4k QD32 x {args.numjobs} job(s) io_uring direct, 3:1 compressible, {args.reps} "
-          f"reps x {args.runtime}s, {os.cpu_count()} CPUs, kernel {os.uname().release}")
-    print(f"{'target':14s} {'write IOPS':>20s} {'read IOPS':>20s} {'write/zram':>11s} {'read/zram':>10s}")
+    print(f"fio 4k x {args.numjobs} job(s), io_uring, O_DIRECT, 3:1 compressible, {args.reps} "
+          f"interleaved rounds x {args.runtime}s, {os.cpu_count()} CPUs, kernel "
+          f"{os.uname().release}; medians (spread); ratios to zram in the same run")
     ref = results.get("zram")
-    for name, r in results.items():
-        cells = []
-        for rw in ("randwrite", "randread"):
-            v = r[rw]
-            spread = f"{min(v):.0f}-{max(v):.0f}"
-            cells.append(f"{statistics.median(v):8.0f} ({spread:>10s})")
-        ratios = []
-        for rw in ("randwrite", "randread"):
-            if ref:
-                ratios.append(statistics.median(r[rw]) / statistics.median(ref[rw]))
-        rs = "".join(f"{x:11.2f}" for x in ratios) if ratios else ""
-        print(f"{name:14s} {cells[0]:>20s} {cells[1]:>20s}{rs}")
+    for depth in args.depths:
+        key = "iops" if depth > 1 else "lat_us"
+        unit = "IOPS" if depth > 1 else "mean latency us"
+        print(f"\nQD{depth}: {unit}" + ("  (lower is better)" if depth == 1 else ""))
+        print(f"{'target':14s} {'write':>22s} {'read':>22s} {'w/zram':>7s} {'r/zram':>7s}"
+              f" {'CPU us/req w':>13s} {'r':>6s} {'req/wake w':>11s} {'r':>5s}")
+        for name, res in results.items():
+            cells, ratios, cpu, wake = [], [], [], []
+            for rw in RWS:
+                rs = res.get((depth, rw), [])
+                v = [r[key] for r in rs]
+                cells.append(f"{med(v):9.1f} ({min(v):.0f}-{max(v):.0f})" if v else "-")
+                if ref and v:
+                    ratios.append(med(v) / med([r[key] for r in ref[(depth, rw)]]))
+                cpu.append(med([r["cpu_us"] for r in rs if "cpu_us" in r]))
+                wake.append(med([r["per_wake"] for r in rs if "per_wake" in r]))
+            rt = "".join(f"{x:8.2f}" for x in ratios)
+            daemon = (f" {cpu[0]:13.1f} {cpu[1]:6.1f} {wake[0]:11.2f} {wake[1]:5.2f}"
+                      if cpu[0] == cpu[0] else "")
+            print(f"{name:14s} {cells[0]:>22s} {cells[1]:>22s}{rt}{daemon}")
     return 0
 
 
@@ -138,25 +229,33 @@ def main() -> int:
     ap.add_argument("--runtime", type=int, default=15, help="seconds per fio run")
     ap.add_argument("--queues", default="1",
                     help="comma list of queue counts for the ublk targets (ublkzswapd queues=N)")
+    ap.add_argument("--depths", default="32,1",
+                    help="comma list of fio queue depths (QD1 reports mean latency)")
     ap.add_argument("--numjobs", type=int, default=1,
                     help="fio jobs (submitting from several CPUs: what reaches several queues)")
     ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    try:
-        args.queues = [int(q) for q in args.queues.split(",") if q]
-    except ValueError:
-        ap.error(f"--queues: '{args.queues}' is not a comma list of numbers")
+    for opt in ("queues", "depths"):
+        text = getattr(args, opt)
+        try:
+            setattr(args, opt, [int(q) for q in text.split(",") if q])
+        except ValueError:
+            ap.error(f"--{opt}: '{text}' is not a comma list of numbers")
+        if not getattr(args, opt) or min(getattr(args, opt)) < 1:
+            ap.error(f"--{opt}: '{text}' names no positive number")
     args.targets = [t for t in args.targets.split(",") if t]
     bad = [t for t in args.targets if t not in ALL_TARGETS]
     if bad:
         ap.error(f"unknown target(s): {', '.join(bad)}")
     if args.inside or os.path.exists("/dev/ublk-control"):
         return inside(args)
-    budget = len(args.targets) * len(args.queues) * args.reps * (2 * (args.runtime + 2) + 40) + 300
+    budget = (len(args.targets) * len(args.queues) * args.reps
+              * (2 * len(args.depths) * (args.runtime + 2) + 40) + 300)
     from bench.vmrun import in_vm
     return in_vm("bench_fio.py", ["--targets", ",".join(args.targets), "--reps", str(args.reps),
                                   "--runtime", str(args.runtime),
                                   "--queues", ",".join(map(str, args.queues)),
+                                  "--depths", ",".join(map(str, args.depths)),
                                   "--numjobs", str(args.numjobs)], timeout=budget)
 
 
