@@ -14,7 +14,11 @@ from /proc/PID/smaps, plus VmLck. Goal (issue: footprint): (b) <= 32 MiB, and
 (c) <= 1.05 x compr_data_size + (b). ``used`` counts shared memory as used (free(1) counts it
 as cache): the daemon keeps its stored pages in locked shared memory.
 
-    python3 bench/bench_mem.py [--mem 512]
+Rounds (``--rounds``, default 3) repeat (a), (b), (b) with a standby and zram's (b), each
+against the machine just before it, and print medians with their spread: one sample of
+``used`` wanders by several MiB within a boot.
+
+    python3 bench/bench_mem.py [--mem 512] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -155,105 +160,138 @@ def fmt_mib(b: int) -> str:
     return f"{b / MIB:7.1f}"
 
 
-def inside(args) -> int:
+def sample(base: dict[str, int]) -> tuple[int, int, dict[str, int]]:
+    """(used delta, MemAvailable drop, meminfo) against ``base``, once the kernel settled."""
+    m = settle()
+    return used(m) - used(base), base["MemAvailable"] - m["MemAvailable"], m
+
+
+def ublk_round(with_fill: bool) -> dict:
+    """One daemon through (a), (b) and, ``with_fill``, (c); each state's sample, status and
+    smaps groups."""
     from tests.kernel.daemonctl import start, stop, wait_gone
-    rows = []
+    out: dict = {}
     base = settle()
     pid, _ = start("num_devices=1", f"socket={SOCK}")
-    details = {}
-
-    def server() -> int:
-        """The process serving I/O: the server."""
-        return pid
     try:
         time.sleep(2)
-        m = settle()
-        rows.append(("(a) loaded", used(m) - used(base), base["MemAvailable"] - m["MemAvailable"],
-                     status(server())))
-        mi_a = m
-        details["a"] = smaps(server())
+        out["a"] = sample(base) + (status(pid), smaps(pid))
         rzs("/dev/ublkb0", f"--disksize_kb={DISK_KB}", "--init")
         time.sleep(2)
-        m = settle()
-        rows.append(("(b) 1 GiB empty", used(m) - used(base),
-                     base["MemAvailable"] - m["MemAvailable"], status(server())))
-        mi_b = m
-        details["b"] = smaps(server())
-        procs_b = processes(pid)
-        fill("/dev/ublkb0")
-        time.sleep(2)
-        m = settle()
-        st = json.loads(rzs("/dev/ublkb0", "--json"))
-        rows.append(("(c) +256 MiB 3:1", used(m) - used(base),
-                     base["MemAvailable"] - m["MemAvailable"], status(server())))
-        details["c"] = smaps(server())
-        ublk_c = st
+        out["b"] = sample(base) + (status(pid), smaps(pid))
+        out["procs_b"] = processes(pid)
+        if with_fill:
+            fill("/dev/ublkb0")
+            time.sleep(2)
+            out["c"] = sample(base) + (status(pid), smaps(pid))
+            out["ublk_c"] = json.loads(rzs("/dev/ublkb0", "--json"))
         rzs("/dev/ublkb0", "--reset")
     finally:
         stop(pid)
         wait_gone()
-    # (b) again with a standby kept (``ublkzswapd standby``): what crash survival's warm
-    # standby adds to the fixed cost
-    from tests.kernel.daemonctl import standby_of
-    base_s = settle()
+    return out
+
+
+def standby_round() -> dict:
+    """(b) with a standby kept (``ublkzswapd standby``): what crash survival's warm standby
+    adds to the fixed cost."""
+    from tests.kernel.daemonctl import standby_of, start, stop, wait_gone
+    base = settle()
     pid, _ = start("num_devices=1", "standby", f"socket={SOCK}")
     try:
         rzs("/dev/ublkb0", f"--disksize_kb={DISK_KB}", "--init")
         standby_of(pid)
         time.sleep(2)
-        m = settle()
-        rows.append(("(b) + standby", used(m) - used(base_s),
-                     base_s["MemAvailable"] - m["MemAvailable"], status(pid)))
-        procs_bs = processes(pid)
+        out = {"b": sample(base) + (status(pid),), "procs": processes(pid)}
         rzs("/dev/ublkb0", "--reset")
     finally:
         stop(pid)
         wait_gone()
-    # zram, same boot
-    base = settle()
+    return out
+
+
+def zram_round(with_fill: bool) -> dict:
+    """zram's (b) and, ``with_fill``, (c), with its mm_stat after the fill."""
     if not os.path.exists("/sys/block/zram0"):
         subprocess.run(["modprobe", "zram", "num_devices=1"], check=True)
 
     def zw(attr, val):
         with open(f"/sys/block/zram0/{attr}", "w") as f:
             f.write(val)
+    base = settle()
     zw("reset", "1")
     zw("comp_algorithm", "lz4")
     zw("disksize", f"{DISK_KB}K")
-    m = settle()
-    zrows = [("zram (b)", used(m) - used(base), base["MemAvailable"] - m["MemAvailable"])]
-    fill("/dev/zram0")
-    m = settle()
-    mm = open("/sys/block/zram0/mm_stat").read().split()
-    zrows.append(("zram (c)", used(m) - used(base), base["MemAvailable"] - m["MemAvailable"]))
+    out = {"b": sample(base)}
+    if with_fill:
+        fill("/dev/zram0")
+        out["c"] = sample(base)
+        out["mm"] = open("/sys/block/zram0/mm_stat").read().split()
     zw("reset", "1")
+    return out
 
-    print(f"\nguest RAM {base['MemTotal'] // MIB} MiB, kernel {os.uname().release}; MiB")
-    print(f"{'state':18s} {'used d':>7s} {'avail d':>7s} {'RSS':>7s} {'VmLck':>7s} {'anon':>7s} {'file':>7s}")
-    for label, u, a, s in rows:
-        print(f"{label:18s} {fmt_mib(u)} {fmt_mib(a)} {fmt_mib(s['VmRSS'])} {fmt_mib(s['VmLck'])} "
-              f"{fmt_mib(s['RssAnon'])} {fmt_mib(s['RssFile'])}")
-    for label, u, a in zrows:
-        print(f"{label:18s} {fmt_mib(u)} {fmt_mib(a)}")
+
+def median_cell(values: list[int]) -> str:
+    """'median (min-max)' in MiB; the median alone for one value."""
+    med = fmt_mib(statistics.median(values))
+    if len(values) == 1:
+        return f"{med} {'':13s}"
+    return f"{med} ({min(values) / MIB:5.1f}-{max(values) / MIB:5.1f})"
+
+
+def inside(args) -> int:
+    # Rounds interleave the daemon, the daemon with a standby and zram, each measured against
+    # the machine just before it: a single boot's `used` wanders by several MiB (per-CPU page
+    # lists, slab, the runner itself), so one sample can miss the goal either way.
+    ublk, stby, zram = [], [], []
+    for r in range(args.rounds):
+        ublk.append(ublk_round(with_fill=(r == 0)))
+        stby.append(standby_round())
+        zram.append(zram_round(with_fill=(r == 0)))
+        print(f"  round {r + 1}: (a) {ublk[-1]['a'][0] / MIB:.1f}  (b) {ublk[-1]['b'][0] / MIB:.1f}  "
+              f"(b)+standby {stby[-1]['b'][0] / MIB:.1f}  zram (b) {zram[-1]['b'][0] / MIB:.1f} "
+              "MiB used", flush=True)
+    first, last = ublk[0], ublk[-1]
+    base_total = meminfo()["MemTotal"]
+    print(f"\nguest RAM {base_total // MIB} MiB, kernel {os.uname().release}; MiB; "
+          f"used and avail deltas: median (min-max) of {args.rounds} round(s), (c) once; "
+          "RSS and the rest from the last round")
+    print(f"{'state':18s} {'used d':>21s} {'avail d':>21s} {'RSS':>7s} {'VmLck':>7s} {'anon':>7s} "
+          f"{'file':>7s}")
+    rows = [("(a) loaded", [u["a"] for u in ublk]), ("(b) 1 GiB empty", [u["b"] for u in ublk]),
+            ("(c) +256 MiB 3:1", [first["c"]]), ("(b) + standby", [s["b"] for s in stby])]
+    for label, samples in rows:
+        st = samples[-1][3]
+        print(f"{label:18s} {median_cell([x[0] for x in samples])} "
+              f"{median_cell([x[1] for x in samples])} {fmt_mib(st['VmRSS'])} "
+              f"{fmt_mib(st['VmLck'])} {fmt_mib(st['RssAnon'])} {fmt_mib(st['RssFile'])}")
+    for label, samples in (("zram (b)", [z["b"] for z in zram]), ("zram (c)", [zram[0]["c"]])):
+        print(f"{label:18s} {median_cell([x[0] for x in samples])} "
+              f"{median_cell([x[1] for x in samples])}")
+    ublk_c, mm = first["ublk_c"], zram[0]["mm"]
     print(f"\nublkzswap (c): compr_data_size {ublk_c['compr_data_size'] / MIB:.1f} MiB, "
           f"mem_used_total {ublk_c['mem_used_total'] / MIB:.1f} MiB; "
           f"zram (c): compr {int(mm[1]) / MIB:.1f} MiB, mem_used_total {int(mm[2]) / MIB:.1f} MiB")
-    print("\nkernel-side deltas (b)-(a), MiB: " + ", ".join(
+    mi_a, mi_b = last["a"][2], last["b"][2]
+    print("\nkernel-side deltas (b)-(a) of the last round, MiB: " + ", ".join(
         f"{k} {(mi_b[k] - mi_a[k]) / MIB:.1f}" for k in KERNEL_FIELDS if k in mi_a))
-    fixed = rows[1][1]
-    grow = rows[2][1] - fixed
-    print(f"fixed cost (b) used delta: {fixed / MIB:.1f} MiB = {fixed / max(zrows[0][1], 1):.1f}x zram's "
-          f"{zrows[0][1] / MIB:.1f} MiB (goal <= 32 MiB)")
-    print(f"growth (c)-(b): {grow / MIB:.1f} MiB = {grow / max(ublk_c['compr_data_size'], 1):.3f} x "
-          f"compr_data_size (goal <= 1.05)")
-    print(f"with a standby kept: (b) {rows[3][1] / MIB:.1f} MiB, "
-          f"+{(rows[3][1] - fixed) / MIB:.1f} MiB (goal: standby adds <= 8 MiB)")
-    print("\nprocesses at (b), and at (b) with a standby, MiB (USS: what the process alone "
-          "costs, Private_Clean+Dirty):")
-    for p, role, roll in procs_b + procs_bs:
+    fixed = statistics.median(u["b"][0] for u in ublk)
+    zfixed = statistics.median(z["b"][0] for z in zram)
+    grow = first["c"][0] - first["b"][0]
+    with_stby = statistics.median(s["b"][0] for s in stby)
+    print(f"fixed cost (b) used delta: {fixed / MIB:.1f} MiB = {fixed / max(zfixed, 1):.1f}x zram's "
+          f"{zfixed / MIB:.1f} MiB (goal <= 32 MiB)")
+    print(f"growth (c)-(b), round 1: {grow / MIB:.1f} MiB = "
+          f"{grow / max(ublk_c['compr_data_size'], 1):.3f} x compr_data_size (goal <= 1.05)")
+    print(f"with a standby kept: (b) {with_stby / MIB:.1f} MiB, "
+          f"+{(with_stby - fixed) / MIB:.1f} MiB (goal: standby adds <= 8 MiB)")
+    print("\nprocesses at (b), and at (b) with a standby, last round, MiB (USS: what the process "
+          "alone costs, Private_Clean+Dirty):")
+    for p, role, roll in last["procs_b"] + stby[-1]["procs"]:
         print(f"  {role:10s} pid {p:6d}  RSS {fmt_mib(roll.get('Rss', 0))}  PSS "
               f"{fmt_mib(roll.get('Pss', 0))}  USS {fmt_mib(roll['USS'])}")
-    print("\ndaemon RSS / locked by mapping, MiB (a | b | c):")
+    print("\ndaemon RSS / locked by mapping, MiB (a | b | c), round 1:")
+    details = {k: first[k][4] for k in "abc"}
     groups = sorted(set().union(*details.values()), key=lambda g: -details["c"].get(g, {}).get("rss", 0))
     for g in groups:
         cells = []
@@ -267,12 +305,17 @@ def inside(args) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mem", type=int, default=512, help="guest RAM in MiB")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of (a), (b), (b) with a standby and zram's (b); (c) in the first")
     ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds: {args.rounds} is not a positive number")
     if args.inside or os.path.exists("/dev/ublk-control"):
         return inside(args)
     from bench.vmrun import in_vm
-    return in_vm("bench_mem.py", [], timeout=2400, mem=args.mem)
+    return in_vm("bench_mem.py", ["--rounds", str(args.rounds)], timeout=1200 + 600 * args.rounds,
+                 mem=args.mem)
 
 
 if __name__ == "__main__":
