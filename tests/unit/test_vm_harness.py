@@ -440,6 +440,25 @@ def test_writable_overlay_is_opt_in():
     assert cli.parse(["run", "--writable", "--", "true"]).writable
 
 
+def test_systemd_boot_is_opt_in_and_implies_the_writable_root():
+    plain = run.kernel_cmdline(run.RunOptions(argv=["true"]))
+    assert guest.SYSTEMD_ENV not in plain
+    words = run.kernel_cmdline(run.RunOptions(argv=["true"], systemd=True)).split()
+    assert f"{guest.SYSTEMD_ENV}=1" in words and f"{guest.WRITABLE_ENV}=1" in words
+    text = guest.init_script(list(guest.BOOT_MODULES))
+    branch = text[text.index(f'"${{{guest.SYSTEMD_ENV}}}" = 1'):text.index("\nfi\n", text.index(guest.SYSTEMD_ENV))]
+    # systemd replaces init as PID 1 (exec), booted into our target; the job is a unit whose
+    # wrapper prints both markers, writes rc and powers off, as the plain init does
+    assert f"exec chroot $R /lib/systemd/systemd --unit={guest.SYSTEMD_TARGET}" in branch
+    assert f"Wants={guest.SYSTEMD_JOB}" in branch and f"/run/systemd/system/{guest.SYSTEMD_JOB}" in branch
+    assert guest.MARK_START in branch and f"{guest.MARK_EXIT}$rc" in branch
+    assert f"echo $rc >{guest.RESULTS_DIR}/rc" in branch and "poweroff -f" in branch
+    assert text.index(guest.SYSTEMD_ENV) > text.index("mount -t overlay")   # after the root is up
+    assert "rm -f $R/.dockerenv" in branch   # else systemd thinks it is in a container: no swap
+    assert cli.parse(["run", "--systemd", "--", "true"]).systemd
+    assert not cli.parse(["run", "--", "true"]).systemd
+
+
 # --- console stream ---------------------------------------------------------------------------
 
 def _feed(chunks, verbose=False):

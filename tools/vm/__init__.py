@@ -7,7 +7,7 @@ running one command inside with the caller's root, cwd and environment (run.py),
 
     python3 -m tools.vm build [--force]
     python3 -m tools.vm run [--timeout S] [--mem MiB] [--smp N] [--disk MiB] [--results DIR]
-                            [--writable] [-v] -- CMD ARGS...
+                            [--writable] [--systemd] [-v] -- CMD ARGS...
     python3 -m tools.vm selftest
 
 The guest sees the host's / read-only over 9p, with guest-local tmpfs on /tmp, /run, /var/tmp,
@@ -16,7 +16,9 @@ $UBLKZSWAP_VM=1 and $UBLKZSWAP_VM_RESULTS (a writable share) set, and with `--di
 $UBLKZSWAP_SCRATCH_DISK=/dev/vda, the only disk a job may destroy (guest.py). `run` exits with
 the command's status, 124 on timeout (after a sysrq blocked-task dump), 125 if the guest died
 without a status (kernel panic, oops=panic, init failure), 130 if interrupted; qemu never
-outlives the harness.
+outlives the harness. With `--systemd` the host root's own systemd boots as PID 1 (on the
+writable overlay, into a target of sysinit.target and the job) and the command runs as a unit
+(~35 s to the job): for tests of what systemd does with the project's units (tests/systemd).
 
 Still naive:
 - x86_64 + Debian/apt hosts only (apt-get download of linux-image-6.12.*-amd64-unsigned).

@@ -30,6 +30,9 @@ def parser() -> argparse.ArgumentParser:
                        help="host dir shared writable as $UBLKZSWAP_VM_RESULTS (kept; default: a temp dir)")
         r.add_argument("--writable", action="store_true",
                        help="overlay a guest tmpfs on the shared root so the job can write anywhere (discarded)")
+        r.add_argument("--systemd", action="store_true",
+                       help="boot the shared root's systemd as PID 1 (writable overlay) and run the job "
+                            "as a unit once sysinit.target is up")
         r.add_argument("-v", "--verbose", action="store_true", help="show the boot console too")
         if name == "run":
             r.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="command to run")
@@ -72,7 +75,7 @@ def selftest(ns: argparse.Namespace) -> int:
     env = dict(os.environ, PY=py)
     opts = runmod.RunOptions(argv=["sh", "-c", SELFTEST_SCRIPT], timeout=ns.timeout, mem_mib=ns.mem,
                              smp=ns.smp, disk_mib=ns.disk, env=env, results=ns.results, verbose=ns.verbose,
-                             writable=ns.writable)
+                             writable=ns.writable, systemd=ns.systemd)
     rc = runmod.run(img, opts)
     t2 = time.monotonic()
     print(f"tools.vm selftest: {'OK' if rc == 0 else f'FAILED (exit {rc})'}; image {t1 - t0:.1f}s, "
@@ -92,7 +95,7 @@ def main(args: list[str] | None = None) -> int:
         img = image.ensure()
         opts = runmod.RunOptions(argv=ns.argv, timeout=ns.timeout, mem_mib=ns.mem, smp=ns.smp,
                                  disk_mib=ns.disk, results=ns.results, verbose=ns.verbose,
-                                 writable=ns.writable)
+                                 writable=ns.writable, systemd=ns.systemd)
         if ns.verbose:
             print(f"tools.vm: running {shlex.join(ns.argv)} in the guest", file=sys.stderr, flush=True)
         return runmod.run(img, opts)

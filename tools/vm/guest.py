@@ -10,6 +10,10 @@ Guest layout (the contract the job sees)::
     /run/ublkzswap-vm     the writable results share (tag "results"): job.sh, rc, files a test leaves
     /run/ublkzswap-vm-modules   the initramfs' .ko files, for `busybox insmod` of extra modules
 
+With ``run --systemd`` (:data:`SYSTEMD_ENV`) PID 1 execs the host root's systemd instead, on the
+writable overlay, booted into :data:`SYSTEMD_TARGET` (sysinit.target and the job); the job is
+the unit :data:`SYSTEMD_JOB`, its wrapper printing the same markers and writing the same rc.
+
 The job runs as root, chrooted into the host root, in the caller's cwd with the caller's
 environment (see :func:`job_script`), stdin from /dev/null, stdout+stderr on the serial console.
 On top of that environment the harness states facts about the guest (:func:`guest_facts`)::
@@ -60,6 +64,13 @@ EXTRA_MODULES: tuple[str, ...] = ("null_blk", "overlay")
 #: Kernel command line word (``name=1``) the kernel hands to /init as an environment variable:
 #: overlay a guest-local tmpfs on the shared root so the job may write anywhere (run --writable).
 WRITABLE_ENV = "ublkzswap_vm_writable"
+
+#: Kernel command line word (``name=1``): PID 1 becomes systemd (the shared root's own, booted
+#: into :data:`SYSTEMD_TARGET` on the writable overlay), and the job runs as the unit
+#: :data:`SYSTEMD_JOB` (run --systemd): for tests of what systemd does with our units.
+SYSTEMD_ENV = "ublkzswap_vm_systemd"
+SYSTEMD_TARGET = "ublkzswap-vm.target"
+SYSTEMD_JOB = "ublkzswap-vm-job.service"
 
 #: Seconds before the kernel reports a blocked task (the guest is 10-50x slower than the host).
 HUNG_TASK_SECS = 60
@@ -139,6 +150,46 @@ mkdir -p $R{RESULTS_DIR} $R{MODULES_DIR}
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 {RESULTS_TAG} $R{RESULTS_DIR} || die "mount results failed"
 mount -o bind /lib/modules $R{MODULES_DIR}
 [ -r $R{RESULTS_DIR}/job.sh ] || die "no job.sh on the results share"
+if [ "${{{SYSTEMD_ENV}}}" = 1 ]; then
+    # systemd as PID 1 on the (writable) shared root: sysinit.target (journald, udev, the
+    # generators), then the job as a unit; the job's wrapper writes rc and powers off
+    [ -x $R/lib/systemd/systemd ] || die "no /lib/systemd/systemd on the shared root"
+    # this is a machine, not the container the host root may come from: systemd would take
+    # the host's container marker for its own and refuse swap units (overlay: host untouched)
+    rm -f $R/.dockerenv $R/run/.containerenv
+    mkdir -p $R/run/systemd/system
+    cat >$R/run/ublkzswap-vm-job <<'JOB'
+#!/bin/sh
+echo {MARK_START} >/dev/console
+/bin/sh {RESULTS_DIR}/job.sh </dev/null >/dev/console 2>&1
+rc=$?
+echo $rc >{RESULTS_DIR}/rc
+echo {MARK_EXIT}$rc >/dev/console
+sync
+exec /bin/busybox poweroff -f
+JOB
+    cat >$R/run/systemd/system/{SYSTEMD_JOB} <<'UNIT'
+[Unit]
+Description=ublkzswap test VM job
+After=sysinit.target basic.target systemd-udev-trigger.service
+[Service]
+Type=simple
+ExecStart=/bin/sh /run/ublkzswap-vm-job
+StandardInput=null
+StandardOutput=tty
+StandardError=tty
+TTYPath=/dev/console
+UNIT
+    cat >$R/run/systemd/system/{SYSTEMD_TARGET} <<'UNIT'
+[Unit]
+Description=ublkzswap test VM (systemd boot)
+Requires=sysinit.target basic.target
+Wants={SYSTEMD_JOB}
+After=sysinit.target basic.target
+AllowIsolate=yes
+UNIT
+    exec chroot $R /lib/systemd/systemd --unit={SYSTEMD_TARGET} --log-target=kmsg
+fi
 echo {MARK_START} >/dev/console
 chroot $R /usr/bin/env -i /bin/sh {RESULTS_DIR}/job.sh </dev/null >/dev/console 2>&1
 rc=$?

@@ -47,6 +47,7 @@ class RunOptions:
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     results: str | None = None  # host dir to keep as the results share (default: temporary)
     writable: bool = False  # tmpfs overlay on the shared root (writes vanish at power-off)
+    systemd: bool = False   # PID 1 is systemd, the job a unit (implies writable)
     verbose: bool = False
 
 
@@ -55,7 +56,12 @@ def python_bindir() -> str:
 
 
 def kernel_cmdline(opts: RunOptions) -> str:
-    return guest.KERNEL_CMDLINE + (f" {guest.WRITABLE_ENV}=1" if opts.writable else "")
+    words = guest.KERNEL_CMDLINE
+    if opts.writable or opts.systemd:
+        words += f" {guest.WRITABLE_ENV}=1"
+    if opts.systemd:
+        words += f" {guest.SYSTEMD_ENV}=1"
+    return words
 
 
 def qemu_argv(img: Image, opts: RunOptions, rundir: Path, monitor: Path, disk: Path | None) -> list[str]:
