@@ -36,6 +36,7 @@ import logging
 import os
 import select
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -49,7 +50,7 @@ from .handler import describe
 from .uapi import PAGE_SIZE, UBLK_IO_F_SWAP
 from .libc import spawn
 from .queue import prepare_buffers
-from .ublkdev import IO_BUF_BYTES, QUEUE_DEPTH, UblkDevice
+from .ublkdev import IO_BUF_BYTES, QUEUE_DEPTH, UblkDevice, block_users
 
 
 def keeper_options() -> dict:
@@ -359,6 +360,17 @@ class _StderrHandler(logging.Handler):
             self.handleError(record)
 
 
+def private_anon_bytes() -> int:
+    """This process's anonymous memory (RssAnon): what a fresh server must take anew."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def pidfile(cfg: dict) -> str:
     """Where the server's pid is kept: next to its control socket."""
     return cfg["socket"] + ".pid"
@@ -389,6 +401,100 @@ def request_restart(cfg: dict) -> int:
             return 0
     print(f"ublkzswapd: the daemon did not come back within {RESTART_WAIT:g} s", file=sys.stderr)
     return 1
+
+
+def unit_of_cgroup(text: str) -> str | None:
+    """The systemd service named by a /proc/PID/cgroup ``text`` (its innermost ``*.service``
+    path component), or None: the process runs outside any service."""
+    for line in text.splitlines():
+        for part in reversed(line.split(":", 2)[-1].split("/")):
+            if part.endswith(".service"):
+                return part
+    return None
+
+
+def restarting(listing: str, unit: str) -> bool:
+    """Whether ``systemctl list-jobs --no-legend`` ``listing`` (JOB UNIT TYPE STATE) has a
+    restart job for ``unit``: systemd runs a restart as a stop, then a start, in one job whose
+    type stays ``restart`` while the stop part (ExecStop=) runs."""
+    for line in listing.splitlines():
+        f = line.split()
+        if len(f) >= 3 and f[1] == unit and f[2] in ("restart", "try-restart"):
+            return True
+    return False
+
+
+def systemd_restarting(pid: int) -> str | None:
+    """The service ``pid`` runs in, if systemd is restarting it now; else None."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            unit = unit_of_cgroup(f.read())
+    except OSError:
+        return None
+    if unit is None:
+        return None
+    try:
+        out = subprocess.run(["systemctl", "list-jobs", "--no-legend", "--no-pager", "--full"],
+                             capture_output=True, text=True, timeout=STOP_QUERY_TIMEOUT).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return unit if restarting(out, unit) else None
+
+
+def wait_exit(pid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` s for process ``pid`` to end; True if it has."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
+
+
+def request_stop(cfg: dict) -> int:
+    """``ublkzswapd --stop``, the unit's ExecStop=: stop the daemon on ``socket=`` losing
+    nothing. When systemd is restarting the service the server leaves its devices held, pages
+    and all, for the ublkzswapd the restart starts next (SIGUSR2; their I/O waits meanwhile);
+    otherwise each of its devices in use as swap is swapped off first (as stopping zram's
+    swap units does), then the server is asked to stop (SIGTERM). Exit status 0 once the
+    server has ended (or none was running)."""
+    from .control import Client
+    try:
+        with Client(cfg["socket"], timeout=5) as c:
+            pid = c.call("ping")["pid"]
+            ids = c.call("devices")
+    except OSError as e:
+        print(f"ublkzswapd: no daemon running on {cfg['socket']}: "
+              f"{getattr(e, 'strerror', None) or e}")
+        return 0
+    unit = systemd_restarting(pid)
+    if unit is not None:
+        os.kill(pid, signal.SIGUSR2)
+        if wait_exit(pid, STOP_WAIT):
+            print(f"ublkzswapd: server {pid} left its devices to the next ublkzswapd "
+                  f"({unit} is restarting)")
+            return 0
+        print(f"ublkzswapd: server {pid} did not leave its devices within {STOP_WAIT:g} s "
+              "(its log says why); it keeps serving", file=sys.stderr)
+        return 1
+    rc = 0
+    for i in ids:
+        bdev = f"/dev/ublkb{i}"
+        if "swap" not in block_users(bdev):
+            continue
+        p = subprocess.run(["swapoff", bdev], capture_output=True, text=True)
+        if p.returncode != 0:
+            why = (p.stderr.strip().splitlines() or [f"exit status {p.returncode}"])[-1]
+            print(f"ublkzswapd: swapoff {bdev} failed: {why}", file=sys.stderr)
+            rc = 1
+    os.kill(pid, signal.SIGTERM)
+    if not wait_exit(pid, STOP_WAIT):
+        print(f"ublkzswapd: server {pid} still running after {STOP_WAIT:g} s "
+              "(its log says why)", file=sys.stderr)
+        return 1
+    return rc
 
 
 def run(cfg: dict, argv: list[str]) -> int:
@@ -430,6 +536,9 @@ def run(cfg: dict, argv: list[str]) -> int:
 
 
 RESTART_WAIT = 300.0
+STOP_WAIT = 120.0             # seconds --stop waits for the server to leave or to stop
+STOP_QUERY_TIMEOUT = 10.0     # seconds for systemctl to list its jobs
+RELEASE_MARGIN = 16 << 20     # free memory a restart needs beyond the server's own image
 STANDBY_READY_WAIT = 300.0    # seconds a standby may take to prepare (imports, locking, self-test)
 STANDBY_BACKOFF = (1.0, 30.0)  # respawn delay after a standby died: first, most
 EXIT_HANDOVER = 75            # a server that left its devices to its standby on purpose
@@ -668,6 +777,8 @@ def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: (handover.set(), stop.set()))
+    release = threading.Event()     # SIGUSR2 (--stop, for systemctl restart): leave the devices
+    signal.signal(signal.SIGUSR2, lambda *_: (release.set(), stop.set()))
     try:
         control = ublkctrl.Control()
     except OSError as e:
@@ -735,6 +846,8 @@ def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
     n = cfg["num_devices"]
     adopted = [i for i in manager.devices() if manager.info(i)["state"] != "uninitialised"]
     if first:
+        if taken:      # a previous server's, left by a crash or for a restart
+            say(f"{os.getpid()} took over {len(taken)} device(s) a previous server left", NOTICE)
         init = f" {', '.join(f'/dev/ublkb{i}' for i in adopted)} initialised" if adopted else ""
         status = f"{n} device{'s' if n > 1 else ''} reserved{init}"
         sdnotify.notify(ready=1, mainpid=os.getpid(), status=status)   # before the parent exits
@@ -771,6 +884,23 @@ def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
             sdnotify.notify(mainpid=standby_.pid, status=f"handing over to {standby_.pid}")
             server.close()
             os._exit(EXIT_HANDOVER)
+        if release.is_set():
+            # systemctl restart: the next ublkzswapd adopts the devices; it starts cold (no
+            # standby can outlive the service's stop), so only with room to spare
+            release.clear()
+            need, avail = private_anon_bytes() + RELEASE_MARGIN, memory.GrowthGuard().available()
+            if avail < need:
+                say(f"not leaving the devices for a restart: {avail >> 20} MiB available, a "
+                    f"new server needs about {need >> 20} MiB (systemctl reload hands over to "
+                    "a prepared standby instead)", WARNING)
+                stop.clear()
+                continue
+            say(f"{os.getpid()} leaving its devices, pages and all, to the next ublkzswapd",
+                NOTICE)
+            sdnotify.notify(status="leaving the devices to the next ublkzswapd (restart)")
+            standby_.stop()               # it would take them over: not within the service
+            server.close()
+            os._exit(EXIT_HANDOVER)
         busy = manager.busy()
         if not busy:
             break
@@ -798,7 +928,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = parse_params(argv)
-        if not cfg["version"] and not cfg["restart"]:
+        if not cfg["version"] and not cfg["restart"] and not cfg["stop"]:
             cfg = configure(cfg)
     except UsageError as e:
         if str(e) == "help":
@@ -826,6 +956,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if cfg["restart"]:
         return request_restart(cfg)
+    if cfg["stop"]:
+        return request_stop(cfg)
     _reexec_with_malloc(argv)
     if not cfg["foreground"] and os.environ.get(ENV_REEXEC) != "1":
         rc = _daemonize()

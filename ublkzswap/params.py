@@ -77,6 +77,10 @@ PARAMETERS = (
     Param("restart", None, "off",
           "hand the running daemon's devices to a fresh one running the installed code, losing "
           "nothing (with the socket= of the daemon to restart), then exit"),
+    Param("stop", None, "off",
+          "stop the running daemon (with its socket=) losing nothing, as the unit's ExecStop: "
+          "swap off its devices first, then stop it; while systemd restarts the service, "
+          "leave its devices held instead, pages and all, for the next ublkzswapd"),
 )
 _NAMES = {p.name for p in PARAMETERS}
 _NUMERIC = {"num_devices", "disksize_kb", "memlimit_kb", "queues"}
@@ -95,7 +99,7 @@ def parse_params(argv: list[str]) -> dict:
     ``given`` is the set of names the words set. Reads no file (:func:`configure` does).
     Raises UsageError."""
     out: dict = {"num_devices": 1, "queues": 1, "target": TARGETS[0], "compressor": compress.names()[0],
-                 "allocator": ALLOCATORS[0], "foreground": False, "restart": False, "standby": False, "version": False,
+                 "allocator": ALLOCATORS[0], "foreground": False, "restart": False, "stop": False, "standby": False, "version": False,
                  "socket": default_path(), "config": config.DEFAULT_PATH}
     given = set()
     for word in argv:
