@@ -40,7 +40,10 @@ def unit_text(dev: config.DeviceConfig) -> str:
              "", "[Unit]",
              f"Description=Compressed swap on {dev.bdev} (ublkzswap)",
              "Documentation=man:ublkzswapd(8)",
-             f"Requires={SERVICE}", f"After={SERVICE}",
+             # Wants, not Requires: systemd restarts (and stops) what Requires a unit with
+             # it, and a restart of the service is a hand-over, not a swapoff; stopping the
+             # service swaps its devices off itself (ExecStop=ublkzswapd --stop)
+             f"Wants={SERVICE}", f"After={SERVICE}",
              "", "[Swap]", f"What={dev.bdev}"]
     if dev.swap_priority != -1:
         lines.append(f"Priority={dev.swap_priority}")

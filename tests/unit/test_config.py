@@ -378,7 +378,7 @@ UNIT0 = """\
 [Unit]
 Description=Compressed swap on /dev/ublkb0 (ublkzswap)
 Documentation=man:ublkzswapd(8)
-Requires=ublkzswapd.service
+Wants=ublkzswapd.service
 After=ublkzswapd.service
 
 [Swap]
