@@ -83,6 +83,31 @@ class LogPool:
                     head[0], head[1] = -1, SEGMENT
             self._drop(seg)
 
+    def free_many(self, addresses: np.ndarray, sizes: np.ndarray) -> None:
+        """:meth:`free` of every (address, size) pair at once (a discard's): live bytes per
+        segment in bulk, then each emptied segment goes back."""
+        if not len(addresses):
+            return
+        # grouped by segment with one in-place sort of (segment, size) keys: the sort the
+        # keeper and compaction use, so its code is resident (np.unique's argsort is not)
+        keys = (addresses // SEGMENT) << 13 | sizes          # sizes are 1..4096 < 2**13
+        keys.sort()
+        segs = keys >> 13
+        starts = np.flatnonzero(segs[1:] != segs[:-1]) + 1
+        starts = np.concatenate(([0], starts))
+        uniq = segs[starts]
+        gone = np.add.reduceat(keys & 0x1FFF, starts)
+        left = self._live[uniq].astype(np.int64) - gone
+        if (left < 0).any():
+            raise ValueError("log allocator: more bytes freed than a segment holds")
+        self._live[uniq] = left
+        self._live_total -= int(gone.sum())
+        for seg in uniq[left == 0].tolist():
+            for head in self._heads:
+                if head[0] == seg:              # an emptied head starts afresh next time
+                    head[0], head[1] = -1, SEGMENT
+            self._drop(seg)
+
     def _drop(self, seg: int) -> None:
         self._segments -= 1
         self._give(seg)

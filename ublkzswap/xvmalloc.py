@@ -336,6 +336,11 @@ class XvPool:
         h = self._w[addr >> 2]
         return h & _SIZE, (h >> 16) & ~3, (h >> 16) & 3
 
+    def free_many(self, handles, sizes) -> None:
+        """:meth:`free` of each handle in turn (the store's bulk interface; no faster here)."""
+        for h in handles.tolist():
+            self.free(h)
+
     def free_list(self, idx: int) -> list[int]:
         """Byte addresses of the free blocks on list ``idx``, head first."""
         out = []
