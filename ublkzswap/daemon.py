@@ -20,7 +20,10 @@ words), :mod:`devices` (compcache's policy), :mod:`ublkdev` (one ublk device), t
     serve until SIGTERM / SIGINT: then end the standby, STOP_DEV + DEL_DEV every device and
     exit 0 -- refused (logged, the server keeps serving) while a device is swapped on,
     mounted or held. SIGHUP (``ublkzswapd --restart``): a fresh standby (the installed code)
-    is prepared, then the server leaves its devices to it.
+    is prepared, then the server leaves its devices to it. SIGUSR2 (``ublkzswapd --stop``
+    while systemd restarts the service): the server leaves its devices held for the next
+    ublkzswapd, if the kernel could give that one its memory; ``--stop`` otherwise swaps the
+    devices off, then sends SIGTERM.
 
 When the server dies -- kill -9, a crash, or on purpose because a device's queue thread
 ended -- the kernel holds the devices' requests and the standby takes them over and becomes
