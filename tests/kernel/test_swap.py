@@ -145,7 +145,11 @@ def test_swap_under_pressure_every_page_verified_then_discard_frees(tmp_path):
         assert st["compr_data_size"] < st["orig_data_size"]
         # the daemon is alive and never swapped itself
         assert os.path.exists(f"/proc/{pid}") and daemon_swap_kb(pid) == 0
-        # the workload has exited: its clusters are free, discard hands the memory back
+        # the workload has exited: its clusters are free, discard hands the memory back. Not
+        # all of it: the kernel discards only whole 2 MiB clusters, and a cluster that still
+        # holds one live page (this runner's, swapped out too) keeps the workload's stale data
+        # (issue 9's stale slots); how much varies with the allocation layout (a quarter of the
+        # peak was held once, 0.29 of it), so the bound is half
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             st = stats(sock)
@@ -153,7 +157,7 @@ def test_swap_under_pressure_every_page_verified_then_discard_frees(tmp_path):
                 break
             time.sleep(2)
         assert st["notify_free"] > 0
-        assert st["mem_used_total"] < st["mem_used_max"] // 4, st
+        assert st["mem_used_total"] < st["mem_used_max"] // 2, st
         subprocess.run(["swapoff", "/dev/ublkb0"], check=True, timeout=600)
         rzs(sock, "/dev/ublkb0", "--reset")
 
