@@ -148,8 +148,8 @@ def test_swap_under_pressure_every_page_verified_then_discard_frees(tmp_path):
         # the workload has exited: its clusters are free, discard hands the memory back. Not
         # all of it: the kernel discards only whole 2 MiB clusters, and a cluster that still
         # holds one live page (this runner's, swapped out too) keeps the workload's stale data
-        # (issue 9's stale slots); how much varies with the allocation layout (a quarter of the
-        # peak was held once, 0.29 of it), so the bound is half
+        # (issue 9's stale slots); how much varies with the allocation layout from run to run,
+        # so the bound is half the peak
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             st = stats(sock)
