@@ -121,6 +121,8 @@ class NullBlk:
                     "bs=4096"]
             mods = os.environ.get("UBLKZSWAP_VM_MODULES")
             if mods and os.path.exists(f"{mods}/null_blk.ko"):
+                if not os.path.isdir("/sys/module/configfs"):        # null_blk's dependency
+                    subprocess.run(["busybox", "insmod", f"{mods}/configfs.ko"], check=True)
                 subprocess.run(["busybox", "insmod", f"{mods}/null_blk.ko", *args], check=True)
             else:
                 subprocess.run(["modprobe", "null_blk", *args], check=True)
