@@ -92,6 +92,23 @@ def io_path_allocations_checked(pid: int):
                      "(a freeze under memory pressure):\n" + alloctrace.summary(bad))
 
 
+def block_writes(dev: str = "ublkb0") -> tuple[int, int]:
+    """(pages written, requests in flight) by the block layer's own count for ``dev``."""
+    f = open(f"/sys/block/{dev}/stat").read().split()
+    return int(f[6]) // 8, int(f[8])
+
+
+def settled_writes(dev: str = "ublkb0", timeout: float = 60) -> int:
+    """Pages written to ``dev`` once nothing is in flight (the swap writes submitted before a
+    workload ended may still be queued for the daemon)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pages, inflight = block_writes(dev)
+        if not inflight or time.monotonic() > deadline:
+            return pages
+        time.sleep(0.5)
+
+
 def vm_swap() -> tuple[int, int]:
     v = {}
     for line in open("/proc/vmstat"):
@@ -130,16 +147,22 @@ def test_swap_under_pressure_every_page_verified_then_discard_frees(tmp_path):
         rzs(sock, "/dev/ublkb0", f"--disksize_kb={3 * mib * 1024}", "--init")
         subprocess.run(["swapon", "--discard", "/dev/ublkb0"], check=True, timeout=300)
         in0, out0 = vm_swap()
+        w0, nw0 = settled_writes(), stats(sock)["num_writes"]
         with io_path_allocations_checked(pid):
-            p = swapload(mib, limit, MIX, passes=2)
+            p = swapload(mib, limit, MIX)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         assert "swapload: OK" in p.stdout
+        written = settled_writes() - w0
         pswpin, pswpout = (a - b for a, b in zip(vm_swap(), (in0, out0)))
         st = stats(sock)
-        # it really swapped, through us, and the stats say what the data was
+        # it really swapped, through us: every page the block layer wrote to the device is a
+        # write the daemon counted (pswpout, counted when the kernel submits, is only a bound),
+        # and the stats say what the data was
         assert pswpout > (mib << 8) // 4, (pswpout, mib)
         assert pswpin > 0
-        assert st["num_writes"] >= pswpout * 0.9 and st["failed_reads"] == 0
+        assert abs((st["num_writes"] - nw0) - written) <= max(64, written // 100), (
+            st["num_writes"] - nw0, written, pswpout)
+        assert st["failed_reads"] == 0
         assert st["same_pages"] > 0 and st["huge_pages"] > 0 and st["good_compress"] > 0
         assert st["mem_used_max"] > 0
         assert st["compr_data_size"] < st["orig_data_size"]
@@ -208,7 +231,7 @@ def backing_swap(request, tmp_path, scratch_disk):
 @pytest.mark.deadline(900)
 def test_backing_swap_takes_what_memlimit_refuses(tmp_path, backing_swap, scratch_disk):
     sock = tmp_path / "ctl.sock"
-    mib, limit = 320, 96
+    mib, limit = 256, 96
     path = backing_swap
     size = os.stat(path).st_size if os.path.isfile(path) else scratch.size_bytes(path)
     with running("num_devices=1", f"socket={sock}") as (pid, _):
@@ -256,7 +279,7 @@ def lsattr(path: str) -> str:
 def test_memlimit_exhausted_without_backing_writes_fail_daemon_lives(tmp_path):
     """More than the cgroup's RAM + memlimit: swap writes fail with ENOMEM, the kernel keeps
     those pages (and, as with zram's mem_limit, may thrash rather than OOM while it believes
-    swap has room; the workload is ended after 240 s if so). The workload either finishes with
+    swap has room; the workload is ended after 120 s if so). The workload either finishes with
     every page right or is ended by that kill having read nothing wrong; the OOM killer or a
     crash fails the test. The daemon must stay alive and responsive, and once the workload is
     gone everything returns to normal: swapoff, reset, nothing lost that was stored."""
@@ -270,7 +293,7 @@ def test_memlimit_exhausted_without_backing_writes_fail_daemon_lives(tmp_path):
         load = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         killed = False
         try:
-            out, _ = load.communicate(timeout=240)
+            out, _ = load.communicate(timeout=120)
         except subprocess.TimeoutExpired:
             load.kill()                       # thrashing: end it, as an admin would
             killed = True

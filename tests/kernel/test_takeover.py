@@ -121,7 +121,7 @@ def test_fio_verifies_across_three_kills_of_the_server(tmp_path):
 @pytest.mark.deadline(1500)
 def test_swap_survives_two_kills_of_the_server(tmp_path):
     sock = tmp_path / "ctl.sock"
-    mib = int(mem_total_mib() * 1.5)
+    mib = int(mem_total_mib() * 1.25)
     with running("num_devices=1", "standby", f"socket={sock}") as (pid, _):
         rzs(sock, "/dev/ublkb0", f"--disksize_kb={3 * mib * 1024}", "--init")
         subprocess.run(["swapon", "--discard", "/dev/ublkb0"], check=True, timeout=300)
