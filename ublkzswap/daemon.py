@@ -98,11 +98,11 @@ def warm_up(storemod, compressor: str, allocator: str) -> None:
         s.write(0, memoryview(data))
         out, one = bytearray(len(data)), bytearray(PAGE_SIZE)
         s.read(0, memoryview(out))
-        assert out == data, "store self-test: a multi-page read differs"
+        _expect(out == data, "a multi-page read differs")
         for i, p in enumerate(pages):
             s.write_swap((8 + i) * PAGE_SIZE, memoryview(p))
             s.read((8 + i) * PAGE_SIZE, memoryview(one))
-            assert one == p, f"store self-test: page {i} differs"
+            _expect(one == p, f"page {i} differs")
         s.discard(8 * PAGE_SIZE, 2 * PAGE_SIZE)
         # the queue's fast path (a wake-up's single-page requests in one call), as a queue
         # runs it: writes of every kind of page (swap and not), then reads of each back
@@ -114,13 +114,14 @@ def warm_up(storemod, compressor: str, allocator: str) -> None:
             b[:] = p
         serve([(k, 1 | (UBLK_IO_F_SWAP if k & 1 else 0), 8 + k) for k in range(len(pages))], done)
         stored = [k for k, r in done if r == PAGE_SIZE]
-        assert all(r in (PAGE_SIZE, -errno.ENOSPC, -errno.ENOMEM) for _, r in done), done
+        _expect(all(r in (PAGE_SIZE, -errno.ENOSPC, -errno.ENOMEM) for _, r in done),
+                f"the fast path failed a write: {done}")
         for b in bufs:
             b[:] = bytes(PAGE_SIZE)
         done.clear()
         serve([(k, 0, 8 + k) for k in stored], done)
-        assert done == [(k, PAGE_SIZE) for k in stored] and \
-            all(bytes(bufs[k]) == pages[k] for k in stored), "store self-test: the fast path differs"
+        _expect(done == [(k, PAGE_SIZE) for k in stored] and
+                all(bytes(bufs[k]) == pages[k] for k in stored), "the fast path differs")
         s.write_zeroes(10 * PAGE_SIZE, 2 * PAGE_SIZE)
         # fill past the ready pool twice (writes wait for the keeper), leave holes, compact;
         # then free everything, so that the keeper gives the surplus back
@@ -150,7 +151,7 @@ def warm_up(storemod, compressor: str, allocator: str) -> None:
         s.compact_if_wasteful()
         for i in kept[1::2]:
             s.read(i * PAGE_SIZE, memoryview(one))
-            assert one == page(i, written[i]), f"store self-test: page {i} differs after compaction"
+            _expect(one == page(i, written[i]), f"page {i} differs after compaction")
         s.stats()
         s.discard(16 * PAGE_SIZE, disksize - 16 * PAGE_SIZE)
         s.compact()
@@ -159,12 +160,18 @@ def warm_up(storemod, compressor: str, allocator: str) -> None:
         for write in (s.write_swap, s.write):
             try:
                 write(16 * PAGE_SIZE, memoryview(pages[-1]))
-                raise AssertionError("store self-test: a write beyond the memory limit was stored")
+                _expect(False, "a write beyond the memory limit was stored")
             except OSError as e:
-                assert e.errno in (errno.ENOMEM, errno.ENOSPC), e
+                _expect(e.errno in (errno.ENOMEM, errno.ENOSPC), f"a refused write: {e}")
     finally:
         s.close()
     _warm_sorts()
+
+
+def _expect(ok: bool, what: str) -> None:
+    """The self-test's check (not ``assert``: the daemon runs under ``-OO``)."""
+    if not ok:
+        raise AssertionError(f"store self-test: {what}")
 
 
 SORT_SIZES = (2, 7, 16, 17, 31, 64, 65, 128, 129, 256, 1000, 4096, 20000)
@@ -187,13 +194,35 @@ def _warm_sorts() -> None:
 
 
 # ----------------------------------------------------------------------------- main
+#: how the daemon's own interpreter runs: no ``site`` (its .pth hooks import modules the daemon
+#: never uses, into a heap that is locked and never trimmed) and ``-OO`` (no docstrings kept);
+#: its modules are found through PYTHONPATH instead (:func:`daemon_env`). Compiled ``.opt-2.pyc``
+#: files (tools/install-deps makes them) spare it compiling every module, and the compiler's
+#: peak, at each start.
+DAEMON_FLAGS = ("-S", "-OO")
+
+
+def daemon_argv(argv) -> list[str]:
+    """The command line that runs the daemon's code with ``argv``, as the daemon runs."""
+    return [sys.executable, *DAEMON_FLAGS, "-m", "ublkzswap.daemon", *argv]
+
+
+def daemon_env(**extra: str) -> dict:
+    """The environment for :func:`daemon_argv`: glibc's allocator for Python (whose heap
+    lock_process pins), one malloc arena, no BLAS/OpenMP worker threads (their stacks would
+    only add locked memory), and this interpreter's module path, since ``-S`` drops the one
+    ``site`` would build (the editable install's finder, a venv's site-packages)."""
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = [pkg_parent] + [p for p in sys.path if p and p != pkg_parent and os.path.isdir(p)]
+    return dict(os.environ, PYTHONMALLOC="malloc", MALLOC_ARENA_MAX="1",
+                OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join(path), **extra)
+
+
 def _reexec_with_malloc(argv: list[str]) -> None:
-    """Start over with Python's allocator on glibc malloc (whose heap lock_process pins)."""
-    if os.environ.get("PYTHONMALLOC") != "malloc":
-        # no BLAS/OpenMP worker threads: their stacks would only add locked memory
-        env = dict(os.environ, PYTHONMALLOC="malloc", MALLOC_ARENA_MAX="1",
-                   OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
-        os.execve(sys.executable, [sys.executable, "-m", "ublkzswap.daemon"] + list(argv), env)
+    """Start over as :func:`daemon_argv` runs the daemon, unless this is already that."""
+    if os.environ.get("PYTHONMALLOC") != "malloc" or not sys.flags.no_site:
+        os.execve(sys.executable, daemon_argv(argv), daemon_env())
 
 
 def _daemonize() -> int:
@@ -595,11 +624,10 @@ class Standby:
     def _spawn(self) -> tuple[int, int]:
         r, w = os.pipe()
         os.set_inheritable(w, True)
-        env = dict(os.environ, **{ENV_STANDBY: str(os.getpid()), ENV_READY_FD: str(w),
-                                  ENV_REEXEC: "1"})
+        env = daemon_env(**{ENV_STANDBY: str(os.getpid()), ENV_READY_FD: str(w),
+                            ENV_REEXEC: "1"})
         try:
-            pid = spawn(sys.executable, [sys.executable, "-m", "ublkzswap.daemon", *self.argv],
-                        env)
+            pid = spawn(sys.executable, daemon_argv(self.argv), env)
         finally:
             os.close(w)
         return pid, r

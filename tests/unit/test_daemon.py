@@ -178,3 +178,21 @@ def test_log_lines_carry_their_level_where_a_reader_takes_it(tmp_path, where):
         assert lines == [f"<4>ublkzswapd[{pid}]: not stopping: in use",
                          f"<3>ublkzswapd[{pid}]: bad thing",
                          f"<3>ublkzswapd[{pid}]: Traceback line"]
+
+
+def test_the_daemons_interpreter_runs_without_site_and_docstrings_and_finds_its_modules():
+    # what the re-exec runs (daemon_argv, daemon_env): every module the server imports found
+    # through PYTHONPATH alone, no site (nor what its .pth files import), docstrings dropped
+    from ublkzswap import daemon
+    argv = daemon.daemon_argv(["--version"])
+    assert argv[:3] == [sys.executable, "-S", "-OO"] and argv[3:5] == ["-m", "ublkzswap.daemon"]
+    probe = ("import sys, lzo, lz4.block, numpy; "
+             "import ublkzswap.daemon, ublkzswap.store, ublkzswap.ctlserver, ublkzswap.devices; "
+             "print(sys.flags.no_site, sys.flags.optimize, 'site' in sys.modules, "
+             "ublkzswap.store.__doc__ is None)")
+    p = subprocess.run([sys.executable, *daemon.DAEMON_FLAGS, "-c", probe], capture_output=True,
+                       text=True, timeout=120, env=daemon.daemon_env(), cwd="/")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == ["1", "2", "False", "True"]
+    env = daemon.daemon_env(EXTRA="1")
+    assert env["PYTHONMALLOC"] == "malloc" and env["EXTRA"] == "1"

@@ -66,8 +66,11 @@ PROBE = textwrap.dedent("""
 
 
 def grown_kb(mode: str) -> int:
-    p = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
-                       cwd=ROOT, timeout=300)
+    # run as the daemon runs (no site, -OO: the self-test's checks must hold there too)
+    from ublkzswap import daemon
+    p = subprocess.run([sys.executable, *daemon.DAEMON_FLAGS, "-c", PROBE, mode],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env=daemon.daemon_env())
     assert p.returncode == 0, p.stderr[-2000:]
     return int(p.stdout.split()[-1])
 
