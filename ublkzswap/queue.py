@@ -76,6 +76,24 @@ PAGE_MASK = 4095       # requests start and end on a 4 KiB boundary (logical blo
 BACKING_IO = 1 << 40   # user_data bit of a backing-swap read/write (FETCH/COMMIT carry the tag only)
 PREWARM_IO = 1 << 41   # user_data bit of the start-up reads that fill io_uring's caches
 PREWARM_SPARE = 8      # prewarmed beyond the backing bound: io_uring refills requests 8 at a time
+#: how a queue's ring is set up: the task work that hands each request over (ublk completes
+#: the FETCH command in the queue thread's context) runs when the thread next waits for
+#: completions, all of a wake-up's at once, instead of interrupting the thread while it serves
+#: (COOP_TASKRUN; DEFER_TASKRUN, which needs SINGLE_ISSUER: the ring is made and used by its
+#: queue thread alone). The kernel's own ublk test server (kublk) sets up its rings so.
+RING_FLAGS = (uapi.IORING_SETUP_COOP_TASKRUN | uapi.IORING_SETUP_SINGLE_ISSUER
+              | uapi.IORING_SETUP_DEFER_TASKRUN)
+
+
+def make_ring(entries: int, cq_entries: int) -> Ring:
+    """A queue's ring, with :data:`RING_FLAGS` (a plain one where the kernel refuses them:
+    DEFER_TASKRUN is 6.1's), made in -- and then used only by -- the calling thread."""
+    try:
+        return Ring(entries, flags=RING_FLAGS, cq_entries=cq_entries)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        return Ring(entries, cq_entries=cq_entries)
 
 
 _spare: list[mmap.mmap] = []
@@ -187,7 +205,7 @@ class Queue:
                                 flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ,
                                 offset=uapi.ublk_desc_offset(self.q_id))
             iod = np.frombuffer(iod_map, dtype=uapi.IO_DESC_DTYPE, count=self.depth)
-            ring = Ring(2 * self.depth, cq_entries=8 * self.depth)
+            ring = make_ring(2 * self.depth, 8 * self.depth)
             self.run(ring, iod, cdev)
         except BaseException as e:  # reported to the controller, never silently lost
             self.error = e

@@ -95,3 +95,37 @@ def test_prewarm_refuses_a_command_completing_before_start(backing):
     finally:
         ring.close()
         q.close()
+
+
+def test_a_queue_ring_made_in_its_thread_serves_reads_there(backing):
+    # the queue's ring flags (task work deferred to the queue thread's waits): a read
+    # submitted and reaped by the thread that made the ring completes as on a plain ring
+    import threading
+    fd, data = backing
+    got = {}
+
+    def body():
+        ring = queue.make_ring(16, 64)
+        try:
+            got["flags"] = ring.flags
+            idx = ring.claim(1)
+            buf = np.zeros(PAGE, dtype=np.uint8)
+            s = ring.sqes
+            s["opcode"][idx] = queue.uapi.IORING_OP_READ
+            s["fd"][idx] = fd
+            s["addr"][idx] = buf.ctypes.data
+            s["len"][idx] = PAGE
+            s["cmd_op"][idx] = 3 * PAGE            # the offset's low word (as _submit_waiting)
+            s["user_data"][idx] = 77
+            ring.submit_and_wait(1)
+            got["cqes"] = ring.reap_pairs()
+            got["data"] = buf.tobytes()
+        finally:
+            ring.close()
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join(30)
+    assert got["flags"] & queue.RING_FLAGS == queue.RING_FLAGS     # this kernel takes them
+    assert got["cqes"] == [(77, PAGE)]
+    assert got["data"] == data[3 * PAGE:4 * PAGE]

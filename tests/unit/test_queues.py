@@ -55,7 +55,7 @@ def test_each_queue_thread_sets_itself_up_and_maps_its_own_descriptors(monkeypat
 
     DEPTH = 64
     monkeypatch.setattr(qmod.mmap, "mmap", fake_mmap)
-    monkeypatch.setattr(qmod, "Ring", make_ring)
+    monkeypatch.setattr(qmod, "make_ring", make_ring)
     monkeypatch.setattr(qmod, "set_thread_name", lambda name: note("name", name))
     monkeypatch.setattr(qmod, "set_io_flusher", lambda: note("io_flusher"))
     monkeypatch.setattr(qmod, "lock_thread_stack", lambda: note("lock_stack"))
