@@ -64,11 +64,13 @@ COUNTERS: tuple[Counter, ...] = (
             "Page reads served from memory (reads forwarded to the backing swap are counted "
             "in BDevNumReads instead)."),
     Counter("num_writes", "NumWrites", "count",
-            "Page writes received, including those forwarded to the backing swap."),
+            "Page writes received (every page of a write request), including those "
+            "forwarded to the backing swap."),
     Counter("failed_reads", "FailedReads", "count",
             "Reads that failed (decompression error)."),
     Counter("failed_writes", "FailedWrites", "count",
-            "Writes that failed (compression error or no memory for the page)."),
+            "Page writes that failed: a compression error or no memory for the page, and "
+            "the pages after it in the same request (the request fails as a whole)."),
     Counter("invalid_io", "InvalidIO", "count",
             "Requests rejected as out of range or not page aligned."),
     Counter("notify_free", "NotifyFree", "count",

@@ -609,55 +609,66 @@ class Store:
         cfn, cargs = self.comp.compress_call
         backing, memlimit, max_zpage = self.backing, self.memlimit, self.max_zpage_size
         alloc, view, lock = self.allocator, self.pool.view, self._lock
-        for k in range(n):
-            idx = first + k
-            page = bytes(mv) if n == 1 else bytes(mv[k << PAGE_SHIFT:(k + 1) << PAGE_SHIFT])
-            w0 = page[:8]
-            failed, forward = None, False
-            if w0 == page[4088:] and page == w0 * 512:
-                kind = SAME
-            elif backing is not None and memlimit and c[COMPR_DATA_SIZE] > memlimit - PAGE_SIZE:
-                forward = True      # (read without the lock: a bound for new pages, as before)
-            else:
-                try:
-                    z = cfn(page, *cargs)
-                except Exception as e:
-                    failed = str(e)           # (not e: its traceback would pin mv's buffer)
+        k = -1
+        try:
+            for k in range(n):
+                idx = first + k
+                page = bytes(mv) if n == 1 else bytes(mv[k << PAGE_SHIFT:(k + 1) << PAGE_SHIFT])
+                w0 = page[:8]
+                failed, forward = None, False
+                if w0 == page[4088:] and page == w0 * 512:
+                    kind = SAME
+                elif backing is not None and memlimit and c[COMPR_DATA_SIZE] > memlimit - PAGE_SIZE:
+                    forward = True      # (read without the lock: a bound for new pages, as before)
                 else:
-                    clen, kind = len(z), COMP
-                    if clen > max_zpage:
-                        if backing is not None:
-                            forward = True
-                        else:
-                            kind, clen, z = RAW, PAGE_SIZE, page   # huge page: kept as it is
-            with lock:
-                c[NUM_WRITES] += 1
-                if failed is not None:
-                    c[FAILED_WRITES] += 1
-                    raise OSError(errno.EIO, f"write: page {idx}: compression failed: {failed}") from None
-                if forward:
-                    fwd.append((OP_WRITE, idx, k))
-                    continue
-                if kind == SAME:
-                    self._set(idx, SAME, 0, 0, int.from_bytes(w0, "little"))
-                    continue
-                try:
-                    addr = alloc.malloc(clen, wait)
-                except MemoryError:
-                    c[FAILED_WRITES] += 1
-                    if backing is not None:
+                    try:
+                        z = cfn(page, *cargs)
+                    except Exception as e:
+                        failed = str(e)           # (not e: its traceback would pin mv's buffer)
+                    else:
+                        clen, kind = len(z), COMP
+                        if clen > max_zpage:
+                            if backing is not None:
+                                forward = True
+                            else:
+                                kind, clen, z = RAW, PAGE_SIZE, page   # huge page: kept as it is
+                with lock:
+                    c[NUM_WRITES] += 1
+                    if failed is not None:
+                        c[FAILED_WRITES] += 1
+                        raise OSError(errno.EIO, f"write: page {idx}: compression failed: {failed}") from None
+                    if forward:
                         fwd.append((OP_WRITE, idx, k))
                         continue
-                    raise OSError(errno.ENOSPC, f"write: page {idx}: no memory ready (retry later)") from None
-                used = alloc.pages_used() << PAGE_SHIFT
-                if memlimit and backing is None and used > memlimit:
-                    alloc.free(addr, clen)
-                    c[FAILED_WRITES] += 1
-                    raise OSError(errno.ENOMEM, f"write: page {idx}: memory limit {memlimit} reached")
-                if used > c[MEM_USED_MAX]:
-                    c[MEM_USED_MAX] = used
-                view[addr:addr + clen] = z
-                self._set(idx, kind, addr, clen)
+                    if kind == SAME:
+                        self._set(idx, SAME, 0, 0, int.from_bytes(w0, "little"))
+                        continue
+                    try:
+                        addr = alloc.malloc(clen, wait)
+                    except MemoryError:
+                        c[FAILED_WRITES] += 1
+                        if backing is not None:
+                            fwd.append((OP_WRITE, idx, k))
+                            continue
+                        raise OSError(errno.ENOSPC, f"write: page {idx}: no memory ready (retry later)") from None
+                    used = alloc.pages_used() << PAGE_SHIFT
+                    if memlimit and backing is None and used > memlimit:
+                        alloc.free(addr, clen)
+                        c[FAILED_WRITES] += 1
+                        raise OSError(errno.ENOMEM, f"write: page {idx}: memory limit {memlimit} reached")
+                    if used > c[MEM_USED_MAX]:
+                        c[MEM_USED_MAX] = used
+                    view[addr:addr + clen] = z
+                    self._set(idx, kind, addr, clen)
+        except OSError:
+            # the request fails as a whole: the pages after the one that failed are
+            # written and failed too, as the kernel counts them (it writes them all again)
+            rest = n - k - 1
+            if rest > 0:
+                with lock:
+                    c[NUM_WRITES] += rest
+                    c[FAILED_WRITES] += rest
+            raise
 
     def _read_pages(self, first: int, n: int, mv: memoryview, fwd: list) -> None:
         """Page by page: the slot read (and its compressed bytes copied out) under the lock,

@@ -549,3 +549,18 @@ def test_preformatted_header_is_counted_nowhere_until_replaced():
     s.discard(0, PAGE)
     assert s.stats()["pages_stored"] == 0 and s.stats()["notify_free"] == 1
     check(s)
+
+
+def test_a_request_refused_part_way_counts_every_page_written_and_failed():
+    # as the block layer counts it: a 4-page write whose third page finds no memory fails
+    # as a whole, so NumWrites grows by 4 and FailedWrites by the 2 pages not stored
+    s = mkstore(inline_refill=False, low=0, high=2, allocator="xvmalloc")
+    assert s.pool.ready == 2
+    data = compressible(1) + os.urandom(PAGE) + os.urandom(PAGE) + compressible(2)
+    with pytest.raises(OSError) as ei:
+        s.write_swap(8 * PAGE, memoryview(data))
+    assert ei.value.errno == errno.ENOSPC
+    st_ = s.stats()
+    assert st_["num_writes"] == 4 and st_["failed_writes"] == 2
+    assert st_["pages_stored"] == 2                # the two before the one refused
+    check(s)
