@@ -112,7 +112,8 @@ class Arena:
         memory on the I/O path, which a swap device must never do).
       prefill: run one :meth:`step` now, so the pool starts at ``high``.
       may_grow: ``callable(nbytes) -> bool`` asked before each batch is populated (e.g.
-        :class:`ublkzswap.memory.GrowthGuard`); False defers growth to a later pass.
+        :class:`ublkzswap.memory.GrowthGuard`); False defers growth to a later pass. The arena
+        owns it: its ``close()``, if it has one, is called by :meth:`close`.
       segment: a :class:`ublkzswap.shmstate.Segment` to use as the memory instead of a private
         mapping (it outlives the process; pages go back with ``MADV_REMOVE``). Units of an
         existing segment are taken over with :meth:`adopt`.
@@ -446,6 +447,9 @@ class Arena:
         """Stop the keeper and drop the mapping (unmapped now if no view of
         it is still alive elsewhere, else when the last one goes)."""
         self.stop()
+        close = getattr(self.may_grow, "close", None)
+        if close is not None:
+            close()
         self.mem = None
         for v in (self.words, self.view):
             try:

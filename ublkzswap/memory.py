@@ -366,6 +366,15 @@ class GrowthGuard:
         self.refused += 1
         return False
 
+    def close(self) -> None:
+        """Close the /proc/meminfo descriptor (kept open so that a check allocates nothing);
+        the guard then judges by free pages alone. Also done when the guard is collected."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    __del__ = close
+
 
 def set_thread_name(name: str) -> None:
     """The calling thread's kernel name (``comm``, 15 bytes): how ps, tracing and the

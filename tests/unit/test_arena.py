@@ -249,6 +249,26 @@ def test_growth_guard_counts_available_memory_against_the_min_watermark(tmp_path
     real = memory.GrowthGuard()
     assert 0 < real.available() <= memory.os.sysconf("SC_PHYS_PAGES") * 4096
 
+
+def test_the_arena_closes_its_growth_guard():
+    # the guard keeps /proc/meminfo open; an arena (a device's store) closed must not leave
+    # that descriptor behind, one per init
+    import os
+    from ublkzswap import memory
+
+    def fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    before = fds()
+    g = memory.GrowthGuard()
+    assert fds() == before + 1
+    a = ar.Arena(256, low=16, high=64, prefill=False, may_grow=g)
+    a.close()
+    assert fds() == before
+    assert g.available() > 0                    # still answers, from free pages alone
+    memory.GrowthGuard()                        # collected at once: closed too
+    assert fds() == before
+
 def test_short_of_memory_the_keeper_takes_what_it_can_get():
     room = {"bytes": 40 * 4096}
     a = ar.Arena(2048, low=64, high=512, prefill=False,
