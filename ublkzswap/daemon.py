@@ -7,7 +7,8 @@ words), :mod:`devices` (compcache's policy), :mod:`ublkdev` (one ublk device), t
 
     ublkzswapd num_devices=N [disksize_kb=K] [memlimit_kb=M] [backing_swap=PATH] ...
       |  parse the words and the configuration file (params.configure: a bad one is one line,
-      |  exit 2, before anything else); re-exec with PYTHONMALLOC=malloc; fork to the
+      |  exit 2, before anything else); re-exec as DAEMON_FLAGS and daemon_env say (glibc
+      |  malloc for Python, no site, -OO); fork to the
       |  background (unless --foreground; the parent waits for "ready" or an error and exits
       v  0 / 1)
     lock memory (memory.lock_process: refuse to start if not), warm the store's paths (with
