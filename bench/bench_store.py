@@ -126,6 +126,23 @@ def fused(pages: list[bytes], args) -> tuple[float, float]:
     return rate(n, best_w), rate(n, best_r)
 
 
+def write_all(store, views) -> int:
+    """Write page ``i`` of ``views`` to slot ``i``, retrying a write that found no memory
+    ready (ENOSPC: the keeper thread is behind) until it is stored; returns the retries."""
+    retries = 0
+    for i, v in enumerate(views):
+        while True:
+            try:
+                store.write(i * PAGE, v)
+                break
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                retries += 1
+                time.sleep(0.001)
+    return retries
+
+
 def rate(n, seconds):
     return n / seconds if seconds > 0 else float("inf")
 
@@ -175,17 +192,7 @@ def main(argv=None):
     for rep in range(args.repeat):
         store = Store(n * PAGE, compressor=args.compressor, allocator=args.allocator)
         t = time.perf_counter()
-        for i, v in enumerate(views):
-            off = i * PAGE
-            while True:
-                try:
-                    store.write(off, v)
-                    break
-                except OSError as e:
-                    if e.errno != errno.ENOSPC:
-                        raise
-                    enospc += 1
-                    time.sleep(0.001)
+        enospc += write_all(store, views)
         best_w = min(best_w, time.perf_counter() - t)
         t = time.perf_counter()
         for i in range(n):
@@ -241,15 +248,7 @@ def main(argv=None):
     best = float("inf")
     for rep in range(args.repeat):
         store = Store(n * PAGE, compressor=args.compressor, allocator=args.allocator)
-        for i, v in enumerate(views):
-            while True:
-                try:
-                    store.write(i * PAGE, v)
-                    break
-                except OSError as e:
-                    if e.errno != errno.ENOSPC:
-                        raise
-                    time.sleep(0.001)
+        write_all(store, views)
         t = time.perf_counter()
         for first in range(0, n, CLUSTER):
             store.discard(first * PAGE, min(CLUSTER, n - first) * PAGE)
