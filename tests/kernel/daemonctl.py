@@ -170,6 +170,13 @@ def swapoff_all(prefix: str) -> None:
             subprocess.run(["swapoff", name], timeout=600)
 
 
+def block_stat(dev: str) -> list[int]:
+    """The block layer's counters for ``dev`` (a name or /dev path): the fields of
+    /sys/block/NAME/stat, in order (0 reads completed, 4 writes completed, 6 sectors written,
+    8 requests in flight, ...)."""
+    return [int(x) for x in open(f"/sys/block/{os.path.basename(dev)}/stat").read().split()]
+
+
 def wait_gone(timeout: float = 10) -> list[str]:
     deadline = time.monotonic() + timeout
     while leftovers() and time.monotonic() < deadline:

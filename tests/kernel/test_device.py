@@ -10,7 +10,7 @@ import time
 import pytest
 
 from .conftest import register_daemon
-from .daemonctl import PY, leftovers, running, start_foreground, wait_gone
+from .daemonctl import PY, block_stat, leftovers, running, start_foreground, wait_gone
 
 MiB = 1 << 20
 TARGETS = ["ram", "compressed"]
@@ -99,9 +99,9 @@ def test_taken_id_is_a_clear_error_and_first_daemon_unharmed(tmp_path):
 
 
 def _ios_completed(dev: str) -> int:
-    """Reads + writes the block layer has completed on ``dev`` (/sys/block/NAME/stat)."""
-    f = open(f"/sys/block/{os.path.basename(dev)}/stat").read().split()
-    return int(f[0]) + int(f[4])
+    """Reads + writes the block layer has completed on ``dev``."""
+    f = block_stat(dev)
+    return f[0] + f[4]
 
 
 def test_sigterm_while_io_in_flight_leaves_nothing(tmp_path):

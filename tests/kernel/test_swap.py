@@ -25,7 +25,7 @@ import pytest
 from tools.swapload import mem_total_mib, remove_cgroups
 
 from . import alloctrace, scratch
-from .daemonctl import PY, leftovers, running, swapoff_all, wait_gone
+from .daemonctl import PY, block_stat, leftovers, running, swapoff_all, wait_gone
 from .workload import kernel_log_oom_lines, workload_verdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -92,20 +92,14 @@ def io_path_allocations_checked(pid: int):
                      "(a freeze under memory pressure):\n" + alloctrace.summary(bad))
 
 
-def block_writes(dev: str = "ublkb0") -> tuple[int, int]:
-    """(pages written, requests in flight) by the block layer's own count for ``dev``."""
-    f = open(f"/sys/block/{dev}/stat").read().split()
-    return int(f[6]) // 8, int(f[8])
-
-
 def settled_writes(dev: str = "ublkb0", timeout: float = 60) -> int:
-    """Pages written to ``dev`` once nothing is in flight (the swap writes submitted before a
-    workload ended may still be queued for the daemon)."""
+    """Pages written to ``dev`` by the block layer's own count, once nothing is in flight (the
+    swap writes submitted before a workload ended may still be queued for the daemon)."""
     deadline = time.monotonic() + timeout
     while True:
-        pages, inflight = block_writes(dev)
-        if not inflight or time.monotonic() > deadline:
-            return pages
+        f = block_stat(dev)
+        if not f[8] or time.monotonic() > deadline:
+            return f[6] // 8
         time.sleep(0.5)
 
 
