@@ -8,11 +8,12 @@ Three states of a daemon serving one device, each measured against the machine b
   (c) after 256 MiB of 3:1 compressible data written to it (fio, sequential, O_DIRECT);
 then (b) again with ``ublkzswapd standby`` (a prepared standby kept: crash survival's cost);
 and zram's (b) and (c) in the same boot. For each: the system's ``used`` delta (as free(1):
-total - free - buffers - cache, with free including the per-CPU lists' free pages), the drop of MemAvailable (which, unlike ``used``, also counts
-locked file pages such as libraries under mlockall), and for the daemon its RSS split by mapping
-from /proc/PID/smaps, plus VmLck. Goal (issue: footprint): (b) <= 32 MiB, and
-(c) <= 1.05 x compr_data_size + (b). ``used`` counts shared memory as used (free(1) counts it
-as cache): the daemon keeps its stored pages in locked shared memory.
+total - free - buffers - cache, with free including the per-CPU lists' free pages), the drop
+of MemAvailable (which, unlike ``used``, also counts locked file pages such as libraries
+under mlockall), and for the daemon its RSS split by mapping from /proc/PID/smaps, plus VmLck.
+Goal (issue: footprint): (b) <= 32 MiB, and (c) <= 1.05 x compr_data_size + (b). ``used``
+counts shared memory as used (free(1) counts it as cache): the daemon keeps its stored pages in
+locked shared memory.
 
 Rounds (``--rounds``, default 3) repeat (a), (b), (b) with a standby and zram's (b), each
 against the machine just before it, and print medians with their spread: one sample of
@@ -87,7 +88,7 @@ def used(m: dict[str, int]) -> int:
     """free(1)'s used, but with shared memory counted as used: it is not cache here (the
     daemon's arena and tables live in locked SysV shared memory); and the free pages of the
     per-CPU lists counted as free, as they are."""
-    return (m["MemTotal"] - m["MemFree"] - m.get("PcpFree", 0) - m["Buffers"] - m["Cached"]
+    return (m["MemTotal"] - m["MemFree"] - m["PcpFree"] - m["Buffers"] - m["Cached"]
             + m["Shmem"] - m["SReclaimable"])
 
 
@@ -190,7 +191,7 @@ def sample(base: dict[str, int]) -> tuple[int, int, dict[str, int]]:
 
 def avail(m: dict[str, int]) -> int:
     """MemAvailable, with the free pages of the per-CPU lists (which it leaves out too)."""
-    return m["MemAvailable"] + m.get("PcpFree", 0)
+    return m["MemAvailable"] + m["PcpFree"]
 
 
 def ublk_round(with_fill: bool) -> dict:

@@ -269,6 +269,7 @@ def test_the_arena_closes_its_growth_guard():
     memory.GrowthGuard()                        # collected at once: closed too
     assert fds() == before
 
+
 def test_short_of_memory_the_keeper_takes_what_it_can_get():
     room = {"bytes": 40 * 4096}
     a = ar.Arena(2048, low=64, high=512, prefill=False,
