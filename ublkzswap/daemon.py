@@ -220,7 +220,7 @@ def daemon_env(**extra: str) -> dict:
                 PYTHONPATH=os.pathsep.join(path), **extra)
 
 
-def _reexec_with_malloc(argv: list[str]) -> None:
+def _reexec_as_daemon(argv: list[str]) -> None:
     """Start over as :func:`daemon_argv` runs the daemon, unless this is already that."""
     if os.environ.get("PYTHONMALLOC") != "malloc" or not sys.flags.no_site:
         os.execve(sys.executable, daemon_argv(argv), daemon_env())
@@ -990,7 +990,7 @@ def main(argv: list[str] | None = None) -> int:
         return request_restart(cfg)
     if cfg["stop"]:
         return request_stop(cfg)
-    _reexec_with_malloc(argv)
+    _reexec_as_daemon(argv)
     if not cfg["foreground"] and os.environ.get(ENV_REEXEC) != "1":
         rc = _daemonize()
         if rc >= 0:
