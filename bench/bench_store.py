@@ -10,7 +10,8 @@ asserted:
   the same pages, and the ratio (goal >= 0.8), through the store's general entry
   points (``write``/``read``: one call per page, as the general request handler) and
   through its fused path (``page_server``: the queue's wake-up of ``--batch`` single-page
-  requests, the pages already in tag buffers, as the kernel leaves them);
+  requests, the pages already in tag buffers, as the kernel leaves them), and that fused path
+  again with the writes as swap-outs (they look for a stored twin first: deduplication);
 - store read pages/s next to bare ``lzo.decompress`` pages/s, and the ratio;
 - compr_data_size / orig_data_size and mem_used_total / compr_data_size after
   the fill (goal <= 1.05; zram reaches about 1.017), and again after
@@ -36,6 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import lzo  # noqa: E402
 
 from ublkzswap.store import Store  # noqa: E402
+from ublkzswap.uapi import UBLK_IO_F_SWAP  # noqa: E402
 
 PAGE = 4096
 CLUSTER = 512          # pages in a swap cluster: what the kernel discards at once
@@ -93,14 +95,17 @@ def collect(n_pages: int, zero_pct: float, same_pct: float, seed: int):
     return pages, origin
 
 
-def fused(pages: list[bytes], args) -> tuple[float, float]:
+def fused(pages: list[bytes], args, swap: bool = False) -> tuple[float, float]:
     """Write then read every page through :meth:`Store.page_server`, ``args.batch`` requests
     per call as one queue wake-up; pages/s of the best of ``args.repeat`` passes each. Every
     page has a tag buffer of its own (the pages are already where the kernel would have put
-    them: no copy is timed); reads decompress into the same buffers, checked afterwards."""
+    them: no copy is timed); reads decompress into the same buffers, checked afterwards.
+    ``swap``: the writes are swap-outs (UBLK_IO_F_SWAP), which look for a stored twin
+    (deduplication) first."""
     n = len(pages)
     bufs = [memoryview(bytearray(p)) for p in pages]
-    writes = [[(i, 1, i) for i in range(k, min(k + args.batch, n))]   # UBLK_IO_OP_WRITE
+    opf = 1 | (UBLK_IO_F_SWAP if swap else 0)                       # UBLK_IO_OP_WRITE
+    writes = [[(i, opf, i) for i in range(k, min(k + args.batch, n))]
               for k in range(0, n, args.batch)]
     reads = [[(i, 0, i) for i, _, _ in b] for b in writes]          # UBLK_IO_OP_READ
     best_w = best_r = float("inf")
@@ -207,6 +212,7 @@ def main(argv=None):
             raise SystemExit(f"page {i} did not round-trip")
 
     fw, fr = fused(pages, args)
+    fsw, _ = fused(pages, args, swap=True)
 
     wc, rc = rate(n, best_c), rate(n, best_d)
     ws, rs = rate(n, best_w), rate(n, best_r)
@@ -215,6 +221,8 @@ def main(argv=None):
     print(f"{'store write':24}{ws:12,.0f}{ws * PAGE / 2**20:10.1f}   ratio {ws / wc:.2f} (goal >= 0.8)")
     print(f"{'store write, fused':24}{fw:12,.0f}{fw * PAGE / 2**20:10.1f}   ratio {fw / wc:.2f} "
           f"({args.batch} per wake-up)")
+    print(f"{'swap-out, fused':24}{fsw:12,.0f}{fsw * PAGE / 2**20:10.1f}   ratio {fsw / wc:.2f} "
+          f"(the same, with deduplication)")
     print(f"{'bare lzo decompress':24}{rc:12,.0f}{rc * PAGE / 2**20:10.1f}")
     print(f"{'store read':24}{rs:12,.0f}{rs * PAGE / 2**20:10.1f}   ratio {rs / rc:.2f} (goal >= 0.8)")
     print(f"{'store read, fused':24}{fr:12,.0f}{fr * PAGE / 2**20:10.1f}   ratio {fr / rc:.2f} "

@@ -124,6 +124,18 @@ def warm_up(storemod, compressor: str, allocator: str) -> None:
         _expect(done == [(k, PAGE_SIZE) for k in stored] and
                 all(bytes(bufs[k]) == pages[k] for k in stored), "the fast path differs")
         s.write_zeroes(10 * PAGE_SIZE, 2 * PAGE_SIZE)
+        # deduplication: swap-outs of a stored page share its object (both paths); holders
+        # leave by overwrite and by discard; two stay, for compaction to move below
+        for k in range(12, 15):
+            s.write_swap(k * PAGE_SIZE, memoryview(text))
+        bufs[2][:] = text
+        done.clear()
+        serve([(2, 1 | UBLK_IO_F_SWAP, 15)], done)
+        _expect(done == [(2, PAGE_SIZE)], f"the fast path failed a shared swap-out: {done}")
+        s.write_swap(12 * PAGE_SIZE, memoryview(rnd))
+        s.discard(13 * PAGE_SIZE, PAGE_SIZE)
+        s.read(15 * PAGE_SIZE, memoryview(one))
+        _expect(one == text, "a shared page differs")
         # fill past the ready pool twice (writes wait for the keeper), leave holes, compact;
         # then free everything, so that the keeper gives the surplus back
         # (short of memory -- a standby prepared under pressure -- the store may refuse a

@@ -110,6 +110,10 @@ COUNTERS: tuple[Counter, ...] = (
             "pages_compacted; rzscontrol --compact, or in the background)."),
     Counter("mem_used_max", None, "bytes",
             "Highest MemUsedTotal seen since the device was initialised (zram mem_used_max)."),
+    Counter("dup_data_size", None, "bytes",
+            "Part of ComprDataSize that takes no memory of its own: swapped-out pages identical "
+            "to one already stored share its copy (zram's dedup patches' dup_data_size); "
+            "what the data takes is compr_data_size - dup_data_size."),
 )
 
 BY_NAME: dict[str, Counter] = {c.name: c for c in COUNTERS}

@@ -49,6 +49,17 @@ on several CPUs at once:
 Discard, write-zeroes, page 0, compaction (in batches) and the backing-swap completions
 hold the lock throughout, as before.
 
+Deduplication (swap-outs only): the kernel frees a swap slot without telling a ublk device
+(only a discard of a whole free 2 MiB cluster reaches it), so the device keeps the data of
+slots the kernel has freed. A page swapped in and out again goes to a new slot, identical to
+its stale copy. A swap-out (``UBLK_IO_F_SWAP``) that compresses to exactly the bytes of a
+stored object shares it (:mod:`ublkzswap.slots`, "Shared objects"): found by a lossy index
+of half a bucket a slot (:func:`dedup_find`: a 32-bit key of the compressed bytes, the slot
+that holds them, the oldest live entry kept; candidates compared byte for byte under the
+lock), so only the page's key is computed per swap-out. Ordinary writes (fio, mkfs) never
+share. ``dup_data_size`` counts what sharing saves. The index is process-local and starts
+empty after a takeover.
+
 Fast path: :meth:`Store.page_server` gives the queue one call per wake-up for its single-page
 READs and WRITEs (the usual swap traffic), doing what :meth:`read`/:meth:`write_swap`/
 :meth:`write` and :meth:`_set` do per page with the counters kept in locals
@@ -72,11 +83,11 @@ from . import arena as _arena
 from . import compress as _compress
 from . import logalloc, xvmalloc
 from .memory import resident_array
-from .slots import (BD_READS, BD_WRITES, COMP, COMPR_DATA_SIZE, COUNTERS, EMPTY,
-                    FAILED_READS, FAILED_WRITES, GOOD_COMPRESS, GOOD_COMPRESS_N, HUGE_PAGES,
-                    MEM_USED_MAX, NOTIFY_FREE, NUM_READS, NUM_WRITES, PAGES_COMPACTED,
-                    PAGES_STORED, RAW, SAME, SAME_PAGES, ZERO_PAGES, count, decode, decode_all,
-                    recount)
+from .slots import (BD_READS, BD_WRITES, COMP, COMPR_DATA_SIZE, COUNTERS, DUP_DATA_SIZE,
+                    EMPTY, FAILED_READS, FAILED_WRITES, GOOD_COMPRESS, GOOD_COMPRESS_N,
+                    HUGE_PAGES, LINK, MEM_USED_MAX, NOTIFY_FREE, NUM_READS, NUM_WRITES,
+                    PAGES_COMPACTED, PAGES_STORED, RAW, SAME, SAME_PAGES, ZERO_PAGES, count,
+                    decode, decode_all, rebuild_rings, recount, ring, share, unlink)
 from .target import OP_READ, OP_WRITE, BackingIO
 from .uapi import PAGE_SHIFT, PAGE_SIZE
 
@@ -90,7 +101,40 @@ DISCARD_SLICE = 512           # slots a discard clears at a time (a swap cluster
 COMPACT_WAIT = 1.0            # seconds on-demand compaction waits for the keeper's next units
 BACKGROUND_WASTE = 0.10       # background compaction starts above this share of unused memory
 
+DEDUP_SAMPLE = 37             # every 37th byte of a compressed page goes into its dedup key
+
 _ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+def dedup_buckets(npages: int) -> int:
+    """Buckets of a device's dedup index: a power of two, half a bucket (2 bytes) a slot."""
+    return 1 << max(10, (max(npages, 2) - 1).bit_length() - 1)
+
+
+def dedup_key(z: bytes) -> int:
+    """The 32-bit dedup key (bucket and tag) of a compressed page: a hash of a sample of its
+    bytes and its length; equal pages have equal keys, the rest is checked byte for byte."""
+    return (hash(z[::DEDUP_SAMPLE]) ^ len(z)) & LINK
+
+
+def dedup_find(t, dd, mask: int, mem, idx: int, z: bytes, key: int) -> int:
+    """The slot (index + 1) whose object holds exactly ``z``, by the dedup index ``dd``, or 0.
+    On a miss slot ``idx`` (about to hold ``z``) takes the bucket, unless it holds a slot that
+    still has what was indexed there (the oldest entry stays: a stale copy is old). Under the
+    store lock."""
+    b = key & mask
+    c1 = dd[b]
+    if c1 and c1 != idx + 1:
+        ce = t[2 * c1 - 2]
+        tag = t[2 * c1 - 1] >> 32
+        if ce & 3 == COMP and tag & mask == b:
+            if tag == key and (ce >> 2) & 0x1FFF == len(z):
+                a = ce >> 16
+                if mem[a:a + len(z)].tobytes() == z:
+                    return c1
+            return 0
+    dd[b] = idx + 1
+    return 0
 
 
 def arena_pages(disksize: int, allocator: str = "log", high: int | None = None) -> int:
@@ -125,7 +169,7 @@ class Store:
                  pool=None, allocator="log", alloc_wait: float = 2.0, keeper: bool = True,
                  keeper_init=None, keeper_idle=None,
                  keeper_interval: float = _arena.DEFAULT_INTERVAL,
-                 state=None, adopt: bool = False, **pool_options):
+                 state=None, adopt: bool = False, dedup: bool = True, **pool_options):
         if type(disksize) is not int or disksize <= 0 or disksize % PAGE_SIZE:
             raise ValueError(f"disksize must be a positive multiple of {PAGE_SIZE} bytes, got {disksize!r}")
         self.size = self.disksize = disksize
@@ -158,6 +202,13 @@ class Store:
         self._c = memoryview(self._counters)
         self._lock = threading.Lock()
         self._local = threading.local()        # per thread: its scratch page
+        # the dedup index (swap-outs only, see "Deduplication"): process-local, empty after a
+        # takeover; resident now, as the table (the I/O path writes it)
+        self._dd = self._ddmask = None
+        if dedup and self.npages < LINK:
+            n = dedup_buckets(self.npages)
+            self._dd = memoryview(resident_array(n, np.uint32, "ublkzswap dedup index"))
+            self._ddmask = n - 1
         if adopt:
             self._adopt()
         if keeper and self._own_pool:
@@ -206,11 +257,11 @@ class Store:
         """Store whole pages at byte ``offset``; may wait ``alloc_wait`` s for memory. Returns
         None, or a BackingIO for pages forwarded to the backing swap. Raises OSError: ENOSPC
         (no memory ready), ENOMEM (memory limit), EIO (compression failed)."""
-        return self._write(offset, buf, self.alloc_wait)
+        return self._write(offset, buf, self.alloc_wait, False)
 
     def write_swap(self, offset: int, buf: memoryview):
         """:meth:`write` for a swap-out: never waits for memory (ENOSPC at once)."""
-        return self._write(offset, buf, 0.0)
+        return self._write(offset, buf, 0.0, True)
 
     def read(self, offset: int, buf: memoryview):
         """Fill ``buf`` (whole pages) from ``offset``. Returns None or a BackingIO; raises
@@ -265,12 +316,13 @@ class Store:
         dfn, dargs = comp.decompress_call
         malloc, free, pages_used = alloc.malloc, alloc.free, alloc.pages_used
         max_zpage, wait = self.max_zpage_size, self.alloc_wait
+        dd, ddmask, mem = self._dd, self._ddmask, self.pool.mem
 
         def serve(reqs, done):
             memlimit = self.memlimit
             reads = writes = failed_r = failed_w = 0
             # what slots.count would add up, kept here and added once
-            same = zero = stored = good = huge = size = 0
+            same = zero = stored = good = huge = size = dup = 0
             maxu = 0
             try:
                 for tag, opf, idx in reqs:
@@ -320,8 +372,12 @@ class Store:
                             clen, kind = len(z), COMP
                             if clen > max_zpage:
                                 kind, clen, z = RAW, PAGE_SIZE, page
+                        key = dedup_key(z) if kind == COMP and opf & SWAP and dd else 0
                         with lock:                    # place, publish, free the old content
-                            if kind != SAME:
+                            twin = key and dedup_find(t, dd, ddmask, mem, idx, z, key)
+                            if twin:
+                                addr = t[2 * twin - 2] >> 16   # its object: nothing taken
+                            elif kind != SAME:
                                 try:
                                     addr = malloc(clen, 0.0 if opf & SWAP else wait)
                                 except MemoryError:
@@ -341,13 +397,23 @@ class Store:
                             old = t[i]
                             okind = old & 3
                             oval = t[i + 1] if okind == SAME else 0
+                            olen = (old >> 2) & 0x1FFF
+                            # a shared old object leaves its ring first (the second word is
+                            # the new content's) and is not freed
+                            kept = okind == COMP and t[i + 1] & LINK and unlink(t, idx)
                             if kind == SAME:
                                 t[i + 1] = value
                                 t[i] = SAME
                             else:
+                                if twin:
+                                    share(t, idx, twin - 1, key)
+                                    dup += clen
+                                else:
+                                    t[i + 1] = key << 32
                                 t[i] = (addr << 16) | (clen << 2) | kind
-                            olen = (old >> 2) & 0x1FFF
-                            if okind > SAME and olen:                    # (0: the header)
+                            if kept:
+                                dup -= olen
+                            elif okind > SAME and olen:                  # (0: the header)
                                 free(old >> 16, olen)
                         if okind == SAME:
                             same -= 1
@@ -402,6 +468,8 @@ class Store:
                                 c[HUGE_PAGES] += huge
                             if size:
                                 c[COMPR_DATA_SIZE] += size
+                            if dup:
+                                c[DUP_DATA_SIZE] += dup
                             if maxu > c[MEM_USED_MAX]:
                                 c[MEM_USED_MAX] = maxu
 
@@ -516,7 +584,12 @@ class Store:
                             short = True                 # nothing ready: never wait here
                             break
                         view[new:new + ln] = view[a:a + ln]
-                        t[2 * idx] = (new << 16) | (old & 0xFFFF)     # the commit
+                        moved = (new << 16) | (old & 0xFFFF)
+                        if old & 3 == COMP and t[2 * idx + 1] & LINK:
+                            for m in ring(t, idx):          # a shared object: every holder
+                                t[2 * m] = moved
+                        else:
+                            t[2 * idx] = moved              # the commit
                         alloc.free(a, ln)
                         first += 1
                     used = alloc.pages_used()
@@ -563,16 +636,33 @@ class Store:
             raise OSError(errno.EOPNOTSUPP, "this allocator's state cannot be taken over")
         unit = np.uint64(self.pool.unit_bytes)
         live = np.zeros(self.pool.nunits, dtype=np.int64)
+        linked = []                                      # (slots, addresses, lengths) in rings
         for lo in range(0, self.npages, COMPACT_SCAN):   # small temporaries: see compact()
-            e = self._tab[2 * lo:2 * min(lo + COMPACT_SCAN, self.npages):2]
+            hi = min(lo + COMPACT_SCAN, self.npages)
+            e, w = self._tab[2 * lo:2 * hi:2], self._tab[2 * lo + 1:2 * hi:2]
             length = ((e >> np.uint64(2)) & np.uint64(0x1FFF)).astype(np.int64)
             held = ((e & np.uint64(3)) >= RAW) & (length > 0)
-            units = ((e[held] >> np.uint64(16)) // unit).astype(np.int64)
-            np.add.at(live, units, length[held])
+            ring_ = held & ((e & np.uint64(3)) == COMP) & ((w & np.uint64(LINK)) != 0)
+            alone = held & ~ring_
+            units = ((e[alone] >> np.uint64(16)) // unit).astype(np.int64)
+            np.add.at(live, units, length[alone])
+            if ring_.any():
+                linked.append((np.flatnonzero(ring_) + lo, e[ring_] >> np.uint64(16),
+                               length[ring_]))
+        dup = 0
+        if linked:
+            # shared objects: rings relinked from the entries' addresses (a crash may have
+            # cut one), each object counted once
+            idx, addr, lens = (np.concatenate(x) for x in zip(*linked))
+            rebuild_rings(self._tab, idx, addr)
+            _, first, holders = np.unique(addr, return_index=True, return_counts=True)
+            np.add.at(live, (addr[first] // unit).astype(np.int64), lens[first])
+            dup = int(((holders - 1) * lens[first]).sum())
         adopt(live)
         self.pool.adopt(live > 0, _arena.OBJECTS)
         recount(self._c, self._tab)
         c = self._c
+        c[DUP_DATA_SIZE] = dup
         c[MEM_USED_MAX] = max(c[MEM_USED_MAX], self.mem_used_total)
 
     def close(self) -> None:
@@ -594,18 +684,20 @@ class Store:
 
     # ---- the page operations (each takes the store lock for the part that needs it)
 
-    def _write(self, offset: int, buf: memoryview, wait: float):
+    def _write(self, offset: int, buf: memoryview, wait: float, swap: bool):
         fwd = []
         try:
-            self._write_pages(offset >> PAGE_SHIFT, len(buf) >> PAGE_SHIFT, buf, wait, fwd)
+            self._write_pages(offset >> PAGE_SHIFT, len(buf) >> PAGE_SHIFT, buf, wait, swap, fwd)
         finally:
             pending = self._backing_io(fwd) if fwd else None
         return pending
 
-    def _write_pages(self, first: int, n: int, mv: memoryview, wait: float, fwd: list) -> None:
+    def _write_pages(self, first: int, n: int, mv: memoryview, wait: float, swap: bool,
+                     fwd: list) -> None:
         """Page by page: copied out of ``mv``, checked and compressed without the lock, then
-        placed and published under it."""
+        placed and published under it (a swap-out shares an identical stored object)."""
         c = self._c
+        dd = self._dd if swap else None
         cfn, cargs = self.comp.compress_call
         backing, memlimit, max_zpage = self.backing, self.memlimit, self.max_zpage_size
         alloc, view, lock = self.allocator, self.pool.view, self._lock
@@ -632,6 +724,8 @@ class Store:
                                 forward = True
                             else:
                                 kind, clen, z = RAW, PAGE_SIZE, page   # huge page: kept as it is
+                key = (dedup_key(z) if dd and failed is None and not forward and kind == COMP
+                       else 0)
                 with lock:
                     c[NUM_WRITES] += 1
                     if failed is not None:
@@ -642,6 +736,10 @@ class Store:
                         continue
                     if kind == SAME:
                         self._set(idx, SAME, 0, 0, int.from_bytes(w0, "little"))
+                        continue
+                    twin = key and dedup_find(self._t, dd, self._ddmask, self.pool.mem, idx, z, key)
+                    if twin:
+                        self._set(idx, COMP, self._t[2 * twin - 2] >> 16, clen, tag=key, twin=twin)
                         continue
                     try:
                         addr = alloc.malloc(clen, wait)
@@ -659,7 +757,7 @@ class Store:
                     if used > c[MEM_USED_MAX]:
                         c[MEM_USED_MAX] = used
                     view[addr:addr + clen] = z
-                    self._set(idx, kind, addr, clen)
+                    self._set(idx, kind, addr, clen, tag=key)
         except OSError:
             # the request fails as a whole: the pages after the one that failed are
             # written and failed too, as the kernel counts them (it writes them all again)
@@ -713,23 +811,36 @@ class Store:
             elif kind == EMPTY and self.backing is None:
                 mv[o:o + PAGE_SIZE] = _ZERO_PAGE
 
-    def _set(self, idx: int, kind: int, addr: int = 0, length: int = 0, value: int = 0) -> None:
+    def _set(self, idx: int, kind: int, addr: int = 0, length: int = 0, value: int = 0,
+             tag: int = 0, twin: int = 0) -> None:
         """Slot ``idx`` holds (kind, addr, length, value) from now on (EMPTY: nothing); what it
-        held before is released after the switch. The one place counters follow content."""
+        held before is released after the switch. ``tag``: a COMP page's dedup key; ``twin``:
+        the slot (index + 1) whose object at ``addr`` it shares, 0 = its own object. The one
+        place counters follow content. An old object shared with other slots leaves its ring
+        before the switch (the second word is the new content's) and is not freed."""
         t = self._t
         i = idx << 1
         old = t[i]
         okind = old & 3
         oval = t[i + 1] if okind == SAME else 0
+        kept = okind == COMP and t[i + 1] & LINK and unlink(t, idx)
         if kind == SAME:
             t[i + 1] = value
+        elif twin:
+            share(t, idx, twin - 1, tag)
+            self._c[DUP_DATA_SIZE] += length
+        elif kind:
+            t[i + 1] = tag << 32
         t[i] = (addr << 16) | (length << 2) | kind
         if okind:
             olen = (old >> 2) & 0x1FFF
             if okind == SAME:
                 count(self._c, SAME, 0, oval, -1)
             elif olen:                           # (raw with length 0: the header, uncounted)
-                self.allocator.free(old >> 16, olen)
+                if kept:
+                    self._c[DUP_DATA_SIZE] -= olen
+                else:
+                    self.allocator.free(old >> 16, olen)
                 count(self._c, okind, olen, 0, -1)
         if kind:
             count(self._c, kind, length, value, 1)
@@ -737,8 +848,8 @@ class Store:
     def _clear(self, lo: int, hi: int) -> None:
         """Slots ``lo``..``hi`` hold nothing from now on: :meth:`_set` (EMPTY) of each, in bulk.
         Every entry word is switched first, then what the entries held is freed
-        (``allocator.free_many``) and uncounted, so a crash in between leaves no slot pointing
-        at freed data. Its numpy temporaries are a few times ``hi - lo`` words, from the
+        (``allocator.free_many``; a shared object by its last holder) and uncounted, so a
+        crash in between leaves no slot pointing at freed data. Its numpy temporaries are a few times ``hi - lo`` words, from the
         heap's headroom (the queue thread calls this)."""
         ent = self._tab[2 * lo:2 * hi:2]
         live = np.flatnonzero(ent & 3)
@@ -748,12 +859,22 @@ class Store:
         kind = old & 3
         same = kind == SAME
         values = self._tab[2 * (lo + live[same]) + 1]
+        linked = (kind == COMP) & ((self._tab[2 * (lo + live) + 1] & np.uint64(LINK)) != 0)
         ent[live] = 0                                  # the switch, every entry word first
         length = (old >> 2) & 0x1FFF
         held = (kind > SAME) & (length > 0)            # (raw with length 0: the header, uncounted)
-        if held.any():
-            self.allocator.free_many((old[held] >> 16).astype(np.int64),
-                                     length[held].astype(np.int64))
+        owned = held
+        if linked.any():
+            # shared objects: each slot leaves its ring in turn; the last holder (alone by the
+            # time it comes) frees the object
+            owned = held.copy()
+            for k in np.flatnonzero(linked).tolist():
+                if unlink(self._t, lo + int(live[k])):
+                    owned[k] = False
+                    self._c[DUP_DATA_SIZE] -= int(length[k])
+        if owned.any():
+            self.allocator.free_many((old[owned] >> 16).astype(np.int64),
+                                     length[owned].astype(np.int64))
         n_same, n_fill = int(np.count_nonzero(same)), int(np.count_nonzero(values))
         n_held = int(np.count_nonzero(held))
         c = self._c

@@ -18,8 +18,28 @@ def check(store) -> None:
     assert np.count_nonzero(header) <= 1 and not header[1:].any(), "header marker off slot 0"
     kinds = np.where(header, EMPTY, kinds)
     held = np.flatnonzero((kinds == COMP) | (kinds == RAW))
-    objects = {int(addr[i]): int(length[i]) for i in held}
-    assert len(objects) == len(held), "two slots share one allocator object"
+    objects, holders = {}, {}
+    for i in held.tolist():
+        a = int(addr[i])
+        assert objects.setdefault(a, int(length[i])) == int(length[i]), f"object {a:#x}: two lengths"
+        holders.setdefault(a, []).append(i)
+    link = tab["link"]
+    dup = 0
+    for a, slots in holders.items():
+        if len(slots) == 1:
+            assert link[slots[0]] == 0, f"slot {slots[0]} holds {a:#x} alone but has a ring link"
+            continue
+        assert all(kinds[i] == COMP for i in slots), f"object {a:#x} shared by a raw slot"
+        seen, i = [], slots[0]                   # one ring through exactly these slots
+        while True:
+            seen.append(i)
+            i = int(link[i]) - 1
+            assert 0 <= i < len(link) and len(seen) <= len(slots), f"object {a:#x}: broken ring"
+            if i == slots[0]:
+                break
+        assert sorted(seen) == sorted(slots), f"object {a:#x}: ring {seen} != holders {slots}"
+        dup += (len(slots) - 1) * objects[a]
+    assert st["dup_data_size"] == dup, f"dup_data_size {st['dup_data_size']} != {dup}"
     store.allocator.check(objects)
     pool = store.pool
     units = len(pool.pages_of(arena.OBJECTS)) + len(pool.pages_of(arena.WHOLE))

@@ -141,18 +141,20 @@ def test_compaction_without_ready_memory_stops_and_loses_nothing():
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["write", "write", "write", "read", "discard",
+@given(st.lists(st.tuples(st.sampled_from(["write", "write", "swap", "swap", "read", "discard",
                                            "compact"]),
                           st.integers(0, 63), st.integers(0, 2), st.integers(0, 2**32)),
                 min_size=1, max_size=80))
 def test_compaction_interleaved_with_everything_keeps_every_page(ops):
+    """...and with swap-outs of pages already stored (four contents: shared objects, moved
+    with all their holders)."""
     s = Store(64 * PAGE, keeper=False, inline_refill=True, low=16, high=32)
     model = {}
     try:
         for op, idx, kind, seed in ops:
-            if op == "write":
-                p = make_page(random.Random(seed), kind)
-                s.write(idx * PAGE, memoryview(p))
+            if op in ("write", "swap"):
+                p = make_page(random.Random(seed % 4 if op == "swap" else seed), kind)
+                (s.write_swap if op == "swap" else s.write)(idx * PAGE, memoryview(p))
                 model[idx] = p
             elif op == "read":
                 out = bytearray(PAGE)

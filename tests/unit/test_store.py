@@ -564,3 +564,61 @@ def test_a_request_refused_part_way_counts_every_page_written_and_failed():
     assert st_["num_writes"] == 4 and st_["failed_writes"] == 2
     assert st_["pages_stored"] == 2                # the two before the one refused
     check(s)
+
+
+# ---------------------------------------------------------------- deduplication
+
+def test_a_swapped_out_page_identical_to_a_stored_one_shares_its_object():
+    """The kernel frees swap slots without telling the device; a page swapped out again goes
+    to a new slot while its old copy stays. A swap-out identical to a stored page shares that
+    page's object; the object goes only with its last holder."""
+    s = mkstore(64, low=2, high=8)
+    p, q = compressible(1), compressible(2)
+    try:
+        s.write_swap(1 * PAGE, memoryview(p))
+        mem = s.stats()["mem_used_total"]
+        for i in (2, 3):
+            s.write_swap(i * PAGE, memoryview(bytearray(p)))
+        st_ = s.stats()
+        clen = s.slot(1)[2]
+        assert s.slot(2)[1] == s.slot(3)[1] == s.slot(1)[1]          # one object
+        assert st_["dup_data_size"] == 2 * clen and st_["compr_data_size"] == 3 * clen
+        assert st_["pages_stored"] == 3 and st_["mem_used_total"] == mem
+        check(s)
+        s.write(4 * PAGE, memoryview(p))               # not a swap-out: an object of its own
+        assert s.slot(4)[1] != s.slot(1)[1] and s.stats()["dup_data_size"] == 2 * clen
+        wr(s, 1, q)                                    # holders leave one by one...
+        check(s)
+        s.discard(3 * PAGE, PAGE)
+        check(s)
+        assert s.stats()["dup_data_size"] == 0 and rd(s, 2) == p and rd(s, 1) == q
+        s.write_swap(5 * PAGE, memoryview(p))           # (the index remembers slot 2 or 4)
+        s.discard(0, 64 * PAGE)                        # ...or all at once
+        check(s)
+        st_ = s.stats()
+        assert st_["pages_stored"] == 0 and st_["dup_data_size"] == 0
+        assert s.allocator.live_bytes() == 0
+    finally:
+        s.close()
+
+
+def test_an_overwrite_with_the_same_page_and_a_ring_left_in_any_order():
+    s = mkstore(64, low=2, high=8)
+    p = compressible(3)
+    rng = random.Random(5)
+    try:
+        for _ in range(3):
+            slots = rng.sample(range(64), 6)
+            for i in slots:
+                s.write_swap(i * PAGE, memoryview(p))
+            s.write_swap(slots[2] * PAGE, memoryview(p))      # the same page again, same slot
+            check(s)
+            assert len({s.slot(i)[1] for i in slots}) == 1
+            rng.shuffle(slots)
+            for i in slots:
+                (s.discard(i * PAGE, PAGE) if rng.random() < 0.5 else
+                 wr(s, i, compressible(rng.randrange(99) + 10)))
+                check(s)
+                assert all(rd(s, j) == p for j in slots[slots.index(i) + 1:])
+    finally:
+        s.close()

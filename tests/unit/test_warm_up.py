@@ -78,3 +78,21 @@ def grown_kb(mode: str) -> int:
 def test_serving_after_the_self_test_maps_no_new_numpy_code():
     assert grown_kb("cold") > 0          # the probe sees code being mapped at all
     assert grown_kb("warm") == 0
+
+
+def test_the_self_test_runs_deduplications_paths(monkeypatch):
+    """A swap-out sharing a stored object (general and fast path), a holder leaving its ring
+    (overwrite, discard) and compaction moving a shared object: each first run by the
+    self-test, not by a request under memory pressure."""
+    from ublkzswap import daemon, memory, store as storemod
+    monkeypatch.setattr(memory, "set_io_flusher", lambda: None)
+    calls = {"share": [], "unlink": [], "ring": []}
+    for name, got in calls.items():
+        def spy(*a, _real=getattr(storemod, name), _got=got):
+            _got.append(a[1])
+            return _real(*a)
+        monkeypatch.setattr(storemod, name, spy)
+    daemon.warm_up(storemod, "lzo", "log")
+    assert sorted(calls["share"]) == [13, 14, 15]        # 15: the fast path's
+    assert sorted(calls["unlink"]) == [12, 13]           # overwritten, discarded
+    assert calls["ring"]                                 # compaction moved a shared object
