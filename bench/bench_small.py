@@ -5,7 +5,8 @@ workload (zero 25%, same-filled 10%, text 50%, random 15%; every page verified).
 samples how much the device stores and the memory it uses, so that data kept for swap slots
 the kernel has freed (stale slots: ublk is told only when a whole cluster is free) shows
 beside zram, which is told of every freed slot (zram with LZO where this kernel offers it,
-else its default). Printed, not asserted.
+else its default), and how much of what ublkzswap stores is shared with a stored twin
+(dup_data_size: deduplication). Printed, not asserted.
 
     python3 bench/bench_small.py [--mib 384] [--targets zram,ublkz-lzo]
 """
@@ -49,8 +50,10 @@ def run_one(t, mib: int) -> dict:
                 stored = (pages * 4096) >> 20
                 peak["stored"] = max(peak["stored"], stored)
                 peak["mem"] = max(peak["mem"], m["mem_used_total"] >> 20)
+                shared = (f" shared {m['dup_data_size'] >> 20:4d} MiB"
+                          if "dup_data_size" in m else "")
                 print(f"  {t.name:10s} t={time.monotonic() - t0:5.0f}s stored {stored:4d} MiB "
-                      f"mem_used_total {m['mem_used_total'] >> 20:4d} MiB", flush=True)
+                      f"mem_used_total {m['mem_used_total'] >> 20:4d} MiB{shared}", flush=True)
             out = load.communicate()[0]
             secs = time.monotonic() - t0
     verdict = ("verified" if load.returncode == 0 and "MISMATCH" not in out
