@@ -372,9 +372,17 @@ class Store:
                             clen, kind = len(z), COMP
                             if clen > max_zpage:
                                 kind, clen, z = RAW, PAGE_SIZE, page
-                        key = dedup_key(z) if kind == COMP and opf & SWAP and dd else 0
+                        # a swap-out's dedup key (dedup_key, inline), outside the lock
+                        key = ((hash(z[::DEDUP_SAMPLE]) ^ clen) & LINK
+                               if kind == COMP and opf & SWAP and dd is not None else 0)
                         with lock:                    # place, publish, free the old content
-                            twin = key and dedup_find(t, dd, ddmask, mem, idx, z, key)
+                            twin = 0
+                            if key:
+                                b = dd[key & ddmask]
+                                if b and b != idx + 1:       # an entry: the full check
+                                    twin = dedup_find(t, dd, ddmask, mem, idx, z, key)
+                                else:
+                                    dd[key & ddmask] = idx + 1
                             if twin:
                                 addr = t[2 * twin - 2] >> 16   # its object: nothing taken
                             elif kind != SAME:
