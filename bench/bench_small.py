@@ -50,8 +50,8 @@ def run_one(t, mib: int) -> dict:
                 stored = (pages * 4096) >> 20
                 peak["stored"] = max(peak["stored"], stored)
                 peak["mem"] = max(peak["mem"], m["mem_used_total"] >> 20)
-                shared = (f" shared {m['dup_data_size'] >> 20:4d} MiB"
-                          if "dup_data_size" in m else "")
+                shared = (f" compr {m['compr_data_size'] >> 20:4d} MiB shared "
+                          f"{m['dup_data_size'] >> 20:4d} MiB" if "dup_data_size" in m else "")
                 print(f"  {t.name:10s} t={time.monotonic() - t0:5.0f}s stored {stored:4d} MiB "
                       f"mem_used_total {m['mem_used_total'] >> 20:4d} MiB{shared}", flush=True)
             out = load.communicate()[0]

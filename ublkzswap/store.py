@@ -100,6 +100,7 @@ COMPACT_SCAN = 8192           # slots of the table scanned at a time
 DISCARD_SLICE = 512           # slots a discard clears at a time (a swap cluster: 2 MiB)
 COMPACT_WAIT = 1.0            # seconds on-demand compaction waits for the keeper's next units
 BACKGROUND_WASTE = 0.10       # background compaction starts above this share of unused memory
+PRESSURE_WASTE_UNITS = 2      # ...and short of memory, above this many units unused
 
 DEDUP_SAMPLE = 37             # every 37th byte of a compressed page goes into its dedup key
 
@@ -202,6 +203,7 @@ class Store:
         self._c = memoryview(self._counters)
         self._lock = threading.Lock()
         self._local = threading.local()        # per thread: its scratch page
+        self._deferred = 0                     # the pool's growth_deferred, as last seen
         # the dedup index (swap-outs only, see "Deduplication"): process-local, empty after a
         # takeover; resident now, as the table (the I/O path writes it)
         self._dd = self._ddmask = None
@@ -534,12 +536,13 @@ class Store:
         into fresh ones, so that the emptied units go back to the pool: zram's ``compact``.
         In batches of COMPACT_BATCH objects per hold of the lock (at most ``batches``); it
         never waits for memory while holding the lock, and does not take the pool's ready
-        units below ``reserve`` (they are for writes). A round's moves take units before its
-        victims give any back, often more than the ready pool holds: with ``wait`` (on
-        demand) it then waits, the lock released, up to COMPACT_WAIT s for the keeper's next
-        units and goes on. With ``wait`` false (the keeper itself) it stops instead, and
-        stops rather than wait for the lock: the keeper must never wait on a writer that
-        waits for the keeper. Returns the pages given back (also counted in
+        units below ``reserve`` (they are for writes; -1: it may take the last of them, and
+        with none ready it still moves into the allocator's heads). A round's moves take
+        units before its victims give any back, often more than the ready pool holds: with
+        ``wait`` (on demand) it then waits, the lock released, up to COMPACT_WAIT s for the
+        keeper's next units and goes on. With ``wait`` false (the keeper itself) it stops
+        instead, and stops rather than wait for the lock: the keeper must never wait on a
+        writer that waits for the keeper. Returns the pages given back (also counted in
         ``pages_compacted``). An allocator that cannot move (xvmalloc) compacts nothing.
         Without a ``batches`` bound it goes round after round (each over the allocator's
         sparsest units then) until a round gives nothing back."""
@@ -625,12 +628,25 @@ class Store:
         """Background compaction, for the pool's keeper between its passes: only when more than
         BACKGROUND_WASTE of the memory held is unused, only the sparsest units, a few batches
         at a time (the keeper must get back to refilling), and never eating into the ready
-        units writes need."""
+        units writes need.
+
+        Short of memory (the pool was refused growth since the last pass: ``growth_deferred``)
+        every unit it can win back is memory the machine needs, as zsmalloc's shrinker
+        compacts under pressure: then it starts above PRESSURE_WASTE_UNITS units unused, takes
+        units up to 95% full, and may use the last ready units (and the heads' room) to move
+        into: the victims give them back within the batch's round."""
         live = getattr(self.allocator, "live_bytes", None)
-        if live is None or self.pool is None or self.pool.ready <= self.pool.low:
+        if live is None or self.pool is None:
             return 0
+        deferred = getattr(self.pool, "growth_deferred", 0)
+        short, self._deferred = deferred != self._deferred, deferred
         held = self.allocator.pages_used() << PAGE_SHIFT
-        if held - live() <= BACKGROUND_WASTE * held + (4 << 16):
+        waste = held - live()
+        if short:
+            if waste < PRESSURE_WASTE_UNITS * self.pool.unit_bytes:
+                return 0
+            return self.compact(max_fill=0.95, batches=4, reserve=-1, wait=False)
+        if self.pool.ready <= self.pool.low or waste <= BACKGROUND_WASTE * held + (4 << 16):
             return 0
         return self.compact(max_fill=0.75, batches=4, reserve=self.pool.low, wait=False)
 
@@ -857,8 +873,9 @@ class Store:
         """Slots ``lo``..``hi`` hold nothing from now on: :meth:`_set` (EMPTY) of each, in bulk.
         Every entry word is switched first, then what the entries held is freed
         (``allocator.free_many``; a shared object by its last holder) and uncounted, so a
-        crash in between leaves no slot pointing at freed data. Its numpy temporaries are a few times ``hi - lo`` words, from the
-        heap's headroom (the queue thread calls this)."""
+        crash in between leaves no slot pointing at freed data. Its numpy temporaries are a
+        few times ``hi - lo`` words, from the heap's headroom (the queue thread calls
+        this)."""
         ent = self._tab[2 * lo:2 * hi:2]
         live = np.flatnonzero(ent & 3)
         if not len(live):

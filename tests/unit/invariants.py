@@ -21,7 +21,8 @@ def check(store) -> None:
     objects, holders = {}, {}
     for i in held.tolist():
         a = int(addr[i])
-        assert objects.setdefault(a, int(length[i])) == int(length[i]), f"object {a:#x}: two lengths"
+        n = int(length[i])
+        assert objects.setdefault(a, n) == n, f"object {a:#x}: two lengths"
         holders.setdefault(a, []).append(i)
     link = tab["link"]
     dup = 0

@@ -108,7 +108,8 @@ def script(seed: int, steps: int):
             if x < 0.5:
                 # a third of them again a page written before (a swap-out of a page whose
                 # slot the kernel freed: deduplication's case)
-                data = rng.choice(history[-16:]) if history and rng.random() < 0.33 else page_of(rng)
+                again = history and rng.random() < 0.33
+                data = rng.choice(history[-16:]) if again else page_of(rng)
                 if not data.startswith((b"NOZ!", b"BAD!")) and len(set(data)) > 1:
                     history.append(data)
                 reqs.append((tag, W | (SWAP if rng.random() < 0.7 else 0), p * 8, 8, data))
@@ -124,7 +125,8 @@ def script(seed: int, steps: int):
         # the general path's requests first, as the fast path's queue serves them: a swap-out
         # may share a page another request of the wake-up has just written or overwritten
         # (deduplication), so both paths must meet the requests in one order
-        reqs.sort(key=lambda r: r[3] == 8 and r[2] % 8 == 0 and r[2] < PAGES * 8 and r[1] & 0xFF in (R, W))
+        reqs.sort(key=lambda r: (r[3] == 8 and r[2] % 8 == 0 and r[2] < PAGES * 8
+                                 and r[1] & 0xFF in (R, W)))
         out.append((memlimit, [(tag, *r[1:]) for tag, r in enumerate(reqs)]))
     return out
 

@@ -293,3 +293,38 @@ def test_compaction_on_demand_waits_for_the_keeper_when_the_ready_pool_runs_dry(
             assert out == pages[i], i
     finally:
         s.close()
+
+
+def test_short_of_memory_background_compaction_takes_back_what_it_can():
+    """Segments 80% full are not worth the keeper's time while memory is plentiful; once the
+    pool is refused growth (memory short) they are, down to the last ready unit."""
+    rng = random.Random(12)
+    grow = [True]
+    s = Store(1024 * PAGE, keeper=False, inline_refill=False, low=64, high=1024,
+              may_grow=lambda n: grow[0])
+    try:
+        pages = {}
+        for i in range(1024):
+            pages[i] = make_page(rng, 2)
+            s.write(i * PAGE, memoryview(pages[i]))
+        for i in range(0, 1024, 5):
+            s.discard(i * PAGE, PAGE)
+            del pages[i]
+        before = s.stats()["mem_used_total"]
+        assert before > 1.15 * s.allocator.live_bytes()
+        assert s.compact_if_wasteful() == 0                 # nothing at most 75% full
+        grow[0] = False
+        while s.pool.ready > 1:                             # short: the pool nearly dry...
+            s.pool.take(4)
+        s.pool.step()                                       # ...and refused more
+        assert s.pool.growth_deferred == 1
+        got = s.compact_if_wasteful()
+        assert got > 0 and s.stats()["mem_used_total"] == before - got * PAGE
+        check(s)
+        for i in range(1024):
+            out = bytearray(PAGE)
+            s.read(i * PAGE, memoryview(out))
+            assert out == pages.get(i, bytes(PAGE)), i
+        assert s.compact_if_wasteful() == 0                 # no new refusal: plentiful again
+    finally:
+        s.close()
