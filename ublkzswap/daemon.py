@@ -172,7 +172,7 @@ def warm_up(storemod, compressor: str, allocator: str) -> None:
         s.set_memlimit(PAGE_SIZE)                  # the refusals are paths too
         for write in (s.write_swap, s.write):
             try:
-                write(16 * PAGE_SIZE, memoryview(pages[-1]))
+                write(16 * PAGE_SIZE, memoryview(pages[-1][::-1]))   # stored nowhere
                 _expect(False, "a write beyond the memory limit was stored")
             except OSError as e:
                 _expect(e.errno in (errno.ENOMEM, errno.ENOSPC), f"a refused write: {e}")

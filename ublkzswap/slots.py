@@ -1,21 +1,21 @@
 """The slot table's format and the counters that follow its content.
 
 Owns: how a slot is encoded (two uint64 words a slot, 16 bytes as zram's table entry: ``address
-<< 16 | length << 2 | kind`` and, for a SAME slot, the fill word; for a COMP slot the second
-word is ``tag << 32 | link``, see "Shared objects"), the slot kinds, the store's
-counter record (:data:`COUNTERS`, zram's names; ``stats.py`` labels them) and the one rule that
-moves counters with content (:func:`count`), and decoding for tests and tools
+<< 16 | length << 2 | kind`` and, for a SAME slot, the fill word; for a slot holding an object
+(RAW or COMP) the second word is ``tag << 32 | link``, see "Shared objects"), the slot kinds,
+the store's counter record (:data:`COUNTERS`, zram's names; ``stats.py`` labels them) and the
+one rule that moves counters with content (:func:`count`), and decoding for tests and tools
 (:func:`decode`, :func:`decode_all`). The store (:mod:`ublkzswap.store`) is the only writer
 of a table; it stores an entry word last, so a reader sees old or new content, never half.
 
 A RAW entry with length 0 is page 0 as ``preformat`` left it (the swap header, kept apart and
 counted nowhere). Length takes 13 bits (objects up to 4096 bytes), the address 48.
 
-Shared objects (deduplication): COMP slots whose pages are identical may point at one object.
-Such slots form a ring through the low 32 bits of their second word (``link``: the next slot's
-index + 1; 0 = the slot holds its object alone), so the object is freed only by the last of
-them (:func:`share`, :func:`unlink`, :func:`ring`). The high 32 bits hold the page's ``tag``
-(a hash of its compressed bytes) for the store's dedup index. The entry words are the truth:
+Shared objects (deduplication): slots of one kind (RAW or COMP) whose pages are identical may
+point at one object. Such slots form a ring through the low 32 bits of their second word
+(``link``: the next slot's index + 1; 0 = the slot holds its object alone), so the object is
+freed only by the last of them (:func:`share`, :func:`unlink`, :func:`ring`). The high 32
+bits hold the page's ``tag`` (a hash of the bytes stored) for the store's dedup index. The entry words are the truth:
 a takeover rebuilds rings from addresses (:func:`rebuild_rings`), so a crash between a link
 and its entry leaves nothing wrong but, at worst, an object counted twice (a leak compaction
 moves away, never a free of data still pointed at). ``dup_data_size`` counts the bytes of
@@ -40,7 +40,7 @@ COUNTERS = ("num_reads", "num_writes", "failed_reads", "failed_writes", "notify_
 (NUM_READS, NUM_WRITES, FAILED_READS, FAILED_WRITES, NOTIFY_FREE, ZERO_PAGES, SAME_PAGES,
  GOOD_COMPRESS_N, HUGE_PAGES, PAGES_STORED, COMPR_DATA_SIZE, MEM_USED_MAX, BD_READS,
  BD_WRITES, PAGES_COMPACTED, DUP_DATA_SIZE) = range(len(COUNTERS))
-LINK = 0xFFFFFFFF                             # the ring link in a COMP slot's second word
+LINK = 0xFFFFFFFF                             # the ring link in a held slot's second word
 
 
 def count(c, kind: int, length: int, value: int, d: int) -> None:
@@ -69,19 +69,20 @@ def decode(entry: int, value: int) -> tuple[str, int, int, int]:
 
 def decode_all(tab: np.ndarray) -> dict[str, np.ndarray]:
     """A whole table (uint64, two words a slot) decoded: kind, address, length, value and link
-    (a COMP slot's ring link, else 0) arrays."""
+    (a held slot's ring link, else 0) arrays."""
     t = tab.reshape(-1, 2)
     kind = t[:, 0] & np.uint64(3)
     return {"kind": kind.astype(np.uint8), "address": t[:, 0] >> np.uint64(16),
             "length": ((t[:, 0] >> np.uint64(2)) & np.uint64(0x1FFF)).astype(np.int64),
             "value": np.where(kind == SAME, t[:, 1], 0).astype(np.uint64),
-            "link": np.where(kind == COMP, t[:, 1] & np.uint64(LINK), 0).astype(np.int64)}
+            "link": np.where((kind >= RAW) & ((t[:, 0] & np.uint64(0x7FFC)) != 0),
+                             t[:, 1] & np.uint64(LINK), 0).astype(np.int64)}
 
 
-# ---- shared objects: rings through the second word of COMP slots (t: the table's words)
+# ---- shared objects: rings through the second word of held slots (t: the table's words)
 
 def share(t, i: int, c: int, tag: int) -> None:
-    """Slot ``i`` joins the ring of slot ``c`` (a COMP slot; ``i`` is to point at its object):
+    """Slot ``i`` joins the ring of slot ``c`` (it holds an object ``i`` is to point at):
     second words only, the caller stores ``i``'s entry word after."""
     j = 2 * c + 1
     w = t[j]
@@ -90,8 +91,8 @@ def share(t, i: int, c: int, tag: int) -> None:
 
 
 def unlink(t, i: int) -> bool:
-    """Take COMP slot ``i`` out of its ring; False if it held its object alone (then the caller
-    frees the object). Raises ValueError on a broken ring."""
+    """Take slot ``i`` (RAW or COMP) out of its ring; False if it held its object alone (then
+    the caller frees the object). Raises ValueError on a broken ring."""
     w = t[2 * i + 1]
     nxt = w & LINK
     if not nxt:
@@ -122,7 +123,7 @@ def ring(t, i: int) -> list[int]:
 
 
 def rebuild_rings(tab: np.ndarray, idx: np.ndarray, addr: np.ndarray) -> np.ndarray:
-    """Relink the rings of the COMP slots ``idx`` (pointing at ``addr``; every slot with a link
+    """Relink the rings of the held slots ``idx`` (pointing at ``addr``; every slot with a link
     a takeover found) from their addresses: slots at one address form one ring, a slot alone
     gets no link. Returns the addresses' group sizes (one per distinct address)."""
     if not len(idx):

@@ -53,7 +53,8 @@ Deduplication (swap-outs only): the kernel frees a swap slot without telling a u
 (only a discard of a whole free 2 MiB cluster reaches it), so the device keeps the data of
 slots the kernel has freed. A page swapped in and out again goes to a new slot, identical to
 its stale copy. A swap-out (``UBLK_IO_F_SWAP``) that compresses to exactly the bytes of a
-stored object shares it (:mod:`ublkzswap.slots`, "Shared objects"): found by a lossy index
+stored object (or is the very raw page of one) shares it (:mod:`ublkzswap.slots`, "Shared
+objects"): found by a lossy index
 of half a bucket a slot (:func:`dedup_find`: a 32-bit key of the compressed bytes, the slot
 that holds them, the oldest live entry kept; candidates compared byte for byte under the
 lock), so only the page's key is computed per swap-out. Ordinary writes (fio, mkfs) never
@@ -112,10 +113,11 @@ def dedup_buckets(npages: int) -> int:
     return 1 << max(10, (max(npages, 2) - 1).bit_length() - 1)
 
 
-def dedup_key(z: bytes) -> int:
-    """The 32-bit dedup key (bucket and tag) of a compressed page: a hash of a sample of its
-    bytes and its length; equal pages have equal keys, the rest is checked byte for byte."""
-    return (hash(z[::DEDUP_SAMPLE]) ^ len(z)) & LINK
+def dedup_key(z) -> int:
+    """The 32-bit dedup key (bucket and tag) of a page as stored (compressed, or raw): a hash
+    of a sample of its bytes and its length; equal pages have equal keys, the rest is
+    checked byte for byte."""
+    return (hash(bytes(z[::DEDUP_SAMPLE])) ^ len(z)) & LINK
 
 
 def dedup_find(t, dd, mask: int, mem, idx: int, z: bytes, key: int) -> int:
@@ -128,10 +130,10 @@ def dedup_find(t, dd, mask: int, mem, idx: int, z: bytes, key: int) -> int:
     if c1 and c1 != idx + 1:
         ce = t[2 * c1 - 2]
         tag = t[2 * c1 - 1] >> 32
-        if ce & 3 == COMP and tag & mask == b:
+        if ce & 3 > SAME and tag & mask == b:
             if tag == key and (ce >> 2) & 0x1FFF == len(z):
                 a = ce >> 16
-                if mem[a:a + len(z)].tobytes() == z:
+                if mem[a:a + len(z)].tobytes() == bytes(z):
                     return c1
             return 0
     dd[b] = idx + 1
@@ -375,8 +377,8 @@ class Store:
                             if clen > max_zpage:
                                 kind, clen, z = RAW, PAGE_SIZE, page
                         # a swap-out's dedup key (dedup_key, inline), outside the lock
-                        key = ((hash(z[::DEDUP_SAMPLE]) ^ clen) & LINK
-                               if kind == COMP and opf & SWAP and dd is not None else 0)
+                        key = ((hash(bytes(z[::DEDUP_SAMPLE])) ^ clen) & LINK
+                               if kind != SAME and opf & SWAP and dd is not None else 0)
                         with lock:                    # place, publish, free the old content
                             twin = 0
                             if key:
@@ -410,7 +412,7 @@ class Store:
                             olen = (old >> 2) & 0x1FFF
                             # a shared old object leaves its ring first (the second word is
                             # the new content's) and is not freed
-                            kept = okind == COMP and t[i + 1] & LINK and unlink(t, idx)
+                            kept = okind > SAME and olen and t[i + 1] & LINK and unlink(t, idx)
                             if kind == SAME:
                                 t[i + 1] = value
                                 t[i] = SAME
@@ -596,7 +598,7 @@ class Store:
                             break
                         view[new:new + ln] = view[a:a + ln]
                         moved = (new << 16) | (old & 0xFFFF)
-                        if old & 3 == COMP and t[2 * idx + 1] & LINK:
+                        if t[2 * idx + 1] & LINK:
                             for m in ring(t, idx):          # a shared object: every holder
                                 t[2 * m] = moved
                         else:
@@ -666,7 +668,7 @@ class Store:
             e, w = self._tab[2 * lo:2 * hi:2], self._tab[2 * lo + 1:2 * hi:2]
             length = ((e >> np.uint64(2)) & np.uint64(0x1FFF)).astype(np.int64)
             held = ((e & np.uint64(3)) >= RAW) & (length > 0)
-            ring_ = held & ((e & np.uint64(3)) == COMP) & ((w & np.uint64(LINK)) != 0)
+            ring_ = held & ((w & np.uint64(LINK)) != 0)
             alone = held & ~ring_
             units = ((e[alone] >> np.uint64(16)) // unit).astype(np.int64)
             np.add.at(live, units, length[alone])
@@ -748,7 +750,7 @@ class Store:
                                 forward = True
                             else:
                                 kind, clen, z = RAW, PAGE_SIZE, page   # huge page: kept as it is
-                key = (dedup_key(z) if dd and failed is None and not forward and kind == COMP
+                key = (dedup_key(z) if dd and failed is None and not forward and kind != SAME
                        else 0)
                 with lock:
                     c[NUM_WRITES] += 1
@@ -763,7 +765,7 @@ class Store:
                         continue
                     twin = key and dedup_find(self._t, dd, self._ddmask, self.pool.mem, idx, z, key)
                     if twin:
-                        self._set(idx, COMP, self._t[2 * twin - 2] >> 16, clen, tag=key, twin=twin)
+                        self._set(idx, kind, self._t[2 * twin - 2] >> 16, clen, tag=key, twin=twin)
                         continue
                     try:
                         addr = alloc.malloc(clen, wait)
@@ -838,7 +840,7 @@ class Store:
     def _set(self, idx: int, kind: int, addr: int = 0, length: int = 0, value: int = 0,
              tag: int = 0, twin: int = 0) -> None:
         """Slot ``idx`` holds (kind, addr, length, value) from now on (EMPTY: nothing); what it
-        held before is released after the switch. ``tag``: a COMP page's dedup key; ``twin``:
+        held before is released after the switch. ``tag``: a stored page's dedup key; ``twin``:
         the slot (index + 1) whose object at ``addr`` it shares, 0 = its own object. The one
         place counters follow content. An old object shared with other slots leaves its ring
         before the switch (the second word is the new content's) and is not freed."""
@@ -847,7 +849,8 @@ class Store:
         old = t[i]
         okind = old & 3
         oval = t[i + 1] if okind == SAME else 0
-        kept = okind == COMP and t[i + 1] & LINK and unlink(t, idx)
+        olen = (old >> 2) & 0x1FFF
+        kept = okind > SAME and olen and t[i + 1] & LINK and unlink(t, idx)
         if kind == SAME:
             t[i + 1] = value
         elif twin:
@@ -857,7 +860,6 @@ class Store:
             t[i + 1] = tag << 32
         t[i] = (addr << 16) | (length << 2) | kind
         if okind:
-            olen = (old >> 2) & 0x1FFF
             if okind == SAME:
                 count(self._c, SAME, 0, oval, -1)
             elif olen:                           # (raw with length 0: the header, uncounted)
@@ -884,10 +886,10 @@ class Store:
         kind = old & 3
         same = kind == SAME
         values = self._tab[2 * (lo + live[same]) + 1]
-        linked = (kind == COMP) & ((self._tab[2 * (lo + live) + 1] & np.uint64(LINK)) != 0)
-        ent[live] = 0                                  # the switch, every entry word first
         length = (old >> 2) & 0x1FFF
         held = (kind > SAME) & (length > 0)            # (raw with length 0: the header, uncounted)
+        linked = held & ((self._tab[2 * (lo + live) + 1] & np.uint64(LINK)) != 0)
+        ent[live] = 0                                  # the switch, every entry word first
         owned = held
         if linked.any():
             # shared objects: each slot leaves its ring in turn; the last holder (alone by the

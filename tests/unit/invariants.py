@@ -30,7 +30,7 @@ def check(store) -> None:
         if len(slots) == 1:
             assert link[slots[0]] == 0, f"slot {slots[0]} holds {a:#x} alone but has a ring link"
             continue
-        assert all(kinds[i] == COMP for i in slots), f"object {a:#x} shared by a raw slot"
+        assert len({int(kinds[i]) for i in slots}) == 1, f"object {a:#x}: raw and compressed"
         seen, i = [], slots[0]                   # one ring through exactly these slots
         while True:
             seen.append(i)

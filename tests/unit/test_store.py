@@ -622,3 +622,24 @@ def test_an_overwrite_with_the_same_page_and_a_ring_left_in_any_order():
                 assert all(rd(s, j) == p for j in slots[slots.index(i) + 1:])
     finally:
         s.close()
+
+
+def test_an_incompressible_swap_out_shares_too_and_sharing_passes_the_memory_limit():
+    s = mkstore(64, low=2, high=8)
+    rnd = random.Random(9).randbytes(PAGE)
+    try:
+        s.write_swap(1 * PAGE, memoryview(rnd))
+        s.set_memlimit(s.stats()["mem_used_total"])    # full: a new object is refused...
+        with pytest.raises(OSError) as e:
+            s.write_swap(2 * PAGE, memoryview(compressible(4)))
+        assert e.value.errno == errno.ENOMEM
+        s.write_swap(3 * PAGE, memoryview(bytearray(rnd)))   # ...a shared one takes nothing
+        st_ = s.stats()
+        assert s.slot(3)[:3] == ("raw", s.slot(1)[1], PAGE) and st_["dup_data_size"] == PAGE
+        assert st_["huge_pages"] == 2 and rd(s, 3) == rnd
+        check(s)
+        s.discard(1 * PAGE, PAGE)
+        assert rd(s, 3) == rnd and s.stats()["dup_data_size"] == 0
+        check(s)
+    finally:
+        s.close()
