@@ -536,3 +536,21 @@ def test_swapoff_all_touches_only_the_prefix(monkeypatch):
     with pytest.raises(ValueError):
         daemonctl.swapoff_all("")
     assert len(calls) == 2
+
+
+def test_a_kernel_that_panics_before_the_job_starts_is_booted_again(monkeypatch):
+    from tools.vm import run as runmod
+    results = [(runmod.EXIT_NO_STATUS, True), (0, False)]
+    calls = []
+
+    def once(img, opts, out):
+        calls.append(1)
+        return results.pop(0)
+    monkeypatch.setattr(runmod, "_run_once", once)
+    assert runmod.run(None, None) == 0 and len(calls) == 2
+    results[:] = [(runmod.EXIT_NO_STATUS, True)] * 3           # a retry at most
+    calls.clear()
+    assert runmod.run(None, None) == runmod.EXIT_NO_STATUS and len(calls) == 2
+    results[:] = [(runmod.EXIT_NO_STATUS, False), (0, False)]   # the job had begun: no retry
+    calls.clear()
+    assert runmod.run(None, None) == runmod.EXIT_NO_STATUS and len(calls) == 1

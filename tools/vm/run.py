@@ -207,8 +207,26 @@ def blocked_task_dump(sock_path: Path, wait: float = 8.0) -> None:
     time.sleep(wait)
 
 
+#: Boots tried again when the kernel panics before the job starts (seen under TCG: an int3 of
+#: live text patching tripped in early init, in sched_clock_cpu): nothing of the job has run.
+BOOT_RETRIES = 1
+
+
 def run(img: Image, opts: RunOptions, out=sys.stdout) -> int:
-    """Boot, run ``opts.argv``, return its exit status (or EXIT_TIMEOUT / EXIT_NO_STATUS)."""
+    """Boot, run ``opts.argv``, return its exit status (or EXIT_TIMEOUT / EXIT_NO_STATUS). A
+    kernel that panics before the job starts is booted again, BOOT_RETRIES times at most."""
+    for attempt in range(BOOT_RETRIES + 1):
+        rc, died_booting = _run_once(img, opts, out)
+        if not died_booting or attempt == BOOT_RETRIES:
+            return rc
+        print("tools.vm: the kernel panicked before the job started; booting again",
+              file=sys.stderr, flush=True)
+    return rc
+
+
+def _run_once(img: Image, opts: RunOptions, out) -> tuple[int, bool]:
+    """One boot of :func:`run`: (exit status, whether the kernel panicked before the job
+    started)."""
     keep = opts.results is not None
     rundir = Path(opts.results) if keep else Path(tempfile.mkdtemp(prefix="ublkzswap-vm-"))
     rundir.mkdir(parents=True, exist_ok=True)
@@ -263,16 +281,17 @@ def run(img: Image, opts: RunOptions, out=sys.stdout) -> int:
     timing = f"boot {boot:.1f}s, job {t_end - console.started_at:.1f}s" if boot is not None else f"{t_end - t0:.1f}s, job never started"
     if timed_out:
         _report_tail(console, f"timed out after {opts.timeout:g}s ({timing})")
-        return EXIT_TIMEOUT
+        return EXIT_TIMEOUT, False
     rc = int(rc_text) if rc_text and rc_text.lstrip("-").isdigit() else console.marker_rc
     if rc is None:
-        if any("Kernel panic" in line for line in console.tail):
+        panic = any("Kernel panic" in line for line in console.tail)
+        if panic:
             timing = "kernel panic, " + timing
         _report_tail(console, f"guest ended without a status, qemu exit {proc.returncode} ({timing})")
-        return EXIT_NO_STATUS
+        return EXIT_NO_STATUS, panic and boot is None
     if opts.verbose or rc:
         print(f"tools.vm: exit {rc} ({timing})", file=sys.stderr, flush=True)
-    return rc
+    return rc, False
 
 
 KERNEL_LINE = re.compile(r"^\[\s*\d+\.\d+\]")
