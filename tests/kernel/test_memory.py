@@ -76,11 +76,12 @@ def swap_on_1gib(sock):
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "issue 9, open: stale swap slots fill the machine -- once swap is half full the kernel frees "
-    "a slot at swap-in and tells a ublk device only when a whole 2 MiB cluster is free, so the "
-    "device keeps data of freed slots (462 MiB stored for a workload with 384 MiB of non-zero "
-    "pages) that zram frees at once; with ~30 MiB more fixed memory than zram the OOM killer "
-    "takes the workload (docs/NOTES.md, bench/bench_small.py)"))
+    "issue 9, open: zram frees a page's compressed copy at every swap-in (a synchronous device: "
+    "the kernel skips the swap cache and frees the slot at once); a ublk device keeps it while "
+    "the page sits in the swap cache and hears of freed slots only when a whole 2 MiB cluster "
+    "is discarded (deduplication recovers re-swaps of unchanged pages only); with ~25 MiB more "
+    "fixed memory than zram the OOM killer takes the workload (docs/NOTES.md, "
+    "bench/bench_small.py)"))
 @pytest.mark.deadline(1500)
 def test_small_machine(tmp_path):
     """384 MiB of RAM, a 512 MiB workload through a 1 GiB device: every page verified,
