@@ -52,18 +52,54 @@ def fio_verify(size: str, *args: str) -> subprocess.Popen:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def kills_during(proc: subprocess.Popen, sock, n: int, every: float) -> tuple[list[int], list[int]]:
-    """Kill the server ``n`` times, ``every`` seconds apart, while ``proc`` runs; returns the
-    killed pids and pages_stored as each new server answered (stats work after a takeover)."""
+class Relay:
+    """A workload run back to back, so that it outlasts whatever the test does meanwhile on a
+    machine of any speed: ``start()`` makes one run (a Popen with stdout and stderr piped);
+    :meth:`running` says whether the current run goes on, and if it has ended keeps its result
+    and starts the next; :meth:`finish` waits for the current one. ``runs``: (returncode,
+    stdout, stderr) of every run that ended."""
+
+    def __init__(self, start):
+        self.start, self.runs = start, []
+        self.proc = start()
+
+    def running(self) -> bool:
+        if self.proc.poll() is None:
+            return True
+        self.runs.append((self.proc.returncode, *self.proc.communicate()))
+        self.proc = self.start()
+        return False
+
+    def finish(self, timeout: float) -> list[tuple]:
+        out, err = self.proc.communicate(timeout=timeout)
+        self.runs.append((self.proc.returncode, out, err))
+        return self.runs
+
+
+def kills_during(load: Relay, sock, n: int, every: float) -> tuple[list[int], list[int]]:
+    """Kill the server ``n`` times, ``every`` seconds apart, each time while a run of ``load``
+    is under way (one that ended meanwhile is followed by the next before the kill); returns
+    the killed pids and pages_stored as each new server answered (stats work after a
+    takeover)."""
     kills, stored = [], []
-    for _ in range(n):
+    while len(kills) < n:
         time.sleep(every)
-        if proc.poll() is not None:
-            break
-        kills.append(kill_server(sock))
-        current_server(sock, old=kills[-1])
+        pid = current_server(sock)
+        standby_of(pid)                   # prepared: the kill is a takeover, not a restart
+        if not load.running():
+            continue
+        os.kill(pid, signal.SIGKILL)
+        kills.append(pid)
+        current_server(sock, old=pid)
         stored.append(stats(sock)["pages_stored"])
     return kills, stored
+
+
+def assert_fio_verified(runs: list[tuple]) -> None:
+    """Every fio run of a relay exited 0 with nothing wrong read back."""
+    for rc, out, err in runs:
+        assert rc == 0, out[-3000:] + err[-3000:]
+        assert "verify:" not in err and "bad magic" not in err and "err= 0" in out, err[-3000:]
 
 
 class Prober(threading.Thread):
@@ -97,18 +133,17 @@ def test_fio_verifies_across_three_kills_of_the_server(tmp_path):
     sock = tmp_path / "ctl.sock"
     with running("num_devices=1", "standby", f"socket={sock}") as (pid, _):
         rzs(sock, "/dev/ublkb0", "--disksize_kb=262144", "--init")
-        fio = fio_verify("256M", "--iodepth=16", "--bsrange=4k-64k")
+        fio = Relay(lambda: fio_verify("256M", "--iodepth=16", "--bsrange=4k-64k"))
         prober = Prober("/dev/ublkb0")
         prober.start()
         try:
             kills, stored = kills_during(fio, sock, 3, every=8)
-            out, err = fio.communicate(timeout=900)
+            runs = fio.finish(timeout=900)
         finally:
             prober.halt.set()
             prober.join(30)
-        assert len(kills) == 3, "fio finished before three kills: make the job longer"
-        assert fio.returncode == 0, out[-3000:] + err[-3000:]
-        assert "verify:" not in err and "bad magic" not in err and "err= 0" in out, err[-3000:]
+        assert len(kills) == 3
+        assert_fio_verified(runs)
         assert all(n > 0 for n in stored), stored            # not reset by a takeover
         assert not prober.errors, prober.errors[:3]
         # the short request timeout that bounds a takeover is set again by each new server
@@ -125,24 +160,23 @@ def test_swap_survives_two_kills_of_the_server(tmp_path):
     with running("num_devices=1", "standby", f"socket={sock}") as (pid, _):
         rzs(sock, "/dev/ublkb0", f"--disksize_kb={3 * mib * 1024}", "--init")
         subprocess.run(["swapon", "--discard", "/dev/ublkb0"], check=True, timeout=300)
-        load = subprocess.Popen([PY, SWAPLOAD, "--mib", str(mib), "--passes", "2", "--quiet",
-                                 "--mix", MIX],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        load = Relay(lambda: subprocess.Popen(
+            [PY, SWAPLOAD, "--mib", str(mib), "--passes", "2", "--quiet", "--mix", MIX],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         stored = []
         for delay in (60, 90):
             time.sleep(delay)
-            if load.poll() is not None:
-                break
+            while not load.running():     # it ended: the next run swaps out for a while first
+                time.sleep(30)
             old = kill_server(sock)
             t0 = time.monotonic()
             current_server(sock, old=old)
             stored.append(stats(sock)["pages_stored"])
             print(f"\ntakeover under swap: kill -> stats answered by the new server "
                   f"{time.monotonic() - t0:.1f} s")
-        out, _ = load.communicate(timeout=1200)
-        assert len(stored) == 2, "the workload ended before two kills"
-        why = workload_verdict(load.returncode, out, killed_by_test=False)
-        assert why is None, f"{why}\n{out[-3000:]}\n{kernel_log_oom_lines()}"
+        for rc, out, _ in load.finish(timeout=1200):
+            why = workload_verdict(rc, out, killed_by_test=False)
+            assert why is None, f"{why}\n{out[-3000:]}\n{kernel_log_oom_lines()}"
         assert all(n > 0 for n in stored), stored
         assert stats(sock)["failed_reads"] == 0 and daemon_swap_kb(current_server(sock)) == 0
         subprocess.run(["swapoff", "/dev/ublkb0"], check=True, timeout=900)
@@ -205,15 +239,16 @@ def test_a_planned_restart_under_load_loses_nothing(tmp_path):
         rzs(sock, "/dev/ublkb0", "--disksize_kb=131072", "--init")
         before = current_server(sock)
         assert "ublkzswapd-stby" not in _comms()
-        fio = fio_verify("128M", "--iodepth=8", "--bs=4k")
+        fio = Relay(lambda: fio_verify("128M", "--iodepth=8", "--bs=4k"))
         time.sleep(10)
-        r = subprocess.run([PY, "-m", "ublkzswap.daemon", "--restart", f"socket={sock}"],
-                           capture_output=True, text=True, timeout=400)
-        assert r.returncode == 0 and "restarted" in r.stdout, r.stdout + r.stderr
-        assert fio.poll() is None, "fio finished before the restart: make the job longer"
-        out, err = fio.communicate(timeout=900)
-        assert fio.returncode == 0, out[-3000:] + err[-3000:]
-        assert "verify:" not in err and "err= 0" in out, err[-3000:]
+        restart = subprocess.Popen([PY, "-m", "ublkzswap.daemon", "--restart", f"socket={sock}"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while restart.poll() is None:     # fio runs throughout the hand-over
+            fio.running()
+            time.sleep(0.2)
+        out, err = restart.communicate()
+        assert restart.returncode == 0 and "restarted" in out, out + err
+        assert_fio_verified(fio.finish(timeout=900))
         assert current_server(sock) != before
         rzs(sock, "/dev/ublkb0", "--reset")
 
@@ -228,7 +263,7 @@ def test_kills_while_compacting_and_writing_to_the_backing_swap_lose_nothing(tmp
     sock = tmp_path / "ctl.sock"
     with running("num_devices=1", "standby", f"socket={sock}") as (pid, _):
         rzs(sock, "/dev/ublkb0", f"--backing_swap={scratch_disk}", "--memlimit_kb=16384", "--init")
-        fio = fio_verify("192M", "--iodepth=16", "--bsrange=4k-64k")
+        fio = Relay(lambda: fio_verify("192M", "--iodepth=16", "--bsrange=4k-64k"))
         halt = threading.Event()
         compactions = []
 
@@ -243,13 +278,12 @@ def test_kills_while_compacting_and_writing_to_the_backing_swap_lose_nothing(tmp
         compactor.start()
         try:
             kills, _ = kills_during(fio, sock, 2, every=10)
-            out, err = fio.communicate(timeout=800)
+            runs = fio.finish(timeout=800)
         finally:
             halt.set()
             compactor.join(60)
-        assert len(kills) == 2, "fio finished before two kills: make the job longer"
-        assert fio.returncode == 0, out[-3000:] + err[-3000:]
-        assert "verify:" not in err and "bad magic" not in err and "err= 0" in out, err[-3000:]
+        assert len(kills) == 2
+        assert_fio_verified(runs)
         assert compactions.count(0) >= 2, compactions        # compaction did run meanwhile
         st = stats(sock)
         assert st["bd_writes"] > 0 and st["failed_reads"] == 0, st
