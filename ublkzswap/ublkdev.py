@@ -9,7 +9,9 @@ that FETCHed them) and, once every queue is armed, START_DEV -- served meanwhile
 threads, since START_DEV waits for the partition scan's reads
 (../shared/docs/ublk-protocol.md sections 1-3); :meth:`stop` STOP_DEVs and joins every
 thread; :meth:`delete` DEL_DEVs. All queues live in this process: ublk lets one process
-only map a device's descriptor arrays. It knows nothing of compcache: the policy
+only map a device's descriptor arrays (a child forked after they are mapped could serve a
+queue: tools/probe_procqueues.py; the store is not yet shared across processes). It knows
+nothing of compcache: the policy
 (:mod:`ublkzswap.devices`) drives it, and calls :meth:`start` without its lock held: waiting
 for the queues to arm (at most ``arm_timeout`` s) can be given up early with
 :meth:`cancel_start`, from another thread (a daemon that is stopping).
