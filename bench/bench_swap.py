@@ -186,46 +186,59 @@ def swap_run(t, mib: int) -> tuple[float, dict, bool, float]:
         return secs, m, load.returncode == 0, stale
 
 
+def fio_runs(t, r: dict, args) -> None:
+    """The fio part of one rep on target ``t``: 3:1 data (random overwrites, compaction) and
+    zero data, each on a fresh device; results appended to ``r``."""
+    dev = t.up(FIO_MB)
+    try:
+        fill(dev)
+        r["w31"].append(fio(dev, "randwrite", args.runtime, "3:1"))
+        fio(dev, "randwrite", args.runtime, "3:1", partial=True)
+        m = t.mem()
+        if m["compr_data_size"]:
+            r["fio_mem"].append(m["mem_used_total"] / m["compr_data_size"])
+        t.compact()
+        m = t.mem()
+        if m["compr_data_size"]:
+            r["fio_mem_c"].append(m["mem_used_total"] / m["compr_data_size"])
+        r["r31"].append(fio(dev, "randread", args.runtime, "3:1"))
+    finally:
+        t.down()
+    dev = t.up(FIO_MB)
+    try:
+        r["w0"].append(fio(dev, "randwrite", args.runtime, "zero"))
+        r["r0"].append(fio(dev, "randread", args.runtime, "zero"))
+    finally:
+        t.down()
+
+
 def inside(args) -> int:
     mib = int(mem_total_mib() * 1.5)
     res: dict[str, dict] = {}
     for name in args.targets:
         t = Zram(name) if name == "zram" else Ublk(name)
         r = res[name] = {"w31": [], "r31": [], "w0": [], "r0": [], "swap_s": [], "swap_mem": [],
-                         "fio_mem": [], "fio_mem_c": [], "stale": [], "ok": True}
+                         "fio_mem": [], "fio_mem_c": [], "stale": [], "failed": [], "ok": True}
         for rep in range(args.reps):
-            dev = t.up(FIO_MB)
-            try:
-                fill(dev)
-                r["w31"].append(fio(dev, "randwrite", args.runtime, "3:1"))
-                fio(dev, "randwrite", args.runtime, "3:1", partial=True)
-                m = t.mem()
-                if m["compr_data_size"]:
-                    r["fio_mem"].append(m["mem_used_total"] / m["compr_data_size"])
-                t.compact()
-                m = t.mem()
-                if m["compr_data_size"]:
-                    r["fio_mem_c"].append(m["mem_used_total"] / m["compr_data_size"])
-                r["r31"].append(fio(dev, "randread", args.runtime, "3:1"))
-            finally:
-                t.down()
-            dev = t.up(FIO_MB)
-            try:
-                r["w0"].append(fio(dev, "randwrite", args.runtime, "zero"))
-                r["r0"].append(fio(dev, "randread", args.runtime, "zero"))
-            finally:
-                t.down()
+            if args.swap_only:
+                for k in ("w31", "r31", "w0", "r0"):
+                    r[k].append(float("nan"))
+            else:
+                fio_runs(t, r, args)
             secs, m, ok, stale = swap_run(t, mib)
             r["swap_s"].append(secs)
             r["stale"].append(stale)
             r["swap_mem"].append(m["mem_used_total"] / max(m["orig_data_size"], 1))
             r["ok"] &= ok
+            if "num_writes" in m:           # ublkzswap: swap-outs that found no memory ready
+                r["failed"].append(m.get("failed_writes", 0) / max(m["num_writes"], 1))
             print(f"  {name:10s} rep {rep + 1}: fio3:1 w {r['w31'][-1]:.0f} r {r['r31'][-1]:.0f}  "
                   f"zero w {r['w0'][-1]:.0f} r {r['r0'][-1]:.0f} IOPS; swap {secs:.0f}s "
                   f"({'verified' if ok else 'FAILED'}), mem/orig {r['swap_mem'][-1]:.3f}, "
                   f"stale {stale:.3f}; fio overwritten mem/compr "
                   f"{r['fio_mem'][-1] if r['fio_mem'] else float('nan'):.3f} -> "
-                  f"{r['fio_mem_c'][-1] if r['fio_mem_c'] else float('nan'):.3f} compacted",
+                  f"{r['fio_mem_c'][-1] if r['fio_mem_c'] else float('nan'):.3f} compacted"
+                  + (f"; failed writes {r['failed'][-1]:.4f} of all" if r["failed"] else ""),
                   flush=True)
 
     def med(v):
@@ -262,6 +275,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--runtime", type=int, default=10, help="seconds per fio read run")
     ap.add_argument("--mem", type=int, default=512, help="guest RAM in MiB")
+    ap.add_argument("--swap-only", action="store_true", help="the swap workload alone, no fio")
     ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.targets = [t for t in args.targets.split(",") if t]
@@ -271,7 +285,8 @@ def main() -> int:
         return inside(args)
     from bench.vmrun import in_vm
     return in_vm("bench_swap.py", ["--targets", ",".join(args.targets), "--reps", str(args.reps),
-                                   "--runtime", str(args.runtime)], timeout=10800, mem=args.mem)
+                                   "--runtime", str(args.runtime)]
+                 + (["--swap-only"] if args.swap_only else []), timeout=10800, mem=args.mem)
 
 
 if __name__ == "__main__":
