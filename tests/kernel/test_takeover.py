@@ -84,13 +84,10 @@ def kills_during(load: Relay, sock, n: int, every: float) -> tuple[list[int], li
     kills, stored = [], []
     while len(kills) < n:
         time.sleep(every)
-        pid = current_server(sock)
-        standby_of(pid)                   # prepared: the kill is a takeover, not a restart
         if not load.running():
             continue
-        os.kill(pid, signal.SIGKILL)
-        kills.append(pid)
-        current_server(sock, old=pid)
+        kills.append(kill_server(sock))
+        current_server(sock, old=kills[-1])
         stored.append(stats(sock)["pages_stored"])
     return kills, stored
 
