@@ -117,21 +117,19 @@ def fused(pages: list[bytes], args, swap: bool = False) -> tuple[float, float]:
         t = time.perf_counter()
         for b in writes:
             serve(b, done)
-            if done[-1][1] != PAGE or any(r[1] != PAGE for r in done):
+            while True:
                 # a swap-out fails at once when no memory is ready (the keeper is behind):
                 # the kernel writes it again later; so does this, the wait not timed
-                while True:
-                    again = [(tag, opf, tag) for tag, r in done if r == -errno.ENOSPC]
-                    if len(again) < sum(r != PAGE for _, r in done):
-                        raise SystemExit(f"fused write failed: {[r for r in done if r[1] != PAGE][:3]}")
-                    if not again:
-                        break
-                    w0 = time.perf_counter()
-                    time.sleep(0.001)
-                    waited += time.perf_counter() - w0
-                    done.clear()
-                    serve(again, done)
-            done.clear()
+                bad = [(tag, r) for tag, r in done if r != PAGE]
+                done.clear()
+                if not bad:
+                    break
+                if any(r != -errno.ENOSPC for _, r in bad):
+                    raise SystemExit(f"fused write failed: {bad[:3]} (of {len(bad)})")
+                w0 = time.perf_counter()
+                time.sleep(0.001)
+                waited += time.perf_counter() - w0
+                serve([(tag, opf, tag) for tag, _ in bad], done)
         best_w = min(best_w, time.perf_counter() - t - waited)
         t = time.perf_counter()
         for b in reads:
