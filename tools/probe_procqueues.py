@@ -15,7 +15,7 @@ tags (``ubq_daemon`` is then that child). It compares, with fio 4k QD32 from two
 
 Targets: ``null`` (nothing stored: the ring and the loop alone) and ``lzo`` (a Store).
 
-Run:  python3 -m tools.vm run --mem 1024 --timeout 1500 -- python3 tools/probe_procqueues.py
+Run:  python3 -m tools.vm run --mem 1024 --timeout 1800 -- python3 tools/probe_procqueues.py
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.bench_fio import fio                                   # noqa: E402
+from bench.bench_fio import disk_requests, fio                    # noqa: E402
 from ublkzswap import uapi, ublkctrl                              # noqa: E402
 from ublkzswap.memory import set_io_flusher                      # noqa: E402
 from ublkzswap.queue import Queue, make_ring, open_cdev           # noqa: E402
@@ -59,11 +59,6 @@ def cpu_ticks(pids) -> int:
             f = s[s.rindex(")") + 2:].split()
             n += int(f[11]) + int(f[12])
     return n
-
-
-def disk_requests(dev: str) -> int:
-    f = open(f"/sys/block/{os.path.basename(dev)}/stat").read().split()
-    return int(f[0]) + int(f[4])
 
 
 def fio_pair(dev: str, pids) -> list[str]:
@@ -97,8 +92,7 @@ def note(text: str) -> None:
 def child(cdev: int, iod_map, q_id: int, kind: str, wfd: int) -> None:
     """One queue's process: its own target, ring and buffers; the inherited descriptor map."""
     code = 1
-    faulthandler.dump_traceback_later(60, exit=True)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    faulthandler.dump_traceback_later(60, exit=True)     # not armed in a minute: say where
     try:
         set_io_flusher()
         target = make_target(kind)
@@ -123,28 +117,6 @@ def child(cdev: int, iod_map, q_id: int, kind: str, wfd: int) -> None:
     os._exit(code)
 
 
-def watch(pids, stop, after: float = 40.0) -> None:
-    """If fio has not finished ``after`` s on, print where every task of the queue processes
-    and of fio waits (the kernel stacks), and the queue processes' Python stacks (SIGABRT
-    makes faulthandler print them)."""
-    if stop.wait(after):
-        return
-    fios = [d for d in os.listdir("/proc") if d.isdigit() and
-            open(f"/proc/{d}/comm").read().strip() == "fio"]
-    for pid in [str(p) for p in pids] + fios:
-        for tid in sorted(os.listdir(f"/proc/{pid}/task")):
-            try:
-                comm = open(f"/proc/{pid}/task/{tid}/comm").read().strip()
-                st = open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()[0]
-                stack = open(f"/proc/{pid}/task/{tid}/stack").read().split()
-            except OSError:
-                continue
-            fns = [w.split("+")[0] for w in stack if "+" in w]
-            note(f"{pid}/{tid} {comm} {st}: " + " <- ".join(fns[:12]))
-    for p in pids:
-        os.kill(p, signal.SIGUSR1)
-
-
 def run_procs(ctrl, kind: str, queues: int) -> list[str]:
     info = ctrl.add_dev(0, queues, DEPTH, BUF, 0)
     if info.nr_hw_queues != queues:
@@ -165,29 +137,13 @@ def run_procs(ctrl, kind: str, queues: int) -> list[str]:
                 child(cdev, maps[q], q, kind, w)
             pids.append(pid)
         os.close(w)
-        note(f"forked {pids}")
         for _ in range(queues):
             b = os.read(r, 1)
             if b != b"A":
                 raise RuntimeError("a queue process did not arm")
         os.close(r)
-        note("every queue armed; START_DEV")
-        faulthandler.dump_traceback_later(60, exit=False)
         ctrl.start_dev(0)
-        faulthandler.cancel_dump_traceback_later()
-        note("started")
-        subprocess.Popen(["sh", "-c", "sleep 50; echo 8 > /proc/sys/kernel/printk; "
-                          "echo w > /proc/sysrq-trigger; ps -eLo pid,tid,stat,wchan:32,comm "
-                          "| grep -v ' S .*kworker' >&2"])
-        stop = threading.Event()
-        threading.Thread(target=watch, args=(pids, stop), daemon=True).start()
-        try:
-            return fio_pair("/dev/ublkb0", pids)
-        except BaseException as e:
-            note(f"fio: {e!r}")
-            raise
-        finally:
-            stop.set()
+        return fio_pair("/dev/ublkb0", pids)
     finally:
         try:
             ctrl.stop_dev(0)
