@@ -8,6 +8,13 @@ beside zram, which is told of every freed slot (zram with LZO where this kernel 
 else its default), and how much of what ublkzswap stores is shared with a stored twin
 (dup_data_size: deduplication). Printed, not asserted.
 
+Each sample also reads the kernel's side: the slots it holds on the device (/proc/swaps) and
+the pages that are resident again but keep their slot (SwapCached). What the device stores
+beyond the slots held is stale (freed slots, not yet discarded); what it stores for swap-cached
+pages is a second copy of a resident page. zram has neither: it hears of every freed slot, and
+as a synchronous device its swap-ins skip the swap cache and free the slot. The last sample
+before the workload ends (or is killed) is split that way.
+
     python3 bench/bench_small.py [--mib 384] [--targets zram,ublkz-lzo]
 """
 from __future__ import annotations
@@ -22,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from bench.bench_swap import Ublk, Zram, swapload, swapped_on  # noqa: E402
+from bench.bench_swap import Ublk, Zram, kernel_used_pages, swapload, swapped_on  # noqa: E402
 from tools.swapload import parse_mix  # noqa: E402
 
 WORKLOAD_MIB = 512
@@ -32,10 +39,18 @@ DISK_MB = 1024
 NONZERO_MIB = WORKLOAD_MIB * (100 - parse_mix(MIX)["zero"]) // 100
 
 
+def swap_cached_mib() -> int:
+    for line in open("/proc/meminfo"):
+        if line.startswith("SwapCached:"):
+            return int(line.split()[1]) >> 10
+    return 0
+
+
 def run_one(t, mib: int) -> dict:
     from tests.kernel.test_memory import machine_of
-    with swapped_on(t, DISK_MB):
+    with swapped_on(t, DISK_MB) as dev:
         peak = {"stored": 0, "mem": 0}
+        last = None
         with machine_of(mib):
             t0 = time.monotonic()
             load = swapload(WORKLOAD_MIB, 1, MIX)
@@ -48,17 +63,22 @@ def run_one(t, mib: int) -> dict:
                 # pages held, same-filled ones included (zram's orig_data_size leaves them out)
                 pages = m["pages_stored"] + (m["same_pages"] if t.name == "zram" else 0)
                 stored = (pages * 4096) >> 20
+                slots = (kernel_used_pages(dev) * 4096) >> 20
+                cached = swap_cached_mib()
+                last = dict(stored=stored, slots=slots, cached=cached,
+                            mem=m["mem_used_total"] >> 20)
                 peak["stored"] = max(peak["stored"], stored)
                 peak["mem"] = max(peak["mem"], m["mem_used_total"] >> 20)
                 shared = (f" compr {m['compr_data_size'] >> 20:4d} MiB shared "
                           f"{m['dup_data_size'] >> 20:4d} MiB" if "dup_data_size" in m else "")
                 print(f"  {t.name:10s} t={time.monotonic() - t0:5.0f}s stored {stored:4d} MiB "
-                      f"mem_used_total {m['mem_used_total'] >> 20:4d} MiB{shared}", flush=True)
+                      f"mem_used_total {m['mem_used_total'] >> 20:4d} MiB{shared} | kernel: slots "
+                      f"{slots:4d} MiB swap-cached {cached:4d} MiB", flush=True)
             out = load.communicate()[0]
             secs = time.monotonic() - t0
     verdict = ("verified" if load.returncode == 0 and "MISMATCH" not in out
                else "OOM-killed" if load.returncode == -9 else f"failed ({load.returncode})")
-    return dict(secs=secs, verdict=verdict, algorithm=getattr(t, "used", ""), **peak)
+    return dict(secs=secs, verdict=verdict, algorithm=getattr(t, "used", ""), last=last, **peak)
 
 
 def inside(args) -> int:
@@ -78,6 +98,16 @@ def inside(args) -> int:
             print(f"  {name} / zram: peak stored {r['stored'] / z['stored']:.2f}x, peak "
                   f"mem_used_total {r['mem'] / z['mem']:.2f}x (the surplus stored is data of "
                   "slots the kernel freed)")
+    print("  the last sample, split (MiB of pages; slots count the workload's all-zero pages, "
+          "which the device never sees, so stale is a lower bound):")
+    for name, r in res.items():
+        x = r["last"]
+        if not x:
+            continue
+        stale = max(x["stored"] - x["slots"], 0)
+        print(f"    {name:10s} stored {x['stored']:4d} in {x['mem']:4d}: stale >= {stale:4d}, "
+              f"for swap-cached pages <= {min(x['cached'], x['stored'] - stale):4d}, "
+              f"the rest {max(x['stored'] - stale - x['cached'], 0):4d}")
     print(f"  (the workload has {NONZERO_MIB} MiB of non-zero pages; other processes' pages swap "
           "out too)")
     return 0
