@@ -33,6 +33,12 @@ reserved once for the device's maximum and viewed as a numpy ``uint8`` array
 - Transparent huge pages are disabled on the mapping (``MADV_NOHUGEPAGE``) so
   residency follows 4 KiB pages exactly.
 
+The ready pool follows demand: a ``take`` that finds nothing ready (a *miss*: a swap write
+then fails with ENOSPC and the kernel writes it again later) makes the keeper's next pass
+double both watermarks, up to ``grow`` times the configured ones; after ``SHRINK_AFTER``
+seconds without a miss they halve again, and the keeper gives the surplus back. An idle
+device keeps only the configured pool; a burst of swap-outs gets a deeper one.
+
 Resident memory = pages not UNBACKED = READY + OBJECTS + WHOLE (+ pages the keeper is
 working on). Only OBJECTS + WHOLE count as the store's ``mem_used_total``.
 
@@ -74,6 +80,8 @@ DEFAULT_LOW = 64      # pages (256 KiB)
 DEFAULT_HIGH = 256    # pages (1 MiB)
 DEFAULT_INTERVAL = 0.02
 POPULATE_BATCH = 256  # pages the keeper brings in before handing them out (1 MiB)
+DEFAULT_GROW = 4      # the watermarks may grow after misses to this many times their setting
+SHRINK_AFTER = 5.0    # seconds without a miss before grown watermarks halve
 
 log = logging.getLogger("ublkzswap.arena")
 
@@ -106,6 +114,8 @@ class Arena:
         ``take`` and ``give`` deal in unit numbers.
       low, high: watermarks of the ready pool in pages (in whole units, clamped to the
         arena; defaults 64 and 256).
+      grow: after misses the watermarks may double up to ``grow`` times ``low`` and ``high``
+        (1: fixed watermarks).
       lock: ``mlock2(MLOCK_ONFAULT)`` the mapping now (OSError if refused).
       inline_refill: tests and benchmarks without a keeper thread only — when
         the pool is empty, ``take`` runs :meth:`step` itself (this populates
@@ -121,7 +131,7 @@ class Arena:
 
     def __init__(self, npages: int, *, unit: int = 1, low: int | None = None,
                  high: int | None = None, lock: bool = False, inline_refill: bool = False,
-                 prefill: bool = True, may_grow=None, segment=None):
+                 prefill: bool = True, may_grow=None, segment=None, grow: int = DEFAULT_GROW):
         if npages <= 0 or unit <= 0:
             raise ValueError(f"arena needs at least one page and unit, got {npages}, {unit}")
         low = DEFAULT_LOW if low is None else low
@@ -133,8 +143,15 @@ class Arena:
         self.nunits = nunits = -(-npages // unit)
         self.npages = npages = nunits * unit
         self.size = npages * PAGE_SIZE
+        if grow < 1:
+            raise ValueError(f"grow must be at least 1, got {grow}")
         self.high = min(-(-high // unit), nunits)
         self.low = min(-(-low // unit), self.high)
+        self._set_low, self._set_high = self.low, self.high
+        self.high_max = min(self.high * grow, nunits)
+        self.misses = 0            # takes that found no unit ready
+        self._misses_seen = 0      # as of the keeper's last pass
+        self._grown_at = 0.0
         if segment is None:
             self._map = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
             self.mem = np.frombuffer(self._map, dtype=np.uint8)
@@ -198,6 +215,8 @@ class Arena:
             self.step()
             with self._lock:
                 p = self._pop(kind)
+        if p < 0:
+            self.misses += 1
         return p
 
     def _pop(self, kind: int) -> int:
@@ -272,7 +291,9 @@ class Arena:
         surplus above ``high`` back down to the midpoint. Returns (pages
         populated, pages released). System-call failures while populating
         (ENOMEM under memory pressure) leave the pages UNBACKED and are
-        recorded in ``keeper_errors`` / ``last_keeper_error``."""
+        recorded in ``keeper_errors`` / ``last_keeper_error``. The watermarks are adapted
+        first (misses since the last pass grow them, a quiet spell shrinks them)."""
+        self._adapt()
         fill = trim = None
         with self._lock:
             nr = self._nready
@@ -325,6 +346,23 @@ class Arena:
             released = len(trim)
             self.released += released
         return populated, released
+
+    def _adapt(self) -> None:
+        """Double the watermarks if a take missed since the last pass (up to ``high_max``);
+        halve them, down to their setting, after ``SHRINK_AFTER`` seconds without a miss."""
+        misses = self.misses
+        if misses != self._misses_seen:
+            self._misses_seen = misses
+            self._grown_at = time.monotonic()
+            high = min(self.high * 2, self.high_max)
+        elif self.high > self._set_high and time.monotonic() - self._grown_at >= SHRINK_AFTER:
+            self._grown_at = time.monotonic()
+            high = max(self.high // 2, self._set_high)
+        else:
+            return
+        if high != self.high:
+            self.high = high
+            self.low = min(self._set_low * high // self._set_high, high)
 
     def _push_ready(self, pages: np.ndarray) -> None:
         n = self._nready

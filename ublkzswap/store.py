@@ -241,7 +241,9 @@ class Store:
         with self._lock:
             st = dict(zip(COUNTERS, self._counters.tolist()))
             st["mem_used_total"] = self.mem_used_total
-        st.update(disksize=self.disksize, mem_limit=self.memlimit,
+        st.update(pool_misses=getattr(self.pool, "misses", 0),
+                  growth_deferred=getattr(self.pool, "growth_deferred", 0),
+                  disksize=self.disksize, mem_limit=self.memlimit,
                   backing_swap=str(self.backing.name) if self.backing is not None else "",
                   orig_data_size=st["pages_stored"] << PAGE_SHIFT)
         return st

@@ -223,12 +223,57 @@ def test_growth_waits_while_the_guard_says_no():
         assert a.ready == 0 and a.resident == 0 and a.growth_deferred == 1
         assert allow["asked"] and allow["asked"][0] <= ar.POPULATE_BATCH * 4096
         assert allow["asked"][-1] == 4096          # it tried down to a single page
-        assert a.take(ar.OBJECTS) == -1
+        assert a.take(ar.OBJECTS) == -1 and a.misses == 1
         allow["ok"] = True
         populated, _ = a.step()
-        assert populated == 512 and a.ready == 512
+        assert populated == 1024 and a.ready == 1024    # the miss doubled the pool's target
     finally:
         a.close()
+
+
+def test_the_ready_pool_deepens_after_misses_and_shrinks_when_quiet(monkeypatch):
+    """A take that finds nothing ready doubles the watermarks at the next pass, up to ``grow``
+    times their setting; SHRINK_AFTER seconds without a miss halve them again, and the
+    keeper gives the surplus back. With grow=1 they never move."""
+    now = [1000.0]
+    monkeypatch.setattr(ar.time, "monotonic", lambda: now[0])
+    a = ar.Arena(4096, low=16, high=64)
+    try:
+        assert (a.low, a.high, a.ready, a.high_max) == (16, 64, 64, 256)
+        while a.take(ar.OBJECTS) >= 0:
+            pass
+        assert a.misses == 1
+        assert a.step()[0] == 128 and (a.low, a.high) == (32, 128)
+        for _ in range(3):                  # misses keep coming: up to 4x, no further
+            while a.take(ar.OBJECTS) >= 0:
+                pass
+            a.step()
+        assert (a.low, a.high) == (64, 256) and a.ready == 256 and a.misses == 4
+        now[0] += ar.SHRINK_AFTER - 0.1      # not quiet long enough
+        assert a.step() == (0, 0) and a.high == 256
+        now[0] += 0.2
+        populated, released = a.step()       # halved; the surplus goes back, to the midpoint
+        assert (a.low, a.high) == (32, 128) and populated == 0 and released == 256 - 80
+        now[0] += ar.SHRINK_AFTER
+        a.step()
+        now[0] += ar.SHRINK_AFTER
+        a.step()
+        assert (a.low, a.high) == (16, 64) and a.ready <= 64
+        resident = a.resident
+        now[0] += 10 * ar.SHRINK_AFTER
+        a.step()
+        assert (a.low, a.high) == (16, 64) and a.resident == resident   # never below the setting
+    finally:
+        a.close()
+    b = ar.Arena(1024, low=16, high=64, grow=1)
+    try:
+        while b.take(ar.OBJECTS) >= 0:
+            pass
+        assert b.step()[0] == 64 and (b.low, b.high) == (16, 64) and b.misses == 1
+    finally:
+        b.close()
+    with pytest.raises(ValueError):
+        ar.Arena(16, grow=0)
 
 
 def test_growth_guard_counts_available_memory_against_the_min_watermark(tmp_path, monkeypatch):

@@ -80,7 +80,8 @@ def test_raw_names_match_helpers_contract():
         "disksize", "mem_limit", "backing_swap", "num_reads", "num_writes", "failed_reads",
         "failed_writes", "invalid_io", "notify_free", "zero_pages", "same_pages", "good_compress",
         "huge_pages", "pages_stored", "orig_data_size", "compr_data_size", "mem_used_total",
-        "mem_used_max", "bd_reads", "bd_writes", "pages_compacted", "dup_data_size"}
+        "mem_used_max", "bd_reads", "bd_writes", "pages_compacted", "dup_data_size",
+        "pool_misses", "growth_deferred"}
 
 
 def test_percentages_zero_unless_successful_writes_and_pages():

@@ -391,6 +391,7 @@ def test_empty_pool_gives_enospc_and_reads_still_work():
     wr(s, 4, bytes(PAGE))  # same-filled pages need no memory
     st_ = s.stats()
     assert st_["failed_writes"] == 2 and st_["failed_reads"] == 0
+    assert st_["pool_misses"] == 2 and st_["growth_deferred"] == 0
     check(s)
     s.pool.step()  # the keeper brings pages in; the retried write succeeds
     wr(s, 3, compressible(1))
