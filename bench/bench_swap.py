@@ -238,7 +238,9 @@ def inside(args) -> int:
                   f"stale {stale:.3f}; fio overwritten mem/compr "
                   f"{r['fio_mem'][-1] if r['fio_mem'] else float('nan'):.3f} -> "
                   f"{r['fio_mem_c'][-1] if r['fio_mem_c'] else float('nan'):.3f} compacted"
-                  + (f"; failed writes {r['failed'][-1]:.4f} of all" if r["failed"] else ""),
+                  + (f"; failed writes {r['failed'][-1]:.4f} of all" if r["failed"] else "")
+                  + (f" (pool misses {m['pool_misses']}, growth deferred {m['growth_deferred']})"
+                     if "pool_misses" in m else ""),
                   flush=True)
 
     def med(v):
