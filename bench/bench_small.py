@@ -20,6 +20,7 @@ before the workload ends (or is killed) is split that way.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import subprocess
 import sys
@@ -29,7 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from bench.bench_swap import Ublk, Zram, kernel_used_pages, swapload, swapped_on  # noqa: E402
+from bench.bench_swap import SOCK, Ublk, Zram, kernel_used_pages, swapload, swapped_on  # noqa: E402
+from ublkzswap.control import Client  # noqa: E402
 from tools.swapload import parse_mix  # noqa: E402
 
 WORKLOAD_MIB = 512
@@ -37,6 +39,11 @@ MIX = "zero=25,same=10,text=50,random=15"
 DISK_MB = 1024
 # the workload's pages that are not all zero (the kernel keeps those out of the device)
 NONZERO_MIB = WORKLOAD_MIB * (100 - parse_mix(MIX)["zero"]) // 100
+
+
+def oom_adj(value: int) -> None:
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write(str(value))
 
 
 def swap_cached_mib() -> int:
@@ -51,13 +58,19 @@ def run_one(t, mib: int) -> dict:
     with swapped_on(t, DISK_MB) as dev:
         peak = {"stored": 0, "mem": 0}
         last = None
+        # ublkzswap's counters through a connection of this process: under this pressure a new
+        # rzscontrol process takes tens of seconds to start
+        mem = t.mem if t.name == "zram" else functools.partial(Client(SOCK).call, "stats", 0)
         with machine_of(mib):
             t0 = time.monotonic()
             load = swapload(WORKLOAD_MIB, 1, MIX)
+            # this driver must outlive the OOM killer's choice to report it; the workload, its
+            # child, keeps the adjustment it started with
+            oom_adj(-1000)
             while load.poll() is None:
                 time.sleep(3)
                 try:
-                    m = t.mem()
+                    m = mem()
                 except (OSError, subprocess.CalledProcessError):
                     continue
                 # pages held, same-filled ones included (zram's orig_data_size leaves them out)
@@ -70,12 +83,16 @@ def run_one(t, mib: int) -> dict:
                 peak["stored"] = max(peak["stored"], stored)
                 peak["mem"] = max(peak["mem"], m["mem_used_total"] >> 20)
                 shared = (f" compr {m['compr_data_size'] >> 20:4d} MiB shared "
-                          f"{m['dup_data_size'] >> 20:4d} MiB" if "dup_data_size" in m else "")
+                          f"{m['dup_data_size'] >> 20:4d} MiB writes failed "
+                          f"{m['failed_writes']}/{m['num_writes']} (pool misses "
+                          f"{m['pool_misses']}, growth deferred {m['growth_deferred']})"
+                          if "pool_misses" in m else "")
                 print(f"  {t.name:10s} t={time.monotonic() - t0:5.0f}s stored {stored:4d} MiB "
                       f"mem_used_total {m['mem_used_total'] >> 20:4d} MiB{shared} | kernel: slots "
                       f"{slots:4d} MiB swap-cached {cached:4d} MiB", flush=True)
             out = load.communicate()[0]
             secs = time.monotonic() - t0
+            oom_adj(0)
     verdict = ("verified" if load.returncode == 0 and "MISMATCH" not in out
                else "OOM-killed" if load.returncode == -9 else f"failed ({load.returncode})")
     return dict(secs=secs, verdict=verdict, algorithm=getattr(t, "used", ""), last=last, **peak)

@@ -182,8 +182,24 @@ def swap_run(t, mib: int) -> tuple[float, dict, bool, float]:
         load.communicate(timeout=3600)
         secs = time.monotonic() - t0
         m = t.mem()
+        m.update(request_pages(dev))
+        if hasattr(t, "pid"):
+            m["daemon_cpu_s"] = cpu_seconds(t.pid)
         subprocess.run(["swapoff", dev], check=True, timeout=1800)
         return secs, m, load.returncode == 0, stale
+
+
+def request_pages(dev: str) -> dict:
+    """The block layer's mean request size on ``dev`` in pages, reads and writes
+    (/sys/block/NAME/stat: requests completed and sectors)."""
+    f = [int(x) for x in open(f"/sys/block/{os.path.basename(os.path.realpath(dev))}/stat").read().split()]
+    return {"read_req_pages": f[2] / 8 / max(f[0], 1), "write_req_pages": f[6] / 8 / max(f[4], 1)}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` and all its threads, in seconds."""
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def fio_runs(t, r: dict, args) -> None:
@@ -240,7 +256,10 @@ def inside(args) -> int:
                   f"{r['fio_mem_c'][-1] if r['fio_mem_c'] else float('nan'):.3f} compacted"
                   + (f"; failed writes {r['failed'][-1]:.4f} of all" if r["failed"] else "")
                   + (f" (pool misses {m['pool_misses']}, growth deferred {m['growth_deferred']})"
-                     if "pool_misses" in m else ""),
+                     if "pool_misses" in m else "")
+                  + f"; pages a request: read {m['read_req_pages']:.2f} write "
+                    f"{m['write_req_pages']:.2f}"
+                  + (f"; daemon CPU {m['daemon_cpu_s']:.0f} s" if "daemon_cpu_s" in m else ""),
                   flush=True)
 
     def med(v):
