@@ -187,6 +187,7 @@ class Arena:
         self.inline_refill = inline_refill
         self.may_grow = may_grow
         self.growth_deferred = 0   # batches not populated because may_grow said no
+        self.short = False         # the keeper's last fill was held back by may_grow
         self.keeper_errors = 0
         self.last_keeper_error: OSError | None = None
         self._logged_at = -1e9
@@ -202,8 +203,9 @@ class Arena:
         """Pop a READY unit for ``kind`` (OBJECTS or WHOLE); -1 if none is ready.
 
         With ``timeout > 0`` and the keeper running, an empty pool wakes the keeper and waits
-        up to ``timeout`` seconds for its next batch (for writes whose failure the kernel
-        would not retry; a swap write passes 0 and fails at once instead)."""
+        up to ``timeout`` seconds for its next batch (long for writes whose failure the kernel
+        would not retry; short for a swap write, and 0 -- it fails at once -- while
+        :attr:`short` says the keeper is held back for want of memory)."""
         with self._lock:
             p = self._pop(kind)
             n = self._nready
@@ -335,6 +337,7 @@ class Arena:
                     self._refilled.notify_all()
                 populated += n
             self.populated += populated
+            self.short = refused
             if refused:
                 self.growth_deferred += 1
         if trim is not None:

@@ -22,7 +22,10 @@ forward; ``clen > 3072`` without -> raw, a whole page (``huge_pages``); else an 
 memory ready: forward with backing, else ENOSPC. Without backing a memory limit caps
 ``mem_used_total`` (ENOMEM, the old content stays). A forwarded page keeps its RAM copy until
 the backing write has succeeded. ``write`` may wait ``alloc_wait`` s for memory (an ordinary
-write that fails is data lost); ``write_swap`` never waits (the kernel keeps the page).
+write that fails is data lost); ``write_swap`` waits ``swap_wait`` s at most, for the keeper's
+next batch, and not at all while the keeper is held back at the free-memory line (the pool's
+``short``): the kernel keeps a page whose swap-out failed and writes it again later, but each
+failure wastes a compression and the reclaim that chose the page.
 Read: same-filled, raw or decompressed; an empty slot comes from the backing swap
 (``bd_reads``) or reads as zeros. DISCARD and WRITE_ZEROES free pages (``notify_free``).
 
@@ -100,6 +103,7 @@ COMPACT_BATCH = 64            # objects moved per hold of the store lock
 COMPACT_SCAN = 8192           # slots of the table scanned at a time
 DISCARD_SLICE = 512           # slots a discard clears at a time (a swap cluster: 2 MiB)
 COMPACT_WAIT = 1.0            # seconds on-demand compaction waits for the keeper's next units
+SWAP_WAIT = 0.02              # seconds a swap-out may wait for the keeper (see "Write")
 BACKGROUND_WASTE = 0.10       # background compaction starts above this share of unused memory
 PRESSURE_WASTE_UNITS = 2      # ...and short of memory, above this many units unused
 
@@ -165,11 +169,12 @@ class Store:
     (``keeper_init``, ``keeper_interval`` go to :meth:`Arena.start`; ``keeper_idle`` runs in
     the keeper after each pass, after background compaction). allocator: an object
     allocator or a name from :data:`ALLOCATORS`. alloc_wait: seconds :meth:`write` may wait for
-    memory. Raises ValueError for bad arguments.
+    memory; swap_wait: the same for :meth:`write_swap`, unless the pool is ``short``. Raises ValueError for bad arguments.
     """
 
     def __init__(self, disksize: int, *, memlimit: int = 0, compressor="lzo", backing=None,
-                 pool=None, allocator="log", alloc_wait: float = 2.0, keeper: bool = True,
+                 pool=None, allocator="log", alloc_wait: float = 2.0,
+                 swap_wait: float = SWAP_WAIT, keeper: bool = True,
                  keeper_init=None, keeper_idle=None,
                  keeper_interval: float = _arena.DEFAULT_INTERVAL,
                  state=None, adopt: bool = False, dedup: bool = True, **pool_options):
@@ -183,6 +188,7 @@ class Store:
         self.backing = backing
         self.max_zpage_size = MAX_ZPAGE_SIZE_BDEV if backing is not None else MAX_ZPAGE_SIZE_NOBDEV
         self.alloc_wait = alloc_wait
+        self.swap_wait = swap_wait
         self._own_pool = pool is None
         if pool is None:
             cls = ALLOCATORS[allocator]
@@ -266,8 +272,9 @@ class Store:
         return self._write(offset, buf, self.alloc_wait, False)
 
     def write_swap(self, offset: int, buf: memoryview):
-        """:meth:`write` for a swap-out: never waits for memory (ENOSPC at once)."""
-        return self._write(offset, buf, 0.0, True)
+        """:meth:`write` for a swap-out: waits ``swap_wait`` s at most for memory, not at all
+        while the pool is ``short`` (ENOSPC at once)."""
+        return self._write(offset, buf, 0.0 if self.pool.short else self.swap_wait, True)
 
     def read(self, offset: int, buf: memoryview):
         """Fill ``buf`` (whole pages) from ``offset``. Returns None or a BackingIO; raises
@@ -321,7 +328,8 @@ class Store:
         cfn, cargs = comp.compress_call
         dfn, dargs = comp.decompress_call
         malloc, free, pages_used = alloc.malloc, alloc.free, alloc.pages_used
-        max_zpage, wait = self.max_zpage_size, self.alloc_wait
+        max_zpage, wait, swap_wait = self.max_zpage_size, self.alloc_wait, self.swap_wait
+        pool = self.pool
         dd, ddmask, mem = self._dd, self._ddmask, self.pool.mem
 
         def serve(reqs, done):
@@ -393,7 +401,8 @@ class Store:
                                 addr = t[2 * twin - 2] >> 16   # its object: nothing taken
                             elif kind != SAME:
                                 try:
-                                    addr = malloc(clen, 0.0 if opf & SWAP else wait)
+                                    addr = malloc(clen, wait if not opf & SWAP else
+                                                  0.0 if pool.short else swap_wait)
                                 except MemoryError:
                                     failed_w += 1
                                     done.append((tag, ENOSPC))

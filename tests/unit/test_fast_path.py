@@ -203,3 +203,39 @@ def test_a_store_with_a_backing_swap_has_no_fast_path(tmp_path):
     finally:
         s.close()
         b.close()
+
+
+@pytest.mark.parametrize("general", [False, True])
+def test_a_swap_out_waits_for_memory_only_while_the_keeper_is_not_held_back(general):
+    """How long each write may wait for a ready unit, through either path: an ordinary write
+    its alloc_wait, a swap-out its swap_wait, and a swap-out nothing while the pool is short
+    (the keeper held back at the free-memory line)."""
+    s = small_store(0, PAGES * PAGE, alloc_wait=1.5, swap_wait=0.25)
+    waits = []
+    real = s.allocator.malloc
+
+    def malloc(size, timeout=0.0):
+        waits.append(timeout)
+        return real(size, timeout)
+    s.allocator.malloc = malloc
+    rng = random.Random(5)
+    try:
+        def wakeup(start):
+            return (None, [(0, W, start * 8, 8, page_of_text(rng)),
+                           (1, W | SWAP, (start + 1) * 8, 8, page_of_text(rng))])
+        target = GeneralOnly(s) if general else s
+        assert not s.pool.short
+        results = run(target, s, [wakeup(0)])[0]
+        assert waits == [1.5, 0.25] and results == {0: [PAGE], 1: [PAGE]}
+        s.pool.short = True
+        waits.clear()
+        results = run(target, s, [wakeup(10)])[0]
+        assert waits == [1.5, 0.0] and results == {0: [PAGE], 1: [PAGE]}
+    finally:
+        s.close()
+
+
+def page_of_text(rng: random.Random) -> bytes:
+    """A compressible page unlike any other (a stored object, never same-filled)."""
+    words = [f"{rng.random():.12f} lorem ipsum " for _ in range(100)]
+    return "".join(words).encode()[:PAGE].ljust(PAGE, b".")
