@@ -259,7 +259,10 @@ def inside(args) -> int:
                      if "pool_misses" in m else "")
                   + f"; pages a request: read {m['read_req_pages']:.2f} write "
                     f"{m['write_req_pages']:.2f}"
-                  + (f"; daemon CPU {m['daemon_cpu_s']:.0f} s" if "daemon_cpu_s" in m else ""),
+                  + (f"; daemon CPU {m['daemon_cpu_s']:.0f} s, "
+                     f"{m['daemon_cpu_s'] * 1e6 / max(m['num_reads'] + m['num_writes'], 1):.0f} us "
+                     f"a page ({m['num_reads']} read, {m['num_writes']} written)"
+                     if "daemon_cpu_s" in m else ""),
                   flush=True)
 
     def med(v):
