@@ -34,7 +34,7 @@ reserved once for the device's maximum and viewed as a numpy ``uint8`` array
   residency follows 4 KiB pages exactly.
 
 The ready pool follows demand: a ``take`` that finds nothing ready (a *miss*: a swap write
-then fails with ENOSPC and the kernel writes it again later) makes the keeper's next pass
+then waits briefly, and fails with ENOSPC if the keeper is still behind) makes the keeper's next pass
 double both watermarks, up to ``grow`` times the configured ones; after ``SHRINK_AFTER``
 seconds without a miss they halve again, and the keeper gives the surplus back. An idle
 device keeps only the configured pool; a burst of swap-outs gets a deeper one.
@@ -149,7 +149,7 @@ class Arena:
         self.low = min(-(-low // unit), self.high)
         self._set_low, self._set_high = self.low, self.high
         self.high_max = min(self.high * grow, nunits)
-        self.misses = 0            # takes that found no unit ready
+        self.misses = 0            # takes that found the pool empty
         self._misses_seen = 0      # as of the keeper's last pass
         self._grown_at = 0.0
         if segment is None:
@@ -209,6 +209,8 @@ class Arena:
         with self._lock:
             p = self._pop(kind)
             n = self._nready
+        if p < 0:
+            self.misses += 1      # (whether or not a wait below then gets a unit)
         if n < self.low and self._thread is not None and not self._event.is_set():
             self._event.set()
         if p < 0 and timeout > 0 and self._thread is not None:
@@ -217,8 +219,6 @@ class Arena:
             self.step()
             with self._lock:
                 p = self._pop(kind)
-        if p < 0:
-            self.misses += 1
         return p
 
     def _pop(self, kind: int) -> int:

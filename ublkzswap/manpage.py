@@ -457,8 +457,9 @@ def ublkzswapd_page() -> str:
         "(not every library it maps), grows its heap and reserves its buffers at start, sets its "
         "oom_score_adj to -1000, and refuses to start if it cannot. It grows its memory only "
         "while the kernel can spare it without swapping and never makes the kernel OOM-kill for "
-        "it; when it has no ready memory for a swap write, the write fails and the kernel keeps "
-        "the page in RAM and retries later. Stored pages are compacted in the background "
+        "it; when it has no ready memory for a swap write (held back at that line, or still "
+        "behind after 20 ms), the write fails and the kernel keeps the page in RAM and retries "
+        "later. Stored pages are compacted in the background "
         "(rzscontrol --compact on demand)."))
     out.append(para(RZS_DISCARD))
     out.append(para(RZS_ZSWAP))

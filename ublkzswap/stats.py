@@ -115,10 +115,11 @@ COUNTERS: tuple[Counter, ...] = (
             "to one already stored share its copy (zram's dedup patches' dup_data_size); "
             "what the data takes is compr_data_size - dup_data_size."),
     Counter("pool_misses", None, "count",
-            "Page writes that found no memory ready for them: a swap-out then fails at once "
-            "(ENOSPC; the kernel keeps the page and writes it again later), other writes wait "
-            "for the keeper. Each miss deepens the ready pool for a while. Counted since the "
-            "serving daemon took the device."),
+            "Page writes that found no memory ready for them. A swap-out then waits up to 20 ms "
+            "for the keeper (not at all while it is held back, see growth_deferred) and fails "
+            "with ENOSPC if still none is ready: the kernel keeps the page and writes it again "
+            "later. Other writes wait longer. Each miss deepens the ready pool for a while. "
+            "Counted since the serving daemon took the device."),
     Counter("growth_deferred", None, "count",
             "Keeper passes that brought in less memory than the ready pool wanted because free "
             "memory was at the daemon's watermark (growth is left to the kernel's reclaim of "
