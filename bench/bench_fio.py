@@ -63,10 +63,24 @@ def fio(dev: str, rw: str, runtime: int, size_mb: int, depth: int, numjobs: int 
     return {"iops": float(side["iops"]), "lat_us": float(side["clat_ns"]["mean"]) / 1000}
 
 
+def disk_stat(dev: str) -> list[int]:
+    """The block layer's counters for ``dev`` (/sys/block/NAME/stat: [0] reads completed,
+    [2] sectors read, [4] writes completed, [6] sectors written, ...)."""
+    name = os.path.basename(os.path.realpath(dev))
+    return [int(x) for x in open(f"/sys/block/{name}/stat").read().split()]
+
+
 def disk_requests(dev: str) -> int:
-    """Reads + writes the block layer completed on ``dev`` (/sys/block/NAME/stat)."""
-    f = open(f"/sys/block/{os.path.basename(dev)}/stat").read().split()
-    return int(f[0]) + int(f[4])
+    """Reads + writes the block layer completed on ``dev``."""
+    f = disk_stat(dev)
+    return f[0] + f[4]
+
+
+def cpu_ticks(stat_path: str) -> int:
+    """utime + stime of a /proc/PID/stat or /proc/PID/task/TID/stat file, in clock ticks."""
+    stat = open(stat_path).read()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[11]) + int(fields[12])
 
 
 def queue_threads(pid: int) -> dict[str, int]:
@@ -76,9 +90,7 @@ def queue_threads(pid: int) -> dict[str, int]:
         try:
             if not open(f"/proc/{pid}/task/{tid}/comm").read().startswith("ublkq"):
                 continue
-            stat = open(f"/proc/{pid}/task/{tid}/stat").read()
-            fields = stat[stat.rindex(")") + 2:].split()
-            out["ticks"] += int(fields[11]) + int(fields[12])     # utime, stime
+            out["ticks"] += cpu_ticks(f"/proc/{pid}/task/{tid}/stat")
             for line in open(f"/proc/{pid}/task/{tid}/status"):
                 if line.startswith("voluntary_ctxt_switches:"):
                     out["waits"] += int(line.split()[1])

@@ -27,6 +27,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from bench.bench_fio import CLK_TCK, cpu_ticks, disk_stat  # noqa: E402
+
 PY = os.path.realpath(sys.executable)
 SOCK = "/run/ublkzswap-bench.sock"
 FIO_MB = 256
@@ -184,22 +186,15 @@ def swap_run(t, mib: int) -> tuple[float, dict, bool, float]:
         m = t.mem()
         m.update(request_pages(dev))
         if hasattr(t, "pid"):
-            m["daemon_cpu_s"] = cpu_seconds(t.pid)
+            m["daemon_cpu_s"] = cpu_ticks(f"/proc/{t.pid}/stat") / CLK_TCK   # all its threads
         subprocess.run(["swapoff", dev], check=True, timeout=1800)
         return secs, m, load.returncode == 0, stale
 
 
 def request_pages(dev: str) -> dict:
-    """The block layer's mean request size on ``dev`` in pages, reads and writes
-    (/sys/block/NAME/stat: requests completed and sectors)."""
-    f = [int(x) for x in open(f"/sys/block/{os.path.basename(os.path.realpath(dev))}/stat").read().split()]
+    """The block layer's mean request size on ``dev`` in pages, reads and writes."""
+    f = disk_stat(dev)
     return {"read_req_pages": f[2] / 8 / max(f[0], 1), "write_req_pages": f[6] / 8 / max(f[4], 1)}
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` and all its threads, in seconds."""
-    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def fio_runs(t, r: dict, args) -> None:
