@@ -169,7 +169,8 @@ class Store:
     (``keeper_init``, ``keeper_interval`` go to :meth:`Arena.start`; ``keeper_idle`` runs in
     the keeper after each pass, after background compaction). allocator: an object
     allocator or a name from :data:`ALLOCATORS`. alloc_wait: seconds :meth:`write` may wait for
-    memory; swap_wait: the same for :meth:`write_swap`, unless the pool is ``short``. Raises ValueError for bad arguments.
+    memory; swap_wait: the same for :meth:`write_swap`, unless the pool is ``short``. Raises
+    ValueError for bad arguments.
     """
 
     def __init__(self, disksize: int, *, memlimit: int = 0, compressor="lzo", backing=None,
@@ -272,9 +273,14 @@ class Store:
         return self._write(offset, buf, self.alloc_wait, False)
 
     def write_swap(self, offset: int, buf: memoryview):
-        """:meth:`write` for a swap-out: waits ``swap_wait`` s at most for memory, not at all
-        while the pool is ``short`` (ENOSPC at once)."""
-        return self._write(offset, buf, 0.0 if self.pool.short else self.swap_wait, True)
+        """:meth:`write` for a swap-out: waits :attr:`swap_timeout` s at most for memory."""
+        return self._write(offset, buf, self.swap_timeout, True)
+
+    @property
+    def swap_timeout(self) -> float:
+        """How long a swap-out may wait for memory now: ``swap_wait``, or 0 (ENOSPC at once)
+        while the pool is ``short`` (its keeper held back at the free-memory line)."""
+        return 0.0 if getattr(self.pool, "short", False) else self.swap_wait
 
     def read(self, offset: int, buf: memoryview):
         """Fill ``buf`` (whole pages) from ``offset``. Returns None or a BackingIO; raises
@@ -328,8 +334,7 @@ class Store:
         cfn, cargs = comp.compress_call
         dfn, dargs = comp.decompress_call
         malloc, free, pages_used = alloc.malloc, alloc.free, alloc.pages_used
-        max_zpage, wait, swap_wait = self.max_zpage_size, self.alloc_wait, self.swap_wait
-        pool = self.pool
+        max_zpage, wait = self.max_zpage_size, self.alloc_wait
         dd, ddmask, mem = self._dd, self._ddmask, self.pool.mem
 
         def serve(reqs, done):
@@ -401,8 +406,8 @@ class Store:
                                 addr = t[2 * twin - 2] >> 16   # its object: nothing taken
                             elif kind != SAME:
                                 try:
-                                    addr = malloc(clen, wait if not opf & SWAP else
-                                                  0.0 if pool.short else swap_wait)
+                                    addr = malloc(clen, self.swap_timeout if opf & SWAP
+                                                  else wait)
                                 except MemoryError:
                                     failed_w += 1
                                     done.append((tag, ENOSPC))
