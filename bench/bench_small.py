@@ -58,7 +58,7 @@ def run_one(t, mib: int) -> dict:
     from tests.kernel.test_memory import machine_of
     with swapped_on(t, DISK_MB) as dev:
         peak = {"stored": 0, "mem": 0}
-        last = None
+        most = None                       # the sample of the most slots held
         # ublkzswap's counters through a connection of this process: under this pressure a new
         # rzscontrol process takes tens of seconds to start
         mem = t.mem if t.name == "zram" else functools.partial(Client(SOCK).call, "stats", 0)
@@ -79,8 +79,8 @@ def run_one(t, mib: int) -> dict:
                 stored = (pages * 4096) >> 20
                 slots = (kernel_used_pages(dev) * 4096) >> 20
                 cached = swap_cached_mib()
-                if last is None or slots >= last["slots"]:   # (a kill frees slots at once)
-                    last = dict(stored=stored, slots=slots, cached=cached,
+                if most is None or slots >= most["slots"]:   # (a kill frees slots at once)
+                    most = dict(stored=stored, slots=slots, cached=cached,
                                 mem=m["mem_used_total"] >> 20)
                 peak["stored"] = max(peak["stored"], stored)
                 peak["mem"] = max(peak["mem"], m["mem_used_total"] >> 20)
@@ -97,7 +97,7 @@ def run_one(t, mib: int) -> dict:
             oom_adj(0)
     verdict = ("verified" if load.returncode == 0 and "MISMATCH" not in out
                else "OOM-killed" if load.returncode == -9 else f"failed ({load.returncode})")
-    return dict(secs=secs, verdict=verdict, algorithm=getattr(t, "used", ""), last=last, **peak)
+    return dict(secs=secs, verdict=verdict, algorithm=getattr(t, "used", ""), most=most, **peak)
 
 
 def inside(args) -> int:
@@ -117,10 +117,10 @@ def inside(args) -> int:
             print(f"  {name} / zram: peak stored {r['stored'] / z['stored']:.2f}x, peak "
                   f"mem_used_total {r['mem'] / z['mem']:.2f}x (the surplus stored is data of "
                   "slots the kernel freed)")
-    print("  the sample of the most slots held, split (MiB of pages; slots count the workload's all-zero pages, "
-          "which the device never sees, so stale is a lower bound):")
+    print("  the sample of the most slots held, split (MiB of pages; slots count the workload's "
+          "all-zero pages, which the device never sees, so stale is a lower bound):")
     for name, r in res.items():
-        x = r["last"]
+        x = r["most"]
         if not x:
             continue
         stale = max(x["stored"] - x["slots"], 0)
