@@ -11,7 +11,7 @@ import pytest
 
 import invariants
 from fakering import FakeRing
-from fakeublk import make_swapfile, small_store
+from fakeublk import make_swapfile, small_store, text_page
 from ublkzswap import compress as cz, uapi
 from ublkzswap.backing import Backing
 from ublkzswap import store as store_module
@@ -218,11 +218,10 @@ def test_a_swap_out_waits_for_memory_only_while_the_keeper_is_not_held_back(gene
         waits.append(timeout)
         return real(size, timeout)
     s.allocator.malloc = malloc
-    rng = random.Random(5)
     try:
         def wakeup(start):
-            return (None, [(0, W, start * 8, 8, page_of_text(rng)),
-                           (1, W | SWAP, (start + 1) * 8, 8, page_of_text(rng))])
+            return (None, [(0, W, start * 8, 8, text_page(start)),
+                           (1, W | SWAP, (start + 1) * 8, 8, text_page(start + 1))])
         target = GeneralOnly(s) if general else s
         assert not s.pool.short
         results = run(target, s, [wakeup(0)])[0]
@@ -233,9 +232,3 @@ def test_a_swap_out_waits_for_memory_only_while_the_keeper_is_not_held_back(gene
         assert waits == [1.5, 0.0] and results == {0: [PAGE], 1: [PAGE]}
     finally:
         s.close()
-
-
-def page_of_text(rng: random.Random) -> bytes:
-    """A compressible page unlike any other (a stored object, never same-filled)."""
-    words = [f"{rng.random():.12f} lorem ipsum " for _ in range(100)]
-    return "".join(words).encode()[:PAGE].ljust(PAGE, b".")
