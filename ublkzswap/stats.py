@@ -115,7 +115,8 @@ COUNTERS: tuple[Counter, ...] = (
             "to one already stored share its copy (zram's dedup patches' dup_data_size); "
             "what the data takes is compr_data_size - dup_data_size."),
     Counter("pool_misses", None, "count",
-            "Page writes that found no memory ready for them. A swap-out then waits up to 20 ms "
+            "Times a page write (or compaction, moving an object) found no memory ready. A "
+            "swap-out then waits up to 20 ms "
             "for the keeper (not at all while it is held back, see growth_deferred) and fails "
             "with ENOSPC if still none is ready: the kernel keeps the page and writes it again "
             "later. Other writes wait longer. Each miss deepens the ready pool for a while. "
