@@ -23,6 +23,7 @@ import time
 import pytest
 
 from tools.swapload import mem_total_mib, remove_cgroups
+from ublkzswap.control import Client
 
 from . import alloctrace, scratch
 from .daemonctl import PY, block_stat, leftovers, running, swapoff_all, wait_gone
@@ -269,11 +270,30 @@ def lsattr(path: str) -> str:
     return subprocess.run(["lsattr", path], capture_output=True, text=True, check=True).stdout.split()[0]
 
 
+def ended_after_failures(load: subprocess.Popen, sock, grace: float = 30,
+                         limit: float = 120) -> bool:
+    """Let ``load`` run until it exits, or until ``grace`` seconds after the device first
+    failed a write (or ``limit`` seconds in all): then kill it, as an admin would end a
+    thrashing machine's job. Returns whether it was killed."""
+    t0, failing = time.monotonic(), None
+    # one connection: under thrashing a new rzscontrol process takes long to start
+    with Client(str(sock)) as client:
+        while load.poll() is None:
+            now = time.monotonic()
+            if failing is None and client.call("stats", 0)["failed_writes"] > 0:
+                failing = now
+            if now - t0 > limit or (failing is not None and now - failing > grace):
+                load.kill()
+                return True
+            time.sleep(1)
+    return False
+
+
 @pytest.mark.deadline(900)
 def test_memlimit_exhausted_without_backing_writes_fail_daemon_lives(tmp_path):
     """More than the cgroup's RAM + memlimit: swap writes fail with ENOMEM, the kernel keeps
     those pages (and, as with zram's mem_limit, may thrash rather than OOM while it believes
-    swap has room; the workload is ended after 120 s if so). The workload either finishes with
+    swap has room; the workload is ended 30 s after the first failed write if so). The workload either finishes with
     every page right or is ended by that kill having read nothing wrong; the OOM killer or a
     crash fails the test. The daemon must stay alive and responsive, and once the workload is
     gone everything returns to normal: swapoff, reset, nothing lost that was stored."""
@@ -285,13 +305,8 @@ def test_memlimit_exhausted_without_backing_writes_fail_daemon_lives(tmp_path):
         cmd = [PY, SWAPLOAD, "--mib", str(mib), "--passes", "1", "--quiet",
                "--mix", "zero=10,same=5,text=40,random=45", "--cgroup-limit", str(limit)]
         load = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        killed = False
-        try:
-            out, _ = load.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            load.kill()                       # thrashing: end it, as an admin would
-            killed = True
-            out, _ = load.communicate(timeout=600)
+        killed = ended_after_failures(load, sock)
+        out, _ = load.communicate(timeout=600)
         why = workload_verdict(load.returncode, out, killed)
         assert why is None, f"{why}\n{out[-3000:]}\nkernel log:\n{kernel_log_oom_lines()}"
         st = stats(sock)

@@ -150,6 +150,20 @@ def test_fio_verifies_across_three_kills_of_the_server(tmp_path):
         rzs(sock, "/dev/ublkb0", "--reset")
 
 
+def swapped(load: Relay, sock, key: str, since: int, pages: int, timeout: float = 600) -> int:
+    """Wait, keeping ``load`` going, until the device's ``key`` count (num_writes, num_reads) has
+    grown by ``pages`` since ``since`` while a run is under way; returns the count. Waiting on
+    the device's own traffic rather than a fixed delay makes a kill land mid-swap on a machine
+    of any speed, and no later than it must."""
+    deadline = time.monotonic() + timeout
+    while True:
+        n = stats(sock)[key]
+        if n - since >= pages and load.running():
+            return n
+        assert time.monotonic() < deadline, f"{key} grew {n - since} of {pages} in {timeout:g} s"
+        time.sleep(1)
+
+
 @pytest.mark.deadline(1500)
 def test_swap_survives_two_kills_of_the_server(tmp_path):
     sock = tmp_path / "ctl.sock"
@@ -157,14 +171,15 @@ def test_swap_survives_two_kills_of_the_server(tmp_path):
     with running("num_devices=1", "standby", f"socket={sock}") as (pid, _):
         rzs(sock, "/dev/ublkb0", f"--disksize_kb={3 * mib * 1024}", "--init")
         subprocess.run(["swapon", "--discard", "/dev/ublkb0"], check=True, timeout=300)
+        # one pass: the workload fills its memory (swapping out), then reads every page back
         load = Relay(lambda: subprocess.Popen(
-            [PY, SWAPLOAD, "--mib", str(mib), "--passes", "2", "--quiet", "--mix", MIX],
+            [PY, SWAPLOAD, "--mib", str(mib), "--passes", "1", "--quiet", "--mix", MIX],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        # the first kill once 64 MiB have been swapped out to the first server; the second once
+        # the next server has served 16 MiB of swap-ins (most of them pages the first stored)
         stored = []
-        for delay in (60, 90):
-            time.sleep(delay)
-            while not load.running():     # it ended: the next run swaps out for a while first
-                time.sleep(30)
+        for key, pages in (("num_writes", 16384), ("num_reads", 4096)):
+            swapped(load, sock, key, stats(sock)[key], pages)
             old = kill_server(sock)
             t0 = time.monotonic()
             current_server(sock, old=old)
