@@ -39,6 +39,13 @@ double both watermarks, up to ``grow`` times the configured ones; after ``SHRINK
 seconds without a miss they halve again, and the keeper gives the surplus back. An idle
 device keeps only the configured pool; a burst of swap-outs gets a deeper one.
 
+Out of memory the pool stops hoarding: while :attr:`Arena.short` (the keeper's last fill was
+held back by ``may_grow`` or its populate failed) the watermarks are back at their setting
+and the keeper gives back everything above ``low``, woken as soon as a ``give`` passes it.
+When the kernel has OOM-killed a process whose memory was all swapped out to us, the memory
+it frees comes back only as the kernel discards the process's swap clusters; it must reach
+the kernel at once, or the OOM killer takes a second victim while we refill our pool.
+
 Resident memory = pages not UNBACKED = READY + OBJECTS + WHOLE (+ pages the keeper is
 working on). Only OBJECTS + WHOLE count as the store's ``mem_used_total``.
 
@@ -187,7 +194,7 @@ class Arena:
         self.inline_refill = inline_refill
         self.may_grow = may_grow
         self.growth_deferred = 0   # batches not populated because may_grow said no
-        self.short = False         # the keeper's last fill was held back by may_grow
+        self.short = False         # the keeper's last fill was held back or failed
         self.keeper_errors = 0
         self.last_keeper_error: OSError | None = None
         self._logged_at = -1e9
@@ -269,7 +276,7 @@ class Arena:
             self._rv[n] = page
             self._st[page] = READY
             self._nready = n + 1
-        if n >= self.high and self._thread is not None and not self._event.is_set():
+        if n >= self._cap() and self._thread is not None and not self._event.is_set():
             self._event.set()
 
     # ---- keeper
@@ -305,15 +312,15 @@ class Arena:
                     fill = np.flatnonzero(self.state == UNBACKED)[:want]   # lowest first
                     self._nunbacked -= len(fill)
                     self.state[fill] = BUSY
-            elif nr > self.high:
-                keep = (self.low + self.high) // 2
+            elif nr > self._cap():
+                keep = self.low if self.short else (self.low + self.high) // 2
                 trim = self._ready[keep:nr].copy()
                 self._nready = keep
                 self.state[trim] = BUSY
         populated = released = 0
         if fill is not None:
             fill.sort()
-            refused = False
+            refused = failed = False
             for start, count in _runs(fill, max(1, POPULATE_BATCH // self.unit)):
                 n = 0 if refused else count
                 if self.may_grow is not None:
@@ -329,6 +336,7 @@ class Arena:
                     self._populate(start, n)
                 except OSError as e:
                     self._keeper_error(e)
+                    failed = True
                     with self._lock:
                         self._push_unbacked(np.arange(start, start + n, dtype=np.int64))
                     continue
@@ -337,7 +345,7 @@ class Arena:
                     self._refilled.notify_all()
                 populated += n
             self.populated += populated
-            self.short = refused
+            self.short = refused or failed
             if refused:
                 self.growth_deferred += 1
         if trim is not None:
@@ -354,7 +362,12 @@ class Arena:
         """Double the watermarks if a take missed since the last pass (up to ``high_max``);
         halve them, down to their setting, after ``SHRINK_AFTER`` seconds without a miss."""
         misses = self.misses
-        if misses != self._misses_seen:
+        if self.short:
+            # out of memory, a miss is a swap-out failed on purpose, not demand to store
+            # ahead of: back to the setting, and what the store frees goes to the kernel
+            self._misses_seen = misses
+            high = self._set_high
+        elif misses != self._misses_seen:
             self._misses_seen = misses
             self._grown_at = time.monotonic()
             high = min(self.high * 2, self.high_max)
@@ -366,6 +379,13 @@ class Arena:
         if high != self.high:
             self.high = high
             self.low = min(self._set_low * high // self._set_high, high)
+
+    def _cap(self) -> int:
+        """Ready units above which the keeper gives the surplus back: ``high``, or ``low``
+        while :attr:`short` (the memory the store frees is the kernel's first then: a
+        machine out of memory gets the memory of a killed process's swap back as the
+        discards come, not after the pool has refilled)."""
+        return self.low if self.short else self.high
 
     def _push_ready(self, pages: np.ndarray) -> None:
         n = self._nready

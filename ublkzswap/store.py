@@ -23,8 +23,9 @@ memory ready: forward with backing, else ENOSPC. Without backing a memory limit 
 ``mem_used_total`` (ENOMEM, the old content stays). A forwarded page keeps its RAM copy until
 the backing write has succeeded. ``write`` may wait ``alloc_wait`` s for memory (an ordinary
 write that fails is data lost); ``write_swap`` waits ``swap_wait`` s at most, for the keeper's
-next batch, and not at all while the keeper is held back at the free-memory line (the pool's
-``short``): the kernel keeps a page whose swap-out failed and writes it again later, but each
+next batch, and not at all while the keeper is held back at the free-memory line or failing
+to bring memory in (the pool's ``short``), nor after another swap-out of the same wake-up
+waited in vain (the wait holds the store lock, and discards queue behind it): the kernel keeps a page whose swap-out failed and writes it again later, but each
 failure wastes a compression and the reclaim that chose the page.
 Read: same-filled, raw or decompressed; an empty slot comes from the backing swap
 (``bd_reads``) or reads as zeros. DISCARD and WRITE_ZEROES free pages (``notify_free``).
@@ -279,7 +280,8 @@ class Store:
     @property
     def swap_timeout(self) -> float:
         """How long a swap-out may wait for memory now: ``swap_wait``, or 0 (ENOSPC at once)
-        while the pool is ``short`` (its keeper held back at the free-memory line)."""
+        while the pool is ``short`` (its keeper held back at the free-memory line, or unable
+        to bring memory in)."""
         return 0.0 if getattr(self.pool, "short", False) else self.swap_wait
 
     def read(self, offset: int, buf: memoryview):
@@ -339,6 +341,7 @@ class Store:
 
         def serve(reqs, done):
             memlimit = self.memlimit
+            swait = self.swap_timeout     # 0 after a swap-out of this wake-up waited in vain
             reads = writes = failed_r = failed_w = 0
             # what slots.count would add up, kept here and added once
             same = zero = stored = good = huge = size = dup = 0
@@ -406,10 +409,11 @@ class Store:
                                 addr = t[2 * twin - 2] >> 16   # its object: nothing taken
                             elif kind != SAME:
                                 try:
-                                    addr = malloc(clen, self.swap_timeout if opf & SWAP
-                                                  else wait)
+                                    addr = malloc(clen, swait if opf & SWAP else wait)
                                 except MemoryError:
-                                    failed_w += 1
+                                    if opf & SWAP:
+                                        swait = 0.0   # the rest fail at once, not each after
+                                    failed_w += 1     # a wait with the lock held
                                     done.append((tag, ENOSPC))
                                     continue
                                 used = pages_used() << PAGE_SHIFT

@@ -226,7 +226,8 @@ def test_growth_waits_while_the_guard_says_no():
         assert a.take(ar.OBJECTS) == -1 and a.misses == 1
         allow["ok"] = True
         populated, _ = a.step()
-        assert populated == 1024 and a.ready == 1024    # the miss doubled the pool's target
+        # a miss while short is a swap-out failed on purpose: the target stays at its setting
+        assert populated == 512 and a.ready == 512 and not a.short
     finally:
         a.close()
 
@@ -343,5 +344,55 @@ def test_keeper_failures_are_logged_not_only_counted(caplog):
             a.step()
         assert a.keeper_errors == 2
         assert len(caplog.records) == 1 and "Cannot allocate memory" in caplog.records[0].getMessage()
+    finally:
+        a.close()
+
+
+def test_out_of_memory_the_pool_gives_back_what_the_store_frees(monkeypatch):
+    """While the keeper is short (held back by the guard, or its populate failed) the
+    watermarks fall back to their setting and everything above ``low`` goes back to the
+    kernel: memory freed by discards after an OOM kill is the kernel's at once."""
+    room = {"ok": True}
+    a = ar.Arena(4096, low=16, high=64, prefill=False, may_grow=lambda n: room["ok"])
+    try:
+        a.step()
+        taken = []
+        while (p := a.take(ar.OBJECTS)) >= 0:       # a miss: the next pass deepens the pool
+            taken.append(p)
+        a.step()
+        assert (a.low, a.high) == (32, 128) and a.ready == 128 and not a.short
+        while (p := a.take(ar.OBJECTS)) >= 0:
+            taken.append(p)
+        room["ok"] = False                           # now the machine is out of memory
+        assert a.step() == (0, 0) and a.short
+        assert (a.low, a.high) == (64, 256)          # that pass still grew it for the miss
+        for p in taken[:100]:                        # discards free 100 units
+            a.give(p)
+        populated, released = a.step()
+        assert (a.low, a.high) == (16, 64)           # back to the setting, no growth
+        assert populated == 0 and released == 100 - 16 and a.ready == 16
+        room["ok"] = True                            # memory is back: a normal pool again
+        for _ in range(20):
+            a.take(ar.OBJECTS)
+        a.step()
+        assert not a.short and a.ready == 64
+    finally:
+        a.close()
+
+
+def test_a_failed_populate_makes_the_keeper_short(monkeypatch):
+    a = ar.Arena(256, low=16, high=64, prefill=False)
+    try:
+        real = a._populate
+
+        def fail(page, count):
+            raise OSError(errno.ENOMEM, "no memory")
+
+        monkeypatch.setattr(a, "_populate", fail)
+        a.step()
+        assert a.short and a.ready == 0
+        monkeypatch.setattr(a, "_populate", real)
+        a.step()
+        assert not a.short and a.ready == 64
     finally:
         a.close()

@@ -4,6 +4,7 @@ random request sequences through two queues, each on a store of its own, must le
 results, read data, counters, slot table and invariants. Requests of one wake-up touch
 different pages: the fast path serves its requests after the others of the wake-up, and the
 kernel gives no order to requests in flight together either."""
+import errno
 import random
 import zlib
 
@@ -230,5 +231,28 @@ def test_a_swap_out_waits_for_memory_only_while_the_keeper_is_not_held_back(gene
         waits.clear()
         results = run(target, s, [wakeup(10)])[0]
         assert waits == [1.5, 0.0] and results == {0: [PAGE], 1: [PAGE]}
+    finally:
+        s.close()
+
+
+def test_after_one_swap_out_waited_in_vain_the_rest_of_the_wake_up_fail_at_once():
+    """The wait holds the store lock (discards queue behind it): one swap-out of a wake-up
+    may wait swap_wait for memory; once one has waited in vain the others fail at once, and
+    the next wake-up may wait again."""
+    s = small_store(0, PAGES * PAGE, alloc_wait=1.5, swap_wait=0.25)
+    waits = []
+
+    def malloc(size, timeout=0.0):
+        waits.append(timeout)
+        raise MemoryError("no ready unit")
+    s.allocator.malloc = malloc
+    try:
+        def wakeup(start):
+            return (None, [(k, W | SWAP, (start + k) * 8, 8, text_page(start + k))
+                           for k in range(3)])
+        results = run(s, s, [wakeup(0), wakeup(10)])[0]
+        assert waits == [0.25, 0.0, 0.0, 0.25, 0.0, 0.0]
+        assert results == {k: [-errno.ENOSPC] * 2 for k in range(3)}
+        assert s.stats()["failed_writes"] == 6
     finally:
         s.close()
