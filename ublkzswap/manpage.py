@@ -459,7 +459,8 @@ def ublkzswapd_page() -> str:
         "while the kernel can spare it without swapping and never makes the kernel OOM-kill for "
         "it; when it has no ready memory for a swap write (held back at that line, or still "
         "behind after 20 ms), the write fails and the kernel keeps the page in RAM and retries "
-        "later. Stored pages are compacted in the background "
+        "later. Meanwhile it keeps no memory in reserve: what discards free goes back to the "
+        "kernel at once. Stored pages are compacted in the background "
         "(rzscontrol --compact on demand)."))
     out.append(para(RZS_DISCARD))
     out.append(para(RZS_ZSWAP))
