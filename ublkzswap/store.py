@@ -25,8 +25,9 @@ the backing write has succeeded. ``write`` may wait ``alloc_wait`` s for memory 
 write that fails is data lost); ``write_swap`` waits ``swap_wait`` s at most, for the keeper's
 next batch, and not at all while the keeper is held back at the free-memory line or failing
 to bring memory in (the pool's ``short``), nor after another swap-out of the same wake-up
-waited in vain (the wait holds the store lock, and discards queue behind it): the kernel keeps a page whose swap-out failed and writes it again later, but each
-failure wastes a compression and the reclaim that chose the page.
+waited in vain (the wait holds the store lock, and discards queue behind it): the kernel
+keeps a page whose swap-out failed and writes it again later, but each failure wastes a
+compression and the reclaim that chose the page.
 Read: same-filled, raw or decompressed; an empty slot comes from the backing swap
 (``bd_reads``) or reads as zeros. DISCARD and WRITE_ZEROES free pages (``notify_free``).
 
@@ -411,9 +412,9 @@ class Store:
                                 try:
                                     addr = malloc(clen, swait if opf & SWAP else wait)
                                 except MemoryError:
-                                    if opf & SWAP:
-                                        swait = 0.0   # the rest fail at once, not each after
-                                    failed_w += 1     # a wait with the lock held
+                                    if opf & SWAP:   # the rest fail at once rather than
+                                        swait = 0.0  # each after a wait, lock held
+                                    failed_w += 1
                                     done.append((tag, ENOSPC))
                                     continue
                                 used = pages_used() << PAGE_SHIFT
