@@ -40,6 +40,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from tests.kernel.daemonctl import block_stat  # noqa: E402
+
 PY = os.path.realpath(sys.executable)
 SIZE_MB = 256
 ALL_TARGETS = ("zram", "null_blk", "null", "ram", "ublkz-lzo", "ublkz-lz4")
@@ -63,16 +65,9 @@ def fio(dev: str, rw: str, runtime: int, size_mb: int, depth: int, numjobs: int 
     return {"iops": float(side["iops"]), "lat_us": float(side["clat_ns"]["mean"]) / 1000}
 
 
-def disk_stat(dev: str) -> list[int]:
-    """The block layer's counters for ``dev`` (/sys/block/NAME/stat: [0] reads completed,
-    [2] sectors read, [4] writes completed, [6] sectors written, ...)."""
-    name = os.path.basename(os.path.realpath(dev))
-    return [int(x) for x in open(f"/sys/block/{name}/stat").read().split()]
-
-
 def disk_requests(dev: str) -> int:
     """Reads + writes the block layer completed on ``dev``."""
-    f = disk_stat(dev)
+    f = block_stat(dev)
     return f[0] + f[4]
 
 

@@ -27,7 +27,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from bench.bench_fio import CLK_TCK, cpu_ticks, disk_stat  # noqa: E402
+from bench.bench_fio import CLK_TCK, cpu_ticks  # noqa: E402
+from tests.kernel.daemonctl import block_stat  # noqa: E402
 
 PY = os.path.realpath(sys.executable)
 SOCK = "/run/ublkzswap-bench.sock"
@@ -193,7 +194,7 @@ def swap_run(t, mib: int) -> tuple[float, dict, bool, float]:
 
 def request_pages(dev: str) -> dict:
     """The block layer's mean request size on ``dev`` in pages, reads and writes."""
-    f = disk_stat(dev)
+    f = block_stat(dev)
     return {"read_req_pages": f[2] / 8 / max(f[0], 1), "write_req_pages": f[6] / 8 / max(f[4], 1)}
 
 

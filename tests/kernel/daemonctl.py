@@ -171,10 +171,11 @@ def swapoff_all(prefix: str) -> None:
 
 
 def block_stat(dev: str) -> list[int]:
-    """The block layer's counters for ``dev`` (a name or /dev path): the fields of
-    /sys/block/NAME/stat, in order (0 reads completed, 4 writes completed, 6 sectors written,
-    8 requests in flight, ...)."""
-    return [int(x) for x in open(f"/sys/block/{os.path.basename(dev)}/stat").read().split()]
+    """The block layer's counters for ``dev`` (a name, or a /dev path or link to one): the
+    fields of /sys/block/NAME/stat, in order (0 reads completed, 2 sectors read, 4 writes
+    completed, 6 sectors written, 8 requests in flight, ...)."""
+    name = os.path.basename(os.path.realpath(dev) if dev.startswith("/") else dev)
+    return [int(x) for x in open(f"/sys/block/{name}/stat").read().split()]
 
 
 def wait_gone(timeout: float = 10) -> list[str]:
