@@ -293,9 +293,9 @@ def ended_after_failures(load: subprocess.Popen, sock, grace: float = 30,
 def test_memlimit_exhausted_without_backing_writes_fail_daemon_lives(tmp_path):
     """More than the cgroup's RAM + memlimit: swap writes fail with ENOMEM, the kernel keeps
     those pages (and, as with zram's mem_limit, may thrash rather than OOM while it believes
-    swap has room; the workload is ended 30 s after the first failed write if so). The workload either finishes with
-    every page right or is ended by that kill having read nothing wrong; the OOM killer or a
-    crash fails the test. The daemon must stay alive and responsive, and once the workload is
+    swap has room; the workload is ended 30 s after the first failed write if so). The
+    workload either finishes with every page right or is ended by that kill having read
+    nothing wrong; the OOM killer or a crash fails the test. The daemon must stay alive and responsive, and once the workload is
     gone everything returns to normal: swapoff, reset, nothing lost that was stored."""
     sock = tmp_path / "ctl.sock"
     mib, limit = 256, 64

@@ -348,7 +348,7 @@ def test_keeper_failures_are_logged_not_only_counted(caplog):
         a.close()
 
 
-def test_out_of_memory_the_pool_gives_back_what_the_store_frees(monkeypatch):
+def test_out_of_memory_the_pool_gives_back_what_the_store_frees():
     """While the keeper is short (held back by the guard, or its populate failed) the
     watermarks fall back to their setting and everything above ``low`` goes back to the
     kernel: memory freed by discards after an OOM kill is the kernel's at once."""
