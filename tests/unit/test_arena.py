@@ -396,3 +396,49 @@ def test_a_failed_populate_makes_the_keeper_short(monkeypatch):
         assert not a.short and a.ready == 64
     finally:
         a.close()
+
+
+def test_after_a_wait_ran_out_no_take_waits_as_long_until_the_next_batch(monkeypatch):
+    """A keeper behind (not short: its populate is slow, not failing) is waited for once;
+    the takes after that fail at once, until its next batch is ready; a longer wait (an
+    ordinary write's) still waits."""
+    import threading
+    a = Arena(256, low=16, high=64, prefill=False)
+    gate = threading.Event()
+    real = a._populate
+
+    def slow(page, count):
+        gate.wait(10)
+        real(page, count)
+
+    monkeypatch.setattr(a, "_populate", slow)
+    waits = []
+    real_wait = a._await_batch
+
+    def counted(deadline):
+        waits.append(deadline)
+        return real_wait(deadline)
+
+    monkeypatch.setattr(a, "_await_batch", counted)
+    a.start(interval=0.01)
+    try:
+        assert a.take(ar.OBJECTS, 0.05) == -1 and waits and not a.short
+        n = len(waits)
+        assert a.take(ar.OBJECTS, 0.05) == -1 and a.take(ar.OBJECTS, 0.01) == -1
+        assert len(waits) == n                        # no wait: none came of the last one
+        assert a.take(ar.OBJECTS, 0.08) == -1 and len(waits) > n   # longer: it waits
+        n = len(waits)
+        assert a.take(ar.OBJECTS, 0.05) == -1 and len(waits) == n
+        gate.set()
+        assert a.take(ar.OBJECTS, 5.0) >= 0           # the batch came
+        gate.clear()
+        for _ in range(3):          # empty, with the keeper stopped at the gate
+            while a.ready:
+                a.take(ar.OBJECTS)
+            time.sleep(0.1)
+        n = len(waits)
+        assert a.take(ar.OBJECTS, 0.05) == -1 and len(waits) > n   # a new batch: waits again
+    finally:
+        gate.set()
+        a.stop()
+        a.close()
