@@ -195,9 +195,6 @@ class Arena:
         self.may_grow = may_grow
         self.growth_deferred = 0   # batches not populated because may_grow said no
         self.short = False         # the keeper's last fill was held back or failed
-        self._batches = 0          # batches the keeper has made ready, cumulative
-        self._vain_at = -1         # _batches when a wait last ran out (of _vain_wait s): no
-        self._vain_wait = 0.0      # wait as short as that one again till the next batch
         self.keeper_errors = 0
         self.last_keeper_error: OSError | None = None
         self._logged_at = -1e9
@@ -215,11 +212,7 @@ class Arena:
         With ``timeout > 0`` and the keeper running, an empty pool wakes the keeper and waits
         up to ``timeout`` seconds for its next batch (long for writes whose failure the kernel
         would not retry; short for a swap write, and 0 -- it fails at once -- while
-        :attr:`short` says the keeper is held back for want of memory). Once a wait has run
-        out, no take waits as long or less until the keeper's next batch is ready: a keeper
-        that is behind is not waited for by every swap-out in turn (callers may hold a lock
-        that others, e.g. the discards that would give memory back, queue behind), while a
-        longer wait (an ordinary write, whose failure loses data) still waits."""
+        :attr:`short` says the keeper is held back for want of memory)."""
         with self._lock:
             p = self._pop(kind)
             n = self._nready
@@ -227,8 +220,7 @@ class Arena:
             self.misses += 1      # (whether or not a wait below then gets a unit)
         if n < self.low and self._thread is not None and not self._event.is_set():
             self._event.set()
-        if (p < 0 and timeout > 0 and self._thread is not None
-                and (self._vain_at != self._batches or timeout > self._vain_wait)):
+        if p < 0 and timeout > 0 and self._thread is not None:
             p = self._take_waiting(kind, timeout)
         if p < 0 and self.inline_refill:
             self.step()
@@ -252,10 +244,7 @@ class Arena:
         with self._refilled:
             while True:
                 p = self._pop(kind)
-                if p >= 0:
-                    return p
-                if not self._await_batch(deadline):
-                    self._vain_at, self._vain_wait = self._batches, timeout
+                if p >= 0 or not self._await_batch(deadline):
                     return p
 
     def _await_batch(self, deadline: float) -> bool:
@@ -353,7 +342,6 @@ class Arena:
                     continue
                 with self._refilled:   # each batch usable at once, waiters woken
                     self._push_ready(np.arange(start, start + n, dtype=np.int64))
-                    self._batches += 1
                     self._refilled.notify_all()
                 populated += n
             self.populated += populated

@@ -24,10 +24,10 @@ memory ready: forward with backing, else ENOSPC. Without backing a memory limit 
 the backing write has succeeded. ``write`` may wait ``alloc_wait`` s for memory (an ordinary
 write that fails is data lost); ``write_swap`` waits ``swap_wait`` s at most, for the keeper's
 next batch, and not at all while the keeper is held back at the free-memory line or failing
-to bring memory in (the pool's ``short``), nor after another swap-out waited in vain, until
-the keeper's next batch (the pool's rule: the wait holds the store lock, and discards queue
-behind it): the kernel keeps a page whose swap-out failed and writes it again later, but
-each failure wastes a compression and the reclaim that chose the page.
+to bring memory in (the pool's ``short``), nor after another swap-out of the same wake-up
+waited in vain (the wait holds the store lock, and discards queue behind it): the kernel
+keeps a page whose swap-out failed and writes it again later, but each failure wastes a
+compression and the reclaim that chose the page.
 Read: same-filled, raw or decompressed; an empty slot comes from the backing swap
 (``bd_reads``) or reads as zeros. DISCARD and WRITE_ZEROES free pages (``notify_free``).
 
@@ -342,7 +342,7 @@ class Store:
 
         def serve(reqs, done):
             memlimit = self.memlimit
-            swait = self.swap_timeout
+            swait = self.swap_timeout     # 0 after a swap-out of this wake-up waited in vain
             reads = writes = failed_r = failed_w = 0
             # what slots.count would add up, kept here and added once
             same = zero = stored = good = huge = size = dup = 0
@@ -412,6 +412,8 @@ class Store:
                                 try:
                                     addr = malloc(clen, swait if opf & SWAP else wait)
                                 except MemoryError:
+                                    if opf & SWAP:   # the rest fail at once rather than
+                                        swait = 0.0  # each after a wait, lock held
                                     failed_w += 1
                                     done.append((tag, ENOSPC))
                                     continue

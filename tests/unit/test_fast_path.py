@@ -235,49 +235,24 @@ def test_a_swap_out_waits_for_memory_only_while_the_keeper_is_not_held_back(gene
         s.close()
 
 
-@pytest.mark.parametrize("general", [False, True])
-def test_after_a_swap_out_waited_in_vain_the_next_fail_at_once_till_the_keepers_next_batch(
-        general, monkeypatch):
-    """The wait holds the store lock (discards queue behind it): with the keeper behind (its
-    populate slow, not failing: the pool is not short), one swap-out waits swap_wait in vain;
-    the swap-outs after it, in this wake-up and the next, fail at once through either path,
-    until the keeper's next batch is ready."""
-    import threading
-    s = store_module.Store(PAGES * PAGE, keeper=True, keeper_interval=0.01, low=4, high=4,
-                           grow=1, swap_wait=0.05, alloc_wait=1.5, dedup=False)
-    gate = threading.Event()
-    populate, await_batch = s.pool._populate, s.pool._await_batch
+def test_after_one_swap_out_waited_in_vain_the_rest_of_the_wake_up_fail_at_once():
+    """The wait holds the store lock (discards queue behind it): one swap-out of a wake-up
+    may wait swap_wait for memory; once one has waited in vain the others fail at once, and
+    the next wake-up may wait again."""
+    s = small_store(0, PAGES * PAGE, alloc_wait=1.5, swap_wait=0.25)
     waits = []
 
-    def slow(page, count):
-        gate.wait(10)
-        populate(page, count)
-
-    def counted(deadline):
-        waits.append(deadline)
-        return await_batch(deadline)
-
-    monkeypatch.setattr(s.pool, "_populate", slow)
-    monkeypatch.setattr(s.pool, "_await_batch", counted)
-    rng = random.Random(5)
-    target = GeneralOnly(s) if general else s
+    def malloc(size, timeout=0.0):
+        waits.append(timeout)
+        raise MemoryError("no ready unit")
+    s.allocator.malloc = malloc
     try:
         def wakeup(start):
-            return (None, [(k, W | SWAP, (start + k) * 8, 8, rng.randbytes(PAGE))
-                           for k in range(DEPTH)])
-        start = 0
-        while not waits:        # random pages are stored whole: the pool soon runs dry
-            assert start < PAGES - DEPTH
-            results = run(target, s, [wakeup(start)])[0]
-            start += DEPTH
-        assert [-errno.ENOSPC] in results.values() and not s.pool.short
-        n = len(waits)
-        results = run(target, s, [wakeup(start)])[0]
-        assert results == {k: [-errno.ENOSPC] for k in range(DEPTH)} and len(waits) == n
-        gate.set()
-        assert s.pool.wait_ready(1, 5.0)
-        results = run(target, s, [wakeup(start)])[0]
-        assert [PAGE] in results.values()
+            return (None, [(k, W | SWAP, (start + k) * 8, 8, text_page(start + k))
+                           for k in range(3)])
+        results = run(s, s, [wakeup(0), wakeup(10)])[0]
+        assert waits == [0.25, 0.0, 0.0, 0.25, 0.0, 0.0]
+        assert results == {k: [-errno.ENOSPC] * 2 for k in range(3)}
+        assert s.stats()["failed_writes"] == 6
     finally:
-        gate.set()
         s.close()
