@@ -158,10 +158,22 @@ class Device:
         except Exception as e:
             self.takeover_error = describe(e)
             return
+        self._watch(target)
         self.target, self.backing = target, backing
         self.backing_swap = backing.name if backing is not None else ""
         self.disksize_kb = target.size // 1024
         self.memlimit_kb = target.memlimit // 1024
+
+    def _watch(self, target) -> None:
+        """Have the target hear of the kernel's freed swap slots on the block device one by
+        one (``slot_free=on``, the default), where the kernel offers that; logged once if not."""
+        watch = getattr(target, "watch_freed_slots", None)
+        if watch is None or self.cfg.get("slot_free", "on") != "on":
+            return
+        why = watch(self.bdev)
+        if why:
+            log.info("%s: freed swap slots are heard of only by whole discarded clusters: %s",
+                     self.bdev, why)
 
     def plan_init(self) -> tuple:
         """Check that init may begin (the Manager lock held); what :meth:`build` takes."""
@@ -209,6 +221,7 @@ class Device:
                 self.ublk.delete()           # a fresh id for the next try
                 self.ublk.add()
                 raise
+            self._watch(target)
         except BaseException:
             _discard(target, backing)
             raise

@@ -282,11 +282,17 @@ class Queue:
         result_at = ring.sqes.dtype.fields["io_result"][1]
         OK, ABORT = uapi.UBLK_IO_RES_OK, uapi.UBLK_IO_RES_ABORT
         pending: dict[int, list] = {}   # tag -> [BackingIO, results, ops left, length]
+        catch_up = optional_op(self.target, "catch_up")
         while live > 0:
             ring.submit_and_wait(1)
             cqes = ring.reap_pairs()
             if not cqes:
                 continue
+            if catch_up is not None:
+                try:
+                    catch_up()
+                except Exception as e:
+                    boundary(e)
             done = []
             simple = []
             requests = 0

@@ -74,8 +74,9 @@ COUNTERS: tuple[Counter, ...] = (
     Counter("invalid_io", "InvalidIO", "count",
             "Requests rejected as out of range or not page aligned."),
     Counter("notify_free", "NotifyFree", "count",
-            "Pages freed because swap discarded their slot (swap-free notify; "
-            "needs swapon --discard)."),
+            "Pages freed because the kernel freed their swap slot (swap-free notify: "
+            "each slot as it is freed, with slot_free=on where the kernel allows it; "
+            "whole discarded clusters with swapon --discard)."),
     Counter("zero_pages", "ZeroPages", "count",
             "Stored pages that are entirely zero (kept as a flag, no memory used)."),
     Counter("good_compress_pct", "GoodCompress", "percent",

@@ -213,6 +213,7 @@ class Store:
         self._t = memoryview(self._tab)
         self._c = memoryview(self._counters)
         self._lock = threading.Lock()
+        self._slotfree = None        # freed-slot notices (watch_freed_slots), if any
         self._local = threading.local()        # per thread: its scratch page
         self._deferred = 0                     # the pool's growth_deferred, as last seen
         # the dedup index (swap-outs only, see "Deduplication"): process-local, empty after a
@@ -522,6 +523,41 @@ class Store:
                 self._clear(lo, min(lo + DISCARD_SLICE, first + n))
             self._c[NOTIFY_FREE] += n
 
+    def watch_freed_slots(self, bdev: str) -> str:
+        """Hear of the kernel's freed swap slots on ``bdev`` one by one from now on
+        (:mod:`ublkzswap.slotfree`), as zram does, instead of only when a whole cluster is
+        discarded. Returns "" or why the kernel offers no such signal (nothing changes then)."""
+        from . import slotfree
+        sf, why = slotfree.open_for(bdev)
+        if sf is not None:
+            old, self._slotfree = self._slotfree, sf
+            if old is not None:
+                old.close()
+        return why
+
+    @property
+    def watching_freed_slots(self) -> bool:
+        return self._slotfree is not None
+
+    def catch_up(self) -> None:
+        """Before a wake-up's requests are served (the queue loop calls it once the wake-up's
+        completions are reaped): drop the slots the kernel has freed since the last one, so
+        that a free is applied before any later write to its slot (:mod:`ublkzswap.slotfree`,
+        "Ordering")."""
+        sf = self._slotfree
+        if sf is not None:
+            sf.drain(self._free_slots)
+
+    def _free_slots(self, idxs: list) -> None:
+        """Slots the kernel freed: emptied (``notify_free`` counts each, as zram's
+        swap_slot_free_notify); slot 0, the swap header, is never a slot the kernel frees."""
+        npages, t = self.npages, self._t
+        with self._lock:
+            for idx in idxs:
+                if 0 < idx < npages and t[2 * idx] & 3:
+                    self._set(idx, EMPTY)
+            self._c[NOTIFY_FREE] += len(idxs)
+
     def write_zeroes(self, offset: int, length: int) -> None:
         """The range reads as zeros from now on (freed, ``notify_free`` per page, as zram); with
         a backing swap the slots become zero-filled rather than empty, so reads do not go to
@@ -714,6 +750,9 @@ class Store:
 
     def close(self) -> None:
         """Stop and drop the pool if the store made it (shared state stays for the next)."""
+        sf, self._slotfree = self._slotfree, None
+        if sf is not None:
+            sf.close()
         if self._own_pool and self.pool is not None:
             self.pool.close()
         self.pool = None

@@ -17,7 +17,10 @@ and optionally
 - ``write_swap(offset, buf)``: a swap-out (``UBLK_IO_F_SWAP``), called instead of
   ``write`` when present. The kernel keeps a swap page whose write failed and retries it,
   so this may fail fast (ENOSPC) where ``write`` must wait for memory: a failed ordinary
-  write is data lost.
+  write is data lost;
+- ``catch_up()``: called by each queue once per wake-up, after its completions are reaped
+  and before any of its requests is served (the store applies the swap slots the kernel
+  freed meanwhile, :mod:`ublkzswap.slotfree`). It must not block on I/O.
 
 ``read`` and ``write`` normally return None (done). A target that needs I/O on another
 file first (the store's backing swap) returns a :class:`BackingIO` instead: the queue runs

@@ -471,3 +471,76 @@ FIEMAP_EXTENT_UNWRITTEN = 0x00000800
 FIEMAP_EXTENT_MERGED = 0x00001000
 FIEMAP_EXTENT_SHARED = 0x00002000
 EXT4_SUPER_MAGIC = 0xEF53           # linux/magic.h (ext2, ext3 and ext4 share it)
+
+
+# ---------------------------------------------------------------- linux/bpf.h, linux/perf_event.h
+# (freed swap slots: a kprobe program on the kernel's per-slot free hook and a ring buffer,
+# ublkzswap.slotfree)
+
+__NR_bpf = 321                      # x86_64
+__NR_perf_event_open = 298          # x86_64
+
+BPF_MAP_CREATE = 0
+BPF_PROG_LOAD = 5
+BPF_MAP_TYPE_RINGBUF = 27
+BPF_PROG_TYPE_KPROBE = 2
+BPF_PSEUDO_MAP_FD = 1
+BPF_FUNC_probe_read_kernel = 113
+BPF_FUNC_ringbuf_output = 130
+BPF_RINGBUF_BUSY_BIT = 1 << 31
+BPF_RINGBUF_DISCARD_BIT = 1 << 30
+BPF_RINGBUF_HDR_SZ = 8
+
+# instruction classes, sizes, modes, ops and sources (linux/bpf_common.h, linux/bpf.h)
+BPF_LD, BPF_LDX, BPF_ST, BPF_STX, BPF_ALU, BPF_JMP, BPF_ALU64 = 0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x07
+BPF_W, BPF_H, BPF_B, BPF_DW = 0x00, 0x08, 0x10, 0x18
+BPF_IMM, BPF_MEM = 0x00, 0x60
+BPF_ADD, BPF_LSH, BPF_RSH, BPF_AND, BPF_MOV = 0x00, 0x60, 0x70, 0x50, 0xb0
+BPF_JA, BPF_JEQ, BPF_JGT, BPF_JNE, BPF_CALL, BPF_EXIT = 0x00, 0x10, 0x20, 0x50, 0x80, 0x90
+BPF_K, BPF_X = 0x00, 0x08
+
+
+class bpf_insn(C.Structure):
+    _fields_ = [("code", C.c_uint8), ("regs", C.c_uint8),   # dst_reg:4 (low), src_reg:4 (high)
+                ("off", C.c_int16), ("imm", C.c_int32)]
+
+
+class bpf_attr_map_create(C.Structure):
+    """The BPF_MAP_CREATE part of ``union bpf_attr`` (up to ``map_name``)."""
+    _fields_ = [("map_type", C.c_uint32), ("key_size", C.c_uint32), ("value_size", C.c_uint32),
+                ("max_entries", C.c_uint32), ("map_flags", C.c_uint32),
+                ("inner_map_fd", C.c_uint32), ("numa_node", C.c_uint32),
+                ("map_name", C.c_char * 16)]
+
+
+class bpf_attr_prog_load(C.Structure):
+    """The BPF_PROG_LOAD part of ``union bpf_attr`` (up to ``expected_attach_type``)."""
+    _fields_ = [("prog_type", C.c_uint32), ("insn_cnt", C.c_uint32), ("insns", C.c_uint64),
+                ("license", C.c_uint64), ("log_level", C.c_uint32), ("log_size", C.c_uint32),
+                ("log_buf", C.c_uint64), ("kern_version", C.c_uint32),
+                ("prog_flags", C.c_uint32), ("prog_name", C.c_char * 16),
+                ("prog_ifindex", C.c_uint32), ("expected_attach_type", C.c_uint32)]
+
+
+class perf_event_attr(C.Structure):
+    """``struct perf_event_attr`` up to ``config2`` (PERF_ATTR_SIZE_VER1); for a kprobe event
+    ``config1`` is the function's name (``kprobe_func``), ``config2`` the offset in it."""
+    _fields_ = [("type", C.c_uint32), ("size", C.c_uint32), ("config", C.c_uint64),
+                ("sample_period", C.c_uint64), ("sample_type", C.c_uint64),
+                ("read_format", C.c_uint64), ("flags", C.c_uint64),
+                ("wakeup_events", C.c_uint32), ("bp_type", C.c_uint32),
+                ("config1", C.c_uint64), ("config2", C.c_uint64)]
+
+
+PERF_ATTR_SIZE_VER1 = 72
+PERF_FLAG_FD_CLOEXEC = 1 << 3
+PERF_EVENT_IOC_ENABLE = 0x2400      # _IO('$', 0)
+PERF_EVENT_IOC_SET_BPF = 0x40042408  # _IOW('$', 8, __u32)
+
+# x86_64 struct pt_regs: r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 ax cx dx si di ...
+PT_REGS_DI = 14 * 8                 # a kprobe's first argument
+
+# linux/swapops.h, x86_64: swp_entry_t.val = type << SWP_TYPE_SHIFT | offset
+MAX_SWAPFILES_SHIFT = 5
+SWP_TYPE_SHIFT = 63 - MAX_SWAPFILES_SHIFT
+MAX_SWAPFILES = 1 << MAX_SWAPFILES_SHIFT

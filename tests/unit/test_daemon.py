@@ -137,6 +137,13 @@ def test_allocator_words_are_the_stores():
         params.parse_params(["allocator=slab"])
 
 
+def test_slot_free_is_on_by_default_and_takes_on_or_off():
+    assert params.parse_params([])["slot_free"] == "on"
+    assert params.parse_params(["slot_free=off"])["slot_free"] == "off"
+    with pytest.raises(params.UsageError, match="slot_free=maybe: must be on or off"):
+        params.parse_params(["slot_free=maybe"])
+
+
 def test_the_daemon_cannot_run_without_its_control_socket_module():
     """No silent fallback: if the control server does not import, the daemon does not start."""
     code = ("import sys; sys.modules['ublkzswap.ctlserver'] = None\n"

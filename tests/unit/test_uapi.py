@@ -116,3 +116,20 @@ def test_fiemap_layouts_and_ioctls():
     assert uapi.FS_IOC_FIEMAP == (3 << 30) | (32 << 16) | (ord("f") << 8) | 11
     assert uapi.FS_IOC_GETFLAGS == (2 << 30) | (8 << 16) | (ord("f") << 8) | 1
     assert uapi.FS_IOC_SETFLAGS == (1 << 30) | (8 << 16) | (ord("f") << 8) | 2
+
+
+def test_bpf_and_perf_layouts():
+    assert C.sizeof(uapi.bpf_insn) == 8
+    a = uapi.bpf_attr_prog_load
+    assert (a.insns.offset, a.license.offset, a.log_level.offset, a.log_buf.offset,
+            a.kern_version.offset, a.prog_name.offset, a.expected_attach_type.offset) == \
+        (8, 16, 24, 32, 40, 48, 68)
+    m = uapi.bpf_attr_map_create
+    assert (m.max_entries.offset, m.map_flags.offset, m.map_name.offset) == (12, 16, 28)
+    p = uapi.perf_event_attr
+    assert C.sizeof(p) == uapi.PERF_ATTR_SIZE_VER1 == 72
+    assert (p.config.offset, p.flags.offset, p.config1.offset, p.config2.offset) == (8, 40, 56, 64)
+    # _IOW('$', 8, __u32)
+    assert uapi.PERF_EVENT_IOC_SET_BPF == (1 << 30) | (4 << 16) | (ord("$") << 8) | 8
+    assert uapi.PERF_EVENT_IOC_ENABLE == (ord("$") << 8) | 0
+    assert uapi.PT_REGS_DI == 112 and uapi.SWP_TYPE_SHIFT == 58
