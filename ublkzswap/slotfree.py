@@ -18,8 +18,11 @@ record by then. A write to a reallocated slot is submitted after, so its complet
 the queue after the record is visible. :meth:`SlotFree.drain` runs at the start of every
 wake-up, after the completions are reaped and before any request is served (the target's
 ``catch_up``, :meth:`ublkzswap.store.Store.catch_up`), under one lock, so a free is always
-applied before a later write to the same slot and never after it. A record lost (the ring
-full, the daemon restarted) only leaves a stale copy, as without the program.
+applied before a later write to the same slot and never after it. The pool's keeper drains
+too (every pass, about 20 ms), so that memory comes back while no I/O wakes a queue (after an
+OOM kill); a queue's drain waits for one under way. A record lost (a burst of frees larger
+than the ring between two drains, say a big process exiting; the daemon restarted) only
+leaves a stale copy, as without the program, until its cluster is discarded.
 
 The filter, in the program: the entry's swap type indexes the kernel's ``swap_info`` array
 (its address from /proc/kallsyms); the slot is this device's if that area is a block device
@@ -48,7 +51,7 @@ _syscall = _libc.syscall
 _syscall.restype = C.c_long
 
 HOOK = "zswap_invalidate"
-RING_BYTES = 256 << 10             # 16,384 records of 16 bytes (header + offset)
+RING_BYTES = 128 << 10             # 8,192 records of 16 bytes (header + offset)
 BATCH = 512                        # records applied at a time (bounded lists on the I/O path)
 PAGE = mmap.PAGESIZE
 BTF_PATH = "/sys/kernel/btf/vmlinux"

@@ -227,6 +227,7 @@ class Store:
             self._adopt()
         if keeper and self._own_pool:
             def idle():
+                self.catch_up()          # freed slots come back with no I/O to wake a queue
                 self.compact_if_wasteful()
                 if keeper_idle is not None:
                     keeper_idle()
@@ -540,10 +541,10 @@ class Store:
         return self._slotfree is not None
 
     def catch_up(self) -> None:
-        """Before a wake-up's requests are served (the queue loop calls it once the wake-up's
-        completions are reaped): drop the slots the kernel has freed since the last one, so
-        that a free is applied before any later write to its slot (:mod:`ublkzswap.slotfree`,
-        "Ordering")."""
+        """Drop the slots the kernel has freed since the last call. A queue calls it once a
+        wake-up's completions are reaped, before serving them, so that a free is applied
+        before any later write to its slot (:mod:`ublkzswap.slotfree`, "Ordering"); the
+        keeper calls it every pass."""
         sf = self._slotfree
         if sf is not None:
             sf.drain(self._free_slots)

@@ -180,6 +180,44 @@ def test_swap_under_pressure_every_page_verified_then_discard_frees(tmp_path):
         rzs(sock, "/dev/ublkb0", "--reset")
 
 
+def kernel_used_pages(dev: str = "/dev/ublkb0") -> int:
+    """The kernel's used swap slots on ``dev`` (/proc/swaps), in pages."""
+    for line in open("/proc/swaps"):
+        f = line.split()
+        if f[0] == dev:
+            return int(f[3]) // 4
+    raise AssertionError(f"{dev} is not swapped on")
+
+
+@pytest.mark.deadline(900)
+def test_freed_slots_are_dropped_one_by_one_without_discards(tmp_path):
+    """slot_free=on (the default): swapped on without --discard, the device hears of every
+    slot the kernel frees (kprobe BPF, ublkzswap.slotfree) and drops its copy, as zram does.
+    The workload rewrites half its pages between two verifying passes (a write fault frees
+    the page's slot; reclaim gives it a new one, or the same one again: a free applied after
+    that write would lose it); every page must verify, and once the workload has exited the
+    device holds no more pages than the kernel has slots in use there."""
+    sock = tmp_path / "ctl.sock"
+    with running("num_devices=1", f"socket={sock}") as (pid, _):
+        rzs(sock, "/dev/ublkb0", "--disksize_kb=1048576", "--init")
+        subprocess.run(["swapon", "/dev/ublkb0"], check=True, timeout=300)
+        p = swapload(256, 96, MIX, passes=2)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert "swapload: OK" in p.stdout
+        deadline = time.monotonic() + 60
+        while True:
+            st, used = stats(sock), kernel_used_pages()
+            if st["pages_stored"] <= used + 16 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert st["pages_stored"] <= used + 16, (st["pages_stored"], used, st["notify_free"])
+        assert st["notify_free"] > 256 << 8 >> 2, st          # a quarter of the workload's pages
+        assert block_stat("/dev/ublkb0")[11] == 0              # no discard ever reached us
+        assert st["failed_reads"] == 0 and daemon_swap_kb(pid) == 0
+        subprocess.run(["swapoff", "/dev/ublkb0"], check=True, timeout=600)
+        rzs(sock, "/dev/ublkb0", "--reset")
+
+
 @pytest.fixture
 def scratch_disk():
     """The block device this test may destroy: $UBLKZSWAP_SCRATCH_DISK only (tests/kernel/scratch.py

@@ -283,3 +283,24 @@ def test_the_kernel_accepts_the_program_where_it_may_load_one():
 
 def test_kernel_dev_is_mkdev():
     assert sf.kernel_dev(os.makedev(259, 7)) == (259 << 20) | 7
+
+
+def test_the_keeper_drops_freed_slots_with_no_request_to_wake_a_queue():
+    """After an OOM kill no I/O may come: the memory of the killed process's slots must come
+    back anyway."""
+    import time
+    from ublkzswap.store import Store
+    s = Store(64 * PAGE, keeper=True, keeper_interval=0.01, low=4, high=16)
+    try:
+        for i in range(1, 9):
+            s.write_swap(i * PAGE, memoryview(bytearray(text_page(i))))
+        k = FakeKernelRing()
+        s._slotfree = slot_free_over(k.ring())
+        for idx in range(1, 9):
+            k.put(idx)
+        deadline = time.monotonic() + 5
+        while s.stats()["pages_stored"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert s.stats()["pages_stored"] == 0 and s.stats()["notify_free"] == 8
+    finally:
+        s.close()
