@@ -757,12 +757,12 @@ class Store:
 
     def close(self) -> None:
         """Stop and drop the pool if the store made it (shared state stays for the next)."""
+        if self._own_pool and self.pool is not None:
+            self.pool.close()             # (its keeper drains freed slots: stopped first)
+        self.pool = None
         sf, self._slotfree = self._slotfree, None
         if sf is not None:
             sf.close()
-        if self._own_pool and self.pool is not None:
-            self.pool.close()
-        self.pool = None
         if self._state is not None:
             self._tab = self._counters = self._t = self._c = None
             self._header = _ZERO_PAGE

@@ -76,11 +76,11 @@ def swap_on_1gib(sock):
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "issue 9, open: a ublk device hears of freed swap slots only when a whole 2 MiB cluster is "
-    "discarded (zram of every slot, and a synchronous zram frees the slot at every swap-in), "
-    "and the daemon's ~25 MiB more fixed memory pushes more of the machine out to swap: at the "
-    "OOM kill the device held 554 MiB in 256 on 571 MiB of the kernel's slots, against zram's "
-    "peak of 424 MiB in 203 on 489 (docs/NOTES.md, bench/bench_small.py)"))
+    "issue 9, open: with every freed slot dropped (slot_free, kprobe BPF) the device stores "
+    "about what zram does (443 MiB against 423 at the peak), but in 254 MiB against zram's "
+    "202: holes that single-slot frees leave in segments mostly above 75% full, 11% of "
+    "swap-outs failed while the keeper fell behind, and ~25 MiB more fixed memory "
+    "(docs/NOTES.md, stop 25; bench/bench_small.py)"))
 @pytest.mark.deadline(1500)
 def test_small_machine(tmp_path):
     """384 MiB of RAM, a 512 MiB workload through a 1 GiB device: every page verified,
@@ -90,8 +90,10 @@ def test_small_machine(tmp_path):
         swap_on_1gib(sock)
         kills = oom_kills()
         with machine_of(SMALL_MIB):
+            # zram does it in 35-130 s here: a run of several times that is no success, and
+            # the suite must not wait 20 minutes for it
             p = subprocess.run([PY, SWAPLOAD, "--mib", "512", "--passes", "1", "--mix", MIX,
-                                "--quiet"], capture_output=True, text=True, timeout=1200)
+                                "--quiet"], capture_output=True, text=True, timeout=480)
         why = workload_verdict(p.returncode, p.stdout, killed_by_test=False)
         assert why is None, f"{why}\n{p.stdout[-2000:]}{p.stderr[-2000:]}\n{kernel_log_oom_lines()}"
         assert oom_kills() == kills, kernel_log_oom_lines()
