@@ -174,14 +174,20 @@ def test_compaction_interleaved_with_everything_keeps_every_page(ops):
         s.close()
 
 
-def test_background_compaction_leaves_the_writes_their_ready_units():
-    rng = random.Random(11)
+def filled_then_thinned(seed: int, every: int) -> Store:
+    """A store without a keeper, every page written, then every ``every``-th discarded."""
+    rng = random.Random(seed)
     s = Store(1024 * PAGE, keeper=False, inline_refill=False, low=64, high=1024)
+    for i in range(1024):
+        s.write(i * PAGE, memoryview(make_page(rng, 2)))
+    for i in range(0, 1024, every):
+        s.discard(i * PAGE, PAGE)
+    return s
+
+
+def test_background_compaction_leaves_the_writes_their_ready_units():
+    s = filled_then_thinned(11, every=2)
     try:
-        for i in range(1024):
-            s.write(i * PAGE, memoryview(make_page(rng, 2)))
-        for i in range(0, 1024, 2):
-            s.discard(i * PAGE, PAGE)
         assert s.stats()["mem_used_total"] > 1.5 * s.stats()["compr_data_size"]
         pages = s.pool.ready
         while s.pool.ready > s.pool.low:          # down to the reserve: no background work
@@ -336,13 +342,8 @@ def test_short_of_memory_background_compaction_takes_back_what_it_can():
 def test_a_pool_that_ran_dry_makes_background_compaction_take_back_what_it_can():
     """A take that found no ready unit (the keeper behind, though never refused) is pressure
     too: segments 80% full are compacted then, and the units won are ready at once."""
-    rng = random.Random(13)
-    s = Store(1024 * PAGE, keeper=False, inline_refill=False, low=64, high=1024)
+    s = filled_then_thinned(13, every=5)
     try:
-        for i in range(1024):
-            s.write(i * PAGE, memoryview(make_page(rng, 2)))
-        for i in range(0, 1024, 5):
-            s.discard(i * PAGE, PAGE)
         assert s.compact_if_wasteful() == 0                 # nothing at most 75% full
         taken = []
         while s.pool.ready:

@@ -9,10 +9,9 @@ import struct
 
 import pytest
 
-from fakering import FakeRing
 from fakeublk import small_store, text_page
+from test_queue_loop import serve
 from ublkzswap import slotfree as sf, uapi as U
-from ublkzswap.queue import Queue
 from ublkzswap.target import RamTarget
 
 PAGE = 4096
@@ -157,19 +156,12 @@ class Watching(RamTarget):
 
 def test_the_queue_catches_up_once_a_wake_up_before_serving_it():
     t = Watching(1 << 20)
-    q = Queue(7, t, depth=4, buf_bytes=4 * PAGE)
     data = bytes(PAGE)
-    ring = FakeRing(4, [
+    serve(t, [
         lambda k: [k.request(0, U.UBLK_IO_OP_WRITE, 8, 8, data=data),
                    k.request(1, U.UBLK_IO_OP_WRITE, 16, 16, data=data * 2)],
-        lambda k: [k.request(2, U.UBLK_IO_OP_READ, 8, 8)],
-        FakeRing.stop])
-    try:
-        q.run(ring, ring.iod, cdev=-1)
-    finally:
-        ring.close()
-        q.close()
-        t.close()
+        lambda k: [k.request(2, U.UBLK_IO_OP_READ, 8, 8)]])
+    t.close()
     assert t.log[:4] == ["catch_up", ("write", 1), ("write", 2), "catch_up"]
     assert t.log[4] == ("read", 1)
 
@@ -179,15 +171,9 @@ def test_the_queue_survives_a_failing_catch_up():
         def catch_up(self):
             raise OSError(errno.EIO, "ring gone")
     t = Failing(1 << 20)
-    q = Queue(7, t, depth=2, buf_bytes=PAGE)
-    ring = FakeRing(2, [lambda k: [k.request(0, U.UBLK_IO_OP_WRITE, 8, 8, data=bytes(PAGE))],
-                        FakeRing.stop])
-    try:
-        q.run(ring, ring.iod, cdev=-1)
-    finally:
-        ring.close()
-        q.close()
-        t.close()
+    _, ring = serve(t, [lambda k: [k.request(0, U.UBLK_IO_OP_WRITE, 8, 8, data=bytes(PAGE))]],
+                    depth=2)
+    t.close()
     assert ring.commits == [(0, PAGE)]
 
 
