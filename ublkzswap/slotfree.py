@@ -1,7 +1,8 @@
 """Freed swap slots, heard of one by one, as zram hears of them.
 
 Owns: a kprobe BPF program on the kernel's per-slot free hook, the ring buffer it writes to,
-and :class:`SlotFree`, which hands the store the offsets of its device's freed slots.
+and :class:`SlotFree`, which hands the store the offsets of its device's freed slots
+(``ublkzswapd slot_free=on``).
 
 Why: the kernel tells zram of every swap slot it frees (``swap_slot_free_notify``), and zram
 drops the slot's compressed copy at once. A ublk device has no such callback: it hears of freed

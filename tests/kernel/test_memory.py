@@ -76,11 +76,11 @@ def swap_on_1gib(sock):
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "issue 9, open: with every freed slot dropped (slot_free, kprobe BPF) the device stores "
-    "about what zram does (443 MiB against 423 at the peak), but in 254 MiB against zram's "
-    "202: holes that single-slot frees leave in segments mostly above 75% full, 11% of "
-    "swap-outs failed while the keeper fell behind, and ~25 MiB more fixed memory "
-    "(docs/NOTES.md, stop 25; bench/bench_small.py)"))
+    "issue 9, open: by default a ublk device hears of freed slots only by whole discarded "
+    "clusters and keeps stale copies (555 MiB stored against zram's 423 at the peak); with "
+    "slot_free=on (kprobe BPF) it stores about what zram does (443 MiB) but in 254 MiB "
+    "against 202 (holes single-slot frees leave, swap-outs failed while the keeper fell "
+    "behind) and ~25 MiB more fixed memory, and thrashes (docs/NOTES.md, stop 25)"))
 @pytest.mark.deadline(1500)
 def test_small_machine(tmp_path):
     """384 MiB of RAM, a 512 MiB workload through a 1 GiB device: every page verified,

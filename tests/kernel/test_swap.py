@@ -191,7 +191,7 @@ def kernel_used_pages(dev: str = "/dev/ublkb0") -> int:
 
 @pytest.mark.deadline(900)
 def test_freed_slots_are_dropped_one_by_one(tmp_path):
-    """slot_free=on (the default): the device hears of every slot the kernel frees (kprobe
+    """slot_free=on: the device hears of every slot the kernel frees (kprobe
     BPF, ublkzswap.slotfree) and drops its copy, as zram does. The device is small, so swap
     is over half full and every swap-in frees its slot (vm_swap_full), which reclaim soon
     hands out again: a free applied after the next write to its slot would lose that write,
@@ -200,7 +200,7 @@ def test_freed_slots_are_dropped_one_by_one(tmp_path):
     cluster discards catch) the device holds hardly more than the kernel's slots in use."""
     sock = tmp_path / "ctl.sock"
     mib = 128
-    with running("num_devices=1", f"socket={sock}") as (pid, _):
+    with running("num_devices=1", "slot_free=on", f"socket={sock}") as (pid, _):
         rzs(sock, "/dev/ublkb0", "--disksize_kb=131072", "--init")
         subprocess.run(["swapon", "--discard", "/dev/ublkb0"], check=True, timeout=300)
         discarded0 = block_stat("/dev/ublkb0")[13] // 8          # swapon's own discard
