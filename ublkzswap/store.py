@@ -216,7 +216,6 @@ class Store:
         self._slotfree = None        # freed-slot notices (watch_freed_slots), if any
         self._local = threading.local()        # per thread: its scratch page
         self._deferred = 0                     # the pool's growth_deferred, as last seen
-        self._misses = 0                       # and its misses
         # the dedup index (swap-outs only, see "Deduplication"): process-local, empty after a
         # takeover; resident now, as the table (the I/O path writes it)
         self._dd = self._ddmask = None
@@ -691,10 +690,8 @@ class Store:
         at a time (the keeper must get back to refilling), and never eating into the ready
         units writes need.
 
-        Short of memory (the pool was refused growth since the last pass: ``growth_deferred``;
-        or its keeper cannot bring memory in, or falls behind: ``short``, or a take found it
-        empty since the last pass: ``misses``) every unit it can win back is memory the machine
-        needs, and a unit ready without the kernel's help, as zsmalloc's shrinker
+        Short of memory (the pool was refused growth since the last pass: ``growth_deferred``)
+        every unit it can win back is memory the machine needs, as zsmalloc's shrinker
         compacts under pressure: then it starts above PRESSURE_WASTE_UNITS units unused, takes
         units up to 95% full, and may use the last ready units (and the heads' room) to move
         into: the victims give them back within the batch's round."""
@@ -702,10 +699,7 @@ class Store:
         if live is None or self.pool is None:
             return 0
         deferred = getattr(self.pool, "growth_deferred", 0)
-        misses = getattr(self.pool, "misses", 0)
-        short = (deferred != self._deferred or misses != self._misses
-                 or getattr(self.pool, "short", False))
-        self._deferred, self._misses = deferred, misses
+        short, self._deferred = deferred != self._deferred, deferred
         held = self.allocator.pages_used() << PAGE_SHIFT
         waste = held - live()
         if short:

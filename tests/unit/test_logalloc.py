@@ -331,28 +331,6 @@ def test_short_of_memory_background_compaction_takes_back_what_it_can():
             out = bytearray(PAGE)
             s.read(i * PAGE, memoryview(out))
             assert out == pages.get(i, bytes(PAGE)), i
-        grow[0] = True
-        s.pool.step()                                       # the keeper gets memory again
-        assert not s.pool.short
         assert s.compact_if_wasteful() == 0                 # no new refusal: plentiful again
-    finally:
-        s.close()
-
-
-def test_a_pool_that_ran_dry_makes_background_compaction_take_back_what_it_can():
-    """A take that found no ready unit (the keeper behind, though never refused) is pressure
-    too: segments 80% full are compacted then, and the units won are ready at once."""
-    s = filled_then_thinned(13, every=5)
-    try:
-        assert s.compact_if_wasteful() == 0                 # nothing at most 75% full
-        taken = []
-        while s.pool.ready:
-            taken.append(s.pool.take(4))
-        assert s.pool.take(4) == -1                         # a miss
-        for u in taken:
-            s.pool.give(u)
-        assert s.compact_if_wasteful() > 0
-        check(s)
-        assert s.compact_if_wasteful() == 0                 # no new miss: plentiful again
     finally:
         s.close()
