@@ -34,6 +34,7 @@ _PROTOTYPES = {
     "pthread_attr_destroy": (C.c_int, [C.c_void_p]),
     "posix_spawn": (C.c_int, [C.POINTER(C.c_int), C.c_char_p, C.c_void_p, C.c_void_p,
                               C.POINTER(C.c_char_p), C.POINTER(C.c_char_p)]),
+    "syscall": (C.c_long, None),   # variadic: callers pass C.c_long and pointers
 }
 for _name, (_res, _args) in _PROTOTYPES.items():
     _f = getattr(libc, _name)

@@ -40,16 +40,15 @@ from __future__ import annotations
 
 import ctypes as C
 import errno
+import fcntl
+import functools
 import mmap
 import os
 import struct
 import threading
 
 from . import uapi as U
-
-_libc = C.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
-_syscall.restype = C.c_long
+from .libc import libc, oserror
 
 HOOK = "zswap_invalidate"
 RING_BYTES = 128 << 10             # 8,192 records of 16 bytes (header + offset)
@@ -151,19 +150,34 @@ def btf_layout(path: str = BTF_PATH) -> dict[str, int]:
     return out
 
 
-def kernel_symbol(name: str, path: str = "/proc/kallsyms") -> int:
-    """Address of a kernel symbol (0 hidden by kptr_restrict counts as missing)."""
-    tail = f" {name}\n"
+def kernel_symbols(names: tuple[str, ...], path: str = "/proc/kallsyms") -> dict[str, int]:
+    """Addresses of kernel symbols, in one pass over ``path`` (an address of 0, hidden by
+    kptr_restrict, counts as missing). Raises Unavailable naming the first one missing."""
+    want = {f" {n}\n": n for n in names}
+    found: dict[str, int] = {}
     try:
         with open(path) as f:
             for line in f:
-                if line.endswith(tail):
+                name = want.get(line[line.rfind(" "):])
+                if name is not None and name not in found:
                     addr = int(line.split(None, 1)[0], 16)
                     if addr:
-                        return addr
+                        found[name] = addr
+                        if len(found) == len(want):
+                            break
     except OSError as e:
         raise Unavailable(f"{path}: {e.strerror}") from None
-    raise Unavailable(f"no kernel symbol {name} (or its address is hidden)")
+    for n in names:
+        if n not in found:
+            raise Unavailable(f"no kernel symbol {n} (or its address is hidden)")
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel_facts() -> tuple[dict[str, int], int]:
+    """(btf_layout(), address of ``swap_info``), read once per process, the hook checked
+    present; an Unavailable is not cached (the next device asks again)."""
+    return btf_layout(), kernel_symbols(("swap_info", HOOK))["swap_info"]
 
 
 def kernel_dev(rdev: int) -> int:
@@ -235,10 +249,9 @@ def program(map_fd: int, swap_info: int, layout: dict[str, int], kdev: int) -> l
 # ---------------------------------------------------------------- system calls
 
 def _bpf(cmd: int, attr) -> int:
-    fd = _syscall(C.c_long(U.__NR_bpf), C.c_long(cmd), C.byref(attr), C.c_long(C.sizeof(attr)))
+    fd = libc.syscall(C.c_long(U.__NR_bpf), C.c_long(cmd), C.byref(attr), C.c_long(C.sizeof(attr)))
     if fd < 0:
-        e = C.get_errno()
-        raise OSError(e, f"bpf({cmd}): {os.strerror(e)}")
+        raise oserror(f"bpf({cmd})")
     return fd
 
 
@@ -270,12 +283,10 @@ def _attach(prog_fd: int, func: str) -> int:
         raise Unavailable("no kprobe event source") from None
     name = C.create_string_buffer(func.encode())
     attr = U.perf_event_attr(type=pmu, size=U.PERF_ATTR_SIZE_VER1, config1=C.addressof(name))
-    fd = _syscall(C.c_long(U.__NR_perf_event_open), C.byref(attr), C.c_long(-1), C.c_long(0),
-                  C.c_long(-1), C.c_long(U.PERF_FLAG_FD_CLOEXEC))
+    fd = libc.syscall(C.c_long(U.__NR_perf_event_open), C.byref(attr), C.c_long(-1),
+                      C.c_long(0), C.c_long(-1), C.c_long(U.PERF_FLAG_FD_CLOEXEC))
     if fd < 0:
-        e = C.get_errno()
-        raise Unavailable(f"kprobe on {func}: {os.strerror(e)}")
-    import fcntl
+        raise Unavailable(oserror(f"kprobe on {func}").strerror)
     try:
         fcntl.ioctl(fd, U.PERF_EVENT_IOC_SET_BPF, prog_fd)
         fcntl.ioctl(fd, U.PERF_EVENT_IOC_ENABLE, 0)
@@ -283,9 +294,6 @@ def _attach(prog_fd: int, func: str) -> int:
         os.close(fd)
         raise Unavailable(f"attaching the program to {func}: {e.strerror}") from None
     return fd
-
-
-_layout_cache: dict = {}
 
 
 class Ring:
@@ -348,10 +356,7 @@ class SlotFree:
     def __init__(self, rdev: int):
         if os.uname().machine != "x86_64":
             raise Unavailable("x86_64 only")
-        if "layout" not in _layout_cache:
-            _layout_cache["layout"] = btf_layout()
-            _layout_cache["swap_info"] = kernel_symbol("swap_info")
-        kernel_symbol(HOOK)
+        layout, swap_info = _kernel_facts()
         self._fds: list[int] = []
         try:
             attr = U.bpf_attr_map_create(map_type=U.BPF_MAP_TYPE_RINGBUF, max_entries=RING_BYTES)
@@ -360,8 +365,7 @@ class SlotFree:
             except OSError as e:
                 raise Unavailable(f"no BPF ring buffer: {e.strerror}") from None
             self._fds.append(map_fd)
-            prog_fd = _load(program(map_fd, _layout_cache["swap_info"], _layout_cache["layout"],
-                                    kernel_dev(rdev)))
+            prog_fd = _load(program(map_fd, swap_info, layout, kernel_dev(rdev)))
             self._fds.append(prog_fd)
             self.ring = Ring(map_fd)
             self._fds.append(_attach(prog_fd, HOOK))

@@ -536,10 +536,6 @@ class Store:
                 old.close()
         return why
 
-    @property
-    def watching_freed_slots(self) -> bool:
-        return self._slotfree is not None
-
     def catch_up(self) -> None:
         """Drop the slots the kernel has freed since the last call. A queue calls it once a
         wake-up's completions are reaped, before serving them, so that a free is applied

@@ -290,3 +290,19 @@ def test_the_keeper_drops_freed_slots_with_no_request_to_wake_a_queue():
         assert s.stats()["pages_stored"] == 0 and s.stats()["notify_free"] == 8
     finally:
         s.close()
+
+
+def test_kernel_symbols_in_one_pass_hidden_ones_missing(tmp_path):
+    p = tmp_path / "kallsyms"
+    p.write_text("ffffffff81000000 T _text\n"
+                 "ffffffff81664db0 T zswap_invalidate\n"
+                 "ffffffff81700000 t zswap_invalidate_x\n"
+                 "ffffffff82a00000 b swap_info\n"
+                 "ffffffffc0000000 t helper\t[somemod]\n"
+                 "0000000000000000 T hidden\n")
+    assert sf.kernel_symbols(("swap_info", "zswap_invalidate"), str(p)) == {
+        "swap_info": 0xFFFFFFFF82A00000, "zswap_invalidate": 0xFFFFFFFF81664DB0}
+    with pytest.raises(sf.Unavailable, match="no kernel symbol hidden"):
+        sf.kernel_symbols(("swap_info", "hidden"), str(p))
+    with pytest.raises(sf.Unavailable, match="no kernel symbol helper"):
+        sf.kernel_symbols(("helper",), str(p))
