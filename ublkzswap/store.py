@@ -106,7 +106,7 @@ COMPACT_SCAN = 8192           # slots of the table scanned at a time
 DISCARD_SLICE = 512           # slots a discard clears at a time (a swap cluster: 2 MiB)
 COMPACT_WAIT = 1.0            # seconds on-demand compaction waits for the keeper's next units
 SWAP_WAIT = 0.02              # seconds a swap-out may wait for the keeper (see "Write")
-BACKGROUND_WASTE = 0.10       # background compaction starts above this share of unused memory
+BACKGROUND_WASTE = 0.08       # background compaction starts above this share of unused memory
 PRESSURE_WASTE_UNITS = 2      # ...and short of memory, above this many units unused
 
 DEDUP_SAMPLE = 37             # every 37th byte of a compressed page goes into its dedup key
@@ -214,6 +214,7 @@ class Store:
         self._c = memoryview(self._counters)
         self._lock = threading.Lock()
         self._slotfree = None        # freed-slot notices (watch_freed_slots), if any
+        self._compact_owed = 0       # pages compaction took and has not given back yet
         self._local = threading.local()        # per thread: its scratch page
         self._deferred = 0                     # the pool's growth_deferred, as last seen
         # the dedup index (swap-outs only, see "Deduplication"): process-local, empty after a
@@ -598,8 +599,8 @@ class Store:
         ``wait`` (on demand) it then waits, the lock released, up to COMPACT_WAIT s for the
         keeper's next units and goes on. With ``wait`` false (the keeper itself) it stops
         instead, and stops rather than wait for the lock: the keeper must never wait on a
-        writer that waits for the keeper. Returns the pages given back (also counted in
-        ``pages_compacted``). An allocator that cannot move (xvmalloc) compacts nothing.
+        writer that waits for the keeper. Returns the pages given back, net of what the moves
+        took (also counted in ``pages_compacted``). An allocator that cannot move (xvmalloc) compacts nothing.
         Without a ``batches`` bound it goes round after round (each over the allocator's
         sparsest units then) until a round gives nothing back."""
         total = 0
@@ -619,7 +620,11 @@ class Store:
             return 0
         segs = np.asarray(segs, dtype=np.uint64)
         t, view, alloc = self._t, self.pool.view, self.allocator
-        victim, freed, batch = set(segs.tolist()), 0, 0
+        # pages given back net of what the moves took: a batch may take a unit (a new head)
+        # that only a later batch's victims pay back, and a round may end before they do.
+        # Such a unit is owed, paid before anything more counts as given back.
+        victim, batch = set(segs.tolist()), 0
+        freed, credited = -self._compact_owed, 0
         for lo in range(0, self.npages, COMPACT_SCAN):
             # the table is scanned a slice at a time, without the lock (each move re-checks
             # its entry under it): numpy's temporaries stay small enough for the heap's
@@ -630,11 +635,11 @@ class Store:
             first = 0
             while first < len(owners):
                 if batches is not None and batch >= batches:
-                    return freed
+                    return self._compacted(freed, credited)
                 if self.pool.ready <= reserve and not (wait and self._pool_refilled(reserve)):
-                    return freed
+                    return self._compacted(freed, credited)
                 if not self._lock.acquire(blocking=wait):
-                    return freed
+                    return self._compacted(freed, credited)
                 batch += 1
                 short = False
                 try:
@@ -662,18 +667,24 @@ class Store:
                     used = alloc.pages_used()
                     if used << PAGE_SHIFT > self._c[MEM_USED_MAX]:   # moves take before they free
                         self._c[MEM_USED_MAX] = used << PAGE_SHIFT
-                    gone = before - used                 # given back net of what moves took
-                    if gone > 0:
-                        freed += gone
-                        self._c[PAGES_COMPACTED] += gone
+                    freed += before - used
+                    if freed > credited:
+                        self._c[PAGES_COMPACTED] += freed - credited
+                        credited = freed
                 finally:
                     self._lock.release()
                 # out of ready units mid-batch: on demand, wait (the lock released) for the
                 # keeper to bring more and go on; a round's moves take units before its
                 # victims free any, more than the ready pool holds
                 if short and not (wait and self._pool_refilled(reserve)):
-                    return freed
-        return freed
+                    return self._compacted(freed, credited)
+        return self._compacted(freed, credited)
+
+    def _compacted(self, freed: int, credited: int) -> int:
+        """End a round that came to ``freed`` pages net, ``credited`` of them counted as
+        compacted (its highest point): what it took after that is owed."""
+        self._compact_owed = credited - freed
+        return credited
 
     def _pool_refilled(self, reserve: int) -> bool:
         """Wait up to COMPACT_WAIT s, holding no lock, for more than ``reserve`` ready units."""
@@ -682,15 +693,18 @@ class Store:
 
     def compact_if_wasteful(self) -> int:
         """Background compaction, for the pool's keeper between its passes: only when more than
-        BACKGROUND_WASTE of the memory held is unused, only the sparsest units, a few batches
-        at a time (the keeper must get back to refilling), and never eating into the ready
-        units writes need.
+        BACKGROUND_WASTE of the memory held is unused (so that it keeps ``mem_used_total`` within
+        about 1.09 x the live bytes), the sparsest units first, up to 95% full (single-slot
+        frees and overwrites scatter their holes: segments evenly 80% full are a quarter more
+        memory than their data, and would never be taken at a lower bound), a few batches at a
+        time (the keeper must get back to refilling), and never eating into the ready units
+        writes need.
 
         Short of memory (the pool was refused growth since the last pass: ``growth_deferred``)
         every unit it can win back is memory the machine needs, as zsmalloc's shrinker
-        compacts under pressure: then it starts above PRESSURE_WASTE_UNITS units unused, takes
-        units up to 95% full, and may use the last ready units (and the heads' room) to move
-        into: the victims give them back within the batch's round."""
+        compacts under pressure: then it starts above PRESSURE_WASTE_UNITS units unused and
+        may use the last ready units (and the heads' room) to move into: the victims give
+        them back within the batch's round."""
         live = getattr(self.allocator, "live_bytes", None)
         if live is None or self.pool is None:
             return 0
@@ -704,7 +718,7 @@ class Store:
             return self.compact(max_fill=0.95, batches=4, reserve=-1, wait=False)
         if self.pool.ready <= self.pool.low or waste <= BACKGROUND_WASTE * held + (4 << 16):
             return 0
-        return self.compact(max_fill=0.75, batches=4, reserve=self.pool.low, wait=False)
+        return self.compact(max_fill=0.95, batches=4, reserve=self.pool.low, wait=False)
 
     def _adopt(self) -> None:
         """Take over a table a previous process left (crash, kill -9, restart): rebuild the
