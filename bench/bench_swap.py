@@ -106,14 +106,18 @@ class Zram:
 
 
 class Ublk:
+    """ublkzswapd as a target named ``ublkz-COMPRESSOR[:param=value...]`` (the daemon's own
+    parameters after the colons, e.g. ``ublkz-lzo:slot_free=on``)."""
+
     def __init__(self, name):
         self.name = name
-        self.comp = name.partition("-")[2]
+        kind, *self.params = name.split(":")
+        self.comp = kind.partition("-")[2]
 
     def up(self, size_mb: int) -> str:
         from tests.kernel.daemonctl import start
         self.pid, _ = start("num_devices=1", f"disksize_kb={size_mb * 1024}",
-                            f"compressor={self.comp}", f"socket={SOCK}")
+                            f"compressor={self.comp}", f"socket={SOCK}", *self.params)
         return "/dev/ublkb0"
 
     def mem(self) -> dict:
