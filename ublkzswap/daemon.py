@@ -60,7 +60,7 @@ from .ublkdev import IO_BUF_BYTES, QUEUE_DEPTH, UblkDevice, block_users
 def keeper_options() -> dict:
     """How a device's store runs its arena keeper in the daemon (and in its self-test)."""
     return dict(keeper_init=memory.keeper_thread_init, keeper_idle=memory.lock_heap_tail,
-                may_grow=memory.GrowthGuard())
+                may_grow=memory.GrowthGuard(), pressure=memory.SwapActivity())
 
 
 WARM_DENSE = 1024         # the self-test writes these pages densely: several keeper batches

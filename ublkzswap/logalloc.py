@@ -130,10 +130,14 @@ class LogPool:
         """Bytes of the objects allocated and not freed."""
         return self._live_total
 
-    def victims(self, max_fill: float = 0.9, limit: int = 64) -> tuple[int, list[int]]:
+    def victims(self, max_fill: float = 0.9, limit: int = 64,
+                budget: int | None = None) -> tuple[int, list[int]]:
         """(SEGMENT, the numbers of up to ``limit`` segments worth emptying, emptiest first):
         live bytes at most ``max_fill`` of a segment, heads excluded; none unless moving their
-        live bytes into fresh segments frees at least one segment net."""
+        live bytes into fresh segments frees at least one segment net. With a ``budget``
+        (bytes) it stops taking more once their live bytes would pass it and they free a
+        segment net: a round that takes only what it can move finishes its victims, where one
+        that takes many and moves part of each frees none."""
         heads = {h[0] for h in self._heads}
         snapshot = self._live.astype(np.int64)       # a copy: writers change it meanwhile
         used = np.flatnonzero(snapshot)
@@ -144,11 +148,14 @@ class LogPool:
         used, live = used[ok], live[ok]
         order = np.argsort(live, kind="stable")
         out, moved = [], 0
-        for i in order.tolist():
-            seg = int(used[i])
+        for i in order[:limit + len(heads)].tolist():
+            seg, n = int(used[i]), int(live[i])
             if seg in heads:
                 continue
-            moved += int(live[i])
+            if (budget is not None and moved + n > budget
+                    and len(out) * SEGMENT - moved >= SEGMENT):
+                break
+            moved += n
             out.append(seg)
             if len(out) >= limit:
                 break

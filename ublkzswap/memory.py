@@ -3,8 +3,8 @@
 Owns: process set-up (:func:`lock_process`: allocator settings, a pre-grown never-trimmed heap,
 small thread stacks, locking what is touched, ``oom_score_adj -1000``), per-thread set-up
 (:func:`lock_thread_stack`, :func:`set_io_flusher`, :func:`keeper_thread_init`), making a fresh
-mapping resident (:func:`populate`) and the free-memory line the store grows within
-(:class:`GrowthGuard`).
+mapping resident (:func:`populate`), the free-memory line the store grows within
+(:class:`GrowthGuard`) and whether the machine is swapping (:class:`SwapActivity`).
 
 Why each piece (../shared/DESIGN.md "Memory and deadlock", ../shared/docs/ublk-protocol.md
 section 4): a swap device served from user space deadlocks the machine if serving a request
@@ -369,6 +369,44 @@ class GrowthGuard:
     def close(self) -> None:
         """Close the /proc/meminfo descriptor (kept open so that a check allocates nothing);
         the guard then judges by free pages alone. Also done when the guard is collected."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    __del__ = close
+
+
+class SwapActivity:
+    """Whether the machine has swapped out since the last call: the kernel's ``pswpout``
+    (/proc/vmstat) has advanced. Swapping out is reclaim finding no memory it can drop: every
+    unit the store holds unused is then memory the machine needs, as zsmalloc's shrinker
+    compacts when reclaim calls it. Keeps /proc/vmstat open; unreadable, it says no."""
+
+    def __init__(self, vmstat: str = "/proc/vmstat"):
+        try:
+            self._fd = os.open(vmstat, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._fd = -1
+        self._last = self.pswpout()
+
+    def pswpout(self) -> int:
+        """Pages swapped out since boot (-1 if unreadable)."""
+        if self._fd < 0:
+            return -1
+        try:
+            text = os.pread(self._fd, 16384, 0)
+            i = text.index(b"\npswpout ") + 9
+            return int(text[i:text.index(b"\n", i)])
+        except (OSError, ValueError):
+            return -1
+
+    def __call__(self) -> bool:
+        now = self.pswpout()
+        swapped, self._last = now != self._last, now
+        return swapped and now >= 0
+
+    def close(self) -> None:
+        """Close /proc/vmstat (also done when collected); it says no from then on."""
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)

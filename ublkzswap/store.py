@@ -103,10 +103,13 @@ ARENA_SLACK_PAGES = 256                       # > pages of the largest request
 ALLOCATORS = {"log": logalloc.LogPool, "xvmalloc": xvmalloc.XvPool}   # default first
 COMPACT_BATCH = 64            # objects moved per hold of the store lock
 COMPACT_SCAN = 8192           # slots of the table scanned at a time
+COMPACT_PASS = 256 << 10      # live bytes a background pass takes victims for (about)
+COMPACT_PASS_BATCHES = 16     # ...and the batches it may move them in
 DISCARD_SLICE = 512           # slots a discard clears at a time (a swap cluster: 2 MiB)
 COMPACT_WAIT = 1.0            # seconds on-demand compaction waits for the keeper's next units
 SWAP_WAIT = 0.02              # seconds a swap-out may wait for the keeper (see "Write")
 BACKGROUND_WASTE = 0.08       # background compaction starts above this share of unused memory
+PRESSURE_WASTE = 0.03         # ...while the machine swaps out
 PRESSURE_WASTE_UNITS = 2      # ...and short of memory, above this many units unused
 
 DEDUP_SAMPLE = 37             # every 37th byte of a compressed page goes into its dedup key
@@ -180,7 +183,8 @@ class Store:
                  swap_wait: float = SWAP_WAIT, keeper: bool = True,
                  keeper_init=None, keeper_idle=None,
                  keeper_interval: float = _arena.DEFAULT_INTERVAL,
-                 state=None, adopt: bool = False, dedup: bool = True, **pool_options):
+                 state=None, adopt: bool = False, dedup: bool = True, pressure=None,
+                 **pool_options):
         if type(disksize) is not int or disksize <= 0 or disksize % PAGE_SIZE:
             raise ValueError(f"disksize must be a positive multiple of {PAGE_SIZE} bytes, got {disksize!r}")
         self.size = self.disksize = disksize
@@ -215,6 +219,7 @@ class Store:
         self._lock = threading.Lock()
         self._slotfree = None        # freed-slot notices (watch_freed_slots), if any
         self._compact_owed = 0       # pages compaction took and has not given back yet
+        self._pressure = pressure    # () -> whether the machine swapped since the last call
         self._local = threading.local()        # per thread: its scratch page
         self._deferred = 0                     # the pool's growth_deferred, as last seen
         # the dedup index (swap-outs only, see "Deduplication"): process-local, empty after a
@@ -588,7 +593,7 @@ class Store:
     # ---- compaction (zram's compact)
 
     def compact(self, max_fill: float = 0.95, batches: int | None = None, reserve: int = 0,
-                wait: bool = True) -> int:
+                wait: bool = True, budget: int | None = None) -> int:
         """Move objects out of the emptiest units of memory (those at most ``max_fill`` full)
         into fresh ones, so that the emptied units go back to the pool: zram's ``compact``.
         In batches of COMPACT_BATCH objects per hold of the lock (at most ``batches``); it
@@ -605,80 +610,94 @@ class Store:
         sparsest units then) until a round gives nothing back."""
         total = 0
         while True:
-            got = self._compact_round(max_fill, batches, reserve, wait)
+            got = self._compact_round(max_fill, batches, reserve, wait, budget)
             total += got
             if got == 0 or batches is not None:
                 return total
 
     def _compact_round(self, max_fill: float, batches: int | None, reserve: int,
-                       wait: bool) -> int:
+                       wait: bool, budget: int | None) -> int:
         victims = getattr(self.allocator, "victims", None)
         if victims is None or self.pool is None:
             return 0
-        unit, segs = victims(max_fill)
+        unit, segs = victims(max_fill, budget=budget)
         if not segs:
             return 0
-        segs = np.asarray(segs, dtype=np.uint64)
+        owners = self._owners(unit, segs).tolist()
         t, view, alloc = self._t, self.pool.view, self.allocator
         # pages given back net of what the moves took: a batch may take a unit (a new head)
         # that only a later batch's victims pay back, and a round may end before they do.
         # Such a unit is owed, paid before anything more counts as given back.
-        victim, batch = set(segs.tolist()), 0
+        victim, batch, first = set(segs), 0, 0
         freed, credited = -self._compact_owed, 0
-        for lo in range(0, self.npages, COMPACT_SCAN):
-            # the table is scanned a slice at a time, without the lock (each move re-checks
-            # its entry under it): numpy's temporaries stay small enough for the heap's
-            # headroom, which the I/O path relies on never having to grow
-            e = self._tab[2 * lo:2 * min(lo + COMPACT_SCAN, self.npages):2]
-            held = ((e & np.uint64(3)) >= RAW) & ((e & np.uint64(0x7FFC)) != 0)
-            owners = np.flatnonzero(held & np.isin((e >> np.uint64(16)) // np.uint64(unit), segs))
-            first = 0
-            while first < len(owners):
-                if batches is not None and batch >= batches:
-                    return self._compacted(freed, credited)
-                if self.pool.ready <= reserve and not (wait and self._pool_refilled(reserve)):
-                    return self._compacted(freed, credited)
-                if not self._lock.acquire(blocking=wait):
-                    return self._compacted(freed, credited)
-                batch += 1
-                short = False
-                try:
-                    before = alloc.pages_used()
-                    for idx in (owners[first:first + COMPACT_BATCH] + lo).tolist():
-                        old = t[2 * idx]
-                        a, ln = old >> 16, (old >> 2) & 0x1FFF
-                        if old & 3 < RAW or not ln or a // unit not in victim:
-                            first += 1
-                            continue                     # rewritten or freed meanwhile
-                        try:
-                            new = alloc.malloc(ln, 0.0)
-                        except MemoryError:
-                            short = True                 # nothing ready: never wait here
-                            break
-                        view[new:new + ln] = view[a:a + ln]
-                        moved = (new << 16) | (old & 0xFFFF)
-                        if t[2 * idx + 1] & LINK:
-                            for m in ring(t, idx):          # a shared object: every holder
-                                t[2 * m] = moved
-                        else:
-                            t[2 * idx] = moved              # the commit
-                        alloc.free(a, ln)
+        while first < len(owners):
+            if batches is not None and batch >= batches:
+                break
+            if self.pool.ready <= reserve and not (wait and self._pool_refilled(reserve)):
+                break
+            if not self._lock.acquire(blocking=wait):
+                break
+            batch += 1
+            short = False
+            try:
+                before = alloc.pages_used()
+                for idx in owners[first:first + COMPACT_BATCH]:
+                    old = t[2 * idx]
+                    a, ln = old >> 16, (old >> 2) & 0x1FFF
+                    if old & 3 < RAW or not ln or a // unit not in victim:
                         first += 1
-                    used = alloc.pages_used()
-                    if used << PAGE_SHIFT > self._c[MEM_USED_MAX]:   # moves take before they free
-                        self._c[MEM_USED_MAX] = used << PAGE_SHIFT
-                    freed += before - used
-                    if freed > credited:
-                        self._c[PAGES_COMPACTED] += freed - credited
-                        credited = freed
-                finally:
-                    self._lock.release()
-                # out of ready units mid-batch: on demand, wait (the lock released) for the
-                # keeper to bring more and go on; a round's moves take units before its
-                # victims free any, more than the ready pool holds
-                if short and not (wait and self._pool_refilled(reserve)):
-                    return self._compacted(freed, credited)
+                        continue                     # rewritten or freed meanwhile
+                    try:
+                        new = alloc.malloc(ln, 0.0)
+                    except MemoryError:
+                        short = True                 # nothing ready: never wait here
+                        break
+                    view[new:new + ln] = view[a:a + ln]
+                    moved = (new << 16) | (old & 0xFFFF)
+                    if t[2 * idx + 1] & LINK:
+                        for m in ring(t, idx):          # a shared object: every holder
+                            t[2 * m] = moved
+                    else:
+                        t[2 * idx] = moved              # the commit
+                    alloc.free(a, ln)
+                    first += 1
+                used = alloc.pages_used()
+                if used << PAGE_SHIFT > self._c[MEM_USED_MAX]:   # moves take before they free
+                    self._c[MEM_USED_MAX] = used << PAGE_SHIFT
+                freed += before - used
+                if freed > credited:
+                    self._c[PAGES_COMPACTED] += freed - credited
+                    credited = freed
+            finally:
+                self._lock.release()
+            # out of ready units mid-batch: on demand, wait (the lock released) for the
+            # keeper to bring more and go on; a round's moves take units before its
+            # victims free any, more than the ready pool holds
+            if short and not (wait and self._pool_refilled(reserve)):
+                break
         return self._compacted(freed, credited)
+
+    def _owners(self, unit: int, segs: list) -> np.ndarray:
+        """The slots whose objects lie in the units ``segs`` (``unit`` bytes each), in table
+        order: one pass over the table a slice at a time, without the lock (each move
+        re-checks its entry under it), numpy's temporaries small enough for the heap's
+        headroom, which the I/O path relies on never having to grow. A unit number is
+        looked up in a mask (a gather), not searched for: the pass is most of a round's cost
+        when the victims are sparse."""
+        mask = np.zeros(max(segs) + 2, dtype=bool)          # the last entry: out of range
+        mask[segs] = True
+        top = np.uint64(len(mask) - 1)
+        shift = np.uint64(16 + unit.bit_length() - 1) if unit & (unit - 1) == 0 else None
+        found = []
+        for lo in range(0, self.npages, COMPACT_SCAN):
+            e = self._tab[2 * lo:2 * min(lo + COMPACT_SCAN, self.npages):2]
+            seg = e >> shift if shift is not None else (e >> np.uint64(16)) // np.uint64(unit)
+            np.minimum(seg, top, out=seg)
+            cand = np.flatnonzero(mask[seg])
+            if len(cand):
+                c = e[cand]               # the unit's objects, not a word a same page holds
+                found.append(cand[((c & np.uint64(3)) >= RAW) & ((c & np.uint64(0x7FFC)) != 0)] + lo)
+        return np.concatenate(found) if found else np.empty(0, dtype=np.int64)
 
     def _compacted(self, freed: int, credited: int) -> int:
         """End a round that came to ``freed`` pages net, ``credited`` of them counted as
@@ -696,15 +715,17 @@ class Store:
         BACKGROUND_WASTE of the memory held is unused (so that it keeps ``mem_used_total`` within
         about 1.09 x the live bytes), the sparsest units first, up to 95% full (single-slot
         frees and overwrites scatter their holes: segments evenly 80% full are a quarter more
-        memory than their data, and would never be taken at a lower bound), a few batches at a
-        time (the keeper must get back to refilling), and never eating into the ready units
-        writes need.
+        memory than their data, and would never be taken at a lower bound), victims for about
+        COMPACT_PASS live bytes a pass (the keeper must get back to refilling), and never
+        eating into the ready units writes need.
 
-        Short of memory (the pool was refused growth since the last pass: ``growth_deferred``)
-        every unit it can win back is memory the machine needs, as zsmalloc's shrinker
-        compacts under pressure: then it starts above PRESSURE_WASTE_UNITS units unused and
-        may use the last ready units (and the heads' room) to move into: the victims give
-        them back within the batch's round."""
+        While the machine swaps out (``pressure``), memory held unused is memory reclaim is
+        looking for: it works down to PRESSURE_WASTE and may use the ready units down to one
+        (the victims give them back within the pass). Short of memory (the pool was refused
+        growth since the last pass: ``growth_deferred``) every unit it can win back counts,
+        as zsmalloc's shrinker compacts under pressure: then it starts above
+        PRESSURE_WASTE_UNITS units unused and may use the last ready units (and the heads'
+        room) to move into."""
         live = getattr(self.allocator, "live_bytes", None)
         if live is None or self.pool is None:
             return 0
@@ -715,10 +736,16 @@ class Store:
         if short:
             if waste < PRESSURE_WASTE_UNITS * self.pool.unit_bytes:
                 return 0
-            return self.compact(max_fill=0.95, batches=4, reserve=-1, wait=False)
-        if self.pool.ready <= self.pool.low or waste <= BACKGROUND_WASTE * held + (4 << 16):
+            return self.compact(max_fill=0.95, batches=COMPACT_PASS_BATCHES, reserve=-1,
+                                wait=False, budget=COMPACT_PASS)
+        if self._pressure is not None and self._pressure():
+            line, reserve = PRESSURE_WASTE, 1
+        else:
+            line, reserve = BACKGROUND_WASTE, self.pool.low
+        if self.pool.ready <= reserve or waste <= line * held + (4 << 16):
             return 0
-        return self.compact(max_fill=0.95, batches=4, reserve=self.pool.low, wait=False)
+        return self.compact(max_fill=0.95, batches=COMPACT_PASS_BATCHES, reserve=reserve,
+                            wait=False, budget=COMPACT_PASS)
 
     def _adopt(self) -> None:
         """Take over a table a previous process left (crash, kill -9, restart): rebuild the
@@ -767,6 +794,9 @@ class Store:
         sf, self._slotfree = self._slotfree, None
         if sf is not None:
             sf.close()
+        pressure, self._pressure = self._pressure, None
+        if pressure is not None and hasattr(pressure, "close"):
+            pressure.close()
         if self._state is not None:
             self._tab = self._counters = self._t = self._c = None
             self._header = _ZERO_PAGE

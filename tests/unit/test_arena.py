@@ -396,3 +396,21 @@ def test_a_failed_populate_makes_the_keeper_short(monkeypatch):
         assert not a.short and a.ready == 64
     finally:
         a.close()
+
+
+def test_swap_activity_is_the_kernel_swapping_out_since_the_last_look(tmp_path):
+    from ublkzswap import memory
+    vm = tmp_path / "vmstat"
+    vm.write_text("pgpgout 7\npswpin 3\npswpout 40\npgalloc_dma 1\n")
+    a = memory.SwapActivity(str(vm))
+    assert a.pswpout() == 40 and a() is False          # nothing since it started looking
+    vm.write_text("pgpgout 9\npswpin 3\npswpout 41\npgalloc_dma 1\n")
+    assert a() is True and a() is False                # once per advance
+    vm.write_text("pswpin 3\n")                        # no such line: it says no
+    assert a.pswpout() == -1 and a() is False
+    a.close()
+    assert a.pswpout() == -1 and a() is False
+    assert memory.SwapActivity(str(tmp_path / "missing"))() is False
+    real = memory.SwapActivity()
+    assert real.pswpout() >= 0
+    real.close()

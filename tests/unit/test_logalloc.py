@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from ublkzswap.arena import Arena
 from ublkzswap.logalloc import SEGMENT, SEGMENT_PAGES, LogPool
 from ublkzswap.memory import HEAP_HEADROOM
-from ublkzswap.store import BACKGROUND_WASTE, Store
+from ublkzswap.store import BACKGROUND_WASTE, COMPACT_SCAN, PRESSURE_WASTE, Store
 
 from invariants import check
 
@@ -68,6 +68,22 @@ def test_victims_are_the_emptiest_and_only_when_a_segment_is_freed_net():
     assert segs == sorted(segs, key=lambda s: lp._live[s]) and len(segs) >= 2
     # the head (last segment) is never a victim
     assert objs[-1] // SEGMENT not in segs
+    a.close()
+
+
+def test_victims_within_a_budget_are_the_fewest_that_free_a_segment_net_and_fit():
+    a, lp = pool(nseg=12)
+    objs = [lp.malloc(1000) for _ in range(65 * 6 + 1)]      # 6 full segments, a head
+    for i, x in enumerate(objs[:65 * 6]):                      # 10, 20, .. 60 objects left
+        if i % 65 >= 10 * (i // 65 + 1):
+            lp.free(x, 1000)
+    segs6 = [objs[65 * k] // SEGMENT for k in range(6)]
+    assert lp.victims(0.95)[1] == segs6                        # no budget: every one
+    assert lp.victims(0.95, budget=35_000)[1] == segs6[:2]     # 10 + 20 fit, 30 more do not
+    assert lp.victims(0.95, budget=65_000)[1] == segs6[:3]
+    # under budget at once, it still takes enough to free a segment net (10 + 20 + 30 > 1)
+    assert lp.victims(0.95, budget=1)[1] == segs6[:2]
+    assert lp.victims(0.95, budget=1, limit=1)[1] == []        # one cannot free one net
     a.close()
 
 
@@ -304,24 +320,25 @@ def test_compaction_on_demand_waits_for_the_keeper_when_the_ready_pool_runs_dry(
 EVEN_PAGES = 4096
 
 
-def thinned_evenly(rng, every: int, may_grow=None):
-    """A store without a keeper, every page written, then every ``every``-th discarded: holes
-    spread evenly over the segments (as single-slot frees leave them), none nearly empty."""
-    s = Store(EVEN_PAGES * PAGE, keeper=False, inline_refill=False, low=64, high=EVEN_PAGES,
-              may_grow=may_grow)
+def thinned_evenly(rng, every: int, may_grow=None, pressure=None, n: int = EVEN_PAGES):
+    """A store of ``n`` pages without a keeper, every page written, then every ``every``-th
+    discarded: holes spread evenly over the segments (as single-slot frees leave them), none
+    nearly empty."""
+    s = Store(n * PAGE, keeper=False, inline_refill=False, low=64, high=n,
+              may_grow=may_grow, pressure=pressure)
     pages = {}
-    for i in range(EVEN_PAGES):
+    for i in range(n):
         pages[i] = make_page(rng, 2)
         s.write(i * PAGE, memoryview(pages[i]))
-    for i in range(0, EVEN_PAGES, every):
+    for i in range(0, n, every):
         s.discard(i * PAGE, PAGE)
         del pages[i]
     return s, pages
 
 
-def assert_pages(s, pages):
+def assert_pages(s, pages, n: int = EVEN_PAGES):
     out = bytearray(PAGE)
-    for i in range(EVEN_PAGES):
+    for i in range(n):
         s.read(i * PAGE, memoryview(out))
         assert out == pages.get(i, bytes(PAGE)), i
 
@@ -346,6 +363,74 @@ def test_background_compaction_closes_holes_spread_evenly():
         assert_pages(s, pages)
     finally:
         s.close()
+
+
+def test_every_background_pass_empties_the_victims_it_takes():
+    """Holes spread evenly, and each segment's objects belong to slots all over the table
+    (pages swap out in no order). A pass takes victims for about COMPACT_PASS live bytes,
+    finds their owners in one pass over the table and empties them: a segment back every
+    pass. (Taking 64 victims and moving a few batches' worth, part of each, gave nothing back
+    for dozens of passes, each rescanning the table from its start.)"""
+    rng = random.Random(7)
+    n = 6 * COMPACT_SCAN
+    s = Store(n * PAGE, keeper=False, inline_refill=False, low=64, high=4096)
+    try:
+        slots = rng.sample(range(n), 6000)
+        pages = {}
+        for i in slots:
+            pages[i] = make_page(rng, 2)
+            s.write(i * PAGE, memoryview(pages[i]))
+        for i in slots[::4]:
+            s.discard(i * PAGE, PAGE)
+            del pages[i]
+        before = s.stats()["mem_used_total"]
+        gots = [s.compact_if_wasteful() for _ in range(8)]
+        assert all(g >= SEGMENT_PAGES for g in gots), gots
+        assert before - s.stats()["mem_used_total"] >= sum(gots) * PAGE - SEGMENT
+        check(s)
+        out = bytearray(PAGE)
+        for i in slots:
+            s.read(i * PAGE, memoryview(out))
+            assert out == pages.get(i, bytes(PAGE)), i
+    finally:
+        s.close()
+
+
+def test_while_the_machine_swaps_background_compaction_works_to_a_lower_line():
+    """Holes under BACKGROUND_WASTE are left alone while the machine is not swapping; once it
+    swaps out (the pressure signal), they are memory reclaim is looking for, down to
+    PRESSURE_WASTE."""
+    swapping = [False]
+    n = 4 * EVEN_PAGES
+    s, pages = thinned_evenly(random.Random(3), every=16, pressure=lambda: swapping[0], n=n)
+    try:
+        live, before = s.allocator.live_bytes(), s.stats()["mem_used_total"]
+        assert PRESSURE_WASTE * before + 4 * SEGMENT < before - live <= BACKGROUND_WASTE * before
+        assert [s.compact_if_wasteful() for _ in range(5)] == [0] * 5
+        swapping[0] = True
+        got = sum(s.compact_if_wasteful() for _ in range(60))
+        after = s.stats()["mem_used_total"]
+        assert got > 0 and s.stats()["pages_compacted"] == got
+        assert after - live <= PRESSURE_WASTE * after + 4 * SEGMENT + SEGMENT, (after, live)
+        check(s)
+        assert_pages(s, pages, n)
+    finally:
+        s.close()
+
+
+def test_the_store_closes_its_pressure_signal():
+    closed = []
+
+    class Signal:
+        def __call__(self):
+            return False
+
+        def close(self):
+            closed.append(True)
+
+    s = Store(64 * PAGE, keeper=False, pressure=Signal())
+    s.close()
+    assert closed == [True]
 
 
 def test_short_of_memory_background_compaction_takes_back_what_it_can():
