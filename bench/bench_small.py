@@ -74,9 +74,9 @@ def run_one(t, mib: int) -> dict:
                     m = mem()
                 except (OSError, subprocess.CalledProcessError):
                     continue
-                # pages held, same-filled ones included (zram's orig_data_size leaves them out)
-                pages = m["pages_stored"] + (m["same_pages"] if t.name == "zram" else 0)
-                stored = (pages * 4096) >> 20
+                # pages held, same-filled ones included: both count them in pages_stored
+                # (zram since its same-page path joins the write's end, ours as compcache)
+                stored = (m["pages_stored"] * 4096) >> 20
                 slots = (kernel_used_pages(dev) * 4096) >> 20
                 cached = swap_cached_mib()
                 if most is None or slots >= most["slots"]:   # (a kill frees slots at once)
@@ -84,11 +84,11 @@ def run_one(t, mib: int) -> dict:
                                 mem=m["mem_used_total"] >> 20)
                 peak["stored"] = max(peak["stored"], stored)
                 peak["mem"] = max(peak["mem"], m["mem_used_total"] >> 20)
-                shared = (f" compr {m['compr_data_size'] >> 20:4d} MiB shared "
+                shared = (f" compr {m['compr_data_size'] >> 20:4d} MiB" if "pool_misses" not in m
+                          else f" compr {m['compr_data_size'] >> 20:4d} MiB shared "
                           f"{m['dup_data_size'] >> 20:4d} MiB writes failed "
                           f"{m['failed_writes']}/{m['num_writes']} (pool misses "
-                          f"{m['pool_misses']}, growth deferred {m['growth_deferred']})"
-                          if "pool_misses" in m else "")
+                          f"{m['pool_misses']}, growth deferred {m['growth_deferred']})")
                 print(f"  {t.name:10s} t={time.monotonic() - t0:5.0f}s stored {stored:4d} MiB "
                       f"mem_used_total {m['mem_used_total'] >> 20:4d} MiB{shared} | kernel: slots "
                       f"{slots:4d} MiB swap-cached {cached:4d} MiB", flush=True)
