@@ -166,9 +166,10 @@ class Device:
 
     def _watch(self, target) -> None:
         """Have the target hear of the kernel's freed swap slots on the block device one by
-        one (``slot_free=on``), where the kernel offers that; logged once if not."""
+        one (``slot_free=on``, the default), where the kernel offers that; logged once if
+        not."""
         watch = getattr(target, "watch_freed_slots", None)
-        if watch is None or self.cfg.get("slot_free", "off") != "on":
+        if watch is None or self.cfg.get("slot_free", "on") != "on":
             return
         why = watch(self.bdev)
         if why:

@@ -62,13 +62,13 @@ PARAMETERS = (
           "each queue costs about 3 MiB of locked memory (64 tag buffers of 32 KiB, a 512 KiB "
           "thread stack, heap for a compression running beside the others). The default is "
           "to become the number of CPUs once measurements show that it pays"),
-    Param("slot_free", "on|off", "off",
-          "on: hear of every swap slot the kernel frees, as zram does, and drop its copy at "
-          "once (a kprobe BPF program on the kernel's per-slot free hook; needs kprobes, BTF "
-          "and root; where the kernel refuses, the device says why in the log). Off (the "
-          "default), a copy is dropped only when its whole 2 MiB swap cluster is discarded. "
-          "Not yet the default: far beyond RAM, swap-outs fail while the pool's keeper falls "
-          "behind, and the machine thrashes where it would otherwise OOM-kill the workload"),
+    Param("slot_free", "on|off", "on",
+          "on (the default): hear of every swap slot the kernel frees, as zram does, and drop "
+          "its copy at once (a kprobe BPF program on the kernel's per-slot free hook; needs "
+          "kprobes, BTF and root; where the kernel refuses, the device says why in the log "
+          "and goes on as with off). Off: a copy is dropped only when its whole 2 MiB swap "
+          "cluster is discarded (swapon --discard), so the device keeps the data of slots "
+          "the kernel has freed"),
     Param("config", "PATH", config.DEFAULT_PATH,
           "read the devices to initialise at start and daemon settings from this file and "
           "PATH.d/*.conf (see CONFIGURATION); the default file is read if it exists, a file "
@@ -106,7 +106,7 @@ def parse_params(argv: list[str]) -> dict:
     ``given`` is the set of names the words set. Reads no file (:func:`configure` does).
     Raises UsageError."""
     out: dict = {"num_devices": 1, "queues": 1, "target": TARGETS[0], "compressor": compress.names()[0],
-                 "allocator": ALLOCATORS[0], "slot_free": "off", "foreground": False, "restart": False, "stop": False, "standby": False, "version": False,
+                 "allocator": ALLOCATORS[0], "slot_free": "on", "foreground": False, "restart": False, "stop": False, "standby": False, "version": False,
                  "socket": default_path(), "config": config.DEFAULT_PATH}
     given = set()
     for word in argv:

@@ -75,7 +75,7 @@ COUNTERS: tuple[Counter, ...] = (
             "Requests rejected as out of range or not page aligned."),
     Counter("notify_free", "NotifyFree", "count",
             "Pages freed because the kernel freed their swap slot (swap-free notify: "
-            "each slot as it is freed with ublkzswapd slot_free=on, where the kernel allows it; "
+            "each slot as it is freed with ublkzswapd slot_free=on, the default, where the kernel allows it; "
             "whole discarded clusters with swapon --discard)."),
     Counter("zero_pages", "ZeroPages", "count",
             "Stored pages that are entirely zero (kept as a flag, no memory used)."),

@@ -137,8 +137,9 @@ def test_allocator_words_are_the_stores():
         params.parse_params(["allocator=slab"])
 
 
-def test_slot_free_is_off_by_default_and_takes_on_or_off():
-    assert params.parse_params([])["slot_free"] == "off"
+def test_slot_free_is_on_by_default_and_takes_on_or_off():
+    assert params.parse_params([])["slot_free"] == "on"
+    assert params.parse_params(["slot_free=off"])["slot_free"] == "off"
     assert params.parse_params(["slot_free=on"])["slot_free"] == "on"
     with pytest.raises(params.UsageError, match="slot_free=maybe: must be on or off"):
         params.parse_params(["slot_free=maybe"])
