@@ -738,11 +738,15 @@ class Store:
                 return 0
             return self.compact(max_fill=0.95, batches=COMPACT_PASS_BATCHES, reserve=-1,
                                 wait=False, budget=COMPACT_PASS)
-        if self._pressure is not None and self._pressure():
-            line, reserve = PRESSURE_WASTE, 1
+        # the pressure signal reads /proc, and the keeper passes 50 times a second on an idle
+        # device: it is asked only when the waste is above the lower line
+        if waste <= PRESSURE_WASTE * held + (4 << 16):
+            return 0
+        if self.pool.ready > 1 and self._pressure is not None and self._pressure():
+            reserve = 1
+        elif self.pool.ready > self.pool.low and waste > BACKGROUND_WASTE * held + (4 << 16):
+            reserve = self.pool.low
         else:
-            line, reserve = BACKGROUND_WASTE, self.pool.low
-        if self.pool.ready <= reserve or waste <= line * held + (4 << 16):
             return 0
         return self.compact(max_fill=0.95, batches=COMPACT_PASS_BATCHES, reserve=reserve,
                             wait=False, budget=COMPACT_PASS)

@@ -418,6 +418,16 @@ def test_while_the_machine_swaps_background_compaction_works_to_a_lower_line():
         s.close()
 
 
+def test_the_pressure_signal_is_not_read_while_nothing_is_to_be_won():
+    # it reads /proc/vmstat, and the keeper passes 50 times a second on an idle device
+    asked = []
+    s, pages = thinned_evenly(random.Random(3), every=1000, pressure=lambda: asked.append(1))
+    try:
+        assert [s.compact_if_wasteful() for _ in range(5)] == [0] * 5 and asked == []
+    finally:
+        s.close()
+
+
 def test_the_store_closes_its_pressure_signal():
     closed = []
 
