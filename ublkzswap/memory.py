@@ -325,7 +325,36 @@ def min_watermark_bytes(zoneinfo: str = "/proc/zoneinfo") -> int:
     return total * PAGE_SIZE
 
 
-class GrowthGuard:
+class _KeptOpen:
+    """A /proc file kept open, so that reading it allocates no descriptor: ``_field`` reads
+    one number from its first ``size`` bytes. Unreadable, ``_fd`` is -1. Closed by
+    :meth:`close` or when collected."""
+
+    def __init__(self, path: str, size: int):
+        self._size = size
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._fd = -1
+
+    def _field(self, key: bytes, end: bytes) -> int:
+        """The number between ``key`` and the next ``end``; OSError or ValueError if the file
+        is closed, unreadable or has no such field."""
+        if self._fd < 0:
+            raise OSError(errno.EBADF, "closed")
+        text = os.pread(self._fd, self._size, 0)
+        i = text.index(key) + len(key)
+        return int(text[i:text.index(end, i)])
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    __del__ = close
+
+
+class GrowthGuard(_KeptOpen):
     """Whether the store may take ``nbytes`` more from the kernel now: only while what the
     kernel can give without swapping stays ``margin`` above zero afterwards. That is the larger
     of the free pages above every zone's ``min`` watermark (the allocator hands those out
@@ -336,29 +365,23 @@ class GrowthGuard:
     (the kernel keeps those pages, kswapd reclaims elsewhere, and if nothing helps the
     kernel's OOM killer decides); an ordinary write waits a while. Page cache must count:
     writeback of a filesystem on this device must not be refused because the dirty data it is
-    cleaning fills RAM."""
+    cleaning fills RAM. Keeps /proc/meminfo open; :meth:`close` closes it (also done when
+    collected), and the guard then judges by free pages alone."""
 
     def __init__(self, margin: int = 0, zoneinfo: str = "/proc/zoneinfo",
                  meminfo: str = "/proc/meminfo"):
+        super().__init__(meminfo, 4096)           # MemAvailable is its third line
         self.floor = min_watermark_bytes(zoneinfo)
         self.margin = margin
         self.refused = 0   # times growth was deferred
-        try:
-            self._fd = os.open(meminfo, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            self._fd = -1
 
     def available(self) -> int:
         """Bytes the kernel can give without swapping (see the class docstring)."""
         free = free_bytes() - self.floor
-        if self._fd >= 0:
-            try:
-                text = os.pread(self._fd, 4096, 0)
-                i = text.index(b"MemAvailable:")
-                return max(free, int(text[i + 13:text.index(b"kB", i)]) * 1024)
-            except (OSError, ValueError):
-                pass
-        return free
+        try:
+            return max(free, self._field(b"MemAvailable:", b"kB") * 1024)
+        except (OSError, ValueError):
+            return free
 
     def __call__(self, nbytes: int) -> bool:
         if self.available() - nbytes >= self.margin:
@@ -366,37 +389,22 @@ class GrowthGuard:
         self.refused += 1
         return False
 
-    def close(self) -> None:
-        """Close the /proc/meminfo descriptor (kept open so that a check allocates nothing);
-        the guard then judges by free pages alone. Also done when the guard is collected."""
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
 
-    __del__ = close
-
-
-class SwapActivity:
+class SwapActivity(_KeptOpen):
     """Whether the machine has swapped out since the last call: the kernel's ``pswpout``
     (/proc/vmstat) has advanced. Swapping out is reclaim finding no memory it can drop: every
     unit the store holds unused is then memory the machine needs, as zsmalloc's shrinker
-    compacts when reclaim calls it. Keeps /proc/vmstat open; unreadable, it says no."""
+    compacts when reclaim calls it. Keeps /proc/vmstat open; unreadable or closed
+    (:meth:`close`, or collected), it says no."""
 
     def __init__(self, vmstat: str = "/proc/vmstat"):
-        try:
-            self._fd = os.open(vmstat, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            self._fd = -1
+        super().__init__(vmstat, 16384)           # pswpout is about 75 lines in
         self._last = self.pswpout()
 
     def pswpout(self) -> int:
         """Pages swapped out since boot (-1 if unreadable)."""
-        if self._fd < 0:
-            return -1
         try:
-            text = os.pread(self._fd, 16384, 0)
-            i = text.index(b"\npswpout ") + 9
-            return int(text[i:text.index(b"\n", i)])
+            return self._field(b"\npswpout ", b"\n")
         except (OSError, ValueError):
             return -1
 
@@ -404,14 +412,6 @@ class SwapActivity:
         now = self.pswpout()
         swapped, self._last = now != self._last, now
         return swapped and now >= 0
-
-    def close(self) -> None:
-        """Close /proc/vmstat (also done when collected); it says no from then on."""
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-    __del__ = close
 
 
 def set_thread_name(name: str) -> None:
