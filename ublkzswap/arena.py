@@ -199,6 +199,7 @@ class Arena:
         self.last_keeper_error: OSError | None = None
         self._logged_at = -1e9
         self.populate_method = "madvise"
+        self._unmapped: list[tuple[int, int]] = []   # runs adopt() took over, not yet mapped
         self.populated = 0   # pages brought in, cumulative
         self.released = 0    # pages given back to the kernel, cumulative
         if prefill:
@@ -303,6 +304,7 @@ class Arena:
         recorded in ``keeper_errors`` / ``last_keeper_error``. The watermarks are adapted
         first (misses since the last pass grow them, a quiet spell shrinks them)."""
         self._adapt()
+        self._map_adopted()
         fill = trim = None
         with self._lock:
             nr = self._nready
@@ -357,6 +359,18 @@ class Arena:
             released = len(trim)
             self.released += released
         return populated, released
+
+    def _map_adopted(self) -> None:
+        """Map what :meth:`adopt` took over into this process (no new page: they exist), so
+        that the I/O path does not fault on them. A failure leaves the rest for the next pass."""
+        while self._unmapped:
+            start, count = self._unmapped[-1]
+            try:
+                self._populate(start, count)
+            except OSError as e:
+                self._keeper_error(e)
+                return
+            self._unmapped.pop()
 
     def _adapt(self) -> None:
         """Double the watermarks if a take missed since the last pass (up to ``high_max``);
@@ -525,19 +539,24 @@ class Arena:
 
     def adopt(self, used: np.ndarray, kind: int) -> None:
         """Take over a segment a previous process filled: the units where ``used`` is true are
-        in use for ``kind``; of the rest, those resident in the segment are READY (the first
-        ``high`` of them; the keeper gives any surplus back), the others UNBACKED."""
+        in use for ``kind``; of the rest, those wholly resident in the segment are READY (the
+        first ``high`` of them; the keeper gives any surplus back), the others UNBACKED (a
+        partly resident one is populated whole when the keeper next needs it).
+
+        Makes no page: it runs while the kernel holds the device's I/O, when any allocation
+        may wait for a swap-out to that very device. The adopted units are mapped into this
+        process by the keeper's next pass (:meth:`step`); until then the I/O path finds them
+        by minor faults on pages that exist (the segment is SHM_LOCKed)."""
         n = self.nunits
         vec = (ctypes.c_ubyte * self.npages)()
         if _libc.mincore(ctypes.c_void_p(self.base), ctypes.c_size_t(self.size), vec) != 0:
             raise OSError(ctypes.get_errno(), "mincore of the arena")
-        resident = np.frombuffer(vec, dtype=np.uint8).reshape(n, self.unit).any(axis=1)
-        for start, count in _runs(np.flatnonzero(resident | used[:n])):
-            self._populate(start, count)       # whole units: a partly resident one faults no more
+        whole = (np.frombuffer(vec, dtype=np.uint8).reshape(n, self.unit) & 1).all(axis=1)
+        inuse = used[:n]
         with self._lock:
             self.state[:] = UNBACKED
-            self.state[used[:n]] = kind
-            ready = np.flatnonzero(resident & ~used[:n])
+            self.state[inuse] = kind
             self._nready = 0
-            self._push_ready(ready)
+            self._push_ready(np.flatnonzero(whole & ~inuse))
             self._nunbacked = int(np.count_nonzero(self.state == UNBACKED))
+            self._unmapped = list(_runs(np.flatnonzero(inuse | whole)))

@@ -698,6 +698,8 @@ class Standby:
                 pass
 
 
+TAKEOVER_RESERVE = 4 << 20      # a standby's memory handed back as it takes the devices over
+TAKEOVER_SPARE_THREADS = 3     # threads a server starts besides each device's queues and keeper
 STANDBY_NAME = "ublkzswapd-stby"   # a prepared standby's name (ps, /proc/PID/comm)
 SERVER_NAME = "ublkzswapd"
 
@@ -717,6 +719,11 @@ def standby(cfg: dict, storemod, argv: list[str], fd: int) -> int:
     # every configured queue's tag buffers (a device taken over that has more queues than
     # configured makes the rest while its I/O is held: keep queues= as the devices were made)
     prepare_buffers(cfg["num_devices"] * queue_count(cfg), QUEUE_DEPTH * IO_BUF_BYTES)
+    # and the stacks of the threads a takeover starts while the devices' I/O is held: each
+    # device's queues and arena keeper, the control server, the standby keeper, one op
+    memory.reserve_thread_stacks(cfg["num_devices"] * (queue_count(cfg) + 1)
+                                 + TAKEOVER_SPARE_THREADS)
+    reserve = memory.Reserve(TAKEOVER_RESERVE)
     memory.set_thread_name(STANDBY_NAME)
     memory.set_command_line([STANDBY_NAME, *argv])
     if ready >= 0:
@@ -730,6 +737,7 @@ def standby(cfg: dict, storemod, argv: list[str], fd: int) -> int:
         while not p.poll():
             pass
         os.close(fd)
+    reserve.release()            # free pages for what the takeover cannot make ahead
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return serve(cfg, storemod, argv, first=False)
 
@@ -891,13 +899,17 @@ def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
     adopted = [i for i in manager.devices() if manager.info(i)["state"] != "uninitialised"]
     if first:
         if taken:      # a previous server's, left by a crash or for a restart
-            say(f"{os.getpid()} took over {len(taken)} device(s) a previous server left", NOTICE)
+            say(f"{os.getpid()} took over {len(taken)} device(s) a previous server left, "
+                f"taking {manager.held_new_bytes() >> 10} KiB of new memory while their I/O "
+                "was held", NOTICE)
         init = f" {', '.join(f'/dev/ublkb{i}' for i in adopted)} initialised" if adopted else ""
         status = f"{n} device{'s' if n > 1 else ''} reserved{init}"
         sdnotify.notify(ready=1, mainpid=os.getpid(), status=status)   # before the parent exits
         _notify(f"ready {status}")
     else:
-        say(f"{os.getpid()} took over {len(adopted)} device(s)", NOTICE)
+        say(f"{os.getpid()} took over {len(adopted)} device(s), taking "
+            f"{manager.held_new_bytes() >> 10} KiB of new memory while their I/O was held",
+            NOTICE)
         sdnotify.notify(mainpid=os.getpid(), ready=1,
                         status=f"took over {len(adopted)} initialised device(s)")
     standby_ = Standby(argv, keep=cfg["standby"])

@@ -53,7 +53,7 @@ import os
 import threading
 import time
 
-from . import compress, stats as statsmod
+from . import compress, memory, stats as statsmod
 from .backing import Backing, swap_header
 from .handler import describe
 from .target import NullTarget, RamTarget
@@ -114,6 +114,7 @@ class Device:
         self.target = None
         self.backing = None
         self.takeover_error: str | None = None    # why taking this started device over failed
+        self.held_new_bytes = 0   # new memory the takeover took while the kernel held the I/O
         self.busy_with: str | None = None   # INITIALISING, RESETTING or COMPACTING: under way
                                             # without the Manager lock (module docstring)
 
@@ -150,6 +151,7 @@ class Device:
         side fails once the state is attached, :attr:`takeover_error` says why and the device
         is left quiesced with its pages (see ``UblkDevice.recover``) for the next server; the
         target stays open, as a queue thread may have started on it."""
+        before = memory.new_memory_bytes()
         target = self.store_factory(self.dev_id, 0, adopt=True,
                                     open_backing=lambda path: Backing(path, adopt=True))
         backing = target.backing
@@ -158,6 +160,11 @@ class Device:
         except Exception as e:
             self.takeover_error = describe(e)
             return
+        finally:
+            self.held_new_bytes = memory.new_memory_bytes() - before
+        resume = getattr(target, "resume", None)
+        if resume is not None:
+            resume()          # what needs new memory, now that the kernel's requests flow again
         self._watch(target)
         self.target, self.backing = target, backing
         self.backing_swap = backing.name if backing is not None else ""
@@ -385,6 +392,13 @@ class Manager:
                                     "left quiesced with its pages for the next server")
             self.devs[i] = dev
         return problems
+
+    def held_new_bytes(self) -> int:
+        """New memory the takeovers of :meth:`reserve_all` took while the kernel held the
+        devices' I/O (see ``Device.adopt``): what the deadlock the standby exists to avoid
+        would need."""
+        with self._lock:
+            return sum(d.held_new_bytes for d in self.devs.values())
 
     def _dev(self, dev_id) -> Device:
         try:

@@ -214,6 +214,39 @@ def locked_bytes() -> int:
     return 0
 
 
+def new_memory_bytes() -> int:
+    """Memory this process has had the kernel find for it: its anonymous pages and its page
+    tables (RssAnon + VmPTE, bytes). Shared pages it maps are not counted: they exist."""
+    total = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "VmPTE:")):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+class Reserve:
+    """``nbytes`` of anonymous memory made resident now, to be handed back to the kernel at
+    the moment this process will need pages it cannot wait for (:meth:`release`). A standby
+    holds one while it waits: the takeover then finds free pages for what it cannot make
+    ahead (page tables, the kernel's io_uring rings, per-device arrays), where otherwise
+    every page would have to be reclaimed -- by swapping out to the devices it takes over."""
+
+    def __init__(self, nbytes: int):
+        self._map = mmap.mmap(-1, max(PAGE_SIZE, nbytes),
+                              flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        addr = C.addressof(C.c_char.from_buffer(self._map))
+        populate(addr, len(self._map))
+        name_mapping(addr, len(self._map), "ublkzswap takeover reserve")
+        self.nbytes = len(self._map)
+
+    def release(self) -> None:
+        """Give the memory back (idempotent)."""
+        m, self._map = self._map, None
+        if m is not None:
+            m.close()
+
+
 def populate(address: int, length: int) -> None:
     """Fault in (and so, under mlockall, lock) ``length`` bytes at ``address`` now."""
     if _libc.madvise(C.c_void_p(address), C.c_size_t(length), MADV_POPULATE_WRITE) == 0:
@@ -461,6 +494,38 @@ def lock_thread_stack() -> None:
                 raise oserror("mlock(thread stack)")
     finally:
         _libc.pthread_attr_destroy(attr)
+
+
+def reserve_thread_stacks(n: int) -> None:
+    """Have ``n`` thread stacks made, faulted in and locked now, for the next ``n`` threads this
+    process starts: ``n`` threads lock their stacks (:func:`lock_thread_stack`) at the same
+    time and end. glibc keeps the stacks of ended threads (up to 40 MiB) and gives them to new
+    threads of the same stack size; a locked stack keeps its pages (glibc's MADV_DONTNEED of
+    an ended thread's stack is refused for locked pages). A standby calls this while it
+    prepares: a thread it starts while taking devices over then needs no new page, at a time
+    when a page found for it might have to be swapped out to a device it has yet to serve."""
+    if n <= 0:
+        return
+    all_up = threading.Barrier(n + 1)
+
+    def hold():
+        try:
+            lock_thread_stack()
+        finally:                 # every stack in use at once: n stacks, not one used n times
+            try:
+                all_up.wait(60)
+            except threading.BrokenBarrierError:
+                pass
+
+    threads = [threading.Thread(target=hold, name="stack", daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    try:
+        all_up.wait(60)
+    except threading.BrokenBarrierError:
+        pass
+    for t in threads:
+        t.join()
 
 
 def daemon_thread_init() -> None:

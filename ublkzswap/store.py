@@ -173,9 +173,10 @@ class Store:
     (low, high, lock, inline_refill, may_grow) and starting its keeper unless ``keeper=False``
     (``keeper_init``, ``keeper_interval`` go to :meth:`Arena.start`; ``keeper_idle`` runs in
     the keeper after each pass, after background compaction). allocator: an object
-    allocator or a name from :data:`ALLOCATORS`. alloc_wait: seconds :meth:`write` may wait for
-    memory; swap_wait: the same for :meth:`write_swap`, unless the pool is ``short``. Raises
-    ValueError for bad arguments.
+    allocator or a name from :data:`ALLOCATORS`. ``adopt=True`` (with ``state``) takes over
+    what a dead process left and starts nothing that needs new memory until :meth:`resume`.
+    alloc_wait: seconds :meth:`write` may wait for memory; swap_wait: the same for
+    :meth:`write_swap`, unless the pool is ``short``. Raises ValueError for bad arguments.
     """
 
     def __init__(self, disksize: int, *, memlimit: int = 0, compressor="lzo", backing=None,
@@ -225,19 +226,32 @@ class Store:
         # the dedup index (swap-outs only, see "Deduplication"): process-local, empty after a
         # takeover; resident now, as the table (the I/O path writes it)
         self._dd = self._ddmask = None
-        if dedup and self.npages < LINK:
-            n = dedup_buckets(self.npages)
-            self._dd = memoryview(resident_array(n, np.uint32, "ublkzswap dedup index"))
-            self._ddmask = n - 1
+        self._dedup = dedup and self.npages < LINK
+        self._keeper = (keeper and self._own_pool, keeper_interval, keeper_init, keeper_idle)
         if adopt:
-            self._adopt()
-        if keeper and self._own_pool:
+            self._adopt()                # the rest once the device is served: resume()
+        else:
+            self.resume()
+
+    def resume(self) -> None:
+        """Start what needs new memory: the dedup index and the arena keeper's thread. A new
+        store does this as it is made; one made with ``adopt=True`` leaves it to its caller,
+        to be called once the device is served again -- until then the kernel holds the
+        device's I/O, and a page found for us might have to be swapped out to it first.
+        Idempotent."""
+        if self._dedup and self._dd is None:
+            n = dedup_buckets(self.npages)
+            dd = memoryview(resident_array(n, np.uint32, "ublkzswap dedup index"))
+            self._ddmask = n - 1         # the mask first: a reader that sees the index has it
+            self._dd = dd
+        run, interval, init, user_idle = self._keeper
+        if run and not self.pool.running:
             def idle():
                 self.catch_up()          # freed slots come back with no I/O to wake a queue
                 self.compact_if_wasteful()
-                if keeper_idle is not None:
-                    keeper_idle()
-            pool.start(interval=keeper_interval, thread_init=keeper_init, idle=idle)
+                if user_idle is not None:
+                    user_idle()
+            self.pool.start(interval=interval, thread_init=init, idle=idle)
 
     # ---- configuration and numbers
 
@@ -346,10 +360,11 @@ class Store:
         dfn, dargs = comp.decompress_call
         malloc, free, pages_used = alloc.malloc, alloc.free, alloc.pages_used
         max_zpage, wait = self.max_zpage_size, self.alloc_wait
-        dd, ddmask, mem = self._dd, self._ddmask, self.pool.mem
+        mem = self.pool.mem
 
         def serve(reqs, done):
             memlimit = self.memlimit
+            dd, ddmask = self._dd, self._ddmask       # (the index may come after serving)
             swait = self.swap_timeout     # 0 after a swap-out of this wake-up waited in vain
             reads = writes = failed_r = failed_w = 0
             # what slots.count would add up, kept here and added once

@@ -6,6 +6,8 @@ import textwrap
 
 import pytest
 
+from ublkzswap import memory
+
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mlockall needs root or a large RLIMIT_MEMLOCK")
 
 PROBE = textwrap.dedent("""
@@ -196,3 +198,51 @@ def test_windows_widen_touched_runs_to_fault_around_windows_within_the_mapping()
     assert _windows(start, end, runs) == [
         (start, 2 * W - 0x3000),    # clipped to the mapping's start, merged with the next
         (0x100000 + 3 * W, 2 * W)]  # (two runs in one window) -- a run across a boundary: both
+
+
+STACKS = textwrap.dedent("""
+    import sys, threading, time
+    from ublkzswap import memory
+    memory.lock_process(oom_protect=False)
+    reserved, started = int(sys.argv[1]), int(sys.argv[2])
+    memory.reserve_thread_stacks(reserved)
+    time.sleep(0.2)                      # (an ended thread's stack is reusable once it is gone)
+    before = memory.new_memory_bytes()
+    go = threading.Event()
+    def run():
+        memory.daemon_thread_init()      # what every thread of the daemon does first
+        go.wait()
+    threads = [threading.Thread(target=run) for _ in range(started)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    print((memory.new_memory_bytes() - before) // 1024)
+    go.set()
+""")
+
+
+@needs_root
+@pytest.mark.parametrize("reserved", [0, 4])
+def test_threads_started_after_their_stacks_were_reserved_need_no_new_memory(reserved):
+    # a takeover starts its threads while the kernel holds the I/O of the devices it takes
+    # over: a stack page found then might have to be swapped out to one of them first
+    p = subprocess.run([sys.executable, "-c", STACKS, str(reserved), "4"], capture_output=True,
+                       text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert p.returncode == 0, p.stderr
+    kib = int(p.stdout)
+    stacks = 4 * memory.THREAD_STACK // 1024
+    if reserved:
+        assert kib < stacks // 8, kib           # a few pages of thread state, no stacks
+    else:
+        assert kib >= stacks * 3 // 4, kib      # the control: each locked stack is new memory
+
+
+def test_a_reserve_is_resident_until_released():
+    before = memory.new_memory_bytes()
+    r = memory.Reserve(2 << 20)
+    held = memory.new_memory_bytes() - before
+    r.release()
+    r.release()                                 # idempotent
+    assert held >= 2 << 20
+    assert memory.new_memory_bytes() - before < 1 << 20

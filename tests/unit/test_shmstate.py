@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from ublkzswap import shmstate
@@ -243,3 +244,57 @@ def s_read(s, i):
     out = bytearray(PAGE)
     s.read(i * PAGE, memoryview(out))
     return out
+
+
+def _segment_rss(key: int) -> int:
+    """Bytes of the SysV segment ``key`` in memory (/proc/sysvipc/shm's rss)."""
+    with open("/proc/sysvipc/shm") as f:
+        head = f.readline().split()
+        for line in f:
+            w = line.split()
+            if int(w[0]) == key:
+                return int(w[head.index("rss")])
+    raise AssertionError(f"no segment {key:#x}")
+
+
+def test_a_takeover_makes_no_page_until_resumed(state):
+    """A takeover runs while the kernel holds the device's I/O: a page found for it then
+    might have to be swapped out to that very device (the VM froze so, the taker's populate
+    in reclaim). The store is rebuilt without a new page of the arena -- a unit the dead
+    keeper had half populated stays unbacked -- nor of its own; the dedup index comes with
+    resume(), and the keeper's next pass maps what was adopted."""
+    from ublkzswap.arena import UNBACKED
+    rng = random.Random(3)
+    s = store_on(state)
+    pages = {i: page(rng, 3) for i in range(1, 600)}
+    for i, p in pages.items():
+        s.write_swap(i * PAGE, memoryview(p))
+    pool = s.pool
+    half = int(np.flatnonzero(pool.state == UNBACKED)[-1])
+    pool.mem[half * pool.unit_bytes] = 1                # its first page only
+    del s, pool                                         # "kill -9"
+    key = shmstate.keys(DEV)[1]
+    rss = _segment_rss(key)
+    again = shmstate.DeviceState.attach(DEV)
+    try:
+        s2 = store_on(again, adopt=True)
+        assert _segment_rss(key) == rss
+        assert s2.pool.state[half] == UNBACKED
+        assert _resident_pages(s2.pool.base, s2.pool.size) == 0      # nothing mapped yet
+        used = s2.stats()["mem_used_total"] // PAGE
+        s2.pool.step()                                  # the keeper's pass maps it
+        assert _resident_pages(s2.pool.base, s2.pool.size) >= used > 0
+        dup = s2.stats()["dup_data_size"]
+        s2.write_swap(700 * PAGE, memoryview(pages[1]))
+        s2.write_swap(701 * PAGE, memoryview(pages[1]))
+        assert s2.stats()["dup_data_size"] == dup       # no index yet: nothing shared
+        s2.resume()
+        s2.write_swap(702 * PAGE, memoryview(pages[1]))
+        s2.write_swap(703 * PAGE, memoryview(pages[1]))
+        assert s2.stats()["dup_data_size"] > dup
+        for i in (1, 700, 703):
+            assert s_read(s2, i) == pages[1]
+        check(s2)
+        s2.close()
+    finally:
+        again.detach()
