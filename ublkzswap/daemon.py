@@ -71,7 +71,8 @@ def warm_up(storemod, compressor: str, allocator: str) -> None:
     that what the I/O path needs is resident (and, in a locked process, locked) before a
     device goes live. The store is built as a device's is: on shared state (private
     segments, gone when it closes) and with a keeper thread, whose waits, refills and
-    compaction (on demand and in the background) are run too -- code first touched later
+    compaction (on demand and in the background) are run too, and so is a takeover of what it
+    left -- code first touched later
     would be read back from disk, under memory pressure, by a request. Raises AssertionError
     or OSError on a failure."""
     from . import shmstate
@@ -176,6 +177,19 @@ def warm_up(storemod, compressor: str, allocator: str) -> None:
                 _expect(False, "a write beyond the memory limit was stored")
             except OSError as e:
                 _expect(e.errno in (errno.ENOMEM, errno.ENOSPC), f"a refused write: {e}")
+        # a takeover of what it left, as a standby makes one while the kernel holds the I/O
+        # (code first run then would be read back from disk, under memory pressure): the
+        # store made again on the same state once this one's keeper has stopped
+        s.pool.stop()
+        t = storemod.Store(disksize, state=state, adopt=True, allocator=allocator,
+                           compressor=compressor, **keeper_options())
+        try:
+            t.read(15 * PAGE_SIZE, memoryview(one))
+            _expect(one == text, "a shared page differs after a takeover")
+            t.resume()
+            t.pool.step()
+        finally:
+            t.close()
     finally:
         s.close()
     _warm_sorts()
