@@ -71,10 +71,9 @@ def warm_up(storemod, compressor: str, allocator: str) -> None:
     that what the I/O path needs is resident (and, in a locked process, locked) before a
     device goes live. The store is built as a device's is: on shared state (private
     segments, gone when it closes) and with a keeper thread, whose waits, refills and
-    compaction (on demand and in the background) are run too, and so is a takeover of what it
-    left -- code first touched later
-    would be read back from disk, under memory pressure, by a request. Raises AssertionError
-    or OSError on a failure."""
+    compaction (on demand and in the background) are run too, and so is a takeover of what
+    it left -- code first touched later would be read back from disk, under memory
+    pressure, by a request. Raises AssertionError or OSError on a failure."""
     from . import shmstate
     npages = storemod.COMPACT_SCAN + WARM_DENSE     # a scan of a whole slice and of a part
     disksize = npages * PAGE_SIZE
