@@ -86,6 +86,7 @@ MLOCK_ONFAULT = 1
 DEFAULT_LOW = 64      # pages (256 KiB)
 DEFAULT_HIGH = 256    # pages (1 MiB)
 DEFAULT_INTERVAL = 0.02
+ADOPT_CHUNK = 16384  # pages adopt() asks mincore about at a time
 POPULATE_BATCH = 256  # pages the keeper brings in before handing them out (1 MiB)
 DEFAULT_GROW = 4      # the watermarks may grow after misses to this many times their setting
 SHRINK_AFTER = 5.0    # seconds without a miss before grown watermarks halve
@@ -548,10 +549,16 @@ class Arena:
         process by the keeper's next pass (:meth:`step`); until then the I/O path finds them
         by minor faults on pages that exist (the segment is SHM_LOCKed)."""
         n = self.nunits
-        vec = (ctypes.c_ubyte * self.npages)()
-        if _libc.mincore(ctypes.c_void_p(self.base), ctypes.c_size_t(self.size), vec) != 0:
-            raise OSError(ctypes.get_errno(), "mincore of the arena")
-        whole = (np.frombuffer(vec, dtype=np.uint8).reshape(n, self.unit) & 1).all(axis=1)
+        whole = np.zeros(n, dtype=bool)
+        step = max(1, ADOPT_CHUNK // self.unit)       # units a mincore call looks at
+        vec = (ctypes.c_ubyte * (step * self.unit))()  # (a small buffer: the heap's headroom)
+        for first in range(0, n, step):
+            k = min(step, n - first)
+            if _libc.mincore(ctypes.c_void_p(self.base + first * self.unit_bytes),
+                             ctypes.c_size_t(k * self.unit_bytes), vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore of the arena")
+            pages = np.frombuffer(vec, dtype=np.uint8, count=k * self.unit).reshape(k, self.unit)
+            whole[first:first + k] = (pages & 1).all(axis=1)
         inuse = used[:n]
         with self._lock:
             self.state[:] = UNBACKED
