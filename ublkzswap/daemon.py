@@ -576,6 +576,10 @@ def run(cfg: dict, argv: list[str]) -> int:
         # on a device we serve -- a thread stuck there would hold the GIL, or keep a killed
         # server from exiting and so the device from being taken over.
         memory.set_io_flusher()
+        # the stacks of every thread it will run, made now: a thread's first Python runs
+        # holding the GIL, and a fault there on a new stack page, short of memory, would
+        # stall the queues -- and with them the swap-out that could free the page
+        memory.reserve_thread_stacks(thread_stacks(cfg))
     except OSError as e:
         return fail(f"refusing to serve swap: {e.strerror}")
     if cfg["target"] == "compressed":
@@ -712,7 +716,33 @@ class Standby:
 
 
 TAKEOVER_RESERVE = 4 << 20      # a standby's memory handed back as it takes the devices over
-TAKEOVER_SPARE_THREADS = 3     # threads a server starts besides each device's queues and keeper
+TAKEOVER_HEAP_PER_UNIT = 64    # heap bytes a takeover's rebuild uses per arena unit (about 43)
+STANDBY_CHECK = 5.0            # seconds between a standby's looks at the devices' sizes
+SPARE_THREADS = 3              # threads a server starts besides each device's queues and keeper
+
+
+def thread_stacks(cfg: dict) -> int:
+    """How many threads a server of ``cfg`` runs at once: each device's queues and arena
+    keeper, the control server, the standby keeper and one control op."""
+    return cfg["num_devices"] * (queue_count(cfg) + 1) + SPARE_THREADS
+
+
+def takeover_heap(cfg: dict) -> int:
+    """Free heap a standby keeps for taking over the devices initialised now: the I/O path's
+    headroom and the rebuild's numpy temporaries (per arena unit). The heap grows otherwise
+    while the kernel holds the devices' I/O."""
+    from . import shmstate
+    need = memory.HEAP_HEADROOM
+    for i in range(cfg["num_devices"]):
+        try:
+            st = shmstate.DeviceState.attach(i)
+        except OSError:
+            continue                      # not initialised (or not ours): nothing to rebuild
+        try:
+            need += TAKEOVER_HEAP_PER_UNIT * (st.arena_pages // max(1, st.unit))
+        finally:
+            st.detach()
+    return need
 STANDBY_NAME = "ublkzswapd-stby"   # a prepared standby's name (ps, /proc/PID/comm)
 SERVER_NAME = "ublkzswapd"
 
@@ -732,10 +762,11 @@ def standby(cfg: dict, storemod, argv: list[str], fd: int) -> int:
     # every configured queue's tag buffers (a device taken over that has more queues than
     # configured makes the rest while its I/O is held: keep queues= as the devices were made)
     prepare_buffers(cfg["num_devices"] * queue_count(cfg), QUEUE_DEPTH * IO_BUF_BYTES)
-    # and the stacks of the threads a takeover starts while the devices' I/O is held: each
-    # device's queues and arena keeper, the control server, the standby keeper, one op
-    memory.reserve_thread_stacks(cfg["num_devices"] * (queue_count(cfg) + 1)
-                                 + TAKEOVER_SPARE_THREADS)
+    # the free heap a takeover's rebuild needs, and pages to hand back for what it cannot
+    # make ahead (see takeover_heap); the heap is looked at again while waiting, as devices
+    # are initialised after the standby was started
+    heap = takeover_heap(cfg)
+    memory.ensure_heap_headroom(heap)
     reserve = memory.Reserve(TAKEOVER_RESERVE)
     memory.set_thread_name(STANDBY_NAME)
     memory.set_command_line([STANDBY_NAME, *argv])
@@ -747,8 +778,11 @@ def standby(cfg: dict, storemod, argv: list[str], fd: int) -> int:
     if fd >= 0:
         p = select.poll()
         p.register(fd, select.POLLIN)
-        while not p.poll():
-            pass
+        while not p.poll(int(STANDBY_CHECK * 1000)):
+            need = takeover_heap(cfg)
+            if need > heap:
+                memory.ensure_heap_headroom(need)
+                heap = need
         os.close(fd)
     reserve.release()            # free pages for what the takeover cannot make ahead
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
