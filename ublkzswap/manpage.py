@@ -410,6 +410,11 @@ def ublkzswapd_page() -> str:
         "server's requests (each device's request timeout, /sys/block/ublkbN/queue/io_timeout, "
         "is set to 500 ms for that), logging every 30 s while it waits; if it fails, the device "
         "stays held with its pages and the new server ends so that its standby tries again. "
+        "While the kernel holds the requests a page found for the taker might have to be "
+        "swapped out to the very device first, so a standby makes ahead what a takeover needs "
+        "(free heap for the rebuild, sized by the devices as they are initialised, and the "
+        "stacks of every thread) and hands 4 MiB back to the kernel as it starts; the "
+        "takeover's own new memory (a few hundred KiB a device) is logged with it. "
         "Every thread of ublkzswapd is marked PR_SET_IO_FLUSHER: memory reclaim on its behalf "
         "never writes to a swap device, so no thread of it waits on a device it serves."))
     out.append(para(
