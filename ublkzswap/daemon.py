@@ -718,13 +718,12 @@ class Standby:
 TAKEOVER_RESERVE = 4 << 20      # a standby's memory handed back as it takes the devices over
 TAKEOVER_HEAP_PER_UNIT = 64    # heap bytes a takeover's rebuild uses per arena unit (about 43)
 STANDBY_CHECK = 5.0            # seconds between a standby's looks at the devices' sizes
-SPARE_THREADS = 3              # threads a server starts besides each device's queues and keeper
 
 
 def thread_stacks(cfg: dict) -> int:
     """How many threads a server of ``cfg`` runs at once: each device's queues and arena
-    keeper, the control server, the standby keeper and one control op."""
-    return cfg["num_devices"] * (queue_count(cfg) + 1) + SPARE_THREADS
+    keeper, the control server, one control op, and the standby keeper if it keeps one."""
+    return cfg["num_devices"] * (queue_count(cfg) + 1) + 2 + bool(cfg.get("standby"))
 
 
 def takeover_heap(cfg: dict) -> int:
