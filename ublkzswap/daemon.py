@@ -742,6 +742,8 @@ def takeover_heap(cfg: dict) -> int:
         finally:
             st.detach()
     return need
+
+
 STANDBY_NAME = "ublkzswapd-stby"   # a prepared standby's name (ps, /proc/PID/comm)
 SERVER_NAME = "ublkzswapd"
 
@@ -943,19 +945,17 @@ def serve(cfg: dict, storemod, argv: list[str], *, first: bool) -> int:
         pass
     n = cfg["num_devices"]
     adopted = [i for i in manager.devices() if manager.info(i)["state"] != "uninitialised"]
+    held = f"taking {manager.held_new_bytes() >> 10} KiB of new memory while their I/O was held"
     if first:
         if taken:      # a previous server's, left by a crash or for a restart
-            say(f"{os.getpid()} took over {len(taken)} device(s) a previous server left, "
-                f"taking {manager.held_new_bytes() >> 10} KiB of new memory while their I/O "
-                "was held", NOTICE)
+            say(f"{os.getpid()} took over {len(taken)} device(s) a previous server left, {held}",
+                NOTICE)
         init = f" {', '.join(f'/dev/ublkb{i}' for i in adopted)} initialised" if adopted else ""
         status = f"{n} device{'s' if n > 1 else ''} reserved{init}"
         sdnotify.notify(ready=1, mainpid=os.getpid(), status=status)   # before the parent exits
         _notify(f"ready {status}")
     else:
-        say(f"{os.getpid()} took over {len(adopted)} device(s), taking "
-            f"{manager.held_new_bytes() >> 10} KiB of new memory while their I/O was held",
-            NOTICE)
+        say(f"{os.getpid()} took over {len(adopted)} device(s), {held}", NOTICE)
         sdnotify.notify(mainpid=os.getpid(), ready=1,
                         status=f"took over {len(adopted)} initialised device(s)")
     standby_ = Standby(argv, keep=cfg["standby"])

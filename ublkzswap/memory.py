@@ -233,18 +233,12 @@ class Reserve:
     every page would have to be reclaimed -- by swapping out to the devices it takes over."""
 
     def __init__(self, nbytes: int):
-        self._map = mmap.mmap(-1, max(PAGE_SIZE, nbytes),
-                              flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        addr = C.addressof(C.c_char.from_buffer(self._map))
-        populate(addr, len(self._map))
-        name_mapping(addr, len(self._map), "ublkzswap takeover reserve")
-        self.nbytes = len(self._map)
+        self._pages = resident_array(nbytes, np.uint8, "ublkzswap takeover reserve")
+        self.nbytes = self._pages.nbytes
 
     def release(self) -> None:
-        """Give the memory back (idempotent)."""
-        m, self._map = self._map, None
-        if m is not None:
-            m.close()
+        """Give the memory back (idempotent): the last reference to its mapping goes."""
+        self._pages = None
 
 
 def populate(address: int, length: int) -> None:
