@@ -105,6 +105,7 @@ COMPACT_BATCH = 64            # objects moved per hold of the store lock
 COMPACT_SCAN = 8192           # slots of the table scanned at a time
 COMPACT_PASS = 256 << 10      # live bytes a background pass takes victims for (about)
 COMPACT_PASS_BATCHES = 16     # ...and the batches it may move them in
+COMPACT_PRESSURE_PASS = 1 << 20   # ...while the machine swaps out or is short of memory
 DISCARD_SLICE = 512           # slots a discard clears at a time (a swap cluster: 2 MiB)
 COMPACT_WAIT = 1.0            # seconds on-demand compaction waits for the keeper's next units
 SWAP_WAIT = 0.02              # seconds a swap-out may wait for the keeper (see "Write")
@@ -638,7 +639,13 @@ class Store:
         unit, segs = victims(max_fill, budget=budget)
         if not segs:
             return 0
-        owners = self._owners(unit, segs).tolist()
+        owners = self._owners(unit, segs)
+        # victim by victim (grouped by address), so that each gives its unit back as soon as
+        # its last object moved: a round then needs about one fresh unit at a time, and one
+        # cut short (no ready unit, the lock busy, the keeper's refill due) has still emptied
+        # what it finished
+        owners = owners[np.argsort(self._tab[2 * owners].astype(np.int64) >> 16,
+                                   kind="stable")].tolist()
         t, view, alloc = self._t, self.pool.view, self.allocator
         # pages given back net of what the moves took: a batch may take a unit (a new head)
         # that only a later batch's victims pay back, and a round may end before they do.
@@ -649,6 +656,8 @@ class Store:
             if batches is not None and batch >= batches:
                 break
             if self.pool.ready <= reserve and not (wait and self._pool_refilled(reserve)):
+                break
+            if not wait and self._refill_due():
                 break
             if not self._lock.acquire(blocking=wait):
                 break
@@ -720,6 +729,12 @@ class Store:
         self._compact_owed = credited - freed
         return credited
 
+    def _refill_due(self) -> bool:
+        """The keeper's refill comes before its background compaction: the pool is under its
+        low watermark and not short of memory (short, the moves' victims are the only units
+        coming back, and compaction goes on)."""
+        return self.pool.ready < self.pool.low and not getattr(self.pool, "short", False)
+
     def _pool_refilled(self, reserve: int) -> bool:
         """Wait up to COMPACT_WAIT s, holding no lock, for more than ``reserve`` ready units."""
         wait_ready = getattr(self.pool, "wait_ready", None)
@@ -735,8 +750,12 @@ class Store:
         eating into the ready units writes need.
 
         While the machine swaps out (``pressure``), memory held unused is memory reclaim is
-        looking for: it works down to PRESSURE_WASTE and may use the ready units down to one
-        (the victims give them back within the pass). Short of memory (the pool was refused
+        looking for: it works down to PRESSURE_WASTE, takes victims for COMPACT_PRESSURE_PASS
+        live bytes (holes come as fast as swap-ins free slots; the table scan that finds the
+        owners costs the same for any number of victims), and may use the ready units down to
+        one (the victims give them back within the pass). Whatever the line, a refill due
+        (the pool under its low watermark and not short of memory) comes first: the pass does
+        not start, or stops between batches, and the keeper's next pass goes on. Short of memory (the pool was refused
         growth since the last pass: ``growth_deferred``) every unit it can win back counts,
         as zsmalloc's shrinker compacts under pressure: then it starts above
         PRESSURE_WASTE_UNITS units unused and may use the last ready units (and the heads'
@@ -752,19 +771,19 @@ class Store:
             if waste < PRESSURE_WASTE_UNITS * self.pool.unit_bytes:
                 return 0
             return self.compact(max_fill=0.95, batches=COMPACT_PASS_BATCHES, reserve=-1,
-                                wait=False, budget=COMPACT_PASS)
+                                wait=False, budget=COMPACT_PRESSURE_PASS)
         # the pressure signal reads /proc, and the keeper passes 50 times a second on an idle
         # device: it is asked only when the waste is above the lower line
-        if waste <= PRESSURE_WASTE * held + (4 << 16):
+        if waste <= PRESSURE_WASTE * held + (4 << 16) or self._refill_due():
             return 0
         if self.pool.ready > 1 and self._pressure is not None and self._pressure():
-            reserve = 1
+            reserve, budget = 1, COMPACT_PRESSURE_PASS
         elif self.pool.ready > self.pool.low and waste > BACKGROUND_WASTE * held + (4 << 16):
-            reserve = self.pool.low
+            reserve, budget = self.pool.low, COMPACT_PASS
         else:
             return 0
         return self.compact(max_fill=0.95, batches=COMPACT_PASS_BATCHES, reserve=reserve,
-                            wait=False, budget=COMPACT_PASS)
+                            wait=False, budget=budget)
 
     def _adopt(self) -> None:
         """Take over a table a previous process left (crash, kill -9, restart): rebuild the

@@ -9,7 +9,8 @@ from hypothesis import given, settings, strategies as st
 from ublkzswap.arena import Arena
 from ublkzswap.logalloc import SEGMENT, SEGMENT_PAGES, LogPool
 from ublkzswap.memory import HEAP_HEADROOM
-from ublkzswap.store import BACKGROUND_WASTE, COMPACT_SCAN, PRESSURE_WASTE, Store
+from ublkzswap.store import (BACKGROUND_WASTE, COMPACT_PASS, COMPACT_PRESSURE_PASS, COMPACT_SCAN,
+                             PRESSURE_WASTE, Store)
 
 from invariants import check
 
@@ -392,6 +393,76 @@ def test_every_background_pass_empties_the_victims_it_takes():
         for i in slots:
             s.read(i * PAGE, memoryview(out))
             assert out == pages.get(i, bytes(PAGE)), i
+    finally:
+        s.close()
+
+
+def scattered_store(seed: int, n: int = 6 * COMPACT_SCAN, **kw):
+    """6000 pages written to slots all over the table, every third freed again."""
+    rng = random.Random(seed)
+    s = Store(n * PAGE, keeper=False, inline_refill=False, low=64, high=4096, **kw)
+    slots = rng.sample(range(n), 6000)
+    pages = {}
+    for i in slots:
+        pages[i] = make_page(rng, 2)
+        s.write(i * PAGE, memoryview(pages[i]))
+    for i in slots[::3]:
+        s.discard(i * PAGE, PAGE)
+        del pages[i]
+    return s, pages, slots
+
+
+def assert_pages_at(s, pages, slots):
+    out = bytearray(PAGE)
+    for i in slots:
+        s.read(i * PAGE, memoryview(out))
+        assert out == pages.get(i, bytes(PAGE)), i
+
+
+def test_a_round_with_two_spare_units_still_empties_every_victim():
+    """A round moves its victims' objects one victim after another, so each gives its unit back
+    as soon as it is empty: with only two ready units to spare (a machine short of memory) a
+    round for COMPACT_PRESSURE_PASS live bytes gives back what one with every ready unit to
+    spare does. (In table order the moves took the spare units with part of every victim
+    moved and none emptied.)"""
+    got = {}
+    for spare in (None, 2):
+        s, pages, slots = scattered_store(11)
+        try:
+            unit, victims = s.allocator.victims(0.95, budget=COMPACT_PRESSURE_PASS)
+            assert len(victims) >= 8
+            before = s.stats()["mem_used_total"]
+            got[spare] = s.compact(max_fill=0.95, batches=64, wait=False,
+                                   reserve=-1 if spare is None else s.pool.ready - spare,
+                                   budget=COMPACT_PRESSURE_PASS)
+            assert before - s.stats()["mem_used_total"] >= got[spare] * PAGE - SEGMENT
+            check(s)
+            assert_pages_at(s, pages, slots)
+        finally:
+            s.close()
+    assert got[None] >= 4 * SEGMENT_PAGES
+    assert got[2] >= got[None] - SEGMENT_PAGES, got
+
+
+def test_the_keepers_refill_comes_before_background_compaction():
+    """Under its low watermark the pool is the keeper's first job: a background pass then
+    moves nothing -- unless the pool is short of memory, when the victims' units are the only
+    ones coming back. While the machine swaps out, a pass takes victims for
+    COMPACT_PRESSURE_PASS live bytes."""
+    s, pages, slots = scattered_store(5, pressure=lambda: True)
+    try:
+        pool = s.pool
+        low = pool.low
+        pool.low = pool.ready + 1                        # the refill is due
+        assert s.compact_if_wasteful() == 0
+        pool.short = True                                # ...and cannot come: compact
+        got = s.compact_if_wasteful()
+        assert got >= 4 * SEGMENT_PAGES
+        pool.short, pool.low = False, low
+        got = s.compact_if_wasteful()                    # swapping: a pressure-sized pass
+        assert got * PAGE > COMPACT_PASS, got
+        check(s)
+        assert_pages_at(s, pages, slots)
     finally:
         s.close()
 
