@@ -16,13 +16,20 @@ as a synchronous device its swap-ins skip the swap cache and free the slot. The 
 the most slots held is split that way (an OOM kill frees the victim's slots at once, before
 the device hears of them: a later sample would count them all as stale).
 
-    python3 bench/bench_small.py [--mib 384] [--targets zram,ublkz-lzo]
+With ``--profile`` (needs ``py-spy`` from PyPI on the host: ``pip install py-spy``) the
+daemon is sampled through the whole workload, without stopping it (``--nonblocking``: a swap
+daemon stopped under this pressure could take the machine with it), and the wall time of each
+of its threads is split by the innermost frame of ours it was in.
+
+    python3 bench/bench_small.py [--mib 384] [--targets zram,ublkz-lzo] [--profile]
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -54,9 +61,38 @@ def swap_cached_mib() -> int:
     return 0
 
 
-def run_one(t, mib: int) -> dict:
+SPY_OUT = "/tmp/bench_small.spy"
+SPY_RATE = 40          # samples a second
+
+
+def spy_on(pid: int) -> subprocess.Popen:
+    """py-spy sampling every thread of ``pid``, idle ones too, until it exits."""
+    return subprocess.Popen([shutil.which("py-spy") or "py-spy", "record", "--nonblocking",
+                             "--pid", str(pid), "--rate", str(SPY_RATE), "--threads", "--idle",
+                             "--format", "raw", "-o", SPY_OUT], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def spy_report(path: str = SPY_OUT, top: int = 12) -> None:
+    """Each thread's share of the samples, and its top innermost frames of ours
+    (``ublkzswap/``; a frame elsewhere, e.g. a wait in ``threading``, by its own name)."""
+    per = collections.defaultdict(collections.Counter)
+    for line in open(path):
+        stack, _, n = line.rstrip().rpartition(" ")
+        frames = stack.split(";")
+        ours = [f for f in frames[1:] if "ublkzswap/" in f]
+        per[frames[0]][ours[-1] if ours else frames[-1]] += int(n)
+    for thread, frames in sorted(per.items(), key=lambda kv: -sum(kv[1].values())):
+        total = sum(frames.values())
+        print(f"  {thread}: {total / SPY_RATE:.0f} s sampled")
+        for frame, n in frames.most_common(top):
+            print(f"    {100 * n / total:5.1f}%  {frame}")
+
+
+def run_one(t, mib: int, profile: bool = False) -> dict:
     from tests.kernel.test_memory import machine_of
     with swapped_on(t, DISK_MB) as dev:
+        spy = spy_on(t.pid) if profile and hasattr(t, "pid") else None
         peak = {"stored": 0, "mem": 0}
         most = None                       # the sample of the most slots held
         # ublkzswap's counters through a connection of this process: under this pressure a new
@@ -95,6 +131,11 @@ def run_one(t, mib: int) -> dict:
             out = load.communicate()[0]
             secs = time.monotonic() - t0
             oom_adj(0)
+        if spy is not None:
+            spy.send_signal(2)          # py-spy writes what it has and exits
+            spy.wait(60)
+            print(f"  {t.name}: where the daemon's threads were, {SPY_RATE} samples a second:")
+            spy_report()
     verdict = ("verified" if load.returncode == 0 and "MISMATCH" not in out
                else "OOM-killed" if load.returncode == -9 else f"failed ({load.returncode})")
     return dict(secs=secs, verdict=verdict, algorithm=getattr(t, "used", ""), most=most, **peak)
@@ -105,7 +146,7 @@ def inside(args) -> int:
     for name in args.targets:
         # both with LZO: the same compressor, so the difference is the devices'
         t = Zram(name, algorithm="lzo,lzo-rle") if name == "zram" else Ublk(name)
-        res[name] = run_one(t, args.mib)
+        res[name] = run_one(t, args.mib, args.profile)
     print(f"\n{args.mib} MiB machine, {WORKLOAD_MIB} MiB workload ({MIX}), 1 GiB device:")
     for name, r in res.items():
         label = f"zram/{r['algorithm']}" if name == "zram" else name
@@ -136,14 +177,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--targets", default="zram,ublkz-lzo")
     ap.add_argument("--mib", type=int, default=384, help="the small machine's RAM in MiB")
+    ap.add_argument("--profile", action="store_true",
+                    help="sample the daemon with py-spy through the workload (pip install py-spy)")
     ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.targets = [t for t in args.targets.split(",") if t]
     if args.inside or os.path.exists("/dev/ublk-control"):
         return inside(args)
     from bench.vmrun import in_vm
-    return in_vm("bench_small.py", ["--targets", ",".join(args.targets), "--mib", str(args.mib)],
-                 timeout=5400, mem=512)
+    return in_vm("bench_small.py", ["--targets", ",".join(args.targets), "--mib", str(args.mib)]
+                 + ["--profile"] * args.profile, timeout=5400, mem=512)
 
 
 if __name__ == "__main__":
