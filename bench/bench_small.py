@@ -21,7 +21,7 @@ daemon is sampled through the whole workload, without stopping it (``--nonblocki
 daemon stopped under this pressure could take the machine with it), and the wall time of each
 of its threads is split by the innermost frame of ours it was in.
 
-    python3 bench/bench_small.py [--mib 384] [--targets zram,ublkz-lzo] [--profile]
+    python3 bench/bench_small.py [--mib 384] [--targets zram,ublkz-lzo] [--disk-mb 1024] [--profile]
 """
 from __future__ import annotations
 
@@ -89,9 +89,9 @@ def spy_report(path: str = SPY_OUT, top: int = 12) -> None:
             print(f"    {100 * n / total:5.1f}%  {frame}")
 
 
-def run_one(t, mib: int, profile: bool = False) -> dict:
+def run_one(t, mib: int, profile: bool = False, disk_mb: int = DISK_MB) -> dict:
     from tests.kernel.test_memory import machine_of
-    with swapped_on(t, DISK_MB) as dev:
+    with swapped_on(t, disk_mb) as dev:
         spy = spy_on(t.pid) if profile and hasattr(t, "pid") else None
         peak = {"stored": 0, "mem": 0}
         most = None                       # the sample of the most slots held
@@ -146,8 +146,8 @@ def inside(args) -> int:
     for name in args.targets:
         # both with LZO: the same compressor, so the difference is the devices'
         t = Zram(name, algorithm="lzo,lzo-rle") if name == "zram" else Ublk(name)
-        res[name] = run_one(t, args.mib, args.profile)
-    print(f"\n{args.mib} MiB machine, {WORKLOAD_MIB} MiB workload ({MIX}), 1 GiB device:")
+        res[name] = run_one(t, args.mib, args.profile, args.disk_mb)
+    print(f"\n{args.mib} MiB machine, {WORKLOAD_MIB} MiB workload ({MIX}), {args.disk_mb} MiB device:")
     for name, r in res.items():
         label = f"zram/{r['algorithm']}" if name == "zram" else name
         print(f"  {label:10s} {r['verdict']:12s} {r['secs']:6.0f} s  peak stored {r['stored']:4d} MiB  "
@@ -177,6 +177,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--targets", default="zram,ublkz-lzo")
     ap.add_argument("--mib", type=int, default=384, help="the small machine's RAM in MiB")
+    ap.add_argument("--disk-mb", type=int, default=DISK_MB,
+                    help="the swap device's size (more than twice the slots the kernel uses keeps "
+                    "it below vm_swap_full(), where every swap-in frees its slot)")
     ap.add_argument("--profile", action="store_true",
                     help="sample the daemon with py-spy through the workload (pip install py-spy)")
     ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
@@ -185,7 +188,8 @@ def main() -> int:
     if args.inside or os.path.exists("/dev/ublk-control"):
         return inside(args)
     from bench.vmrun import in_vm
-    return in_vm("bench_small.py", ["--targets", ",".join(args.targets), "--mib", str(args.mib)]
+    return in_vm("bench_small.py", ["--targets", ",".join(args.targets), "--mib", str(args.mib),
+                                    "--disk-mb", str(args.disk_mb)]
                  + ["--profile"] * args.profile, timeout=5400, mem=512)
 
 
