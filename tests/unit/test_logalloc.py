@@ -366,39 +366,9 @@ def test_background_compaction_closes_holes_spread_evenly():
         s.close()
 
 
-def test_every_background_pass_empties_the_victims_it_takes():
-    """Holes spread evenly, and each segment's objects belong to slots all over the table
-    (pages swap out in no order). A pass takes victims for about COMPACT_PASS live bytes,
-    finds their owners in one pass over the table and empties them: a segment back every
-    pass. (Taking 64 victims and moving a few batches' worth, part of each, gave nothing back
-    for dozens of passes, each rescanning the table from its start.)"""
-    rng = random.Random(7)
-    n = 6 * COMPACT_SCAN
-    s = Store(n * PAGE, keeper=False, inline_refill=False, low=64, high=4096)
-    try:
-        slots = rng.sample(range(n), 6000)
-        pages = {}
-        for i in slots:
-            pages[i] = make_page(rng, 2)
-            s.write(i * PAGE, memoryview(pages[i]))
-        for i in slots[::4]:
-            s.discard(i * PAGE, PAGE)
-            del pages[i]
-        before = s.stats()["mem_used_total"]
-        gots = [s.compact_if_wasteful() for _ in range(8)]
-        assert all(g >= SEGMENT_PAGES for g in gots), gots
-        assert before - s.stats()["mem_used_total"] >= sum(gots) * PAGE - SEGMENT
-        check(s)
-        out = bytearray(PAGE)
-        for i in slots:
-            s.read(i * PAGE, memoryview(out))
-            assert out == pages.get(i, bytes(PAGE)), i
-    finally:
-        s.close()
-
-
-def scattered_store(seed: int, n: int = 6 * COMPACT_SCAN, **kw):
-    """6000 pages written to slots all over the table, every third freed again."""
+def scattered_store(seed: int, every: int = 3, n: int = 6 * COMPACT_SCAN, **kw):
+    """6000 pages written to slots all over the table (pages swap out in no order), every
+    ``every``-th of them freed again."""
     rng = random.Random(seed)
     s = Store(n * PAGE, keeper=False, inline_refill=False, low=64, high=4096, **kw)
     slots = rng.sample(range(n), 6000)
@@ -406,7 +376,7 @@ def scattered_store(seed: int, n: int = 6 * COMPACT_SCAN, **kw):
     for i in slots:
         pages[i] = make_page(rng, 2)
         s.write(i * PAGE, memoryview(pages[i]))
-    for i in slots[::3]:
+    for i in slots[::every]:
         s.discard(i * PAGE, PAGE)
         del pages[i]
     return s, pages, slots
@@ -417,6 +387,24 @@ def assert_pages_at(s, pages, slots):
     for i in slots:
         s.read(i * PAGE, memoryview(out))
         assert out == pages.get(i, bytes(PAGE)), i
+
+
+def test_every_background_pass_empties_the_victims_it_takes():
+    """Holes spread evenly, and each segment's objects belong to slots all over the table
+    (pages swap out in no order). A pass takes victims for about COMPACT_PASS live bytes,
+    finds their owners in one pass over the table and empties them: a segment back every
+    pass. (Taking 64 victims and moving a few batches' worth, part of each, gave nothing back
+    for dozens of passes, each rescanning the table from its start.)"""
+    s, pages, slots = scattered_store(7, every=4)
+    try:
+        before = s.stats()["mem_used_total"]
+        gots = [s.compact_if_wasteful() for _ in range(8)]
+        assert all(g >= SEGMENT_PAGES for g in gots), gots
+        assert before - s.stats()["mem_used_total"] >= sum(gots) * PAGE - SEGMENT
+        check(s)
+        assert_pages_at(s, pages, slots)
+    finally:
+        s.close()
 
 
 def test_a_round_with_two_spare_units_still_empties_every_victim():
