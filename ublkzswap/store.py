@@ -755,11 +755,11 @@ class Store:
         owners costs the same for any number of victims), and may use the ready units down to
         one (the victims give them back within the pass). Whatever the line, a refill due
         (the pool under its low watermark and not short of memory) comes first: the pass does
-        not start, or stops between batches, and the keeper's next pass goes on. Short of memory (the pool was refused
-        growth since the last pass: ``growth_deferred``) every unit it can win back counts,
-        as zsmalloc's shrinker compacts under pressure: then it starts above
-        PRESSURE_WASTE_UNITS units unused and may use the last ready units (and the heads'
-        room) to move into."""
+        not start, or stops between batches, and the keeper's next pass goes on. Short of
+        memory (the pool was refused growth since the last pass: ``growth_deferred``) every
+        unit it can win back counts, as zsmalloc's shrinker compacts under pressure: then it
+        starts above PRESSURE_WASTE_UNITS units unused and may use the last ready units (and
+        the heads' room) to move into."""
         live = getattr(self.allocator, "live_bytes", None)
         if live is None or self.pool is None:
             return 0
