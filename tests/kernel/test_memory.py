@@ -77,9 +77,9 @@ def swap_on_1gib(sock):
 
 @pytest.mark.xfail(strict=False, reason=(
     "issue 9, open: bench_small verifies this workload, but in 3.9-4.4x zram's time (148-168 s "
-    "against 38 s on a fast host, 417-459 against 121-130 on a slow one): over half the 1 GiB "
-    "device's slots in use, every swap-in frees its slot and the page is written again; this "
-    "test bounds it at 480 s (docs/NOTES.md, stops 26 and 28)"))
+    "against 38 s on a fast host, 417-459 against 121-130 on a slow one; part of it: over half "
+    "the 1 GiB device's slots in use, every swap-in frees its slot and the page is written "
+    "again); this test bounds it at 480 s (docs/NOTES.md, stops 26 and 28)"))
 @pytest.mark.deadline(1500)
 def test_small_machine(tmp_path):
     """384 MiB of RAM, a 512 MiB workload through a 1 GiB device: every page verified,
