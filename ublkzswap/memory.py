@@ -45,7 +45,9 @@ from .uapi import PAGE_SIZE
 HEAP_HEADROOM = 2 << 20
 BIG_ANON = 4 << 20          # anonymous reservations this big are locked only where touched
 MLOCK_ONFAULT = 1
-THREAD_STACK = 512 << 10
+# every thread's stack, locked whole: what the request path, compaction and an exception's
+# logging reach is a small part of it (docs/NOTES.md, stop 28: measured natively)
+THREAD_STACK = 256 << 10
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -4, -8
 MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
 MADV_POPULATE_WRITE = 23

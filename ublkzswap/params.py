@@ -59,7 +59,7 @@ PARAMETERS = (
     Param("queues", "N", "1",
           f"queues per device (ublk's nr_hw_queues, 1..{MAX_QUEUES}, at most the online CPUs), "
           "each served by a thread of its own, so that compressions overlap on several CPUs; "
-          "each queue costs about 3 MiB of locked memory (64 tag buffers of 32 KiB, a 512 KiB "
+          "each queue costs about 3 MiB of locked memory (64 tag buffers of 32 KiB, a 256 KiB "
           "thread stack, heap for a compression running beside the others). The default is "
           "to become the number of CPUs once measurements show that it pays"),
     Param("slot_free", "on|off", "on",

@@ -26,7 +26,7 @@ and why. What holds the block device (:func:`block_users`) is read from /proc an
 probing with an exclusive open would make a concurrent swapon or mount fail with EBUSY.
 
 Memory per queue (locked, all made before the device serves): its tag buffers (``depth`` x
-``buf_bytes``: 2 MiB by default), its thread's stack (memory.THREAD_STACK, 512 KiB, locked
+``buf_bytes``: 2 MiB by default), its thread's stack (memory.THREAD_STACK, 256 KiB, locked
 whole), its ring (~20 KiB) and descriptor page, and QUEUE_HEAP of heap headroom for a
 compressor's scratch while the other queues compress too.
 
