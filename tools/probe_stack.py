@@ -18,20 +18,12 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ublkzswap.libc import libc          # noqa: E402
+from ublkzswap.memory import thread_stack   # noqa: E402
 from ublkzswap.store import Store        # noqa: E402
 from ublkzswap.uapi import PAGE_SIZE, UBLK_IO_F_SWAP   # noqa: E402
 
 STACK = 512 << 10
 PAGES = 16000
-
-
-def stack_range() -> tuple[int, int]:
-    attr = (C.c_char * 128)()
-    libc.pthread_getattr_np(libc.pthread_self(), attr)
-    addr, size = C.c_void_p(), C.c_size_t()
-    libc.pthread_attr_getstack(attr, C.byref(addr), C.byref(size))
-    libc.pthread_attr_destroy(attr)
-    return addr.value, size.value
 
 
 def deepest_page(addr: int, size: int) -> int:
@@ -79,7 +71,7 @@ def main() -> int:
     out = {}
 
     def run():
-        addr, size = stack_range()
+        addr, size = thread_stack()
         try:
             work()
         finally:

@@ -476,20 +476,30 @@ def set_io_flusher() -> None:
         raise oserror("prctl(PR_SET_IO_FLUSHER)")
 
 
-def lock_thread_stack() -> None:
-    """Fault in and lock the calling thread's whole stack (``mlock`` populates, unlike
-    ``mlockall(MCL_ONFAULT)``). Call first thing in every thread of the daemon."""
+def thread_stack() -> tuple[int, int] | None:
+    """(lowest address, size) of the calling thread's stack, or None if glibc cannot say."""
     attr = (C.c_char * 128)()
     if _libc.pthread_getattr_np(_libc.pthread_self(), attr) != 0:
-        return
+        return None
     addr, size = C.c_void_p(), C.c_size_t()
     try:
         if _libc.pthread_attr_getstack(attr, C.byref(addr), C.byref(size)) == 0 and addr.value:
-            # leave the lowest page alone: it may be the guard page
-            if _libc.mlock(C.c_void_p(addr.value + PAGE_SIZE), C.c_size_t(size.value - PAGE_SIZE)) != 0:
-                raise oserror("mlock(thread stack)")
+            return addr.value, size.value
+        return None
     finally:
         _libc.pthread_attr_destroy(attr)
+
+
+def lock_thread_stack() -> None:
+    """Fault in and lock the calling thread's whole stack (``mlock`` populates, unlike
+    ``mlockall(MCL_ONFAULT)``). Call first thing in every thread of the daemon."""
+    stack = thread_stack()
+    if stack is None:
+        return
+    addr, size = stack
+    # leave the lowest page alone: it may be the guard page
+    if _libc.mlock(C.c_void_p(addr + PAGE_SIZE), C.c_size_t(size - PAGE_SIZE)) != 0:
+        raise oserror("mlock(thread stack)")
 
 
 def reserve_thread_stacks(n: int) -> None:
