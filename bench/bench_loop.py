@@ -16,7 +16,8 @@ handler and the store's read/write_swap per request) and ``fused`` (the store's 
 a wake-up's single-page requests under one lock); beside them bare ``lzo.compress`` /
 ``lzo.decompress`` of the same pages, and the loop's total over bare LZO.
 A swap device mostly wakes up for one CQE (each swap-in fault waits for its page), so the
-1-CQE figure is the one that matters; fio at QD32 gives larger batches.
+1-CQE figure is the one that matters; fio at QD32 gives larger batches. ``--pages N``: every
+request is N pages (swap's swap-outs and readahead are often several), timed per page.
 
 ``--queues N``: instead, several queues at once on one store (issue 11): N threads, each
 serving its own NOP ring with its own Queue loop and the fused path, fio-like 3:1 swap
@@ -26,7 +27,7 @@ the same pages in 1 and N threads: the most threads could gain on this machine n
 load on the CPUs shows there first). Only compression runs in parallel (the GIL serialises the
 rest), so the slower the compressor, the more several queues can gain (``--compressor``).
 
-Run: python3 bench/bench_loop.py [--iters N] [--queues N [--seconds S] [--compressor NAME]]
+Run: python3 bench/bench_loop.py [--iters N] [--pages N] [--queues N [--seconds S] [--compressor NAME]]
 """
 from __future__ import annotations
 
@@ -179,24 +180,27 @@ class _Fused(_General):
         return counted
 
 
-def store_pages(q: Queue) -> list[bytes]:
-    """fio-like 3:1 pages (2730 zero bytes at a different place in each, the rest random), one per tag."""
+def store_pages(q: Queue, per: int = 1) -> list[bytes]:
+    """fio-like 3:1 pages (2730 zero bytes at a different place in each, the rest random),
+    ``per`` to a tag."""
     rng = np.random.default_rng(1)
     out = []
-    for k in range(DEPTH):
+    for k in range(DEPTH * per):
         b = bytearray(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
-        b[k * 20:k * 20 + 2730] = bytes(2730)
-        q.bufs[k][:4096] = b
+        b[k % 64 * 20:k % 64 * 20 + 2730] = bytes(2730)
+        o = k % per * 4096
+        q.bufs[k // per][o:o + 4096] = b
         out.append(bytes(b))
     return out
 
 
-def store_way(way, op, ring, rows, iod, batch, iters, store, q):
+def store_way(way, op, ring, rows, iod, batch, iters, store, q, per=1):
     budget = _Budget(batch * iters)
     target = (_Fused if way == "fused" else _General)(store, budget)
     q.target = target
     iod["op_flags"] = op | (uapi.UBLK_IO_F_SWAP if op == uapi.UBLK_IO_OP_WRITE else 0)
-    iod["start_sector"] = np.arange(DEPTH) * 8 + 8
+    iod["start_sector"] = np.arange(DEPTH) * 8 * per + 8
+    iod["nr_sectors"] = 8 * per
     handle = request_handler(target, q.buf_bytes, q.counters)
     fast = target.page_server(q.bufs, handle) if way == "fused" else None
     ring.put_rows(memoryview(rows).cast("B"), [(k, 0) for k in range(batch)],
@@ -225,10 +229,12 @@ def bare_lzo(pages, n):
 
 def main_store(args, ring, rows, iod):
     from ublkzswap.store import Store
-    store = Store(1 << 24)
-    q = Queue(0, None, depth=DEPTH, buf_bytes=4096)
-    pages = store_pages(q)
-    print(f"\ncompressed store, us per 4 KiB request ({'CQEs per wake-up'}: 1 / 8 / 32)")
+    per = args.pages
+    store = Store((DEPTH * per + 2) * 4096)
+    q = Queue(0, None, depth=DEPTH, buf_bytes=4096 * per)
+    pages = store_pages(q, per)
+    print(f"\ncompressed store, us per 4 KiB page, {per} a request ({'CQEs per wake-up'}: "
+          f"1 / 8 / 32)")
     print(f"{'':>10}{'batch':>6}{'general':>10}{'fused':>10}{'ratio':>8}{'bare lzo':>10}"
           f"{'fused/bare':>11}")
     for op, name in ((uapi.UBLK_IO_OP_WRITE, "write"), (uapi.UBLK_IO_OP_READ, "read")):
@@ -237,8 +243,8 @@ def main_store(args, ring, rows, iod):
             best = {}
             for way in ("general", "fused") * 3:
                 t0 = time.perf_counter()
-                store_way(way, op, ring, rows, iod, batch, iters, store, q)
-                dt = (time.perf_counter() - t0) / (iters * batch) * 1e6
+                store_way(way, op, ring, rows, iod, batch, iters, store, q, per)
+                dt = (time.perf_counter() - t0) / (iters * batch * per) * 1e6
                 best[way] = min(best.get(way, dt), dt)
             bc, bd = bare_lzo(pages, 5000)
             bare = bc if op == uapi.UBLK_IO_OP_WRITE else bd
@@ -246,6 +252,10 @@ def main_store(args, ring, rows, iod):
                   f"{best['general'] / best['fused']:>8.2f}{bare:>10.2f}{best['fused'] / bare:>11.2f}")
     st = store.stats()
     assert st["failed_writes"] == 0 and st["failed_reads"] == 0, st
+    out = bytearray(32 * per * 4096)                # the tags the largest batch used
+    store.read(8 * 512, memoryview(out))
+    assert out == b"".join(pages[:32 * per]), "a page did not round-trip"
+    iod["nr_sectors"] = 8
     q.close()
     store.close()
 
@@ -364,6 +374,8 @@ def main(argv=None):
                     help="with --queues: about how long each timed run takes")
     ap.add_argument("--compressor", default="lzo",
                     help="with --queues: the store's compressor (lzo, lz4, deflate)")
+    ap.add_argument("--pages", type=int, default=1,
+                    help="pages per request on the compressed store (swap: often 2-8)")
     args = ap.parse_args(argv)
     if args.queues:
         main_queues(args)

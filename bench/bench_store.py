@@ -105,9 +105,9 @@ def fused(pages: list[bytes], args, swap: bool = False) -> tuple[float, float]:
     n = len(pages)
     bufs = [memoryview(bytearray(p)) for p in pages]
     opf = 1 | (UBLK_IO_F_SWAP if swap else 0)                       # UBLK_IO_OP_WRITE
-    writes = [[(i, opf, i) for i in range(k, min(k + args.batch, n))]
+    writes = [[(i, opf, i, 1) for i in range(k, min(k + args.batch, n))]
               for k in range(0, n, args.batch)]
-    reads = [[(i, 0, i) for i, _, _ in b] for b in writes]          # UBLK_IO_OP_READ
+    reads = [[(i, 0, i, 1) for i, _, _, _ in b] for b in writes]          # UBLK_IO_OP_READ
     best_w = best_r = float("inf")
     for rep in range(args.repeat):
         store = Store(n * PAGE, compressor=args.compressor, allocator=args.allocator)
@@ -129,7 +129,7 @@ def fused(pages: list[bytes], args, swap: bool = False) -> tuple[float, float]:
                 w0 = time.perf_counter()
                 time.sleep(0.001)
                 waited += time.perf_counter() - w0
-                serve([(tag, opf, tag) for tag, _ in bad], done)
+                serve([(tag, opf, tag, 1) for tag, _ in bad], done)
         best_w = min(best_w, time.perf_counter() - t - waited)
         t = time.perf_counter()
         for b in reads:

@@ -51,9 +51,9 @@ def work() -> None:
         for k in range(4000):
             for t in range(8):
                 bufs[t][:] = bytes([rng.randrange(4)]) * 1000 + os.urandom(96) + bytes(3000)
-            serve([(t, 1 | (UBLK_IO_F_SWAP if k % 2 else 0), (k * 8 + t) % PAGES)
+            serve([(t, 1 | (UBLK_IO_F_SWAP if k % 2 else 0), (k * 8 + t) % PAGES, 1)
                    for t in range(8)], [])
-            serve([(t, 0, (k * 8 + t) % PAGES) for t in range(8)], [])
+            serve([(t, 0, (k * 8 + t) % PAGES, 1) for t in range(8)], [])
         for i in range(0, PAGES, 3):
             s.discard(i * PAGE_SIZE, PAGE_SIZE)
         s.compact()

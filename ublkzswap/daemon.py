@@ -105,24 +105,27 @@ def warm_up(storemod, compressor: str, allocator: str) -> None:
             s.read((8 + i) * PAGE_SIZE, memoryview(one))
             _expect(one == p, f"page {i} differs")
         s.discard(8 * PAGE_SIZE, 2 * PAGE_SIZE)
-        # the queue's fast path (a wake-up's single-page requests in one call), as a queue
-        # runs it: writes of every kind of page (swap and not), then reads of each back
-        # (short of memory a write may be refused, ENOSPC/ENOMEM: then only what was stored
-        # is checked, as below)
-        bufs = [memoryview(bytearray(PAGE_SIZE)) for _ in pages]
+        # the queue's fast path (a wake-up's requests of whole pages in one call), as a
+        # queue runs it: writes of every kind of page (swap and not; one page a request, and
+        # all of them in one request), then reads of each back (short of memory a write
+        # may be refused, ENOSPC/ENOMEM: then only what was stored is checked, as below)
+        bufs = [memoryview(bytearray(PAGE_SIZE)) for _ in pages] + [memoryview(bytearray(data))]
         serve, done = s.page_server(bufs, lambda e: -errno.EIO), []
         for b, p in zip(bufs, pages):
             b[:] = p
-        serve([(k, 1 | (UBLK_IO_F_SWAP if k & 1 else 0), 8 + k) for k in range(len(pages))], done)
-        stored = [k for k, r in done if r == PAGE_SIZE]
-        _expect(all(r in (PAGE_SIZE, -errno.ENOSPC, -errno.ENOMEM) for _, r in done),
-                f"the fast path failed a write: {done}")
+        many = len(pages)                            # the tag of the multi-page request
+        serve([(k, 1 | (UBLK_IO_F_SWAP if k & 1 else 0), 8 + k, 1) for k in range(many)]
+              + [(many, 1, 24, many)], done)
+        stored = [k for k, r in done if r == PAGE_SIZE * (many if k == many else 1)]
+        _expect(all(r in (PAGE_SIZE, PAGE_SIZE * many, -errno.ENOSPC, -errno.ENOMEM)
+                    for _, r in done), f"the fast path failed a write: {done}")
         for b in bufs:
-            b[:] = bytes(PAGE_SIZE)
+            b[:] = bytes(len(b))
         done.clear()
-        serve([(k, 0, 8 + k) for k in stored], done)
-        _expect(done == [(k, PAGE_SIZE) for k in stored] and
-                all(bytes(bufs[k]) == pages[k] for k in stored), "the fast path differs")
+        serve([(k, 0, 8 + k, 1) if k < many else (k, 0, 24, many) for k in stored], done)
+        _expect(done == [(k, len(bufs[k])) for k in stored] and
+                all(bytes(bufs[k]) == (pages[k] if k < many else data) for k in stored),
+                "the fast path differs")
         s.write_zeroes(10 * PAGE_SIZE, 2 * PAGE_SIZE)
         # deduplication: swap-outs of a stored page share its object (both paths); holders
         # leave by overwrite and by discard; two stay, for compaction to move below
@@ -130,7 +133,7 @@ def warm_up(storemod, compressor: str, allocator: str) -> None:
             s.write_swap(k * PAGE_SIZE, memoryview(text))
         bufs[2][:] = text
         done.clear()
-        serve([(2, 1 | UBLK_IO_F_SWAP, 15)], done)
+        serve([(2, 1 | UBLK_IO_F_SWAP, 15, 1)], done)
         _expect(done == [(2, PAGE_SIZE)], f"the fast path failed a shared swap-out: {done}")
         s.write_swap(12 * PAGE_SIZE, memoryview(rnd))
         s.discard(13 * PAGE_SIZE, PAGE_SIZE)

@@ -6,7 +6,7 @@ for all of them, since the kernel refuses a second open with EBUSY), mapping the
 whatever the depth), the per-tag I/O buffers, FETCH_REQ for every tag, and the serving loop
 
     submit_and_wait -> reap all ready CQEs -> read their descriptors ->
-    handle(request) per tag, or the single-page READs/WRITEs all at once through the
+    handle(request) per tag, or the whole-page READs/WRITEs all at once through the
     target's page_server (its fast path, if it has one) ->
     copy in a ready-made COMMIT_AND_FETCH SQE per tag -> repeat
 
@@ -269,10 +269,12 @@ class Queue:
         of a request's BackingIO; the last one finishes that request.
 
         ``fast`` (a target's ``page_server``, see :meth:`ublkzswap.store.Store.page_server`):
-        the single-page READs and WRITEs of a wake-up, well-formed and in range, are gathered
-        and handed to it in one call after the others; everything else goes to ``handle``."""
+        the READs and WRITEs of whole pages of a wake-up, well-formed and in range, are
+        gathered and handed to it in one call after the others; everything else goes to
+        ``handle``."""
         live = self.depth
-        last = (self.target.size >> SECTOR_SHIFT) - 8 if fast is not None else -1
+        end = self.target.size >> SECTOR_SHIFT if fast is not None else -1
+        most = self.buf_bytes >> SECTOR_SHIFT
         bufs = self.bufs
         counters = self.counters
         boundary = self._boundary
@@ -319,8 +321,8 @@ class Queue:
                 requests += 1
                 opf, nr, start = d32[tag * 6], d32[tag * 6 + 1], d64[tag * 3 + 1]
                 op = opf & 0xFF
-                if nr == 8 and op <= 1 and start <= last and not start & 7:
-                    simple.append((tag, opf, start >> 3))
+                if op <= 1 and not (nr | start) & 7 and 0 < nr <= most and start + nr <= end:
+                    simple.append((tag, opf, start >> 3, nr >> 3))
                     if op:
                         counters.writes += 1
                     else:

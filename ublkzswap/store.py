@@ -66,8 +66,9 @@ lock), so only the page's key is computed per swap-out. Ordinary writes (fio, mk
 share. ``dup_data_size`` counts what sharing saves. The index is process-local and starts
 empty after a takeover.
 
-Fast path: :meth:`Store.page_server` gives the queue one call per wake-up for its single-page
-READs and WRITEs (the usual swap traffic), doing what :meth:`read`/:meth:`write_swap`/
+Fast path: :meth:`Store.page_server` gives the queue one call per wake-up for its READs and
+WRITEs of whole pages (all of swap's traffic: its swap-outs and readahead are often several
+pages), doing what :meth:`read`/:meth:`write_swap`/
 :meth:`write` and :meth:`_set` do per page with the counters kept in locals
 (tests/unit/test_fast_path.py holds the two paths to the same results).
 
@@ -332,24 +333,29 @@ class Store:
         the queue is armed: what reads need later is made here (a scratch page for ``serve``,
         and another for the general path in the calling thread), none on the I/O path.
 
-        Returns ``serve(reqs, done)``: ``reqs`` lists the single-page READs and WRITEs of one
-        wake-up as ``(tag, op_flags, page index)``, well-formed and in range (the queue
-        checked); each is done as :meth:`read`, :meth:`write_swap` (``UBLK_IO_F_SWAP``) or
-        :meth:`write` would do it, and ``(tag, result)`` is appended to ``done``:
-        ``PAGE_SIZE`` or ``-errno``. Fused: no wrapper per request, the page compressed
-        straight from the tag's buffer (a numpy view, no copy), a same-filled page ruled out
-        by two words before the page is compared, the counters kept in locals and added once
-        per call. Compression and decompression run outside the store lock (see the module
-        docstring, "Threading"): a write compresses first and locks only to place and
-        publish; a read locks only to copy the slot's bytes out."""
+        Returns ``serve(reqs, done)``: ``reqs`` lists the READs and WRITEs of whole pages of
+        one wake-up as ``(tag, op_flags, first page, pages)``, well-formed, in range and
+        within the tag's buffer (the queue checked); each is done as :meth:`read`,
+        :meth:`write_swap` (``UBLK_IO_F_SWAP``) or :meth:`write` would do it, page by page,
+        and ``(tag, result)`` is appended to ``done``: the request's bytes or ``-errno`` (a
+        request fails as a whole at its first failing page: the pages before it are done, a
+        write's pages after it counted as written and failed, as the general path counts
+        them). Fused: no wrapper per request, a page compressed straight from the tag's
+        buffer (a numpy view, no copy), a same-filled page ruled out by two words before
+        the page is compared, the counters kept in locals and added once per call.
+        Compression and decompression run outside the store lock (see the module docstring,
+        "Threading"): a write compresses first and locks only to place and publish; a read
+        locks only to copy the slot's bytes out."""
         self._thread_scratch()
         if self.backing is not None:
             return None
         scratch = np.zeros(PAGE_SIZE, dtype=np.uint8)   # serve's own: one queue thread uses it
         from .uapi import UBLK_IO_F_SWAP
-        pages = [b[:PAGE_SIZE] for b in bufs]
-        words = [p.cast("Q") for p in pages]
-        arrays = [np.frombuffer(b, dtype=np.uint8, count=PAGE_SIZE) for b in bufs]
+        bufs = list(bufs)
+        pages = [b[:PAGE_SIZE] for b in bufs]           # a request's first page: no slicing
+        words = [b.cast("Q") for b in bufs]
+        arrays = [np.frombuffer(b, dtype=np.uint8) for b in bufs]
+        firsts = [a[:PAGE_SIZE] for a in arrays]
         sv = memoryview(scratch)
         lock, t, c = self._lock, self._t, self._c
         comp, alloc = self.comp, self.allocator
@@ -372,135 +378,150 @@ class Store:
             same = zero = stored = good = huge = size = dup = 0
             maxu = 0
             try:
-                for tag, opf, idx in reqs:
+                for tag, opf, first, n in reqs:
+                    res = n << PAGE_SHIFT
                     try:
-                        i = idx << 1
-                        page = pages[tag]
                         if not opf & 0xFF:                               # READ
-                            reads += 1
-                            with lock:       # copy the bytes out: once the lock is released
-                                e = t[i]     # the object may be freed, reused or moved
-                                kind = e & 3
+                            for k in range(n):
+                                i = (first + k) << 1
+                                page = bufs[tag][k << PAGE_SHIFT:(k + 1) << PAGE_SHIFT] if k \
+                                    else pages[tag]
+                                reads += 1
+                                with lock:   # copy the bytes out: once the lock is released
+                                    e = t[i]  # the object may be freed, reused or moved
+                                    kind = e & 3
+                                    if kind == COMP:
+                                        ln = (e >> 2) & 0x1FFF
+                                        h = e >> 16
+                                        sv[:ln] = view[h:h + ln]
+                                    elif kind == SAME:
+                                        v = t[i + 1]
+                                    elif kind == RAW:
+                                        b = e >> 16
+                                        page[:] = view[b:b + PAGE_SIZE] if e & 0x7FFC else header()
                                 if kind == COMP:
-                                    n = (e >> 2) & 0x1FFF
-                                    h = e >> 16
-                                    sv[:n] = view[h:h + n]
+                                    try:
+                                        page[:] = dfn(scratch[:ln], *dargs)   # no lock held
+                                    except Exception:
+                                        failed_r += 1
+                                        res = EIO
+                                        break
                                 elif kind == SAME:
-                                    v = t[i + 1]
-                                elif kind == RAW:
-                                    b = e >> 16
-                                    page[:] = view[b:b + PAGE_SIZE] if e & 0x7FFC else header()
-                            if kind == COMP:
-                                try:
-                                    page[:] = dfn(scratch[:n], *dargs)   # no lock held
-                                except Exception:
-                                    failed_r += 1
-                                    done.append((tag, EIO))
-                                    continue
-                            elif kind == SAME:
-                                page[:] = v.to_bytes(8, "little") * 512 if v else _ZERO_PAGE
-                            elif kind != RAW:
-                                page[:] = _ZERO_PAGE
-                            done.append((tag, PAGE_SIZE))
+                                    page[:] = v.to_bytes(8, "little") * 512 if v else _ZERO_PAGE
+                                elif kind != RAW:
+                                    page[:] = _ZERO_PAGE
+                            done.append((tag, res))
                             continue
-                        writes += 1                                      # WRITE
-                        w = words[tag]
-                        value = w[0]
-                        if value == w[511] and page.tobytes() == (
-                                value.to_bytes(8, "little") * 512 if value else _ZERO_PAGE):
-                            kind, clen = SAME, 0
-                        else:
-                            try:
-                                z = cfn(arrays[tag], *cargs)             # no lock held
-                            except Exception:
-                                failed_w += 1
-                                done.append((tag, EIO))
-                                continue
-                            clen, kind = len(z), COMP
-                            if clen > max_zpage:
-                                kind, clen, z = RAW, PAGE_SIZE, page
-                        # a swap-out's dedup key (dedup_key, inline), outside the lock
-                        key = ((hash(bytes(z[::DEDUP_SAMPLE])) ^ clen) & LINK
-                               if kind != SAME and opf & SWAP and dd is not None else 0)
-                        with lock:                    # place, publish, free the old content
-                            twin = 0
-                            if key:
-                                b = dd[key & ddmask]
-                                if b and b != idx + 1:       # an entry: the full check
-                                    twin = dedup_find(t, dd, ddmask, mem, idx, z, key)
-                                else:
-                                    dd[key & ddmask] = idx + 1
-                            if twin:
-                                addr = t[2 * twin - 2] >> 16   # its object: nothing taken
-                            elif kind != SAME:
+                        w = words[tag]                                   # WRITE
+                        for k in range(n):
+                            writes += 1
+                            i = (first + k) << 1
+                            if k:
+                                o = k << PAGE_SHIFT
+                                page = bufs[tag][o:o + PAGE_SIZE]
+                                src = arrays[tag][o:o + PAGE_SIZE]
+                            else:
+                                page, src = pages[tag], firsts[tag]
+                            value = w[k << 9]
+                            if value == w[(k << 9) + 511] and page.tobytes() == (
+                                    value.to_bytes(8, "little") * 512 if value else _ZERO_PAGE):
+                                kind, clen = SAME, 0
+                            else:
                                 try:
-                                    addr = malloc(clen, swait if opf & SWAP else wait)
-                                except MemoryError:
-                                    if opf & SWAP:   # the rest fail at once rather than
-                                        swait = 0.0  # each after a wait, lock held
-                                    failed_w += 1
-                                    done.append((tag, ENOSPC))
-                                    continue
-                                used = pages_used() << PAGE_SHIFT
-                                if memlimit and used > memlimit:
-                                    free(addr, clen)
-                                    failed_w += 1
-                                    done.append((tag, ENOMEM))
-                                    continue
-                                if used > maxu:
-                                    maxu = used
-                                view[addr:addr + clen] = z
-                            # the switch, as _set makes it: entry word last, old content after
-                            old = t[i]
-                            okind = old & 3
-                            oval = t[i + 1] if okind == SAME else 0
-                            olen = (old >> 2) & 0x1FFF
-                            # a shared old object leaves its ring first (the second word is
-                            # the new content's) and is not freed
-                            kept = okind > SAME and olen and t[i + 1] & LINK and unlink(t, idx)
-                            if kind == SAME:
-                                t[i + 1] = value
-                                t[i] = SAME
-                            else:
+                                    z = cfn(src, *cargs)                 # no lock held
+                                except Exception:
+                                    res = EIO
+                                    break
+                                clen, kind = len(z), COMP
+                                if clen > max_zpage:
+                                    kind, clen, z = RAW, PAGE_SIZE, page
+                            # a swap-out's dedup key (dedup_key, inline), outside the lock
+                            key = ((hash(bytes(z[::DEDUP_SAMPLE])) ^ clen) & LINK
+                                   if kind != SAME and opf & SWAP and dd is not None else 0)
+                            idx = first + k
+                            with lock:                # place, publish, free the old content
+                                twin = 0
+                                if key:
+                                    b = dd[key & ddmask]
+                                    if b and b != idx + 1:   # an entry: the full check
+                                        twin = dedup_find(t, dd, ddmask, mem, idx, z, key)
+                                    else:
+                                        dd[key & ddmask] = idx + 1
                                 if twin:
-                                    share(t, idx, twin - 1, key)
-                                    dup += clen
+                                    addr = t[2 * twin - 2] >> 16   # its object: nothing taken
+                                elif kind != SAME:
+                                    try:
+                                        addr = malloc(clen, swait if opf & SWAP else wait)
+                                    except MemoryError:
+                                        if opf & SWAP:   # the rest fail at once rather than
+                                            swait = 0.0  # each after a wait, lock held
+                                        res = ENOSPC
+                                        break
+                                    used = pages_used() << PAGE_SHIFT
+                                    if memlimit and used > memlimit:
+                                        free(addr, clen)
+                                        res = ENOMEM
+                                        break
+                                    if used > maxu:
+                                        maxu = used
+                                    view[addr:addr + clen] = z
+                                # the switch, as _set makes it: entry word last, old content after
+                                old = t[i]
+                                okind = old & 3
+                                oval = t[i + 1] if okind == SAME else 0
+                                olen = (old >> 2) & 0x1FFF
+                                # a shared old object leaves its ring first (the second word is
+                                # the new content's) and is not freed
+                                kept = okind > SAME and olen and t[i + 1] & LINK and unlink(t, idx)
+                                if kind == SAME:
+                                    t[i + 1] = value
+                                    t[i] = SAME
                                 else:
-                                    t[i + 1] = key << 32
-                                t[i] = (addr << 16) | (clen << 2) | kind
-                            if kept:
-                                dup -= olen
-                            elif okind > SAME and olen:                  # (0: the header)
-                                free(old >> 16, olen)
-                        if okind == SAME:
-                            same -= 1
-                            if oval:
+                                    if twin:
+                                        share(t, idx, twin - 1, key)
+                                        dup += clen
+                                    else:
+                                        t[i + 1] = key << 32
+                                    t[i] = (addr << 16) | (clen << 2) | kind
+                                if kept:
+                                    dup -= olen
+                                elif okind > SAME and olen:              # (0: the header)
+                                    free(old >> 16, olen)
+                            if okind == SAME:
+                                same -= 1
+                                if oval:
+                                    stored -= 1
+                                    good -= 1
+                                else:
+                                    zero -= 1
+                            elif okind and olen:
                                 stored -= 1
-                                good -= 1
+                                size -= olen
+                                if okind == RAW:
+                                    huge -= 1
+                                elif olen <= GOOD_COMPRESS:
+                                    good -= 1
+                            if kind == SAME:
+                                same += 1
+                                if value:
+                                    stored += 1
+                                    good += 1
+                                else:
+                                    zero += 1
                             else:
-                                zero -= 1
-                        elif okind and olen:
-                            stored -= 1
-                            size -= olen
-                            if okind == RAW:
-                                huge -= 1
-                            elif olen <= GOOD_COMPRESS:
-                                good -= 1
-                        if kind == SAME:
-                            same += 1
-                            if value:
                                 stored += 1
-                                good += 1
-                            else:
-                                zero += 1
-                        else:
-                            stored += 1
-                            size += clen
-                            if kind == RAW:
-                                huge += 1
-                            elif clen <= GOOD_COMPRESS:
-                                good += 1
-                        done.append((tag, PAGE_SIZE))
+                                size += clen
+                                if kind == RAW:
+                                    huge += 1
+                                elif clen <= GOOD_COMPRESS:
+                                    good += 1
+                        if res < 0:
+                            # this page failed, and the ones after it are counted as written
+                            # and failed (the kernel writes the whole request again)
+                            rest = n - k - 1
+                            writes += rest
+                            failed_w += rest + 1
+                        done.append((tag, res))
                     except Exception as ex:
                         done.append((tag, boundary(ex)))
             finally:

@@ -1,5 +1,5 @@
-"""The queue's fast path (Store.page_server: a wake-up's single-page READs and WRITEs under one
-hold of the store lock) against the general path (the request handler, one request at a time):
+"""The queue's fast path (Store.page_server: a wake-up's READs and WRITEs of whole pages, one
+page or several, in one call) against the general path (the request handler, one request at a time):
 random request sequences through two queues, each on a store of its own, must leave the same
 results, read data, counters, slot table and invariants. Requests of one wake-up touch
 different pages: the fast path serves its requests after the others of the wake-up, and the
@@ -25,6 +25,7 @@ SWAP = uapi.UBLK_IO_F_SWAP
 PAGE = 4096
 PAGES = 96                  # the device
 DEPTH = 8
+BUF_PAGES = 4               # a tag's buffer
 
 
 class GeneralOnly:
@@ -34,6 +35,27 @@ class GeneralOnly:
         self.size = store.size
         for name in ("read", "write", "write_swap", "discard", "write_zeroes", "flush"):
             setattr(self, name, getattr(store, name))
+
+
+class Spied:
+    """A store whose page_server notes every request the fast path is handed and its result."""
+
+    def __init__(self, store):
+        self.size = store.size
+        self.seen: list[tuple] = []                 # (op_flags, pages, result)
+        for name in ("read", "write", "write_swap", "discard", "write_zeroes", "flush"):
+            setattr(self, name, getattr(store, name))
+        self._store = store
+
+    def page_server(self, bufs, boundary):
+        serve = self._store.page_server(bufs, boundary)
+
+        def spied(reqs, done):
+            n = len(done)
+            serve(reqs, done)
+            results = dict(done[n:])
+            self.seen.extend((opf, pages, results[tag]) for tag, opf, _, pages in reqs)
+        return spied
 
 
 class BoundaryCompressor:
@@ -92,17 +114,21 @@ def script(seed: int, steps: int):
         reqs = []
         for tag in range(rng.randrange(1, DEPTH + 1)):
             x = rng.random()
-            if x < 0.1:                                     # several pages: the general path
+            if x < 0.15:
+                # several pages (a swap-out or a readahead): the fast path up to the tag's
+                # buffer (BUF_PAGES), the general path's refusal beyond it; a page of a write
+                # may fail to compress (the request fails there, as a whole)
                 first = free_pages.pop()
-                n = rng.randrange(2, 4)
-                if first + n > PAGES or any(p in range(first, first + n) for p in
-                                            (r[2] // 8 for r in reqs)):
+                n = rng.randrange(2, BUF_PAGES + 1) if rng.random() < 0.95 else BUF_PAGES + 1
+                if first + n > PAGES or any(
+                        set(range(first, first + n)) & set(range(r[2] // 8, (r[2] + r[3]) // 8))
+                        for r in reqs):
                     continue
                 for p in range(first, first + n):
                     if p in free_pages:
                         free_pages.remove(p)
-                op = rng.choice((R, W))
-                data = b"".join(page_of(rng) for _ in range(n)) if op == W else None
+                op = rng.choice((R, W, W | SWAP)) if n <= BUF_PAGES else R   # (no data overflows)
+                data = b"".join(page_of(rng) for _ in range(n)) if op != R else None
                 reqs.append((tag, op, first * 8, n * 8, data))
                 continue
             p = free_pages.pop()
@@ -126,14 +152,14 @@ def script(seed: int, steps: int):
         # the general path's requests first, as the fast path's queue serves them: a swap-out
         # may share a page another request of the wake-up has just written or overwritten
         # (deduplication), so both paths must meet the requests in one order
-        reqs.sort(key=lambda r: (r[3] == 8 and r[2] % 8 == 0 and r[2] < PAGES * 8
-                                 and r[1] & 0xFF in (R, W)))
+        reqs.sort(key=lambda r: (0 < r[3] <= BUF_PAGES * 8 and not (r[2] | r[3]) % 8
+                                 and r[2] + r[3] <= PAGES * 8 and r[1] & 0xFF in (R, W)))
         out.append((memlimit, [(tag, *r[1:]) for tag, r in enumerate(reqs)]))
     return out
 
 
 def run(target, store, wakeups):
-    q = Queue(7, target, depth=DEPTH, buf_bytes=4 * PAGE)
+    q = Queue(7, target, depth=DEPTH, buf_bytes=BUF_PAGES * PAGE)
 
     def step(memlimit, reqs):
         def post(k):
@@ -172,7 +198,8 @@ def test_fast_and_general_paths_agree(seed, compressor, monkeypatch):
     fast_store = small_store(0, PAGES * PAGE, compressor=comp)
     general_store = small_store(0, PAGES * PAGE, compressor=comp)
     try:
-        fast = run(fast_store, fast_store, wakeups)
+        spied = Spied(fast_store)
+        fast = run(spied, fast_store, wakeups)
         general = run(GeneralOnly(general_store), general_store, wakeups)
         assert fast[0] == general[0]                          # every request's result
         assert fast[1] == general[1]                          # every page read
@@ -189,8 +216,15 @@ def test_fast_and_general_paths_agree(seed, compressor, monkeypatch):
         # the sequence reached the paths it was meant to
         assert st["same_pages"] and st["huge_pages"] and st["good_compress"]
         assert sum(map(bool, shared)) >= 2       # (each path once at least)
+        # several pages a request took the fast path, writes and swap-outs among them
+        many = [(opf, r) for opf, n, r in spied.seen if n > 1]
+        assert {opf for opf, _ in many} >= {R, W, W | SWAP}
+        assert any(r > PAGE for _, r in many)
         if compressor == "boundary":
             assert st["failed_writes"] and st["failed_reads"]
+            # and some failed part way: a page that did not compress, or not decompress
+            assert {r for opf, r in many if opf & 0xFF == W} >= {-errno.EIO}
+            assert {r for opf, r in many if opf & 0xFF == R} >= {-errno.EIO}
     finally:
         fast_store.close()
         general_store.close()

@@ -139,9 +139,9 @@ class Worker:
                 self.bufs[tag][:] = data
                 self.shared.will_write(p, data)
                 wrote[tag] = (p, data)
-                reqs.append((tag, 1 | (SWAP if self.rng.random() < 0.7 else 0), p))
+                reqs.append((tag, 1 | (SWAP if self.rng.random() < 0.7 else 0), p, 1))
             else:
-                reqs.append((tag, 0, p))
+                reqs.append((tag, 0, p, 1))
         done = []
         self.serve(reqs, done)
         assert sorted(t for t, _ in done) == list(range(len(reqs)))

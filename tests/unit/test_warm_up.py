@@ -48,11 +48,11 @@ PROBE = textwrap.dedent("""
                 s.write_swap(slot * PAGE_SIZE, memoryview(data))
             elif x < 0.6:
                 bufs[i & 3][:] = data                  # the queue's fast path
-                serve([(i & 3, 1 | 1 << 16, slot)], [])
+                serve([(i & 3, 1 | 1 << 16, slot, 1)], [])
             elif x < 0.75:
                 s.read(slot * PAGE_SIZE, memoryview(one))
             elif x < 0.9:
-                serve([(i & 3, 0, slot)], [])
+                serve([(i & 3, 0, slot, 1)], [])
             else:
                 s.discard(slot * PAGE_SIZE, PAGE_SIZE)
         except OSError:
