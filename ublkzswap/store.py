@@ -83,6 +83,7 @@ from __future__ import annotations
 
 import errno
 import threading
+import time
 
 import numpy as np
 
@@ -108,6 +109,8 @@ COMPACT_PASS = 256 << 10      # live bytes a background pass takes victims for (
 COMPACT_PASS_BATCHES = 16     # ...and the batches it may move them in
 COMPACT_PRESSURE_PASS = 1 << 20   # ...while the machine swaps out or is short of memory
 DISCARD_SLICE = 512           # slots a discard clears at a time (a swap cluster: 2 MiB)
+COMPACT_PLAN = 4              # a background pass's scan finds victims for this many passes
+COMPACT_PLAN_AGE = 2.0        # seconds its later passes follow that scan before a new one
 COMPACT_WAIT = 1.0            # seconds on-demand compaction waits for the keeper's next units
 SWAP_WAIT = 0.02              # seconds a swap-out may wait for the keeper (see "Write")
 BACKGROUND_WASTE = 0.08       # background compaction starts above this share of unused memory
@@ -222,6 +225,7 @@ class Store:
         self._lock = threading.Lock()
         self._slotfree = None        # freed-slot notices (watch_freed_slots), if any
         self._compact_owed = 0       # pages compaction took and has not given back yet
+        self._plan = None            # background compaction's victims and owners: _compact_round
         self._pressure = pressure    # () -> whether the machine swapped since the last call
         self._local = threading.local()        # per thread: its scratch page
         self._deferred = 0                     # the pool's growth_deferred, as last seen
@@ -657,24 +661,41 @@ class Store:
         victims = getattr(self.allocator, "victims", None)
         if victims is None or self.pool is None:
             return 0
-        unit, segs = victims(max_fill, budget=budget)
-        if not segs:
-            return 0
-        owners = self._owners(unit, segs)
-        # victim by victim (grouped by address), so that each gives its unit back as soon as
-        # its last object moved: a round then needs about one fresh unit at a time, and one
-        # cut short (no ready unit, the lock busy, the keeper's refill due) has still emptied
-        # what it finished
-        owners = owners[np.argsort(self._tab[2 * owners].astype(np.int64) >> 16,
-                                   kind="stable")].tolist()
+        # A background pass with a budget follows a plan: the table scan that finds the
+        # owners (most of a pass's cost when victims are sparse) is made for COMPACT_PLAN
+        # passes' victims, and each pass moves about ``budget`` bytes of them, the next one
+        # going on where it stopped -- also after a pass cut short, whose scan is not lost.
+        # A plan grows stale (its entries are re-checked under the lock, as any scan's are:
+        # what was freed or rewritten since is passed over): it is made again after
+        # COMPACT_PLAN_AGE s, or when used up.
+        planned = not wait and budget is not None
+        plan = self._plan if planned else None
+        if plan is None or plan[3] >= len(plan[2]) or time.monotonic() - plan[4] > COMPACT_PLAN_AGE:
+            self._plan = plan = None
+            unit, segs = victims(max_fill, budget=budget * COMPACT_PLAN if planned else budget)
+            if not segs:
+                return 0
+            owners = self._owners(unit, segs)
+            # victim by victim (grouped by address), so that each gives its unit back as soon
+            # as its last object moved: a round then needs about one fresh unit at a time, and
+            # one cut short (no ready unit, the lock busy, the keeper's refill due) has still
+            # emptied what it finished
+            owners = owners[np.argsort(self._tab[2 * owners].astype(np.int64) >> 16,
+                                       kind="stable")].tolist()
+            plan = [unit, set(segs), owners, 0, time.monotonic()]
+            if planned:
+                self._plan = plan
+        unit, victim, owners, first = plan[:4]
         t, view, alloc = self._t, self.pool.view, self.allocator
         # pages given back net of what the moves took: a batch may take a unit (a new head)
         # that only a later batch's victims pay back, and a round may end before they do.
         # Such a unit is owed, paid before anything more counts as given back.
-        victim, batch, first = set(segs), 0, 0
+        batch, moved = 0, 0
         freed, credited = -self._compact_owed, 0
         while first < len(owners):
             if batches is not None and batch >= batches:
+                break
+            if planned and moved >= budget:
                 break
             if self.pool.ready <= reserve and not (wait and self._pool_refilled(reserve)):
                 break
@@ -698,13 +719,14 @@ class Store:
                         short = True                 # nothing ready: never wait here
                         break
                     view[new:new + ln] = view[a:a + ln]
-                    moved = (new << 16) | (old & 0xFFFF)
+                    entry = (new << 16) | (old & 0xFFFF)
                     if t[2 * idx + 1] & LINK:
                         for m in ring(t, idx):          # a shared object: every holder
-                            t[2 * m] = moved
+                            t[2 * m] = entry
                     else:
-                        t[2 * idx] = moved              # the commit
+                        t[2 * idx] = entry              # the commit
                     alloc.free(a, ln)
+                    moved += ln
                     first += 1
                 used = alloc.pages_used()
                 if used << PAGE_SHIFT > self._c[MEM_USED_MAX]:   # moves take before they free
@@ -720,6 +742,7 @@ class Store:
             # victims free any, more than the ready pool holds
             if short and not (wait and self._pool_refilled(reserve)):
                 break
+        plan[3] = first
         return self._compacted(freed, credited)
 
     def _owners(self, unit: int, segs: list) -> np.ndarray:
@@ -768,7 +791,8 @@ class Store:
         frees and overwrites scatter their holes: segments evenly 80% full are a quarter more
         memory than their data, and would never be taken at a lower bound), victims for about
         COMPACT_PASS live bytes a pass (the keeper must get back to refilling), and never
-        eating into the ready units writes need.
+        eating into the ready units writes need. A pass follows the plan of an earlier one
+        (its table scan, made for COMPACT_PLAN passes: see :meth:`_compact_round`).
 
         While the machine swaps out (``pressure``), memory held unused is memory reclaim is
         looking for: it works down to PRESSURE_WASTE, takes victims for COMPACT_PRESSURE_PASS
