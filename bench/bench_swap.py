@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from bench.bench_fio import CLK_TCK, cpu_ticks  # noqa: E402
+from bench.bench_fio import CLK_TCK, cpu_ticks, queue_threads  # noqa: E402
 from tests.kernel.daemonctl import block_stat  # noqa: E402
 
 PY = os.path.realpath(sys.executable)
@@ -192,6 +192,7 @@ def swap_run(t, mib: int) -> tuple[float, dict, bool, float]:
         m.update(request_pages(dev))
         if hasattr(t, "pid"):
             m["daemon_cpu_s"] = cpu_ticks(f"/proc/{t.pid}/stat") / CLK_TCK   # all its threads
+            m["queue_cpu_s"] = queue_threads(t.pid)["ticks"] / CLK_TCK         # its queues'
         subprocess.run(["swapoff", dev], check=True, timeout=1800)
         return secs, m, load.returncode == 0, stale
 
@@ -259,7 +260,7 @@ def inside(args) -> int:
                      if "pool_misses" in m else "")
                   + f"; pages a request: read {m['read_req_pages']:.2f} write "
                     f"{m['write_req_pages']:.2f}"
-                  + (f"; daemon CPU {m['daemon_cpu_s']:.0f} s, "
+                  + (f"; daemon CPU {m['daemon_cpu_s']:.0f} s (queues {m['queue_cpu_s']:.0f} s), "
                      f"{m['daemon_cpu_s'] * 1e6 / max(m['num_reads'] + m['num_writes'], 1):.0f} us "
                      f"a page ({m['num_reads']} read, {m['num_writes']} written)"
                      if "daemon_cpu_s" in m else ""),
