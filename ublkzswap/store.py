@@ -676,11 +676,18 @@ class Store:
             if not segs:
                 return 0
             owners = self._owners(unit, segs)
-            # victim by victim (grouped by address), so that each gives its unit back as soon
-            # as its last object moved: a round then needs about one fresh unit at a time, and
-            # one cut short (no ready unit, the lock busy, the keeper's refill due) has still
-            # emptied what it finished
-            owners = owners[np.argsort(self._tab[2 * owners].astype(np.int64) >> 16,
+            # victim by victim, emptiest first (the allocator's order), each one's objects
+            # by address: each victim gives its unit back as soon as its last object moved,
+            # so a round needs about one fresh unit at a time, and one cut short (no ready
+            # unit, the lock busy, the keeper's refill due, its part of a plan done) has
+            # still emptied what it finished -- the victims worth the most first
+            # (entries are read without the lock: one rewritten since the scan may point
+            # anywhere, and sorts last; the move re-checks it)
+            rank = np.full(max(segs) + 2, len(segs), dtype=np.uint16)
+            rank[segs] = np.arange(len(segs), dtype=np.uint16)
+            addr = self._tab[2 * owners].astype(np.int64) >> 16
+            seg = np.minimum(addr // unit, len(rank) - 1)
+            owners = owners[np.argsort(rank[seg].astype(np.int64) << 40 | addr,
                                        kind="stable")].tolist()
             plan = [unit, set(segs), owners, 0, time.monotonic()]
             if planned:
