@@ -191,7 +191,6 @@ class Arena:
         self._refilled = threading.Condition(self._lock)
         self._event = threading.Event()
         self._thread: threading.Thread | None = None
-        self._start_due = False    # expect_start(): takes wait for a keeper not started yet
         self._stop = False
         self.inline_refill = inline_refill
         self.may_grow = may_grow
@@ -223,7 +222,7 @@ class Arena:
             self.misses += 1      # (whether or not a wait below then gets a unit)
         if n < self.low and self._thread is not None and not self._event.is_set():
             self._event.set()
-        if p < 0 and timeout > 0 and (self._thread is not None or self._start_due):
+        if p < 0 and timeout > 0 and self._thread is not None:
             p = self._take_waiting(kind, timeout)
         if p < 0 and self.inline_refill:
             self.step()
@@ -254,7 +253,7 @@ class Arena:
         """Wake the keeper and wait a little for its next batch (caller holds ``_refilled``);
         False, without waiting, once ``deadline`` has passed or if there is no keeper."""
         left = deadline - time.monotonic()
-        if left <= 0 or (self._thread is None and not self._start_due):
+        if left <= 0 or self._thread is None:
             return False
         self._event.set()
         self._refilled.wait(min(left, 0.05))
@@ -489,7 +488,6 @@ class Arena:
 
         self._thread = threading.Thread(target=run, name="arena-keeper", daemon=True)
         self._thread.start()
-        self._start_due = False
 
     def _idle_error(self, e: Exception) -> None:
         now = time.monotonic()
@@ -508,8 +506,7 @@ class Arena:
             self._logged_at = now
 
     def stop(self) -> None:
-        """Stop the keeper thread (no-op if not running); a start expected is off."""
-        self._start_due = False
+        """Stop the keeper thread (no-op if not running)."""
         t = self._thread
         if t is None:
             return
@@ -521,15 +518,6 @@ class Arena:
     @property
     def running(self) -> bool:
         return self._thread is not None
-
-    def expect_start(self) -> None:
-        """The keeper will be started soon (:meth:`start`): until then a take that may wait
-        waits for its first batch, as it would for a running keeper's, instead of failing at
-        once. A store taken over serves the kernel's requests a moment before it starts
-        its keeper (no new memory while the device is held): an ordinary write arriving
-        then must not fail for want of a keeper, as no write the kernel will not retry
-        may."""
-        self._start_due = True
 
     def close(self) -> None:
         """Stop the keeper and drop the mapping (unmapped now if no view of

@@ -236,8 +236,6 @@ class Store:
         self._keeper = (keeper and self._own_pool, keeper_interval, keeper_init, keeper_idle)
         if adopt:
             self._adopt()                # the rest once the device is served: resume()
-            if self._keeper[0]:
-                self.pool.expect_start()  # (writes served before that wait for it)
         else:
             self.resume()
 
@@ -245,9 +243,7 @@ class Store:
         """Start what needs new memory: the dedup index and the arena keeper's thread. A new
         store does this as it is made; one made with ``adopt=True`` leaves it to its caller,
         to be called once the device is served again -- until then the kernel holds the
-        device's I/O, and a page found for us might have to be swapped out to it first. The
-        kernel's requests may come a moment before this call: a write needing memory then
-        waits for the keeper's first batch (up to its usual wait) rather than fail at once.
+        device's I/O, and a page found for us might have to be swapped out to it first.
         Idempotent."""
         if self._dedup and self._dd is None:
             n = dedup_buckets(self.npages)

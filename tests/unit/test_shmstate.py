@@ -1,12 +1,10 @@
 """State that outlives the process: a store over SysV shared memory, taken over after a crash
 with every page, every counter and the allocator's bookkeeping rebuilt from the table."""
-import errno
 import os
 import random
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -108,72 +106,6 @@ CRASH = textwrap.dedent("""
     s.allocator.malloc(1500, 0.0)
     os._exit(0)                           # no clean-up of any kind
 """)
-
-
-@pytest.mark.parametrize("swap", [False, True])
-def test_a_write_before_the_new_keeper_starts_waits_for_it(state, swap):
-    """A store taken over serves the kernel's requests a moment before it starts its keeper
-    (resume(): no new memory while the device is held), with an empty pool and fresh log
-    heads: a write that needs memory then waits for the keeper's first batch, as it would for
-    a running keeper's, instead of failing at once (an ordinary write's ENOSPC is an I/O
-    error the kernel does not retry: fio failed so across a takeover). A swap-out waits its
-    own short while, and fails after it if resume() has not come."""
-    import threading
-    s = Store(state.disksize, state=state, low=16, high=64)
-    s.write(PAGE, memoryview(b"before the kill " * 256))
-    s.pool.stop()                                          # "kill -9": nothing cleaned up
-    del s
-    again = shmstate.DeviceState.attach(DEV)
-    wait = 0.5
-    s2 = Store(again.disksize, state=again, adopt=True, low=16, high=64, alloc_wait=wait)
-    try:
-        # the ready units the last server left are used up first; the write that finds
-        # none waits its whole alloc_wait for the keeper expected, then fails
-        rng, kept = random.Random(3), {}
-        for i in range(3, 2048):
-            p = rng.randbytes(PAGE)
-            t0 = time.monotonic()
-            try:
-                s2.write(i * PAGE, memoryview(p))
-            except OSError as e:
-                assert e.errno == errno.ENOSPC
-                assert time.monotonic() - t0 >= wait * 0.9
-                break
-            kept[i] = p
-        assert kept and s2.pool.ready == 0 and not s2.pool.running
-        data = (b"written while the device was being taken over " * 90)[:PAGE]
-        result = []
-
-        def write():
-            t0 = time.monotonic()
-            try:
-                (s2.write_swap if swap else s2.write)(2 * PAGE, memoryview(data[:PAGE]))
-                result.append(("ok", time.monotonic() - t0))
-            except OSError as e:
-                result.append((e.errno, time.monotonic() - t0))
-        t = threading.Thread(target=write)
-        t.start()
-        t.join(0.15)
-        if not swap:
-            assert t.is_alive() and not result          # waiting, not failed
-        s2.resume()
-        t.join(5)
-        if swap:             # its 20 ms passed before resume(): it failed, after waiting
-            assert result and result[0][0] == errno.ENOSPC, result
-            assert result[0][1] >= s2.swap_wait * 0.9, result
-        else:
-            assert result and result[0][0] == "ok", result
-            out = bytearray(PAGE)
-            s2.read(2 * PAGE, memoryview(out))
-            assert out == data[:PAGE]
-        out = bytearray(PAGE)
-        for i, p in [(1, b"before the kill " * 256), *kept.items()]:
-            s2.read(i * PAGE, memoryview(out))
-            assert out == p, i
-        check(s2)
-    finally:
-        s2.close()
-        again.detach()
 
 
 def test_a_process_that_dies_leaves_everything_for_the_next(state):
