@@ -112,13 +112,25 @@ class LogPool:
         self._segments -= 1
         self._give(seg)
 
-    def adopt(self, live: np.ndarray) -> None:
+    def adopt(self, live: np.ndarray, ends: np.ndarray | None = None) -> None:
         """Start from the live bytes per segment a previous process left (rebuilt from the
-        store's table): fresh heads, every segment with live bytes in use."""
+        store's table), every segment with live bytes in use. ``ends``: per segment, the
+        offset just past its last live object: the two with the most room after it become
+        the heads (the roomiest for small objects), so that the first writes after a
+        takeover go into memory the dead server already had -- the new server's keeper
+        starts only a moment after the kernel's requests flow again, and until then a write
+        needing a new segment fails. Without ``ends``, fresh heads."""
         self._live[:] = live[:len(self._live)]
         self._segments = int(np.count_nonzero(self._live))
         self._live_total = int(live.sum())
         self._heads = [[-1, SEGMENT], [-1, SEGMENT]]
+        if ends is None:
+            return
+        used = np.flatnonzero(self._live)
+        fill = ends[used].astype(np.int64)
+        for head, k in zip(self._heads, np.argsort(fill, kind="stable")[:2].tolist()):
+            if fill[k] < SEGMENT:
+                head[0], head[1] = int(used[k]), int(fill[k])
 
     # ---- numbers and compaction
 

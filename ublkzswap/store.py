@@ -847,6 +847,7 @@ class Store:
             raise OSError(errno.EOPNOTSUPP, "this allocator's state cannot be taken over")
         unit = np.uint64(self.pool.unit_bytes)
         live = np.zeros(self.pool.nunits, dtype=np.int64)
+        ends = np.zeros(self.pool.nunits, dtype=np.int64)   # past each unit's last object
         linked = []                                      # (slots, addresses, lengths) in rings
         for lo in range(0, self.npages, COMPACT_SCAN):   # small temporaries: see compact()
             hi = min(lo + COMPACT_SCAN, self.npages)
@@ -855,8 +856,10 @@ class Store:
             held = ((e & np.uint64(3)) >= RAW) & (length > 0)
             ring_ = held & ((w & np.uint64(LINK)) != 0)
             alone = held & ~ring_
-            units = ((e[alone] >> np.uint64(16)) // unit).astype(np.int64)
+            addr = (e[alone] >> np.uint64(16)).astype(np.int64)
+            units = addr // int(unit)
             np.add.at(live, units, length[alone])
+            np.maximum.at(ends, units, addr + length[alone] - units * int(unit))
             if ring_.any():
                 linked.append((np.flatnonzero(ring_) + lo, e[ring_] >> np.uint64(16),
                                length[ring_]))
@@ -867,9 +870,12 @@ class Store:
             idx, addr, lens = (np.concatenate(x) for x in zip(*linked))
             rebuild_rings(self._tab, idx, addr)
             _, first, holders = np.unique(addr, return_index=True, return_counts=True)
-            np.add.at(live, (addr[first] // unit).astype(np.int64), lens[first])
+            units = (addr[first] // unit).astype(np.int64)
+            np.add.at(live, units, lens[first])
+            np.maximum.at(ends, units, (addr[first] - units.astype(np.uint64) * unit).astype(np.int64)
+                          + lens[first])
             dup = int(((holders - 1) * lens[first]).sum())
-        adopt(live)
+        adopt(live, ends)
         self.pool.adopt(live > 0, _arena.OBJECTS)
         recount(self._c, self._tab)
         c = self._c

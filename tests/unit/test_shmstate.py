@@ -108,6 +108,43 @@ CRASH = textwrap.dedent("""
 """)
 
 
+def test_the_first_writes_after_a_takeover_go_into_the_dead_servers_segments(state):
+    """A server that takes a device over serves the kernel's requests a moment before its
+    keeper starts (no new memory while the device is held), with whatever ready units the
+    dead server left -- perhaps none. Its log heads are the old segments with the most room
+    after their last object, so the first writes take no unit: an ordinary write failing
+    with ENOSPC is an I/O error (fio failed so across a takeover)."""
+    from ublkzswap.logalloc import SEGMENT
+    rng = random.Random(4)
+    s = Store(state.disksize, state=state, keeper=False, inline_refill=False, low=16, high=64)
+    pages = {}
+    for i in range(1, 40):                     # compressible: part of a segment or two
+        pages[i] = page(rng, 3)
+        s.write(i * PAGE, memoryview(pages[i]))
+    pages[40] = rng.randbytes(PAGE)            # and a whole page: the other head
+    s.write(40 * PAGE, memoryview(pages[40]))
+    before = {s.slot(i)[1] // SEGMENT for i in pages}
+    del s                                      # "kill -9"
+    again = shmstate.DeviceState.attach(DEV)
+    s2 = Store(again.disksize, state=again, adopt=True, keeper=False, inline_refill=False,
+               low=16, high=64)
+    try:
+        ready = s2.pool.ready
+        for i in (41, 42):
+            pages[i] = page(rng, 3)
+            s2.write(i * PAGE, memoryview(pages[i]))
+            assert s2.slot(i)[1] // SEGMENT in before, i
+        assert s2.pool.ready == ready                     # no unit taken
+        check(s2)
+        out = bytearray(PAGE)
+        for i, p in pages.items():
+            s2.read(i * PAGE, memoryview(out))
+            assert out == p, i
+    finally:
+        s2.close()
+        again.detach()
+
+
 def test_a_process_that_dies_leaves_everything_for_the_next(state):
     s = store_on(state)
     s.write(PAGE, memoryview(b"x" * PAGE))                 # give the pool something first
