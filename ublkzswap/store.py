@@ -856,10 +856,10 @@ class Store:
             held = ((e & np.uint64(3)) >= RAW) & (length > 0)
             ring_ = held & ((w & np.uint64(LINK)) != 0)
             alone = held & ~ring_
-            addr = (e[alone] >> np.uint64(16)).astype(np.int64)
-            units = addr // int(unit)
+            addr = e[alone] >> np.uint64(16)
+            units = (addr // unit).astype(np.int64)
             np.add.at(live, units, length[alone])
-            np.maximum.at(ends, units, addr + length[alone] - units * int(unit))
+            np.maximum.at(ends, units, (addr % unit).astype(np.int64) + length[alone])
             if ring_.any():
                 linked.append((np.flatnonzero(ring_) + lo, e[ring_] >> np.uint64(16),
                                length[ring_]))
@@ -872,8 +872,7 @@ class Store:
             _, first, holders = np.unique(addr, return_index=True, return_counts=True)
             units = (addr[first] // unit).astype(np.int64)
             np.add.at(live, units, lens[first])
-            np.maximum.at(ends, units, (addr[first] - units.astype(np.uint64) * unit).astype(np.int64)
-                          + lens[first])
+            np.maximum.at(ends, units, (addr[first] % unit).astype(np.int64) + lens[first])
             dup = int(((holders - 1) * lens[first]).sum())
         adopt(live, ends)
         self.pool.adopt(live > 0, _arena.OBJECTS)
