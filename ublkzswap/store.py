@@ -154,6 +154,22 @@ def dedup_find(t, dd, mask: int, mem, idx: int, z: bytes, key: int) -> int:
     return 0
 
 
+class _CompactionPlan:
+    """A compaction round's victims and their owners' slots, in the order they are moved;
+    ``next``: the first owner not yet gone through (background passes go on from there)."""
+
+    __slots__ = ("unit", "victims", "owners", "next", "made")
+
+    def __init__(self, unit: int, victims: set, owners: list):
+        self.unit, self.victims, self.owners = unit, victims, owners
+        self.next = 0
+        self.made = time.monotonic()
+
+    def current(self) -> bool:
+        """Owners left, and younger than COMPACT_PLAN_AGE s."""
+        return self.next < len(self.owners) and time.monotonic() - self.made <= COMPACT_PLAN_AGE
+
+
 def arena_pages(disksize: int, allocator: str = "log", high: int | None = None) -> int:
     """Pages of address space a store's arena reserves: every slot raw, the ready pool, the pages
     of the largest request (an overwrite allocates before it frees); twice that for an
@@ -670,7 +686,7 @@ class Store:
         # COMPACT_PLAN_AGE s, or when used up.
         planned = not wait and budget is not None
         plan = self._plan if planned else None
-        if plan is None or plan[3] >= len(plan[2]) or time.monotonic() - plan[4] > COMPACT_PLAN_AGE:
+        if plan is None or not plan.current():
             self._plan = plan = None
             unit, segs = victims(max_fill, budget=budget * COMPACT_PLAN if planned else budget)
             if not segs:
@@ -689,10 +705,10 @@ class Store:
             seg = np.minimum(addr // unit, len(rank) - 1)
             owners = owners[np.argsort(rank[seg].astype(np.int64) << 40 | addr,
                                        kind="stable")].tolist()
-            plan = [unit, set(segs), owners, 0, time.monotonic()]
+            plan = _CompactionPlan(unit, set(segs), owners)
             if planned:
                 self._plan = plan
-        unit, victim, owners, first = plan[:4]
+        unit, victim, owners, first = plan.unit, plan.victims, plan.owners, plan.next
         t, view, alloc = self._t, self.pool.view, self.allocator
         # pages given back net of what the moves took: a batch may take a unit (a new head)
         # that only a later batch's victims pay back, and a round may end before they do.
@@ -749,7 +765,7 @@ class Store:
             # victims free any, more than the ready pool holds
             if short and not (wait and self._pool_refilled(reserve)):
                 break
-        plan[3] = first
+        plan.next = first
         return self._compacted(freed, credited)
 
     def _owners(self, unit: int, segs: list) -> np.ndarray:

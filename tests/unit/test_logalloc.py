@@ -451,7 +451,7 @@ def test_background_passes_follow_one_scan_for_several_passes():
         assert len(scans) == 2                        # used up: a new scan
         s.compact(max_fill=0.95, batches=64, wait=False, reserve=-1, budget=COMPACT_PASS)
         assert len(scans) == 2
-        s._plan[4] -= COMPACT_PLAN_AGE + 1           # too old: a new scan
+        s._plan.made -= COMPACT_PLAN_AGE + 1         # too old: a new scan
         s.compact(max_fill=0.95, batches=64, wait=False, reserve=-1, budget=COMPACT_PASS)
         assert len(scans) == 3
         s.compact(max_fill=0.95, batches=1)            # on demand: a scan of its own
